@@ -1,0 +1,27 @@
+# The README's Quickstart: `make demo` runs the main job end to end, `make test` runs the test suite.
+# Each target creates the virtual environment it needs (.venv) from the project's own files.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-test
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/normistral demo --workdir demo-run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/prefill.py
+	$(BIN)/python bench/convert_memory.py
+
+clean:
+	rm -rf $(VENV) demo-run .pytest_cache

@@ -1,0 +1,118 @@
+"""Attention: the mask description and the implementations chosen by `MistralConfig.attention_impl`.
+
+Inside:
+- `AttentionMask`: what decides which key a query may see, described by per-token vectors (segment ids
+  and sequence indices) instead of a materialized [T, S] matrix, so blockwise kernels can build only
+  the blocks they need.
+- `xla_attention`: the plain reference (one einsum for scores, float32 softmax, one einsum for the
+  output), grouped-query without repeating KV heads.
+- `resolve_impl` / `dot_product_attention`: the dispatcher on `impl`: `xla` (above), `flash` (the
+  blockwise pure-JAX kernel in flash_attention.py, any backend), `splash` (the Pallas TPU kernel in
+  splash.py; its interpreter off TPU), `cudnn` (`jax.nn.dot_product_attention`'s cuDNN kernel, NVIDIA
+  GPUs only) and `auto`: splash on TPU, cuDNN on GPU for 16-bit inputs (flash for float32, which cuDNN
+  does not take), and on CPU xla up to 1024 tokens (the [T, S] matrix is small) and flash above.
+
+Shape letters: B batch, T query length, S key length, N query heads, K kv heads, G = N // K query heads
+per kv head, H head_dim.
+
+Mask semantics (one definition shared by every implementation): query t may attend key s iff
+  q_segment_ids[t] == kv_segment_ids[s]                        (same packed document; 0 marks padding)
+  and (not causal or kv_indices[s] <= q_indices[t])            (order by position in the sequence,
+                                                                not by RoPE position, which restarts)
+  and (window is None or q_indices[t] - kv_indices[s] < window) (Mistral's sliding window, as HF masks it)
+A query always sees itself, so no softmax row is empty.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class AttentionMask(NamedTuple):
+    q_segment_ids: jax.Array  # [B, T] int32
+    kv_segment_ids: jax.Array  # [B, S] int32
+    q_indices: jax.Array  # [B, T] int32, order of the query in the sequence (or the cache slot)
+    kv_indices: jax.Array  # [B, S] int32
+    causal: bool = True
+    window: int | None = None
+
+    @classmethod
+    def for_sequence(cls, segment_ids, *, causal=True, window=None) -> AttentionMask:
+        """Self-attention over one [B, T] sequence (training and prefill)."""
+        batch, length = segment_ids.shape
+        idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        return cls(segment_ids, segment_ids, idx, idx, causal, window)
+
+    def dense(self) -> jax.Array:
+        """The [B, T, S] boolean mask (only the reference implementation materializes it)."""
+        allowed = self.q_segment_ids[:, :, None] == self.kv_segment_ids[:, None, :]
+        distance = self.q_indices[:, :, None] - self.kv_indices[:, None, :]  # >= 0 looks back
+        if self.causal:
+            allowed &= distance >= 0
+        if self.window is not None:
+            allowed &= distance < self.window
+        return allowed
+
+
+def xla_attention(q, k, v, mask: AttentionMask, *, scale: float):
+    """Reference attention. q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H] in q's dtype.
+
+    Scores and softmax are float32 (as the PyTorch reference's softmax(dtype=float32)); the
+    probabilities are cast to v's dtype before the value product, as the reference does."""
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+    allowed = mask.dense()[:, None, None, :, :]
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(batch, length, heads, head_dim)
+
+
+def resolve_impl(impl: str, *, length: int, dtype=None) -> str:
+    """Picks the implementation for `auto` (and checks explicit choices are available here).
+
+    `length` is the query length; `dtype` the inputs' dtype (on GPU, `auto` picks cuDNN only for 16-bit
+    inputs, which is all its flash kernel accepts)."""
+    platform = jax.devices()[0].platform
+    if impl == "auto":
+        if platform == "tpu":
+            return "splash"
+        if platform == "gpu":
+            half = dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            return "cudnn" if half else "flash"
+        # CPU: xla's [T, S] float32 scores are small up to 1K tokens; beyond, they grow as T^2.
+        return "xla" if length <= 1024 else "flash"
+    if impl not in ("xla", "flash", "splash", "cudnn"):
+        raise ValueError(f"attention_impl={impl!r} is not one of auto, xla, flash, cudnn, splash")
+    if impl == "cudnn" and platform != "gpu":
+        raise NotImplementedError(
+            f"attention_impl='cudnn' runs only on NVIDIA GPUs (this is {platform!r}); use 'flash' or 'auto'")
+    return impl
+
+
+def dot_product_attention(q, k, v, mask: AttentionMask, *, impl: str = "auto"):
+    """q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H] with the implementation `impl` (see the module docstring)."""
+    scale = q.shape[-1] ** -0.5
+    impl = resolve_impl(impl, length=q.shape[1], dtype=q.dtype)
+    if impl == "flash":
+        from jaxmodel.flash_attention import flash_attention  # lazy: that module imports this one
+
+        return flash_attention(q, k, v, mask, scale=scale)
+    if impl == "splash":
+        from jaxmodel.splash import splash_attention  # lazy: Pallas is only needed on this path
+
+        return splash_attention(q, k, v, mask, scale=scale, interpret=jax.devices()[0].platform != "tpu")
+    if impl == "cudnn":
+        # jax.nn has no segment-id input, so the exact mask goes in as a dense [B, 1, T, S] boolean (cuDNN
+        # turns it into a bias). `is_causal` is added for self-attention (T == S, where our indices are
+        # positions) only so that cuDNN skips the upper triangle; it removes nothing the mask allows.
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask.dense()[:, None], scale=scale,
+                                           is_causal=mask.causal and q.shape[1] == k.shape[1],
+                                           implementation="cudnn")
+        return out.astype(q.dtype)
+    return xla_attention(q, k, v, mask, scale=scale)

@@ -1,0 +1,370 @@
+"""Hugging Face <-> JAX weight conversion, streamed tensor by tensor.
+
+Inside:
+- `WEIGHT_RULES`: the one table mapping each Hugging Face key pattern to a model-state path and an
+  explicit layout change; `expected_hf_tensors(config)` expands it for a config.
+- `from_pretrained(path, *, dtype, mesh=None)`: a model from a Hugging Face directory (single or sharded
+  safetensors; `.bin` only with `allow_pickle=True`) or from a directory written by `import_hf`.
+- `save_pretrained(model, path)`: a Hugging Face directory (config.json, sharded safetensors, index)
+  that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+- `import_hf(hf_dir, ckpt_dir)` / `export_hf(ckpt_dir, hf_dir)`: the CLI's conversions (Orbax on our side).
+- `ConvertError`: every mismatch, as one line naming the file and the tensor.
+
+Layouts. transformers' Linear stores W [out, in]; ours are [in, out] with heads split out:
+q [D, N, H], k/v [D, K, H], o [N, H, D], gate/up [D, F], down [F, D], lm_head [D, V]. A "linear" rule
+is W.T reshaped to the JAX shape; its inverse reshapes to [in, out] and transposes. Per-layer tensors
+go into slice i of the [L, ...] stacks.
+
+Streaming. Every check (missing, unexpected, duplicate keys, shapes, dtypes, truncation) runs on the
+headers before any tensor is converted. Arrays are then built with `jax.make_array_from_callback`: the
+callback receives the index each device holds and reads only those layers (and slices) from the
+memory-mapped files, so no full copy of a stacked parameter is made in host memory beyond what the
+device itself holds. Exports stream the other way, one tensor per write. Outputs are written to a
+temporary sibling directory and renamed into place, so a failure leaves no half-written directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxmodel.config import ConfigError, MistralConfig
+from jaxmodel.model import MistralForCausalLM, abstract_model
+from jaxmodel.safetensors_io import SafetensorsWriter, WeightFileError, WeightFiles, shard_plan
+
+PARAMS_DIR = "params"  # the Orbax checkpoint inside an import_hf directory
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+class ConvertError(ValueError):
+    """A checkpoint that does not match its config or our model; the message names file and tensor."""
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    hf: str  # key pattern; {i} is the layer index
+    path: tuple[str, ...]  # path in the model state
+    in_dims: int | None  # None: same layout; k: a Linear whose input is the first k JAX dims
+
+
+WEIGHT_RULES = (
+    WeightRule("model.embed_tokens.weight", ("embed_tokens",), None),
+    WeightRule("model.layers.{i}.input_layernorm.weight", ("layers", "input_layernorm", "weight"), None),
+    WeightRule("model.layers.{i}.self_attn.q_proj.weight", ("layers", "self_attn", "q_proj"), 1),
+    WeightRule("model.layers.{i}.self_attn.k_proj.weight", ("layers", "self_attn", "k_proj"), 1),
+    WeightRule("model.layers.{i}.self_attn.v_proj.weight", ("layers", "self_attn", "v_proj"), 1),
+    WeightRule("model.layers.{i}.self_attn.o_proj.weight", ("layers", "self_attn", "o_proj"), 2),
+    WeightRule("model.layers.{i}.post_attention_layernorm.weight",
+               ("layers", "post_attention_layernorm", "weight"), None),
+    WeightRule("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate_proj"), 1),
+    WeightRule("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up_proj"), 1),
+    WeightRule("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down_proj"), 1),
+    WeightRule("model.norm.weight", ("norm", "weight"), None),
+    WeightRule("lm_head.weight", ("lm_head",), 1),
+)
+# Buffers some older checkpoints carry that are recomputed, never loaded.
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    rule: WeightRule
+    layer: int | None
+    jax_shape: tuple[int, ...]  # the slice shape (without the layer axis)
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        if self.rule.in_dims is None:
+            return self.jax_shape
+        k = self.rule.in_dims
+        return (int(np.prod(self.jax_shape[k:])), int(np.prod(self.jax_shape[:k])))
+
+    def to_jax(self, w: np.ndarray) -> np.ndarray:
+        return w if self.rule.in_dims is None else w.T.reshape(self.jax_shape)
+
+    def to_hf(self, w: np.ndarray) -> np.ndarray:
+        if self.rule.in_dims is None:
+            return w
+        out_dim, in_dim = self.hf_shape
+        return w.reshape(in_dim, out_dim).T
+
+
+def _param_shapes(config: MistralConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    _, state = nnx.split(abstract_model(config))
+    return {tuple(str(p) for p in path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
+
+
+def expected_hf_tensors(config: MistralConfig) -> dict[str, _Tensor]:
+    """Every Hugging Face key the config implies, with its rule and the JAX slice shape."""
+    shapes = _param_shapes(config)
+    out = {}
+    for rule in WEIGHT_RULES:
+        if rule.path not in shapes:  # lm_head of a tied model
+            continue
+        shape = shapes[rule.path]
+        if "{i}" in rule.hf:
+            for i in range(config.num_hidden_layers):
+                out[rule.hf.format(i=i)] = _Tensor(rule, i, shape[1:])
+        else:
+            out[rule.hf] = _Tensor(rule, None, shape)
+    return out
+
+
+def _check_files(files: WeightFiles, expected: dict[str, _Tensor], config: MistralConfig, where: str):
+    present = set(files.names())
+    for name in sorted(present - set(expected)):
+        if _IGNORED.fullmatch(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        raise ConvertError(f"{files.file_of(name)}: unexpected tensor {name} (not in a Mistral model "
+                           f"with {config.num_hidden_layers} layers)")
+    for name in expected:
+        if name not in present:
+            raise ConvertError(f"{where}: missing tensor {name}")
+        got, want = files.shape(name), expected[name].hf_shape
+        if tuple(got) != want:
+            raise ConvertError(f"{files.file_of(name)}: tensor {name} has shape {tuple(got)}, "
+                               f"config.json implies {want}")
+    for name in expected:
+        dtype = files.dtype(name)
+        if not (np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"):
+            raise ConvertError(f"{files.file_of(name)}: tensor {name} has dtype {dtype}, expected floating point")
+
+
+def _place(shape, dtype, sharding, read: Callable[[int | None], np.ndarray], layers: int | None) -> jax.Array:
+    """Builds one parameter directly in its sharding, reading each source tensor once.
+
+    read(i) returns layer i's tensor in JAX layout (read(None) the whole parameter when it has no
+    layer axis). Each device (of this process) gets only its own index; devices that hold the same
+    index (replicas) share one host buffer. Host memory: one source tensor plus this process's shards
+    of the parameter being built, never the whole model."""
+    index_map = sharding.addressable_devices_indices_map(shape)
+    groups: dict[tuple, tuple[tuple, list]] = {}
+    for device, index in index_map.items():
+        key = tuple((s.start, s.stop) for s in index)
+        groups.setdefault(key, (index, []))[1].append(device)
+    if layers is None:
+        full = read(None)
+        buffers = {key: np.asarray(full[index], dtype=dtype) for key, (index, _) in groups.items()}
+        del full
+    else:
+        buffers = {key: np.empty([len(range(*s.indices(n))) for s, n in zip(index, shape)], dtype)
+                   for key, (index, _) in groups.items()}
+        for layer in range(layers):
+            tensor = read(layer)
+            for key, (index, _) in groups.items():
+                first, stop, _ = index[0].indices(layers)
+                if first <= layer < stop:
+                    buffers[key][layer - first] = tensor[index[1:]]
+    shards = [jax.device_put(buffers[key], d) for key, (_, devices) in groups.items() for d in devices]
+    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+
+def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=False, progress=True):
+    """The model state (flat {path: jax.Array}) read from a Hugging Face directory."""
+    try:
+        files = WeightFiles.open(path, allow_pickle=allow_pickle)
+    except WeightFileError as e:
+        raise ConvertError(str(e)) from None
+    expected = expected_hf_tensors(config)
+    _check_files(files, expected, config, path)
+    by_slot = {(t.rule.path, t.layer): (name, t) for name, t in expected.items()}
+    sharding_of = _sharding_fn(mesh)
+    _, abstract = nnx.split(abstract_model(config))
+    arrays = {}
+    with tqdm(total=len(expected), desc="loading tensors", unit="tensor", disable=not progress) as bar:
+        for p, var in nnx.to_flat_state(abstract):
+            p = tuple(str(x) for x in p)
+            stacked = p[0] == "layers"
+
+            def read(layer, p=p):
+                name, t = by_slot[(p, layer)]
+                bar.update(1)
+                return t.to_jax(files.get(name))
+
+            arrays[p] = _place(var.shape, var.dtype, sharding_of(p, var), read,
+                               config.num_hidden_layers if stacked else None)
+    return arrays
+
+
+def _sharding_fn(mesh):
+    if mesh is None:
+        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return lambda path, var: single
+    from jaxmodel import sharding  # the mesh rules (sharding issue)
+
+    return lambda path, var: sharding.param_sharding(var, mesh)
+
+
+def _merge(config: MistralConfig, arrays: dict) -> MistralForCausalLM:
+    graphdef, abstract = nnx.split(abstract_model(config))
+    flat = nnx.to_flat_state(abstract)
+    for path, var in flat:
+        var.set_value(arrays[tuple(str(x) for x in path)])
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def from_pretrained(path: str, *, dtype=jnp.float32, compute_dtype=None, mesh=None, allow_pickle: bool = False,
+                    progress: bool = True, **options) -> MistralForCausalLM:
+    """Loads a Hugging Face directory or an `import_hf` directory into a `MistralForCausalLM`.
+
+    dtype: parameter dtype; compute_dtype: activation dtype (default: dtype); options: other
+    MistralConfig model options (attention_impl, remat, scan_layers)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ConvertError(f"{path}: not a directory")
+    config = MistralConfig.from_hf(path, param_dtype=jnp.dtype(dtype).name,
+                                   dtype=jnp.dtype(compute_dtype or dtype).name, **options)
+    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
+        arrays = _restore_orbax(os.path.join(path, PARAMS_DIR), config, mesh)
+    else:
+        arrays = load_hf_state(path, config, mesh=mesh, allow_pickle=allow_pickle, progress=progress)
+    return _merge(config, arrays)
+
+
+# -- export -------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_directory(target: str):
+    """Yields a temporary sibling directory that becomes `target` only if the block succeeds."""
+    target = os.path.abspath(target)
+    if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
+        raise ConvertError(f"{target}: output directory already exists and is not empty")
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(target):
+            os.rmdir(target)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _flat_arrays(model: MistralForCausalLM) -> dict[tuple[str, ...], jax.Array]:
+    _, state = nnx.split(model)
+    return {tuple(str(x) for x in p): v.get_value() for p, v in nnx.to_flat_state(state)}
+
+
+def save_pretrained(model: MistralForCausalLM, path: str, *, dtype: str | None = None,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> None:
+    """Writes a Hugging Face directory; tensors are stored in `dtype` (default: the config's torch_dtype,
+    i.e. the dtype the imported checkpoint had, which makes HF -> JAX -> HF bit-exact)."""
+    config = model.config
+    dtype = np.dtype(jnp.dtype(dtype or config.torch_dtype))
+    arrays = _flat_arrays(model)
+    tensors = expected_hf_tensors(config)
+    specs = {name: (t.hf_shape, dtype) for name, t in tensors.items()}
+    shards = list(shard_plan(specs, max_shard_bytes))
+    with atomic_directory(path) as tmp:
+        hf_config = config.replace(torch_dtype=jnp.dtype(dtype).name).to_hf()
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_config, f, indent=2)
+        weight_map, total = {}, 0
+        with tqdm(total=len(tensors), desc="writing tensors", unit="tensor", disable=not progress) as bar:
+            for k, names in enumerate(shards):
+                file = ("model.safetensors" if len(shards) == 1
+                        else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
+                with SafetensorsWriter(os.path.join(tmp, file), {n: specs[n] for n in names}) as writer:
+                    for name in names:
+                        t = tensors[name]
+                        value = arrays[t.rule.path]
+                        value = value if t.layer is None else value[t.layer]
+                        hf = t.to_hf(np.asarray(jax.device_get(value))).astype(dtype)
+                        writer.write(name, hf)
+                        weight_map[name] = file
+                        total += hf.nbytes
+                        bar.update(1)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+
+
+# -- Orbax side (normistral import-hf / export-hf) ------------------------------------------------------------
+
+
+def import_hf(hf_dir: str, ckpt_dir: str, *, allow_pickle: bool = False, progress: bool = True) -> None:
+    """Hugging Face directory -> `ckpt_dir/config.json` + an Orbax checkpoint in `ckpt_dir/params`,
+    written slice by slice (peak host memory ~ one layer tensor, independent of the layer count)."""
+    from jaxmodel.orbax_stream import save_streaming
+
+    config = MistralConfig.from_hf(hf_dir)
+    try:
+        files = WeightFiles.open(hf_dir, allow_pickle=allow_pickle)
+    except WeightFileError as e:
+        raise ConvertError(str(e)) from None
+    expected = expected_hf_tensors(config)
+    _check_files(files, expected, config, hf_dir)
+    by_slot = {(t.rule.path, t.layer): (name, t) for name, t in expected.items()}
+    shapes = _param_shapes(config)
+    dtype = config.weight_dtype if config.torch_dtype == "float32" else jnp.dtype(config.torch_dtype)
+    abstract: dict = {}
+    for p, shape in shapes.items():
+        node = abstract
+        for key in p[:-1]:
+            node = node.setdefault(key, {})
+        node[p[-1]] = jax.ShapeDtypeStruct(shape, dtype)
+
+    def fill(path, index):
+        name, t = by_slot[(tuple(path), index)]
+        return np.ascontiguousarray(t.to_jax(files.get(name)).astype(dtype))
+
+    with atomic_directory(ckpt_dir) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config.to_hf(), f, indent=2)
+        with tqdm(total=len(expected), desc="importing tensors", unit="tensor", disable=not progress) as bar:
+            save_streaming(os.path.join(tmp, PARAMS_DIR), abstract, fill, progress=bar.update)
+
+
+def _restore_orbax(params_dir: str, config: MistralConfig, mesh) -> dict:
+    import orbax.checkpoint as ocp
+
+    sharding_of = _sharding_fn(mesh)
+    _, abstract = nnx.split(abstract_model(config))
+    target: dict = {}
+    for p, var in nnx.to_flat_state(abstract):
+        p = tuple(str(x) for x in p)
+        node = target
+        for key in p[:-1]:
+            node = node.setdefault(key, {})
+        node[p[-1]] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding_of(p, var))
+    try:
+        restored = ocp.StandardCheckpointer().restore(os.path.abspath(params_dir), target)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConvertError(f"{params_dir}: cannot restore Orbax checkpoint ({str(e).splitlines()[0]})") from None
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, prefix + (k,))
+            else:
+                out[prefix + (k,)] = v
+
+    walk(restored, ())
+    return out
+
+
+def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, progress: bool = True) -> None:
+    """An `import_hf` directory (or any directory from_pretrained reads) -> a Hugging Face directory."""
+    config = MistralConfig.from_hf(ckpt_dir)
+    model = from_pretrained(ckpt_dir, dtype=jnp.dtype(config.torch_dtype), progress=progress)
+    save_pretrained(model, hf_dir, dtype=dtype, progress=progress)
+
+
+__all__ = ["ConvertError", "ConfigError", "WEIGHT_RULES", "expected_hf_tensors", "from_pretrained",
+           "save_pretrained", "import_hf", "export_hf", "load_hf_state"]

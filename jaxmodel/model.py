@@ -1,0 +1,212 @@
+"""The Mistral decoder (Flax NNX): NorMistral-11b-long and any config.json-described Mistral.
+
+Inside: `RMSNorm`, `rope_cos_sin` / `apply_rope`, `Attention`, `MLP`, `DecoderLayer`,
+`MistralForCausalLM`, and `init_model` / `abstract_model` helpers.
+
+Numerics follow transformers' `MistralForCausalLM` (the parity reference):
+- RMSNorm: the input is cast to float32, normalized, cast back to the input dtype, *then* scaled by the
+  weight (the reference's order; scaling in float32 would round differently in bfloat16).
+- RoPE: inverse frequencies 1 / theta ** (arange(0, H, 2) / H) and the angles position * inv_freq are
+  computed elementwise in float32 exactly as the reference does; cos/sin are then cast to the compute
+  dtype. Rotate-half layout (the first half of each head pairs with the second half), not interleaved.
+- Attention scores and softmax in float32 (see attention.py); logits are returned in float32.
+
+Parameters are stored as [layers, ...] stacks (built with `nnx.vmap`), so the same tree serves the
+scanned (`scan_layers=True`, flat compile time in depth) and the unrolled execution, and checkpoints do
+not depend on that choice. Every parameter carries logical axis names in its `out_sharding` metadata
+(`vocab`, `embed`, `q_heads`, `kv_heads`, `head_dim`, `mlp`, `norm`, `layers`); the sharding rules map
+them to mesh axes. Kernels keep heads as their own axis ([D, N, H], not [D, N*H]) so that rules can
+shard heads and einsums read as shapes.
+
+Shape letters: B batch, T length, D hidden, N query heads, K kv heads, G = N // K, H head_dim,
+F MLP width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmodel.attention import AttentionMask, dot_product_attention
+from jaxmodel.config import MistralConfig
+from jaxmodel.sharding import constrain
+
+_INIT = nnx.initializers.normal(stddev=0.02)
+ACT_BTD = ("batch", "length", "act_embed")  # logical axes of the residual stream  # transformers' initializer_range default
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init=_INIT) -> nnx.Param:
+    # eager_sharding=False: logical names are metadata here; sharding.py places arrays on a mesh.
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.weight = _param(rngs, (dim,), ("norm",), dtype, init=nnx.initializers.ones)
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        normed = (x32 * jax.lax.rsqrt(variance + self.eps)).astype(x.dtype)
+        return self.weight[...].astype(x.dtype) * normed
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
+    """cos/sin tables [B, T, H] for integer positions [B, T], computed as the reference does."""
+    exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq = 1.0 / (jnp.float32(theta) ** exponent)  # float32 pow, as torch computes it
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2], elementwise float32
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, heads, H]; cos/sin [B, T, H]; rotate-half layout."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: MistralConfig, *, rngs: nnx.Rngs):
+        d, n, k, h, dt = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                          cfg.head_dim, cfg.weight_dtype)
+        self.q_proj = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), dt)
+        self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dt)
+        self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dt)
+        self.o_proj = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dt)
+
+    def qkv(self, x, cos, sin):
+        """Projections with RoPE applied: q [B,T,N,H], k/v [B,T,K,H]."""
+        dt = x.dtype
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dt))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, o):
+        return jnp.einsum("BTNH,NHD->BTD", o, self.o_proj[...].astype(o.dtype))
+
+    def __call__(self, x, cos, sin, mask: AttentionMask, impl: str):
+        q, k, v = self.qkv(x, cos, sin)
+        return self.out(dot_product_attention(q, k, v, mask, impl=impl))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: MistralConfig, *, rngs: nnx.Rngs):
+        d, f, dt = cfg.hidden_size, cfg.intermediate_size, cfg.weight_dtype
+        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), dt)
+        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), dt)
+        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dt)
+
+    def __call__(self, x):
+        dt = x.dtype
+        gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj[...].astype(dt))
+        up = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...].astype(dt))
+        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_proj[...].astype(dt))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: MistralConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.weight_dtype, rngs=rngs)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.weight_dtype,
+                                                rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask: AttentionMask, impl: str):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, impl)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class MistralForCausalLM(nnx.Module):
+    def __init__(self, config: MistralConfig, *, rngs: nnx.Rngs):
+        cfg = self.config = config
+        self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                                   cfg.weight_dtype)
+
+        @nnx.split_rngs(splits=cfg.num_hidden_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs):
+            return DecoderLayer(cfg, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.weight_dtype, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                                  cfg.weight_dtype)
+
+    def embed(self, input_ids):
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.compute_dtype)
+
+    def unembed(self, x):
+        """Final hidden states [B,T,D] (already normed) -> float32 logits [B,T,V]."""
+        if self.config.tie_word_embeddings:
+            w = self.embed_tokens[...].astype(x.dtype)
+            return jnp.einsum("BTD,VD->BTV", x, w, preferred_element_type=jnp.float32)
+        w = self.lm_head[...].astype(x.dtype)
+        return jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
+
+    def run_layers(self, x, cos, sin, mask: AttentionMask, *, collect: bool = False):
+        """All decoder layers over x [B,T,D]; with `collect`, also each layer's output [L,B,T,D]."""
+        cfg = self.config
+        graphdef, state = nnx.split(self.layers)
+        impl = cfg.attention_impl
+
+        def body(h, layer_state):
+            h = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, impl)
+            h = constrain(h, ACT_BTD)  # layer boundary: batch-sharded, model dim whole
+            return h, (h if collect else None)
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
+        if cfg.scan_layers:
+            return jax.lax.scan(body, x, state)
+        outputs = []
+        for i in range(cfg.num_hidden_layers):
+            x, y = body(x, jax.tree.map(lambda a: a[i], state))
+            outputs.append(y)
+        return x, (jnp.stack(outputs) if collect else None)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden_states: bool = False):
+        """input_ids [B,T] -> float32 logits [B,T,V].
+
+        positions [B,T] (default 0..T-1) feed RoPE and may restart per packed document;
+        segment_ids [B,T] (default all 1) restrict attention to tokens of the same document.
+        With return_hidden_states, returns (logits, hidden [L+1,B,T,D]): the embeddings, then each
+        layer's output, the last one after the final norm (as transformers reports them)."""
+        cfg = self.config
+        batch, length = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
+        mask = AttentionMask.for_sequence(segment_ids, causal=True, window=cfg.sliding_window)
+        x = constrain(self.embed(input_ids), ACT_BTD)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        h, per_layer = self.run_layers(x, cos, sin, mask, collect=return_hidden_states)
+        h = self.norm(h)
+        logits = constrain(self.unembed(h), ("batch", "length", "act_vocab"))
+        if not return_hidden_states:
+            return logits
+        hidden = jnp.concatenate([x[None], per_layer[:-1], h[None]], axis=0)
+        return logits, hidden
+
+
+def init_model(config: MistralConfig, seed: int = 0) -> MistralForCausalLM:
+    """A randomly initialized model (normal(0.02) weights, unit norms)."""
+    return MistralForCausalLM(config, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: MistralConfig) -> MistralForCausalLM:
+    """The model with ShapeDtypeStruct leaves: shapes and metadata, no memory."""
+    return nnx.eval_shape(lambda: MistralForCausalLM(config, rngs=nnx.Rngs(0)))

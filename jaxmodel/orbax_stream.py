@@ -1,0 +1,294 @@
+"""Write a standard Orbax checkpoint one slice at a time, with bounded host memory.
+
+Inside:
+  save_streaming(directory, abstract_tree, fill, *, progress=None)
+      Writes the checkpoint; `fill(path, index)` supplies the data.
+  num_writes(abstract_tree)
+      How many times `progress` will be called (a tqdm `total`).
+  CHUNK_BYTE_SIZE
+      Upper bound on the byte size of one stored chunk.
+
+Why: converting an 11B Hugging Face checkpoint produces stacked layer weights such
+as (40, 5120, 14336) bf16 = 5.9 GB, while the source yields one layer at a time.
+Building the stacked arrays and calling `StandardCheckpointer.save` would need
+several of them in memory at once. Here the peak is about two slices, and it does
+not grow with the number of layers. (Measured: +300 MiB for 140 MiB slices with
+2, 4 or 12 layers; +35 to +50 MiB for 16 MiB slices, which is the test.)
+
+Design choices that are not obvious:
+
+* Orbax does all the bookkeeping. We save with an ordinary
+  `ocp.Checkpointer(ocp.PyTreeCheckpointHandler(...))`. Its own TypeHandlerRegistry,
+  separate from the global one, maps a placeholder leaf type, `_Leaf`, to
+  `_StreamingArrayHandler`. That handler subclasses Orbax's `ArrayHandler` and
+  overrides only `serialize`; its `typestr()` is inherited ('jax.Array').
+  _METADATA, array_metadatas/, _sharding, the OCDBT manifest and
+  commit_success.txt are therefore what `StandardCheckpointer.save` writes for a
+  tree of single-device jax.Arrays. The unmodified ArrayHandler restores the result:
+  `ocp.StandardCheckpointer().restore(dir, target)` with any sharding, or with no
+  target. Nothing from this module is needed to read it.
+* Chunk layout. We describe a stacked leaf to Orbax's TensorStore spec builder as
+  if it were sharded along axis 0, one layer per shard
+  (write_shape = (1, *shape[1:])). Each chunk then lies inside a single layer, so
+  writing layer i replaces whole chunks. Nothing is read back and modified, and
+  no half-filled chunk is kept in memory. With the full shape as write_shape,
+  Orbax could choose chunks that span many layers, and every slice write would
+  touch all of them.
+* Chunks are also capped at CHUNK_BYTE_SIZE, the standard `SaveArgs.chunk_byte_size`.
+  A sharded restore then reads and decompresses only about its own part, and zstd
+  compresses the chunks of one slice in parallel.
+* Slices are written one after another, and each write is awaited until it is
+  committed. We use no TensorStore transaction: Orbax's ArrayHandler wraps all
+  writes in one atomic OCDBT transaction, which keeps every value in memory until
+  the commit. Here each slice is a small OCDBT commit of its own. Orbax's finalize
+  step merges the per-process OCDBT tree into the root as usual.
+* glibc malloc is tuned for the rest of the process (see `_tune_malloc`), and
+  trimmed after every slice. Without that, freed buffers stay in the arenas of
+  TensorStore's threads, and RSS climbs to several slices.
+* `fill` and `progress` run on an Orbax background thread, one call at a time,
+  while the calling thread waits.
+* Atomicity. Orbax writes into `<parent>/.<name>.*.partial/checkpoint`, a staging
+  directory beside `directory`, so both are on the same filesystem. Orbax renames
+  its own temporary directory inside the staging directory; we then rename the
+  result to `directory`. On any error the staging directory, with anything Orbax
+  left in it, is deleted and the exception propagates.
+
+Single process only (an offline conversion tool, not multi-host training).
+Relies on Orbax internals (`orbax.checkpoint._src`), tested with
+orbax-checkpoint 0.12.8; tests/jaxmodel/test_orbax_stream.py catches layout drift.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+# The helpers ArrayHandler itself uses, so the files we write follow this Orbax version's layout.
+from orbax.checkpoint._src.futures import future as ocp_future
+from orbax.checkpoint._src.metadata import array_metadata_store as ocp_array_metadata_store
+from orbax.checkpoint._src.multihost import multihost as ocp_multihost
+from orbax.checkpoint._src.serialization import jax_array_handlers as ocp_jax_array_handlers
+from orbax.checkpoint._src.serialization import ocdbt_utils as ocp_ocdbt_utils
+from orbax.checkpoint._src.serialization import tensorstore_utils as ocp_ts_utils
+
+__all__ = ["CHUNK_BYTE_SIZE", "num_writes", "save_streaming"]
+
+# 16 MiB gives a few chunks per layer slice: small enough for sharded reads and
+# parallel compression, large enough to keep OCDBT keys and per-chunk overhead low
+# (about 1.4k chunks for 23 GB).
+CHUNK_BYTE_SIZE = 16 * 2**20
+
+STACKED_KEY = "layers"
+
+KeyPath = tuple[str, ...]
+Fill = Callable[[KeyPath, Optional[int]], np.ndarray]
+Progress = Callable[[int], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    """What Orbax sees as a leaf value: the array's description only. The data comes from `fill`."""
+
+    path: KeyPath
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def stacked(self) -> bool:
+        return STACKED_KEY in self.path
+
+
+def _leaves(abstract_tree: Any) -> Any:
+    """The abstract tree with each jax.ShapeDtypeStruct replaced by a `_Leaf`."""
+
+    def to_leaf(keypath, sds):
+        path = tuple(getattr(k, "key", None) for k in keypath)
+        if not all(isinstance(k, str) for k in path):
+            raise TypeError(f"only nested dicts with str keys are supported, got path {keypath}")
+        if not isinstance(sds, jax.ShapeDtypeStruct):
+            raise TypeError(f"leaf {path} must be a jax.ShapeDtypeStruct, got {type(sds)}")
+        leaf = _Leaf(path, tuple(sds.shape), np.dtype(sds.dtype))
+        if leaf.stacked and not leaf.shape:
+            raise ValueError(f"stacked leaf {path} needs a leading layers axis, got shape ()")
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(to_leaf, abstract_tree)
+
+
+def num_writes(abstract_tree: Any) -> int:
+    """Number of `progress` calls `save_streaming` makes: one per slice or unstacked array."""
+    leaves = jax.tree_util.tree_leaves(_leaves(abstract_tree))
+    return sum(leaf.shape[0] if leaf.stacked else 1 for leaf in leaves)
+
+
+class _StreamingArrayHandler(ocp.type_handlers.ArrayHandler):
+    """Writes `_Leaf`s slice by slice. Orbax records them as 'jax.Array' (inherited typestr)."""
+
+    def __init__(self, fill: Fill, progress: Optional[Progress], array_metadata_store):
+        super().__init__(array_metadata_store=array_metadata_store)
+        self._fill = fill
+        self._progress = progress
+
+    async def serialize(self, values: Sequence[_Leaf], infos, args=None):
+        args = args or [ocp.SaveArgs()] * len(values)
+        # As in the stock handlers, all I/O happens in the commit future. That
+        # future starts only once Orbax has created the directory.
+        return [
+            ocp_future.CommitFutureAwaitingContractedSignals(
+                self._write_all(values, infos, args), name="streaming_array_handler"
+            )
+        ]
+
+    async def _write_all(self, leaves, infos, args) -> None:
+        for info in infos:
+            await info.await_path_creation()
+        # Record the sharding that `jax.device_put(x)` would give. A restore with
+        # no target then behaves as it does for an Orbax save of host arrays.
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        await ocp_jax_array_handlers._async_serialize_shardings(  # pylint: disable=protected-access
+            [sharding] * len(leaves), infos, primary_host=self._primary_host
+        )
+        metadatas = [await self._write_leaf(*lia) for lia in zip(leaves, infos, args)]
+        # Per-array write_shape/chunk_shape records. Orbax copies write_shape into
+        # _METADATA and cross-checks these records at finalize.
+        await self._array_metadata_store.write(
+            checkpoint_dir=infos[0].parent_dir,
+            array_metadatas=metadatas,
+            process_index=ocp_multihost.process_index(),
+        )
+
+    async def _write_leaf(self, leaf: _Leaf, info, arg):
+        write_shape = (1, *leaf.shape[1:]) if leaf.stacked else leaf.shape
+        spec = ocp_ts_utils.build_array_write_spec(
+            info=info,
+            arg=arg,
+            global_shape=leaf.shape,
+            local_shape=write_shape,
+            dtype=leaf.dtype,
+            use_ocdbt=info.is_ocdbt_checkpoint,
+            process_index=ocp_ocdbt_utils.get_process_index_for_subdir(info.is_ocdbt_checkpoint),
+            metadata_key=self._metadata_key,
+        )
+        array = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+        for index in range(leaf.shape[0]) if leaf.stacked else [None]:
+            value = self._fetch(leaf, index)
+            target = array if index is None else array[index]
+            # Awaiting the write waits for its commit, so only one slice is held at
+            # a time. Referencing `value` avoids a copy; we drop it right after.
+            await target.write(value, can_reference_source_data_indefinitely=True)
+            del value
+            _trim_malloc()
+            if self._progress is not None:
+                self._progress(1)
+        return spec.metadata
+
+    def _fetch(self, leaf: _Leaf, index: Optional[int]) -> np.ndarray:
+        value = np.asarray(self._fill(leaf.path, index))
+        shape = leaf.shape if index is None else leaf.shape[1:]
+        # Refuse rather than cast: the checkpoint must hold exactly what `fill` returned.
+        if value.shape != shape or value.dtype != leaf.dtype:
+            raise ValueError(
+                f"fill({leaf.path}, {index}) returned {value.dtype}{list(value.shape)}, "
+                f"expected {leaf.dtype}{list(shape)}"
+            )
+        return value
+
+
+# glibc. After the first large free, glibc raises its mmap and trim thresholds; the
+# mmap one goes up to 32 MiB, and importing jax already triggers this. From then on,
+# freed slice and chunk buffers stay in the per-thread arenas of TensorStore's thread
+# pools, and RSS settles at several slices (measured: +140 MiB instead of +48 MiB for
+# 16 MiB slices).
+try:
+    _LIBC = ctypes.CDLL(None)  # the running process's symbols, libc included
+except (OSError, TypeError):  # e.g. Windows
+    _LIBC = None
+_MMAP_THRESHOLD = 2**20
+
+
+def _tune_malloc() -> None:
+    """Fix the thresholds, as MALLOC_MMAP_THRESHOLD_ would at startup. Blocks of 1 MiB or more are
+    then mmapped and returned to the OS on free, and arena tops are trimmed. Small allocations are
+    unaffected. No-op without glibc, or if the user set either variable."""
+    mallopt = getattr(_LIBC, "mallopt", None)
+    if mallopt is None or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    mallopt(M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD)  # the ratio glibc itself uses
+
+
+def _trim_malloc() -> None:
+    """Release free memory already sitting inside the arenas. Threshold changes only affect later frees."""
+    malloc_trim = getattr(_LIBC, "malloc_trim", None)
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
+def save_streaming(
+    directory: str | os.PathLike,
+    abstract_tree: Any,
+    fill: Fill,
+    *,
+    progress: Optional[Progress] = None,
+) -> None:
+    """Writes a standard Orbax checkpoint at `directory`, calling `fill` for the data.
+
+    abstract_tree: a nested dict (string keys) whose leaves are jax.ShapeDtypeStruct.
+    fill(path: tuple[str, ...], index: int | None) -> np.ndarray
+        A leaf is "stacked" when its path contains the key 'layers'. For a stacked
+        leaf, fill is called once per index along axis 0 and must return that slice,
+        of shape leaf.shape[1:]. For any other leaf, fill(path, None) returns the
+        full array. The dtype must match exactly. Calls happen one at a time, on an
+        Orbax background thread.
+    progress: optional callable(n), called with n=1 after each slice or unstacked
+        array is written. `num_writes(abstract_tree)` gives the total.
+
+    `directory` must not exist. It appears only once the save is complete, through
+    an atomic rename of a staging sibling. On any exception the staging directory is
+    deleted and the exception is re-raised. Side effect: in this process, glibc
+    malloc's mmap/trim thresholds stay fixed afterwards (see `_tune_malloc`).
+    Restore with plain Orbax, e.g. `ocp.StandardCheckpointer().restore(directory, target)`.
+    """
+    directory = Path(os.path.abspath(directory))  # OCDBT specs need an absolute path
+    if directory.exists():
+        raise FileExistsError(f"{directory} already exists")
+    if jax.process_count() != 1:
+        raise NotImplementedError("save_streaming supports a single process only")
+    leaves = _leaves(abstract_tree)
+    _tune_malloc()
+
+    # A registry private to this call, leaving Orbax's global one untouched. Both
+    # handlers share one ArrayMetadata store: the pytree handler finds the store
+    # through the jax.Array entry, so it reads the records our handler writes.
+    store = ocp_array_metadata_store.Store()
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (_Leaf, _StreamingArrayHandler(fill, progress, store)),
+        (jax.Array, ocp.type_handlers.ArrayHandler(array_metadata_store=store)),
+    )
+    save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTE_SIZE), leaves)
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
+    try:
+        staged = staging / "checkpoint"
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
+            ckptr.save(staged, args=ocp.args.PyTreeSave(leaves, save_args=save_args))
+        # rename(2) silently replaces an empty directory. Check again, so that a
+        # directory someone created meanwhile is not replaced.
+        if directory.exists():
+            raise FileExistsError(f"{directory} appeared while saving")
+        os.rename(staged, directory)
+    finally:
+        # After success only the empty staging directory is left. After a failure,
+        # this also removes Orbax's temporary directory inside it.
+        shutil.rmtree(staging, ignore_errors=True)

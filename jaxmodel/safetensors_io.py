@@ -1,0 +1,249 @@
+"""Reading and writing Hugging Face weight files one tensor at a time.
+
+Inside:
+- `WeightFiles.open(directory, allow_pickle=False)`: the tensors of a checkpoint directory (single or
+  sharded `.safetensors` with their index; `pytorch_model*.bin` only when explicitly allowed), each read
+  lazily by name.
+- `SafetensorsWriter`: writes a `.safetensors` file tensor by tensor (the header is computed from shapes
+  first, so no tensor needs to wait in memory for the others).
+- `WeightFileError`: every problem, as one line naming the file and the tensor.
+
+Why not `safetensors.safe_open(framework="numpy")`: NumPy has no bfloat16, and that is the dtype of the
+real checkpoint. The format is simple (8-byte header length, a JSON header, raw little-endian data), so
+each tensor is read here with one positioned read into a fresh array typed with `ml_dtypes.bfloat16`.
+Not a memory map on purpose: mapped pages stay in the process's resident set once touched, so converting
+a 23 GB file through a map grows RSS to the file size; a read buffer is freed as soon as the tensor is
+converted, which keeps peak host memory near one tensor. Offsets are checked against the file size up
+front, so a truncated download is reported before any conversion starts.
+
+`.bin` files are pickles: reading one can run arbitrary code. They are read only on explicit request and
+then only through `torch.load(weights_only=True)`, which refuses anything but tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class WeightFileError(ValueError):
+    """A checkpoint file problem; the message names the file (and tensor)."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+def read_safetensors_header(path: str) -> dict[str, _Entry]:
+    """Parses and validates one file's header (does not read tensor data)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise WeightFileError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise WeightFileError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise WeightFileError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    entries = {}
+    for name, info in header.items():
+        if info.get("dtype") not in DTYPES:
+            raise WeightFileError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+        begin, end = info["data_offsets"]
+        shape = tuple(int(s) for s in info["shape"])
+        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[info["dtype"]].itemsize
+        if end - begin != nbytes:
+            raise WeightFileError(f"{path}: tensor {name} is {end - begin} bytes, its shape {shape} needs {nbytes}")
+        if 8 + n + end > size:
+            raise WeightFileError(
+                f"{path}: truncated safetensors file: tensor {name} ends at byte {8 + n + end}, "
+                f"the file has {size}")
+        entries[name] = _Entry(path, info["dtype"], shape, 8 + n + begin, 8 + n + end)
+    return entries
+
+
+class WeightFiles:
+    """Name -> tensor access over all weight files of a checkpoint directory."""
+
+    def __init__(self, entries: dict[str, _Entry], torch_files: dict[str, str]):
+        self._entries = entries
+        self._torch_files = torch_files  # name -> .bin file, only when pickles were allowed
+        self._torch_cache: dict[str, dict] = {}
+
+    @classmethod
+    def open(cls, directory: str, *, allow_pickle: bool = False) -> WeightFiles:
+        files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+        bins = sorted(f for f in os.listdir(directory) if f.startswith("pytorch_model") and f.endswith(".bin"))
+        if not files and bins:
+            if not allow_pickle:
+                raise WeightFileError(
+                    f"{os.path.join(directory, bins[0])}: PyTorch pickle weights are not loaded by default "
+                    "(they can run code); convert them to safetensors or pass --allow-pickle")
+            return cls({}, _index_torch_files(directory, bins))
+        if not files:
+            raise WeightFileError(f"{directory}: no .safetensors weight files found")
+        index_path = os.path.join(directory, "model.safetensors.index.json")
+        if os.path.exists(index_path):
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map", {})
+            for name, file in weight_map.items():
+                if not os.path.exists(os.path.join(directory, file)):
+                    raise WeightFileError(f"{index_path}: tensor {name} is in missing file {file}")
+            files = sorted(set(weight_map.values()))
+        entries: dict[str, _Entry] = {}
+        for file in files:
+            for name, entry in read_safetensors_header(os.path.join(directory, file)).items():
+                if name in entries:
+                    raise WeightFileError(f"{entry.file}: tensor {name} is also in {entries[name].file}")
+                entries[name] = entry
+        return cls(entries, {})
+
+    def names(self) -> list[str]:
+        return sorted(self._entries) + sorted(self._torch_files)
+
+    def file_of(self, name: str) -> str:
+        return self._entries[name].file if name in self._entries else self._torch_files[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._entries:
+            return self._entries[name].shape
+        return tuple(self._torch_tensor(name).shape)
+
+    def dtype(self, name: str) -> np.dtype:
+        if name in self._entries:
+            return DTYPES[self._entries[name].dtype]
+        return self.get(name).dtype
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as a NumPy array (read now; nothing of it is cached)."""
+        if name in self._torch_files:
+            return _torch_to_numpy(self._torch_tensor(name))
+        e = self._entries[name]
+        out = np.empty(e.shape, DTYPES[e.dtype])
+        with open(e.file, "rb") as f:
+            f.seek(e.start)
+            if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != e.end - e.start:
+                raise WeightFileError(f"{e.file}: truncated safetensors file while reading tensor {name}")
+        return out
+
+    def _torch_tensor(self, name: str):
+        file = self._torch_files[name]
+        if file not in self._torch_cache:
+            self._torch_cache = {file: _torch_load(file)}  # keep one file's tensors at a time
+        return self._torch_cache[file][name]
+
+
+def _torch_load(path: str) -> dict:
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # protocol chatter; a refusal is reported below
+            # mmap needs the zip format; legacy pickles are read (still weights_only) without it.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        # torch's message suggests weights_only=False; keep only the reason, never that advice.
+        reason = next((line.strip() for line in str(e).splitlines()
+                       if line.strip().startswith(("Unsupported", "Trying to", "WeightsUnpickler error: U"))),
+                      "the pickle contains objects other than tensors")
+        raise WeightFileError(f"{path}: refused by torch.load(weights_only=True), it may run code "
+                              f"when unpickled ({reason})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise WeightFileError(f"{path}: not a readable PyTorch weights file ({e})") from None
+
+
+def _index_torch_files(directory: str, bins: list[str]) -> dict[str, str]:
+    index_path = os.path.join(directory, "pytorch_model.bin.index.json")
+    if os.path.exists(index_path):
+        with open(index_path, encoding="utf-8") as f:
+            return {k: os.path.join(directory, v) for k, v in json.load(f)["weight_map"].items()}
+    out = {}
+    for b in bins:
+        path = os.path.join(directory, b)
+        for name in _torch_load(path):
+            out[name] = path
+    return out
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+class SafetensorsWriter:
+    """Writes one .safetensors file whose tensor list (names, shapes, dtypes) is known up front."""
+
+    def __init__(self, path: str, specs: dict[str, tuple[tuple[int, ...], np.dtype]]):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, (shape, dtype) in specs.items():
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            header[name] = {"dtype": DTYPE_CODES[np.dtype(dtype)], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
+        self._specs, self._order, self._next = specs, list(specs), 0
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(blob)) + blob)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        expected = self._order[self._next]
+        shape, dtype = self._specs[expected]
+        if name != expected or tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
+            raise WeightFileError(f"{self._f.name}: expected tensor {expected} {shape} {dtype}, "
+                                  f"got {name} {array.shape} {array.dtype}")
+        self._f.write(np.ascontiguousarray(array).tobytes())
+        self._next += 1
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def shard_plan(specs: dict[str, tuple[tuple[int, ...], np.dtype]], max_bytes: int) -> Iterator[list[str]]:
+    """Groups tensor names (in order) into shards of at most max_bytes (a larger tensor gets its own)."""
+    group, size = [], 0
+    for name, (shape, dtype) in specs.items():
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if group and size + nbytes > max_bytes:
+            yield group
+            group, size = [], 0
+        group.append(name)
+        size += nbytes
+    if group:
+        yield group

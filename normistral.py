@@ -1,0 +1,140 @@
+"""The `normistral` command: a thin dispatcher; every subcommand's logic is an importable function.
+
+Subcommands: import-hf, export-hf, parity, demo. Errors that a user can cause (a bad path, a checkpoint
+that does not match its config, ...) print one line `normistral: error: ...` and exit with status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _import_hf(args):
+    from jaxmodel.convert import import_hf
+
+    import_hf(args.hf_dir, args.ckpt_dir, allow_pickle=args.allow_pickle)
+    print(f"imported {args.hf_dir} -> {args.ckpt_dir}")
+
+
+def _export_hf(args):
+    from jaxmodel.convert import export_hf
+
+    export_hf(args.ckpt_dir, args.hf_dir, dtype=args.dtype)
+    print(f"exported {args.ckpt_dir} -> {args.hf_dir}")
+
+
+def _parity(args):
+    from jaxmodel.parity import compare_logits
+
+    result = compare_logits(args.hf_dir, args.jax_dir or args.hf_dir, length=args.length, offset=args.offset)
+    print(json.dumps(result))
+    if result["max_abs_logit_diff"] > args.tolerance:
+        raise SystemExit(f"normistral: error: logits differ by {result['max_abs_logit_diff']:.3g} "
+                         f"> {args.tolerance:g}")
+
+
+def _demo(args):
+    import shutil
+
+    from jaxmodel.config import MistralConfig
+    from jaxmodel.convert import export_hf, import_hf
+    from jaxmodel.parity import compare_logits, make_hf_checkpoint
+
+    work = os.path.abspath(args.workdir)
+    marker = os.path.join(work, ".normistral-demo")
+    if os.path.exists(work) and os.listdir(work) and not os.path.exists(marker):
+        raise FileExistsError(f"{work}: exists and is not a previous demo directory; choose another --workdir")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    open(marker, "w").close()
+    hf_dir, ckpt_dir, back_dir = (os.path.join(work, d) for d in ("hf", "orbax", "hf-export"))
+    config = MistralConfig.tiny(num_hidden_layers=4, sliding_window=None)
+    t0 = time.time()
+    print(f"1/4 writing a random NorMistral-shaped Hugging Face checkpoint ({config.num_params():,} params) "
+          f"to {hf_dir}")
+    make_hf_checkpoint(hf_dir, config, dtype="float32")
+    print(f"2/4 normistral import-hf {hf_dir} {ckpt_dir}")
+    import_hf(hf_dir, ckpt_dir)
+    print(f"3/4 normistral export-hf {ckpt_dir} {back_dir}")
+    export_hf(ckpt_dir, back_dir)
+    print("4/4 comparing logits with transformers (eager, float32) at positions 30000..30255")
+    imported = compare_logits(hf_dir, ckpt_dir)
+    exported = compare_logits(back_dir, back_dir)
+    print(f"   JAX (from Orbax import) vs transformers: max |dlogit| = {imported['max_abs_logit_diff']:.2e}")
+    print(f"   transformers on the re-exported directory vs JAX: max |dlogit| = "
+          f"{exported['max_abs_logit_diff']:.2e}")
+    same = _bit_exact(hf_dir, back_dir)
+    print(f"   HF -> Orbax -> HF round trip: {same} tensors, every one bit-exact")
+    ok = max(imported["max_abs_logit_diff"], exported["max_abs_logit_diff"]) <= 1e-4
+    print(f"parity {'OK' if ok else 'FAILED'} (bound 1e-4) in {time.time() - t0:.1f}s")
+    if not ok:
+        raise SystemExit(1)
+
+
+def _bit_exact(a_dir: str, b_dir: str) -> int:
+    """Number of tensors, after checking both directories hold the same bytes for each."""
+    import numpy as np
+
+    from jaxmodel.safetensors_io import WeightFiles
+
+    a, b = WeightFiles.open(a_dir), WeightFiles.open(b_dir)
+    if a.names() != b.names():
+        raise SystemExit(f"normistral: error: {b_dir} holds other tensors than {a_dir}")
+    for name in a.names():
+        x, y = a.get(name), b.get(name)
+        if x.dtype != y.dtype or x.shape != y.shape or not np.array_equal(x.view(np.uint8), y.view(np.uint8)):
+            raise SystemExit(f"normistral: error: tensor {name} differs after the round trip")
+    return len(a.names())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="normistral", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import-hf", help="Hugging Face directory -> Orbax checkpoint directory")
+    p.add_argument("hf_dir")
+    p.add_argument("ckpt_dir")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pytorch_model*.bin (only through torch.load(weights_only=True))")
+    p.set_defaults(func=_import_hf)
+
+    p = sub.add_parser("export-hf", help="Orbax checkpoint directory -> Hugging Face directory")
+    p.add_argument("ckpt_dir")
+    p.add_argument("hf_dir")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="tensor dtype in the output (default: the dtype of the imported checkpoint)")
+    p.set_defaults(func=_export_hf)
+
+    p = sub.add_parser("parity", help="compare logits with transformers (float32)")
+    p.add_argument("hf_dir")
+    p.add_argument("jax_dir", nargs="?", help="directory our model loads (default: hf_dir)")
+    p.add_argument("--length", type=int, default=256)
+    p.add_argument("--offset", type=int, default=30000, help="first RoPE position")
+    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.set_defaults(func=_parity)
+
+    p = sub.add_parser("demo", help="the end-to-end run on a tiny local checkpoint")
+    p.add_argument("--workdir", default="demo-run")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    from jaxmodel.config import ConfigError
+    from jaxmodel.convert import ConvertError
+
+    try:
+        args.func(args)
+    except (ConfigError, ConvertError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
+        print(f"normistral: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

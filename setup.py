@@ -1,0 +1,40 @@
+"""normistral-jax: NorMistral-11b-long in JAX/Flax for TPU and GPU meshes."""
+
+from setuptools import find_packages, setup
+
+# Versions tested together (the CI and the Makefile install exactly these).
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "tensorstore==0.1.86",
+    "transformers==5.24.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "ml_dtypes==0.6.0",
+    "numpy==2.4.6",
+    "pyyaml==6.0.4",
+    "tqdm==4.70.1",
+    "psutil==7.2.2",
+]
+# torch 2.13.0: the CPU build on this machine's disk; a plain `torch` would pull a multi-GB CUDA build.
+TEST = ["pytest==9.2.0", "torch==2.13.0"]
+
+setup(
+    name="normistral-jax",
+    version="0.1.0",
+    description="NorMistral-11b-long (Mistral architecture) in JAX/Flax NNX: model, converter, training, inference",
+    python_requires=">=3.10",
+    packages=find_packages(include=["jaxmodel", "jaxmodel.*", "training", "training.*",
+                                    "inference", "inference.*"]),
+    install_requires=CORE,
+    extras_require={
+        "test": TEST,
+        "tpu": ["jax[tpu]==0.10.2"],
+        "cuda": ["jax[cuda12]==0.10.2"],
+    },
+    py_modules=["normistral"],
+    entry_points={"console_scripts": ["normistral=normistral:main"]},
+)

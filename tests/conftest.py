@@ -1,0 +1,55 @@
+"""Shared test setup: 8 simulated CPU devices, float32 matmuls at full precision, tiny HF checkpoints.
+
+Parity is checked in float32 with `jax_default_matmul_precision="highest"` (on CPU this is the default
+arithmetic anyway; on TPU it stops bf16 passes inside float32 matmuls).
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (the [tpu] extra) would otherwise probe for a TPU
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from jaxmodel.config import MistralConfig  # noqa: E402
+from jaxmodel.parity import make_hf_checkpoint  # noqa: E402
+
+# The parity configurations: each covers a case the acceptance list names.
+PARITY_CONFIGS = {
+    # NorMistral's shape: 4:1 GQA, head_dim (32) != hidden / heads (128 / 8 = 16), theta 1e6, eps 1e-5.
+    "normistral_gqa": MistralConfig.tiny(hidden_size=128, num_attention_heads=8, num_key_value_heads=2,
+                                         head_dim=32, rope_theta=1e6, rms_norm_eps=1e-5),
+    # Multi-query attention (one KV head), eps 1e-6, default theta.
+    "mqa": MistralConfig.tiny(num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                              rope_theta=10000.0, rms_norm_eps=1e-6),
+    # Tied input/output embeddings.
+    "tied": MistralConfig.tiny(tie_word_embeddings=True, num_hidden_layers=3),
+    # A sliding window (64) much shorter than the test sequences (>= 512).
+    "sliding": MistralConfig.tiny(sliding_window=64, num_key_value_heads=4, head_dim=16, rms_norm_eps=1e-6),
+}
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """name -> directory of a random transformers checkpoint (float32) for each parity config."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for seed, (name, cfg) in enumerate(PARITY_CONFIGS.items()):
+        out[name] = str(root / name)
+        make_hf_checkpoint(out[name], cfg, seed=seed)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_bf16_checkpoint(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("hf_bf16") / "ckpt")
+    make_hf_checkpoint(path, PARITY_CONFIGS["normistral_gqa"], seed=7, dtype="bfloat16")
+    return path
+
+
+def pytest_report_header(config):
+    return f"jax {jax.__version__}, devices: {len(jax.devices())} x {jax.devices()[0].platform}, " \
+           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}"
