@@ -1,6 +1,6 @@
 """The `normistral` command: a thin dispatcher; every subcommand's logic is an importable function.
 
-Subcommands: import-hf, export-hf, parity, demo. Errors that a user can cause (a bad path, a checkpoint
+Subcommands: import-hf, export-hf, parity, compile-check, demo. Errors that a user can cause (a bad path, a checkpoint
 that does not match its config, ...) print one line `normistral: error: ...` and exit with status 2;
 anything else is a bug and keeps its traceback.
 """
@@ -36,6 +36,48 @@ def _parity(args):
     if result["max_abs_logit_diff"] > args.tolerance:
         raise SystemExit(f"normistral: error: logits differ by {result['max_abs_logit_diff']:.3g} "
                          f"> {args.tolerance:g}")
+
+
+class CommandError(ValueError):
+    """A usage error the user can fix (printed as one line)."""
+
+
+def _workload(tree: dict, mode: str) -> tuple[int, int]:
+    """(batch, length) of the step to compile: the inference section for prefill/decode if present,
+    else the training shapes."""
+    inference, train = tree.get("inference") or {}, tree.get("train") or {}
+    if mode != "train" and inference:
+        batch, length = inference.get("batch_size"), inference.get("max_length")
+    else:
+        batch, length = train.get("global_batch_size"), train.get("seq_len")
+    if not (isinstance(batch, int) and isinstance(length, int) and batch > 0 and length > 0):
+        raise CommandError(f"{tree['_path']}: --mode {mode} needs positive integers "
+                           + ("inference.batch_size and inference.max_length" if mode != "train" and inference
+                              else "train.global_batch_size and train.seq_len"))
+    return batch, length
+
+
+def _compile_check(args):
+    from jaxmodel import aot, run_config
+
+    tree = run_config.load_run_config(args.config, args.set)
+    config, mesh = run_config.model_config(tree), run_config.mesh_shape(tree)
+    if args.mode in ("train", "decode"):
+        raise CommandError(f"--mode {args.mode} is not available yet (its step arrives with the "
+                           f"{'training' if args.mode == 'train' else 'inference'} issue); use --mode prefill")
+    batch, length = _workload(tree, args.mode)
+    t0 = time.time()
+    report = aot.compile_prefill(config, mesh, args.topology, batch_size=batch, seq_len=length)
+    report.update(config=os.path.basename(args.config), compile_seconds=round(time.time() - t0, 1))
+    if args.json:
+        print(json.dumps(report))
+        return
+    gib = 1024**3
+    print(f"{report['mode']} on {args.topology} ({report['devices']} x {report['device_kind']}), "
+          f"mesh {report['mesh']}, batch {batch} x {length} tokens")
+    for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "device_bytes", "hbm_bytes"):
+        print(f"  {key:15s} {report[key] / gib:8.2f} GiB per device")
+    print(f"  fits: {'yes' if report['fits'] else 'NO'} (compiled in {report['compile_seconds']}s)")
 
 
 def _demo(args):
@@ -118,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-4)
     p.set_defaults(func=_parity)
 
+    p = sub.add_parser("compile-check", help="compile a step ahead of time for a TPU topology; report memory")
+    p.add_argument("--config", required=True, help="a run config YAML (configs/)")
+    p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v5e:2x2, v6e:1x1")
+    p.add_argument("--mode", choices=["train", "prefill", "decode"], default="prefill")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_compile_check)
+
     p = sub.add_parser("demo", help="the end-to-end run on a tiny local checkpoint")
     p.add_argument("--workdir", default="demo-run")
     p.set_defaults(func=_demo)
@@ -126,12 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "compile-check":
+        # Before JAX loads: compile on the CPU backend, and share libtpu with any other process (it
+        # takes a machine-wide lock when it loads; compiling for a topology description needs no chip).
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jaxmodel.aot import TopologyError
     from jaxmodel.config import ConfigError
     from jaxmodel.convert import ConvertError
+    from jaxmodel.sharding import ShardingError
 
     try:
         args.func(args)
-    except (ConfigError, ConvertError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
+    except (ConfigError, ConvertError, ShardingError, TopologyError, CommandError, FileNotFoundError,
+            NotADirectoryError, FileExistsError) as e:
         print(f"normistral: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -321,7 +321,8 @@ def import_hf(hf_dir: str, ckpt_dir: str, *, allow_pickle: bool = False, progres
 
     def fill(path, index):
         name, t = by_slot[(tuple(path), index)]
-        return np.ascontiguousarray(t.to_jax(files.get(name)).astype(dtype))
+        # A transposed view of the read buffer, no copy: TensorStore copes with the strides chunk by chunk.
+        return t.to_jax(files.get(name)).astype(dtype, copy=False)
 
     with atomic_directory(ckpt_dir) as tmp:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:

@@ -177,29 +177,35 @@ class MistralForCausalLM(nnx.Module):
             outputs.append(y)
         return x, (jnp.stack(outputs) if collect else None)
 
-    def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden_states: bool = False):
-        """input_ids [B,T] -> float32 logits [B,T,V].
+    def hidden(self, input_ids, positions=None, segment_ids=None, *, causal: bool = True,
+               collect: bool = False):
+        """Final normed hidden states [B,T,D], and (embeddings, per-layer outputs) when `collect`.
 
         positions [B,T] (default 0..T-1) feed RoPE and may restart per packed document;
-        segment_ids [B,T] (default all 1) restrict attention to tokens of the same document.
-        With return_hidden_states, returns (logits, hidden [L+1,B,T,D]): the embeddings, then each
-        layer's output, the last one after the final norm (as transformers reports them)."""
+        segment_ids [B,T] (default all 1) restrict attention to tokens of the same document;
+        causal=False attends bidirectionally within each document (the masked-token objective)."""
         cfg = self.config
         batch, length = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
-        mask = AttentionMask.for_sequence(segment_ids, causal=True, window=cfg.sliding_window)
+        mask = AttentionMask.for_sequence(segment_ids, causal=causal, window=cfg.sliding_window)
         x = constrain(self.embed(input_ids), ACT_BTD)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        h, per_layer = self.run_layers(x, cos, sin, mask, collect=return_hidden_states)
-        h = self.norm(h)
+        h, per_layer = self.run_layers(x, cos, sin, mask, collect=collect)
+        return self.norm(h), (x, per_layer)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden_states: bool = False):
+        """input_ids [B,T] -> float32 logits [B,T,V] (arguments as in `hidden`).
+
+        With return_hidden_states, returns (logits, hidden [L+1,B,T,D]): the embeddings, then each
+        layer's output, the last one after the final norm (as transformers reports them)."""
+        h, (x, per_layer) = self.hidden(input_ids, positions, segment_ids, collect=return_hidden_states)
         logits = constrain(self.unembed(h), ("batch", "length", "act_vocab"))
         if not return_hidden_states:
             return logits
-        hidden = jnp.concatenate([x[None], per_layer[:-1], h[None]], axis=0)
-        return logits, hidden
+        return logits, jnp.concatenate([x[None], per_layer[:-1], h[None]], axis=0)
 
 
 def init_model(config: MistralConfig, seed: int = 0) -> MistralForCausalLM:

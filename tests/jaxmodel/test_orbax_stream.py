@@ -7,7 +7,6 @@ memory test measures.
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import zlib
@@ -197,7 +196,10 @@ def _child(mode, directory):
             return np.random.default_rng(index).standard_normal(BIG_SHAPE[1:], dtype=np.float32)
 
         save_streaming(os.path.join(directory, "big"), {"layers": {"w": SDS(BIG_SHAPE, np.float32)}}, fill)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM, not ru_maxrss: ru_maxrss keeps the RSS the forked child had before exec (the pytest
+    # parent's), which would hide the difference between the two children.
+    with open("/proc/self/status") as f:
+        peak_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     if mode == "big":  # after measuring: the restore itself needs the full 256 MiB
         restored = ocp.StandardCheckpointer().restore(os.path.join(directory, "big"))["layers"]["w"]
         assert np.array_equal(np.asarray(restored[5]), fill(("layers", "w"), 5))

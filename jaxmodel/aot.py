@@ -1,0 +1,124 @@
+"""Ahead-of-time compilation for TPU topologies from a CPU-only machine, and the memory verdict.
+
+Inside:
+- `tpu_devices(topology)`: the devices of a TPU slice such as "v5p:4x4x4", "v5e:2x2", "v6e:1x1",
+  described by libtpu (`jax.experimental.topologies`) without any TPU attached.
+- `HBM_BYTES`: memory per chip by device kind (the compiler does not report capacity).
+- `abstract_state(model, mesh)`: the model's parameters as sharded ShapeDtypeStructs (no memory).
+- `memory_report(compiled, hbm)`: per-device argument, output, alias and temporary bytes, and `fits`.
+
+The process must run JAX on the CPU backend (`JAX_PLATFORMS=cpu`, set by the CLI before JAX loads) and
+may share libtpu with another process (`ALLOW_MULTIPLE_LIBTPU_LOAD=1`): it only compiles.
+
+How: libtpu compiles for a topology description as it would on the pod; `jit(...).lower(...).compile()`
+then gives the real TPU executable, whose `memory_analysis()` is the compiler's own account of the
+per-device memory. `device_bytes` = arguments + temporaries + outputs - aliased (donated) bytes, the peak
+the executable needs while it runs. It excludes the runtime's own reserve, so `fits` also demands a
+margin (`HEADROOM`, 5% of HBM).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from flax import nnx
+
+from jaxmodel.sharding import param_sharding
+
+GiB = 1024**3
+# Per-chip HBM by `device_kind` (public Cloud TPU specifications).
+HBM_BYTES = {
+    "TPU v4": 32 * GiB,
+    "TPU v5 lite": 16 * GiB,  # v5e
+    "TPU v5": 95 * GiB,  # v5p
+    "TPU v6 lite": 32 * GiB,  # v6e (Trillium)
+}
+HEADROOM = 0.05
+
+
+class TopologyError(ValueError):
+    """A topology libtpu does not know, or libtpu is missing."""
+
+
+def tpu_devices(topology: str) -> list:
+    """Devices of a TPU topology like 'v5p:4x4x4'. Slices smaller than one host (2x2) are described
+    with a matching host size (libtpu's default host is 2x2x1)."""
+    from jax.experimental import topologies
+
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise TopologyError("libtpu is not installed: pip install -e '.[tpu]'") from None
+    kind, _, dims = topology.partition(":")
+    try:
+        sizes = [int(x) for x in dims.split("x")]
+    except ValueError:
+        raise TopologyError(f"topology {topology!r}: expected NAME:AxB[xC], e.g. v5p:4x4x4 or v5e:2x2") from None
+    kwargs = {}
+    if math.prod(sizes) < 4:
+        kwargs["chips_per_host_bounds"] = tuple(sizes + [1] * (3 - len(sizes)))
+    try:
+        return list(topologies.get_topology_desc(topology, platform="tpu", **kwargs).devices)
+    except Exception as e:  # libtpu raises XlaRuntimeError with a multi-line message
+        raise TopologyError(f"topology {topology!r}: {str(e).splitlines()[0]}") from None
+
+
+def hbm_bytes(device) -> int:
+    kind = device.device_kind
+    if kind not in HBM_BYTES:
+        raise TopologyError(f"no HBM size known for device kind {kind!r}")
+    return HBM_BYTES[kind]
+
+
+def abstract_state(model: nnx.Module, mesh) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, state) where every parameter is a ShapeDtypeStruct carrying its NamedSharding."""
+    graphdef, state = nnx.split(model)
+
+    def to_sds(var):
+        value = var.get_value()
+        return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=param_sharding(var, mesh)))
+
+    return graphdef, jax.tree.map(to_sds, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def memory_report(compiled, hbm: int) -> dict:
+    m = compiled.memory_analysis()
+    device_bytes = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+                    - m.alias_size_in_bytes)
+    return {
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "alias_bytes": int(m.alias_size_in_bytes),
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "device_bytes": int(device_bytes),
+        "hbm_bytes": int(hbm),
+        "fits": bool(device_bytes <= (1 - HEADROOM) * hbm),
+    }
+
+
+def compile_prefill(config, mesh_shape, topology: str, *, batch_size: int, seq_len: int) -> dict:
+    """Compiles the prefill step (forward over [batch_size, seq_len], logits of the last position)
+    for a TPU topology and returns the memory report."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    from jaxmodel.model import abstract_model
+    from jaxmodel.sharding import logical_to_spec, make_mesh
+
+    devices = tpu_devices(topology)
+    mesh = make_mesh(mesh_shape, devices=devices)
+    graphdef, state = abstract_state(abstract_model(config), mesh)
+    ids = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=NamedSharding(
+        mesh, logical_to_spec(("batch", "length"), (batch_size, seq_len), mesh)))
+
+    def prefill(state, input_ids):
+        model = nnx.merge(graphdef, state)
+        h, _ = model.hidden(input_ids)
+        return model.unembed(h[:, -1:])
+
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(prefill).lower(state, ids).compile()
+    return {"mode": "prefill", "topology": topology, "devices": len(devices),
+            "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape), "batch_size": batch_size,
+            "seq_len": seq_len, **memory_report(compiled, hbm_bytes(devices[0]))}
