@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 
 from common import machine  # noqa: E402
+
 from jaxmodel.config import MistralConfig  # noqa: E402
 from jaxmodel.convert import expected_hf_tensors  # noqa: E402
 from jaxmodel.safetensors_io import SafetensorsWriter, shard_plan  # noqa: E402
@@ -30,8 +31,15 @@ from jaxmodel.safetensors_io import SafetensorsWriter, shard_plan  # noqa: E402
 
 def write_synthetic(path: str, layers: int) -> int:
     """A random float32 checkpoint written one tensor at a time; returns its size in bytes."""
-    cfg = MistralConfig(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers,
-                        num_attention_heads=16, num_key_value_heads=4, head_dim=64)
+    cfg = MistralConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=64,
+    )
     os.makedirs(path)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg.to_hf(), f)
@@ -90,14 +98,24 @@ def main():
             hf, out = os.path.join(work, f"hf-{layers}"), os.path.join(work, f"orbax-{layers}")
             size = write_synthetic(hf, layers)
             rss, seconds = peak_rss_of([*normistral, "import-hf", hf, out])
-            rows.append({"layers": layers, "checkpoint_bytes": size, "peak_rss_bytes": rss,
-                         "rss_over_size": rss / size, "seconds": seconds})
+            rows.append(
+                {
+                    "layers": layers,
+                    "checkpoint_bytes": size,
+                    "peak_rss_bytes": rss,
+                    "rss_over_size": rss / size,
+                    "seconds": seconds,
+                }
+            )
             shutil.rmtree(hf), shutil.rmtree(out)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({"bench": "convert_memory", "machine": machine(), "import_baseline_rss_bytes": baseline,
-                      "runs": rows}))
+    print(
+        json.dumps(
+            {"bench": "convert_memory", "machine": machine(), "import_baseline_rss_bytes": baseline, "runs": rows}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from common import bench_checkpoint, machine, median_seconds  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from common import bench_checkpoint, machine, median_seconds  # noqa: E402
 from jaxmodel import from_pretrained  # noqa: E402
 
 
@@ -49,9 +49,16 @@ def main():
             return ref(tids).logits
 
     torch_s = median_seconds(torch_forward)
-    result = {"bench": "prefill", "machine": machine(), "batch": args.batch, "length": args.length,
-              "jax_tokens_per_s": tokens / jax_s, "torch_tokens_per_s": tokens / torch_s,
-              "ratio": torch_s / jax_s, "torch_attention": ref.config._attn_implementation}
+    result = {
+        "bench": "prefill",
+        "machine": machine(),
+        "batch": args.batch,
+        "length": args.length,
+        "jax_tokens_per_s": tokens / jax_s,
+        "torch_tokens_per_s": tokens / torch_s,
+        "ratio": torch_s / jax_s,
+        "torch_attention": ref.config._attn_implementation,
+    }
     print(json.dumps(result))
 
 

@@ -84,8 +84,7 @@ def abstract_state(model: nnx.Module, mesh) -> tuple[nnx.GraphDef, nnx.State]:
 
 def memory_report(compiled, hbm: int) -> dict:
     m = compiled.memory_analysis()
-    device_bytes = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
-                    - m.alias_size_in_bytes)
+    device_bytes = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
     return {
         "argument_bytes": int(m.argument_size_in_bytes),
         "output_bytes": int(m.output_size_in_bytes),
@@ -109,8 +108,11 @@ def compile_prefill(config, mesh_shape, topology: str, *, batch_size: int, seq_l
     devices = tpu_devices(topology)
     mesh = make_mesh(mesh_shape, devices=devices)
     graphdef, state = abstract_state(abstract_model(config), mesh)
-    ids = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=NamedSharding(
-        mesh, logical_to_spec(("batch", "length"), (batch_size, seq_len), mesh)))
+    ids = jax.ShapeDtypeStruct(
+        (batch_size, seq_len),
+        jnp.int32,
+        sharding=NamedSharding(mesh, logical_to_spec(("batch", "length"), (batch_size, seq_len), mesh)),
+    )
 
     def prefill(state, input_ids):
         model = nnx.merge(graphdef, state)
@@ -119,6 +121,13 @@ def compile_prefill(config, mesh_shape, topology: str, *, batch_size: int, seq_l
 
     with jax.set_mesh(mesh):
         compiled = jax.jit(prefill).lower(state, ids).compile()
-    return {"mode": "prefill", "topology": topology, "devices": len(devices),
-            "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape), "batch_size": batch_size,
-            "seq_len": seq_len, **memory_report(compiled, hbm_bytes(devices[0]))}
+    return {
+        "mode": "prefill",
+        "topology": topology,
+        "devices": len(devices),
+        "device_kind": devices[0].device_kind,
+        "mesh": dict(mesh.shape),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        **memory_report(compiled, hbm_bytes(devices[0])),
+    }

@@ -61,15 +61,23 @@ class MistralConfig:
     torch_dtype: str = "float32"
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"config field num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}")
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
         if self.head_dim % 2:
             raise ConfigError(f"config field head_dim={self.head_dim} must be even for rotary embeddings")
         if self.sliding_window is not None and self.sliding_window <= 0:
@@ -160,34 +168,78 @@ class MistralConfig:
     @classmethod
     def normistral_11b_long(cls, **options) -> MistralConfig:
         """norallm/normistral-11b-long, as its config.json states it."""
-        return cls(vocab_size=51200, hidden_size=5120, intermediate_size=14336, num_hidden_layers=40,
-                   num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                   max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-5,
-                   sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                   pad_token_id=3, torch_dtype="bfloat16", **options)
+        return cls(
+            vocab_size=51200,
+            hidden_size=5120,
+            intermediate_size=14336,
+            num_hidden_layers=40,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            max_position_embeddings=32768,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-5,
+            sliding_window=None,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+            torch_dtype="bfloat16",
+            **options,
+        )
 
     @classmethod
     def bench_64m(cls, **options) -> MistralConfig:
         """The 64M-parameter benchmark model (4 layers, hidden 512, NorMistral's vocabulary)."""
-        return cls(vocab_size=51200, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-                   num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-                   max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-5,
-                   pad_token_id=3, **options)
+        return cls(
+            vocab_size=51200,
+            hidden_size=512,
+            intermediate_size=1536,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=64,
+            max_position_embeddings=32768,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-5,
+            pad_token_id=3,
+            **options,
+        )
 
     @classmethod
     def tiny(cls, **options) -> MistralConfig:
         """A NorMistral-shaped toy (4:1 GQA, head_dim != hidden/heads) for tests and the demo."""
-        fields = dict(vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-                      max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-5,
-                      pad_token_id=3)
+        fields = dict(
+            vocab_size=1024,
+            hidden_size=128,
+            intermediate_size=352,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=32768,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-5,
+            pad_token_id=3,
+        )
         fields.update(options)
         return cls(**fields)
 
 
-_ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-                "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+_ARCH_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
 
 
 def _fields_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:

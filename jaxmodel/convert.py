@@ -66,8 +66,9 @@ WEIGHT_RULES = (
     WeightRule("model.layers.{i}.self_attn.k_proj.weight", ("layers", "self_attn", "k_proj"), 1),
     WeightRule("model.layers.{i}.self_attn.v_proj.weight", ("layers", "self_attn", "v_proj"), 1),
     WeightRule("model.layers.{i}.self_attn.o_proj.weight", ("layers", "self_attn", "o_proj"), 2),
-    WeightRule("model.layers.{i}.post_attention_layernorm.weight",
-               ("layers", "post_attention_layernorm", "weight"), None),
+    WeightRule(
+        "model.layers.{i}.post_attention_layernorm.weight", ("layers", "post_attention_layernorm", "weight"), None
+    ),
     WeightRule("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate_proj"), 1),
     WeightRule("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up_proj"), 1),
     WeightRule("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down_proj"), 1),
@@ -127,15 +128,18 @@ def _check_files(files: WeightFiles, expected: dict[str, _Tensor], config: Mistr
     for name in sorted(present - set(expected)):
         if _IGNORED.fullmatch(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
             continue
-        raise ConvertError(f"{files.file_of(name)}: unexpected tensor {name} (not in a Mistral model "
-                           f"with {config.num_hidden_layers} layers)")
+        raise ConvertError(
+            f"{files.file_of(name)}: unexpected tensor {name} (not in a Mistral model "
+            f"with {config.num_hidden_layers} layers)"
+        )
     for name in expected:
         if name not in present:
             raise ConvertError(f"{where}: missing tensor {name}")
         got, want = files.shape(name), expected[name].hf_shape
         if tuple(got) != want:
-            raise ConvertError(f"{files.file_of(name)}: tensor {name} has shape {tuple(got)}, "
-                               f"config.json implies {want}")
+            raise ConvertError(
+                f"{files.file_of(name)}: tensor {name} has shape {tuple(got)}, config.json implies {want}"
+            )
     for name in expected:
         dtype = files.dtype(name)
         if not (np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"):
@@ -159,8 +163,10 @@ def _place(shape, dtype, sharding, read: Callable[[int | None], np.ndarray], lay
         buffers = {key: np.asarray(full[index], dtype=dtype) for key, (index, _) in groups.items()}
         del full
     else:
-        buffers = {key: np.empty([len(range(*s.indices(n))) for s, n in zip(index, shape)], dtype)
-                   for key, (index, _) in groups.items()}
+        buffers = {
+            key: np.empty([len(range(*s.indices(n))) for s, n in zip(index, shape)], dtype)
+            for key, (index, _) in groups.items()
+        }
         for layer in range(layers):
             tensor = read(layer)
             for key, (index, _) in groups.items():
@@ -193,8 +199,9 @@ def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=F
                 bar.update(1)
                 return t.to_jax(files.get(name))
 
-            arrays[p] = _place(var.shape, var.dtype, sharding_of(p, var), read,
-                               config.num_hidden_layers if stacked else None)
+            arrays[p] = _place(
+                var.shape, var.dtype, sharding_of(p, var), read, config.num_hidden_layers if stacked else None
+            )
     return arrays
 
 
@@ -215,8 +222,16 @@ def _merge(config: MistralConfig, arrays: dict) -> MistralForCausalLM:
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def from_pretrained(path: str, *, dtype=jnp.float32, compute_dtype=None, mesh=None, allow_pickle: bool = False,
-                    progress: bool = True, **options) -> MistralForCausalLM:
+def from_pretrained(
+    path: str,
+    *,
+    dtype=jnp.float32,
+    compute_dtype=None,
+    mesh=None,
+    allow_pickle: bool = False,
+    progress: bool = True,
+    **options,
+) -> MistralForCausalLM:
     """Loads a Hugging Face directory or an `import_hf` directory into a `MistralForCausalLM`.
 
     dtype: parameter dtype; compute_dtype: activation dtype (default: dtype); options: other
@@ -224,8 +239,9 @@ def from_pretrained(path: str, *, dtype=jnp.float32, compute_dtype=None, mesh=No
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ConvertError(f"{path}: not a directory")
-    config = MistralConfig.from_hf(path, param_dtype=jnp.dtype(dtype).name,
-                                   dtype=jnp.dtype(compute_dtype or dtype).name, **options)
+    config = MistralConfig.from_hf(
+        path, param_dtype=jnp.dtype(dtype).name, dtype=jnp.dtype(compute_dtype or dtype).name, **options
+    )
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         arrays = _restore_orbax(os.path.join(path, PARAMS_DIR), config, mesh)
     else:
@@ -260,8 +276,14 @@ def _flat_arrays(model: MistralForCausalLM) -> dict[tuple[str, ...], jax.Array]:
     return {tuple(str(x) for x in p): v.get_value() for p, v in nnx.to_flat_state(state)}
 
 
-def save_pretrained(model: MistralForCausalLM, path: str, *, dtype: str | None = None,
-                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> None:
+def save_pretrained(
+    model: MistralForCausalLM,
+    path: str,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+) -> None:
     """Writes a Hugging Face directory; tensors are stored in `dtype` (default: the config's torch_dtype,
     i.e. the dtype the imported checkpoint had, which makes HF -> JAX -> HF bit-exact)."""
     config = model.config
@@ -277,8 +299,9 @@ def save_pretrained(model: MistralForCausalLM, path: str, *, dtype: str | None =
         weight_map, total = {}, 0
         with tqdm(total=len(tensors), desc="writing tensors", unit="tensor", disable=not progress) as bar:
             for k, names in enumerate(shards):
-                file = ("model.safetensors" if len(shards) == 1
-                        else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
+                file = (
+                    "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+                )
                 with SafetensorsWriter(os.path.join(tmp, file), {n: specs[n] for n in names}) as writer:
                     for name in names:
                         t = tensors[name]
@@ -367,5 +390,14 @@ def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, progress:
     save_pretrained(model, hf_dir, dtype=dtype, progress=progress)
 
 
-__all__ = ["ConvertError", "ConfigError", "WEIGHT_RULES", "expected_hf_tensors", "from_pretrained",
-           "save_pretrained", "import_hf", "export_hf", "load_hf_state"]
+__all__ = [
+    "ConvertError",
+    "ConfigError",
+    "WEIGHT_RULES",
+    "expected_hf_tensors",
+    "from_pretrained",
+    "save_pretrained",
+    "import_hf",
+    "export_hf",
+    "load_hf_state",
+]

@@ -32,8 +32,8 @@ from jaxmodel.attention import AttentionMask, dot_product_attention
 from jaxmodel.config import MistralConfig
 from jaxmodel.sharding import constrain
 
-_INIT = nnx.initializers.normal(stddev=0.02)
-ACT_BTD = ("batch", "length", "act_embed")  # logical axes of the residual stream  # transformers' initializer_range default
+_INIT = nnx.initializers.normal(stddev=0.02)  # transformers' initializer_range default
+ACT_BTD = ("batch", "length", "act_embed")  # logical axes of the residual stream
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init=_INIT) -> nnx.Param:
@@ -71,8 +71,13 @@ def apply_rope(x, cos, sin):
 
 class Attention(nnx.Module):
     def __init__(self, cfg: MistralConfig, *, rngs: nnx.Rngs):
-        d, n, k, h, dt = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                          cfg.head_dim, cfg.weight_dtype)
+        d, n, k, h, dt = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            cfg.weight_dtype,
+        )
         self.q_proj = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), dt)
         self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dt)
         self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dt)
@@ -112,8 +117,7 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: MistralConfig, *, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.weight_dtype, rngs=rngs)
         self.self_attn = Attention(cfg, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.weight_dtype,
-                                                rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.weight_dtype, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask: AttentionMask, impl: str):
@@ -131,8 +135,7 @@ _REMAT_POLICIES = {
 class MistralForCausalLM(nnx.Module):
     def __init__(self, config: MistralConfig, *, rngs: nnx.Rngs):
         cfg = self.config = config
-        self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
-                                   cfg.weight_dtype)
+        self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.weight_dtype)
 
         @nnx.split_rngs(splits=cfg.num_hidden_layers)
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -142,8 +145,7 @@ class MistralForCausalLM(nnx.Module):
         self.layers = make_layers(rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.weight_dtype, rngs=rngs)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                                  cfg.weight_dtype)
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.weight_dtype)
 
     def embed(self, input_ids):
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.compute_dtype)
@@ -173,12 +175,11 @@ class MistralForCausalLM(nnx.Module):
             return jax.lax.scan(body, x, state)
         outputs = []
         for i in range(cfg.num_hidden_layers):
-            x, y = body(x, jax.tree.map(lambda a: a[i], state))
+            x, y = body(x, jax.tree.map(lambda a, i=i: a[i], state))
             outputs.append(y)
         return x, (jnp.stack(outputs) if collect else None)
 
-    def hidden(self, input_ids, positions=None, segment_ids=None, *, causal: bool = True,
-               collect: bool = False):
+    def hidden(self, input_ids, positions=None, segment_ids=None, *, causal: bool = True, collect: bool = False):
         """Final normed hidden states [B,T,D], and (embeddings, per-layer outputs) when `collect`.
 
         positions [B,T] (default 0..T-1) feed RoPE and may restart per packed document;

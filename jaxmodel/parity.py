@@ -32,15 +32,17 @@ def hf_logits(hf_dir: str, input_ids: np.ndarray, positions: np.ndarray) -> np.n
     import torch
     import transformers
 
-    model = transformers.MistralForCausalLM.from_pretrained(hf_dir, attn_implementation="eager",
-                                                            dtype=torch.float32).eval()
+    model = transformers.MistralForCausalLM.from_pretrained(
+        hf_dir, attn_implementation="eager", dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         out = model(torch.as_tensor(input_ids), position_ids=torch.as_tensor(positions))
     return out.logits.float().numpy()
 
 
-def compare_logits(hf_dir: str, jax_dir: str, *, batch: int = 2, length: int = 256, offset: int = 30000,
-                   seed: int = 0) -> dict:
+def compare_logits(
+    hf_dir: str, jax_dir: str, *, batch: int = 2, length: int = 256, offset: int = 30000, seed: int = 0
+) -> dict:
     """Max |logit difference| between transformers on hf_dir and our model loaded from jax_dir (float32)."""
     import jax
     from flax import nnx
@@ -55,5 +57,8 @@ def compare_logits(hf_dir: str, jax_dir: str, *, batch: int = 2, length: int = 2
     with jax.default_matmul_precision("highest"):
         model = from_pretrained(jax_dir, progress=False)
         ours = np.asarray(nnx.jit(lambda m, i, p: m(i, positions=p))(model, ids, positions))
-    return {"max_abs_logit_diff": float(np.abs(ours - reference).max()),
-            "tokens": int(batch * length), "position_offset": offset}
+    return {
+        "max_abs_logit_diff": float(np.abs(ours - reference).max()),
+        "tokens": int(batch * length),
+        "position_offset": offset,
+    }

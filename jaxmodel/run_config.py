@@ -23,8 +23,11 @@ import yaml
 from jaxmodel.config import ConfigError, MistralConfig
 from jaxmodel.sharding import MeshShape
 
-PRESETS = {"normistral_11b_long": MistralConfig.normistral_11b_long, "bench_64m": MistralConfig.bench_64m,
-           "tiny": MistralConfig.tiny}
+PRESETS = {
+    "normistral_11b_long": MistralConfig.normistral_11b_long,
+    "bench_64m": MistralConfig.bench_64m,
+    "tiny": MistralConfig.tiny,
+}
 
 
 def _set(tree: dict, dotted: str, value: Any, where: str) -> None:
@@ -89,8 +92,9 @@ def from_section(cls, tree: dict, name: str):
     names = {f.name for f in dataclasses.fields(cls)}
     for key in sec:
         if key not in names:
-            raise ConfigError(f"{tree.get('_path', 'config')}: {name}.{key} is not a known option "
-                              f"(known: {', '.join(sorted(names))})")
+            raise ConfigError(
+                f"{tree.get('_path', 'config')}: {name}.{key} is not a known option (known: {', '.join(sorted(names))})"
+            )
     try:
         return cls(**sec)
     except (TypeError, ValueError) as e:

@@ -33,9 +33,16 @@ import ml_dtypes
 import numpy as np
 
 DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
@@ -80,8 +87,8 @@ def read_safetensors_header(path: str) -> dict[str, _Entry]:
             raise WeightFileError(f"{path}: tensor {name} is {end - begin} bytes, its shape {shape} needs {nbytes}")
         if 8 + n + end > size:
             raise WeightFileError(
-                f"{path}: truncated safetensors file: tensor {name} ends at byte {8 + n + end}, "
-                f"the file has {size}")
+                f"{path}: truncated safetensors file: tensor {name} ends at byte {8 + n + end}, the file has {size}"
+            )
         entries[name] = _Entry(path, info["dtype"], shape, 8 + n + begin, 8 + n + end)
     return entries
 
@@ -102,7 +109,8 @@ class WeightFiles:
             if not allow_pickle:
                 raise WeightFileError(
                     f"{os.path.join(directory, bins[0])}: PyTorch pickle weights are not loaded by default "
-                    "(they can run code); convert them to safetensors or pass --allow-pickle")
+                    "(they can run code); convert them to safetensors or pass --allow-pickle"
+                )
             return cls({}, _index_torch_files(directory, bins))
         if not files:
             raise WeightFileError(f"{directory}: no .safetensors weight files found")
@@ -170,11 +178,17 @@ def _torch_load(path: str) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         # torch's message suggests weights_only=False; keep only the reason, never that advice.
-        reason = next((line.strip() for line in str(e).splitlines()
-                       if line.strip().startswith(("Unsupported", "Trying to", "WeightsUnpickler error: U"))),
-                      "the pickle contains objects other than tensors")
-        raise WeightFileError(f"{path}: refused by torch.load(weights_only=True), it may run code "
-                              f"when unpickled ({reason})") from None
+        reason = next(
+            (
+                line.strip()
+                for line in str(e).splitlines()
+                if line.strip().startswith(("Unsupported", "Trying to", "WeightsUnpickler error: U"))
+            ),
+            "the pickle contains objects other than tensors",
+        )
+        raise WeightFileError(
+            f"{path}: refused by torch.load(weights_only=True), it may run code when unpickled ({reason})"
+        ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise WeightFileError(f"{path}: not a readable PyTorch weights file ({e})") from None
 
@@ -207,8 +221,11 @@ class SafetensorsWriter:
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name, (shape, dtype) in specs.items():
             nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            header[name] = {"dtype": DTYPE_CODES[np.dtype(dtype)], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": DTYPE_CODES[np.dtype(dtype)],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
@@ -220,8 +237,9 @@ class SafetensorsWriter:
         expected = self._order[self._next]
         shape, dtype = self._specs[expected]
         if name != expected or tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
-            raise WeightFileError(f"{self._f.name}: expected tensor {expected} {shape} {dtype}, "
-                                  f"got {name} {array.shape} {array.dtype}")
+            raise WeightFileError(
+                f"{self._f.name}: expected tensor {expected} {shape} {dtype}, got {name} {array.shape} {array.dtype}"
+            )
         self._f.write(np.ascontiguousarray(array).tobytes())
         self._next += 1
 

@@ -82,8 +82,9 @@ class MeshShape:
                 raise ShardingError(f"mesh {sizes}: {num_devices} devices are not divisible by {known}")
             sizes[sizes.index(-1)] = num_devices // known
         if math.prod(sizes) != num_devices:
-            raise ShardingError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                                f"{num_devices} available")
+            raise ShardingError(
+                f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, {num_devices} available"
+            )
         return tuple(sizes)
 
 
@@ -106,8 +107,9 @@ def make_mesh(shape: MeshShape | Sequence[int] | dict, devices: Sequence | None 
     return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: dict | None = None) -> PartitionSpec:
+def logical_to_spec(
+    axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: dict | None = None
+) -> PartitionSpec:
     """The PartitionSpec for an array with these logical axes and shape on `mesh`."""
     rules = RULES if rules is None else rules
     used: dict[str, str] = {}
@@ -123,8 +125,9 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
         targets = tuple(t for t in targets if t in mesh.shape and mesh.shape[t] > 1)
         for t in targets:
             if t in used:
-                raise ShardingError(f"logical axes {used[t]!r} and {name!r} both map to mesh axis {t!r} "
-                                    f"in {tuple(axes)}")
+                raise ShardingError(
+                    f"logical axes {used[t]!r} and {name!r} both map to mesh axis {t!r} in {tuple(axes)}"
+                )
             used[t] = name
         # Keep the longest prefix of mesh axes whose product divides the dimension; replicate the rest.
         while targets and size % math.prod(mesh.shape[t] for t in targets):
@@ -148,16 +151,19 @@ def param_sharding(var, mesh: Mesh, rules: dict | None = None) -> NamedSharding:
 def model_shardings(model: nnx.Module, mesh: Mesh, rules: dict | None = None) -> nnx.State:
     """A State of NamedShardings with the structure of the model's state."""
     _, state = nnx.split(model)
-    return jax.tree.map(lambda v: param_sharding(v, mesh, rules), state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(lambda v: param_sharding(v, mesh, rules), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: dict | None = None) -> nnx.Module:
     """Moves an in-memory model onto the mesh (each parameter to its NamedSharding)."""
     graphdef, state = nnx.split(model)
     shardings = model_shardings(model, mesh, rules)
-    state = jax.tree.map(lambda v, s: v.replace(jax.device_put(v.get_value(), s)), state, shardings,
-                         is_leaf=lambda x: isinstance(x, nnx.Variable))
+    state = jax.tree.map(
+        lambda v, s: v.replace(jax.device_put(v.get_value(), s)),
+        state,
+        shardings,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
     return nnx.merge(graphdef, state)
 
 

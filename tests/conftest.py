@@ -20,11 +20,13 @@ from jaxmodel.parity import make_hf_checkpoint  # noqa: E402
 # The parity configurations: each covers a case the acceptance list names.
 PARITY_CONFIGS = {
     # NorMistral's shape: 4:1 GQA, head_dim (32) != hidden / heads (128 / 8 = 16), theta 1e6, eps 1e-5.
-    "normistral_gqa": MistralConfig.tiny(hidden_size=128, num_attention_heads=8, num_key_value_heads=2,
-                                         head_dim=32, rope_theta=1e6, rms_norm_eps=1e-5),
+    "normistral_gqa": MistralConfig.tiny(
+        hidden_size=128, num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_theta=1e6, rms_norm_eps=1e-5
+    ),
     # Multi-query attention (one KV head), eps 1e-6, default theta.
-    "mqa": MistralConfig.tiny(num_attention_heads=4, num_key_value_heads=1, head_dim=32,
-                              rope_theta=10000.0, rms_norm_eps=1e-6),
+    "mqa": MistralConfig.tiny(
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, rope_theta=10000.0, rms_norm_eps=1e-6
+    ),
     # Tied input/output embeddings.
     "tied": MistralConfig.tiny(tie_word_embeddings=True, num_hidden_layers=3),
     # A sliding window (64) much shorter than the test sequences (>= 512).
@@ -51,5 +53,7 @@ def hf_bf16_checkpoint(tmp_path_factory):
 
 
 def pytest_report_header(config):
-    return f"jax {jax.__version__}, devices: {len(jax.devices())} x {jax.devices()[0].platform}, " \
-           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}"
+    return (
+        f"jax {jax.__version__}, devices: {len(jax.devices())} x {jax.devices()[0].platform}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}"
+    )

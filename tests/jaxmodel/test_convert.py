@@ -31,13 +31,16 @@ def _assert_bit_exact(a_dir, b_dir):
     assert sorted(a) == sorted(b)
     for name in a:
         assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
-        assert torch.equal(a[name].view(torch.uint8) if a[name].dtype == torch.bfloat16 else a[name],
-                           b[name].view(torch.uint8) if b[name].dtype == torch.bfloat16 else b[name]), name
+        assert torch.equal(
+            a[name].view(torch.uint8) if a[name].dtype == torch.bfloat16 else a[name],
+            b[name].view(torch.uint8) if b[name].dtype == torch.bfloat16 else b[name],
+        ), name
 
 
 def _hf_logits(directory, ids):
-    model = transformers.MistralForCausalLM.from_pretrained(directory, attn_implementation="eager",
-                                                            dtype=torch.float32).eval()
+    model = transformers.MistralForCausalLM.from_pretrained(
+        directory, attn_implementation="eager", dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         return model(torch.as_tensor(ids)).logits.numpy()
 
@@ -70,8 +73,9 @@ def test_from_pretrained_reads_the_orbax_directory(hf_checkpoints, tmp_path):
     ckpt = str(tmp_path / "orbax")
     import_hf(hf_checkpoints["mqa"], ckpt, progress=False)
     a, b = from_pretrained(hf_checkpoints["mqa"], progress=False), from_pretrained(ckpt, progress=False)
-    np.testing.assert_array_equal(np.asarray(a.layers.self_attn.k_proj[...]),
-                                  np.asarray(b.layers.self_attn.k_proj[...]))
+    np.testing.assert_array_equal(
+        np.asarray(a.layers.self_attn.k_proj[...]), np.asarray(b.layers.self_attn.k_proj[...])
+    )
 
 
 def test_config_reads_transformers_4_and_5_layouts_and_writes_back():
@@ -89,13 +93,16 @@ def test_config_reads_transformers_4_and_5_layouts_and_writes_back():
     assert real == MistralConfig.normistral_11b_long() and real.head_dim == 128
 
 
-@pytest.mark.parametrize("change, culprit", [
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "yarn"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "linear"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"num_key_value_heads": 3}, "num_key_value_heads"),
-])
+@pytest.mark.parametrize(
+    "change, culprit",
+    [
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "yarn"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "linear"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+    ],
+)
 def test_config_refuses_what_it_cannot_honour(change, culprit):
     with pytest.raises(ConfigError, match=culprit):
         MistralConfig.from_hf({**PARITY_CONFIGS["normistral_gqa"].to_hf(), **change})
@@ -145,13 +152,15 @@ def test_missing_tensor(ckpt, tmp_path):
     _rewrite(ckpt, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ConvertError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight"):
         from_pretrained(ckpt)
-    _assert_cli_fails(["import-hf", ckpt, str(tmp_path / "out")], "model.layers.1.mlp.up_proj.weight",
-                      str(tmp_path / "out"))
+    _assert_cli_fails(
+        ["import-hf", ckpt, str(tmp_path / "out")], "model.layers.1.mlp.up_proj.weight", str(tmp_path / "out")
+    )
 
 
 def test_unexpected_tensor(ckpt):
     file = _rewrite(ckpt, lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": torch.ones(4)}))
-    with pytest.raises(ConvertError, match=r"model\.safetensors: unexpected tensor model\.layers\.0\.self_attn\.q_norm"):
+    message = r"model\.safetensors: unexpected tensor model\.layers\.0\.self_attn\.q_norm"
+    with pytest.raises(ConvertError, match=message):
         from_pretrained(ckpt)
     assert os.path.exists(file)
 
@@ -193,8 +202,11 @@ def test_config_that_disagrees_with_tensors(ckpt, tmp_path):
 
 def test_duplicate_tensor_across_shards(ckpt):
     tensors = load_file(os.path.join(ckpt, "model.safetensors"))
-    save_file({"model.norm.weight": tensors["model.norm.weight"]}, os.path.join(ckpt, "extra.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {"model.norm.weight": tensors["model.norm.weight"]},
+        os.path.join(ckpt, "extra.safetensors"),
+        metadata={"format": "pt"},
+    )
     with pytest.raises(ConvertError, match=r"tensor model\.norm\.weight is also in"):
         from_pretrained(ckpt)
 
@@ -231,8 +243,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
         from_pretrained(path)
     with pytest.raises(ConvertError, match=r"refused by torch\.load\(weights_only=True\)"):
         from_pretrained(path, allow_pickle=True)
-    _assert_cli_fails(["import-hf", "--allow-pickle", path, str(tmp_path / "o")], "weights_only",
-                      str(tmp_path / "o"))
+    _assert_cli_fails(["import-hf", "--allow-pickle", path, str(tmp_path / "o")], "weights_only", str(tmp_path / "o"))
     assert not marker.exists()
 
 

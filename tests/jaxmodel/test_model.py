@@ -19,8 +19,9 @@ LENGTH = 512
 
 
 def _reference(hf_dir, ids, positions):
-    model = transformers.MistralForCausalLM.from_pretrained(hf_dir, attn_implementation="eager",
-                                                            dtype=torch.float32).eval()
+    model = transformers.MistralForCausalLM.from_pretrained(
+        hf_dir, attn_implementation="eager", dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         out = model(torch.as_tensor(ids), position_ids=torch.as_tensor(positions), output_hidden_states=True)
     return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
@@ -44,8 +45,7 @@ def test_logits_and_hidden_states_match_transformers(hf_checkpoints, name, offse
     assert logits.dtype == jnp.float32 and logits.shape == (2, LENGTH, cfg.vocab_size)
     assert hidden.shape[0] == len(ref_hidden) == cfg.num_hidden_layers + 1
     for layer, ref in enumerate(ref_hidden):
-        np.testing.assert_allclose(np.asarray(hidden[layer]), ref, atol=1e-4, rtol=0,
-                                   err_msg=f"hidden state {layer}")
+        np.testing.assert_allclose(np.asarray(hidden[layer]), ref, atol=1e-4, rtol=0, err_msg=f"hidden state {layer}")
     assert np.abs(np.asarray(logits) - ref_logits).max() <= 1e-4
 
 
@@ -55,8 +55,9 @@ def test_unrolled_and_remat_layers_equal_scan(hf_checkpoints):
     base = np.asarray(nnx.jit(lambda m, x: m(x))(from_pretrained(path, progress=False), ids))
     for options in ({"scan_layers": False}, {"remat": "full"}, {"remat": "dots"}):
         other = from_pretrained(path, progress=False, **options)
-        np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(other, ids)), base, atol=1e-5,
-                                   err_msg=str(options))
+        np.testing.assert_allclose(
+            np.asarray(nnx.jit(lambda m, x: m(x))(other, ids)), base, atol=1e-5, err_msg=str(options)
+        )
 
 
 def test_packed_documents_equal_each_document_alone(hf_checkpoints):
@@ -70,13 +71,12 @@ def test_packed_documents_equal_each_document_alone(hf_checkpoints):
     segments = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)])[None]
     positions = np.concatenate([np.arange(n) for n in lengths])[None]
     model = from_pretrained(path, progress=False)
-    packed = np.asarray(nnx.jit(lambda m, x, p, s: m(x, positions=p, segment_ids=s))(model, ids, positions,
-                                                                                     segments))
+    packed = np.asarray(nnx.jit(lambda m, x, p, s: m(x, positions=p, segment_ids=s))(model, ids, positions, segments))
     start = 0
     for doc in docs:
         alone = np.asarray(nnx.jit(lambda m, x: m(x))(model, doc[None]))
         ref, _ = _reference(path, doc[None], np.arange(len(doc))[None])
-        np.testing.assert_allclose(packed[0, start:start + len(doc)], alone[0], atol=1e-5)
+        np.testing.assert_allclose(packed[0, start : start + len(doc)], alone[0], atol=1e-5)
         assert np.abs(alone - ref).max() <= 1e-4
         start += len(doc)
 
@@ -101,8 +101,9 @@ def test_bfloat16_model_stays_within_kl_bound_of_float32(hf_checkpoints):
 
 def test_rope_tables_match_transformers_at_long_positions():
     cfg = PARITY_CONFIGS["normistral_gqa"]
-    hf_cfg = transformers.MistralConfig(**{k: v for k, v in cfg.to_hf().items()
-                                           if k not in ("architectures", "model_type")})
+    hf_cfg = transformers.MistralConfig(
+        **{k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")}
+    )
     rope = transformers.models.mistral.modeling_mistral.MistralRotaryEmbedding(hf_cfg)
     positions = np.array([[0, 1, 4095, 16384, 32767, 32768, 131071]])
     cos_ref, sin_ref = rope(torch.zeros(1, dtype=torch.float32), torch.as_tensor(positions))

@@ -7,8 +7,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxmodel import convert, from_pretrained, import_hf
-from jaxmodel.sharding import (MESH_AXES, MeshShape, ShardingError, auto_mesh, describe, logical_to_spec,
-                               make_mesh)
+from jaxmodel.sharding import MESH_AXES, MeshShape, ShardingError, auto_mesh, describe, logical_to_spec, make_mesh
 
 from ..conftest import PARITY_CONFIGS
 
@@ -81,8 +80,7 @@ def test_loading_places_only_shards_never_a_whole_parameter(reference, monkeypat
     monkeypatch.setattr(convert.jax, "device_put", recording_put)
     model = from_pretrained(path, mesh=make_mesh((1, 8, 1)), progress=False)
     _, state = nnx.split(model)
-    full_shapes = {tuple(v.shape) for _, v in nnx.to_flat_state(state)
-                   if "embed" in v.get_metadata()["out_sharding"]}
+    full_shapes = {tuple(v.shape) for _, v in nnx.to_flat_state(state) if "embed" in v.get_metadata()["out_sharding"]}
     assert placed and not full_shapes & set(placed)
     assert len(placed) == 8 * len(list(nnx.to_flat_state(state)))
 
