@@ -72,12 +72,15 @@ def _compile_check(args):
     if args.json:
         print(json.dumps(report))
         return
-    gib = 1024**3
     print(f"{report['mode']} on {args.topology} ({report['devices']} x {report['device_kind']}), "
           f"mesh {report['mesh']}, batch {batch} x {length} tokens")
     for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "device_bytes", "hbm_bytes"):
-        print(f"  {key:15s} {report[key] / gib:8.2f} GiB per device")
+        value = report[key]
+        shown = "-" if value is None else f"{value / 1024**3:9.3f} GiB"
+        print(f"  {key:15s} {shown} per device")
     print(f"  fits: {'yes' if report['fits'] else 'NO'} (compiled in {report['compile_seconds']}s)")
+    if "compiler" in report:
+        print(f"  compiler: {report['compiler']}")
 
 
 def _demo(args):

@@ -20,6 +20,7 @@ margin (`HEADROOM`, 5% of HBM).
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 from flax import nnx
@@ -96,6 +97,35 @@ def memory_report(compiled, hbm: int) -> dict:
     }
 
 
+def _argument_bytes(args) -> int:
+    """Per-device bytes of sharded abstract arguments (the most any one device holds)."""
+    total = 0
+    for leaf in jax.tree.leaves(args):
+        shard = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += math.prod(shard) * leaf.dtype.itemsize
+    return total
+
+
+def compile_and_report(jitted, args, hbm: int) -> dict:
+    """Compiles `jitted` for `args` (sharded ShapeDtypeStructs) and returns the memory report.
+
+    When the program cannot fit, libtpu refuses to compile it (RESOURCE_EXHAUSTED) and states the
+    temporaries it would need; that figure plus the argument bytes is reported with `fits: false`."""
+    try:
+        compiled = jitted.lower(*args).compile()
+    except Exception as e:  # JaxRuntimeError; its class moved between JAX versions
+        message = str(e)
+        found = re.search(r"HLO temporaries \(([0-9.]+)([KMGT])\)", message)
+        if "RESOURCE_EXHAUSTED" not in message or not found:
+            raise
+        temp = int(float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024)
+        arguments = _argument_bytes(args)
+        return {"argument_bytes": arguments, "output_bytes": None, "alias_bytes": None, "temp_bytes": temp,
+                "device_bytes": arguments + temp, "hbm_bytes": int(hbm), "fits": False,
+                "compiler": message.strip().splitlines()[0][:300]}
+    return memory_report(compiled, hbm)
+
+
 def compile_prefill(config, mesh_shape, topology: str, *, batch_size: int, seq_len: int) -> dict:
     """Compiles the prefill step (forward over [batch_size, seq_len], logits of the last position)
     for a TPU topology and returns the memory report."""
@@ -120,7 +150,7 @@ def compile_prefill(config, mesh_shape, topology: str, *, batch_size: int, seq_l
         return model.unembed(h[:, -1:])
 
     with jax.set_mesh(mesh):
-        compiled = jax.jit(prefill).lower(state, ids).compile()
+        report = compile_and_report(jax.jit(prefill), (state, ids), hbm_bytes(devices[0]))
     return {
         "mode": "prefill",
         "topology": topology,
@@ -129,5 +159,5 @@ def compile_prefill(config, mesh_shape, topology: str, *, batch_size: int, seq_l
         "mesh": dict(mesh.shape),
         "batch_size": batch_size,
         "seq_len": seq_len,
-        **memory_report(compiled, hbm_bytes(devices[0])),
+        **report,
     }
