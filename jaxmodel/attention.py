@@ -25,6 +25,7 @@ A query always sees itself, so no softmax row is empty.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -78,7 +79,7 @@ def resolve_impl(impl: str, *, length: int, dtype=None) -> str:
 
     `length` is the query length; `dtype` the inputs' dtype (on GPU, `auto` picks cuDNN only for 16-bit
     inputs, which is all its flash kernel accepts)."""
-    platform = jax.devices()[0].platform
+    platform = _platform()
     if impl == "auto":
         if platform == "tpu":
             return "splash"
@@ -95,6 +96,40 @@ def resolve_impl(impl: str, *, length: int, dtype=None) -> str:
     return impl
 
 
+def _platform() -> str:
+    """The platform the program is compiled for: the mesh's when one is set (an ahead-of-time TPU compile
+    on a CPU machine must get the real kernel, not the interpreter), else the default device's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.devices()[0].platform if mesh.empty else mesh.abstract_device.platform
+
+
+def _per_device(kernel, q, k, v, mask: AttentionMask):
+    """Runs a per-device kernel (Pallas cannot be partitioned by XLA) under `shard_map` when a mesh is set.
+
+    Batch is split like the activations (`batch` rule); heads are split over `tensor` only when both the
+    query and the KV heads divide, so each device keeps whole GQA groups. Otherwise (tensor > KV heads)
+    attention runs head-replicated over `tensor`: correct, with the redundancy confined to this op."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(q, k, v, mask)
+    from jax.sharding import PartitionSpec as P
+
+    from jaxmodel.sharding import logical_to_spec
+
+    batch_axes = logical_to_spec(("batch",), q.shape[:1], mesh)[0]
+    q_heads = logical_to_spec(("act_heads",), q.shape[2:3], mesh)[0]
+    kv_heads = logical_to_spec(("act_kv_heads",), k.shape[2:3], mesh)[0]
+    if q_heads != kv_heads:
+        q_heads = kv_heads = None
+    q_spec, kv_spec, ids = P(batch_axes, None, q_heads, None), P(batch_axes, None, kv_heads, None), P(batch_axes)
+
+    def local(q, k, v, q_seg, kv_seg, q_idx, kv_idx):
+        return kernel(q, k, v, AttentionMask(q_seg, kv_seg, q_idx, kv_idx, mask.causal, mask.window))
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, ids, ids, ids, ids),
+                         out_specs=q_spec, check_vma=False)(q, k, v, *mask[:4])
+
+
 def dot_product_attention(q, k, v, mask: AttentionMask, *, impl: str = "auto"):
     """q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H] with the implementation `impl` (see the module docstring)."""
     scale = q.shape[-1] ** -0.5
@@ -106,7 +141,8 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, impl: str = "auto"):
     if impl == "splash":
         from jaxmodel.splash import splash_attention  # lazy: Pallas is only needed on this path
 
-        return splash_attention(q, k, v, mask, scale=scale, interpret=jax.devices()[0].platform != "tpu")
+        kernel = partial(splash_attention, scale=scale, interpret=_platform() != "tpu")
+        return _per_device(kernel, q, k, v, mask)
     if impl == "cudnn":
         # jax.nn has no segment-id input, so the exact mask goes in as a dense [B, 1, T, S] boolean (cuDNN
         # turns it into a bias). `is_causal` is added for self-attention (T == S, where our indices are
