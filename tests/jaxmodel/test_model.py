@@ -32,15 +32,16 @@ def _forward(model, ids, positions):
     return model(ids, positions=positions, return_hidden_states=True)
 
 
+@pytest.mark.parametrize("impl", ["xla", "flash"])  # the attention implementations that run on this CPU
 @pytest.mark.parametrize("name", list(PARITY_CONFIGS))
 @pytest.mark.parametrize("offset", [0, 31_700])
-def test_logits_and_hidden_states_match_transformers(hf_checkpoints, name, offset):
+def test_logits_and_hidden_states_match_transformers(hf_checkpoints, name, offset, impl):
     cfg = PARITY_CONFIGS[name]
     rng = np.random.default_rng(zlib.crc32(f"{name}{offset}".encode()))
     ids = rng.integers(0, cfg.vocab_size, size=(2, LENGTH))
     positions = np.broadcast_to(np.arange(LENGTH) + offset, ids.shape).copy()
     ref_logits, ref_hidden = _reference(hf_checkpoints[name], ids, positions)
-    model = from_pretrained(hf_checkpoints[name], progress=False)
+    model = from_pretrained(hf_checkpoints[name], progress=False, attention_impl=impl)
     logits, hidden = _forward(model, ids, positions)
     assert logits.dtype == jnp.float32 and logits.shape == (2, LENGTH, cfg.vocab_size)
     assert hidden.shape[0] == len(ref_hidden) == cfg.num_hidden_layers + 1
