@@ -1,8 +1,8 @@
 """The `normistral` command: a thin dispatcher; every subcommand's logic is an importable function.
 
-Subcommands: import-hf, export-hf, parity, compile-check, demo. Errors that a user can cause (a bad path, a checkpoint
-that does not match its config, ...) print one line `normistral: error: ...` and exit with status 2;
-anything else is a bug and keeps its traceback.
+Subcommands: import-hf, export-hf, parity, compile-check, build-tokenizer, prepare-data, train, demo. Errors
+that a user can cause (a bad path, a checkpoint that does not match its config, ...) print one line
+`normistral: error: ...` and exit with status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -61,13 +61,19 @@ def _compile_check(args):
     from jaxmodel import aot, run_config
 
     tree = run_config.load_run_config(args.config, args.set)
-    config, mesh = run_config.model_config(tree), run_config.mesh_shape(tree)
-    if args.mode in ("train", "decode"):
-        raise CommandError(f"--mode {args.mode} is not available yet (its step arrives with the "
-                           f"{'training' if args.mode == 'train' else 'inference'} issue); use --mode prefill")
-    batch, length = _workload(tree, args.mode)
     t0 = time.time()
-    report = aot.compile_prefill(config, mesh, args.topology, batch_size=batch, seq_len=length)
+    if args.mode == "train":  # training/aot.py reads the run's sections itself (model.init_from included)
+        from training.aot import compile_train
+
+        report = compile_train(tree, args.topology)
+        batch, length = report["global_batch_size"], report["seq_len"]
+    else:
+        config, mesh = run_config.model_config(tree), run_config.mesh_shape(tree)
+        if args.mode == "decode":
+            raise CommandError("--mode decode is not available yet (its step arrives with the inference "
+                               "issue); use --mode prefill or train")
+        batch, length = _workload(tree, args.mode)
+        report = aot.compile_prefill(config, mesh, args.topology, batch_size=batch, seq_len=length)
     report.update(config=os.path.basename(args.config), compile_seconds=round(time.time() - t0, 1))
     if args.json:
         print(json.dumps(report))
@@ -81,6 +87,45 @@ def _compile_check(args):
     print(f"  fits: {'yes' if report['fits'] else 'NO'} (compiled in {report['compile_seconds']}s)")
     if "compiler" in report:
         print(f"  compiler: {report['compiler']}")
+
+
+def _train(args):
+    from training.documents import DataError
+    from training.train import TrainingError, run_training
+
+    try:
+        summary = run_training(args.config, args.workdir, args.set)
+    except (TrainingError, DataError) as e:
+        raise CommandError(str(e)) from None
+    state = "preempted at" if summary["preempted"] else "finished at"
+    print(f"train: {state} step {summary['step']} (loss {summary['loss']}); metrics in "
+          f"{os.path.join(summary['workdir'], 'metrics.jsonl')}")
+
+
+def _build_tokenizer(args):
+    from training.documents import DataError
+    from training.tokenizer import train_tokenizer
+
+    try:
+        out = train_tokenizer(args.input, args.output, vocab_size=args.vocab_size, progress=True)
+    except DataError as e:
+        raise CommandError(str(e)) from None
+    print(f"build-tokenizer: {args.vocab_size}-token tokenizer from {len(args.input)} files -> {out}")
+
+
+def _prepare_data(args):
+    from training.data import prepare_data
+    from training.documents import DataError
+
+    try:
+        index = prepare_data(args.tokenizer, args.input, args.output, args.seq_len, weights=args.weights)
+    except DataError as e:
+        raise CommandError(str(e)) from None
+    for source in index["sources"]:
+        start, stop = source["rows"]
+        print(f"  {source['name']}: {source['documents']} documents, {source['tokens']} tokens, "
+              f"{stop - start} rows, weight {source['weight']:.3g}")
+    print(f"prepare-data: {index['num_rows']} rows of {index['seq_len']} tokens -> {args.output}")
 
 
 def _demo(args):
@@ -170,6 +215,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_compile_check)
+
+    p = sub.add_parser("train", help="train (or resume) per a run config; metrics in WORKDIR/metrics.jsonl")
+    p.add_argument("--config", required=True, help="a run config YAML (configs/), e.g. configs/tiny-cpu.yaml")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics and prepared data; rerun to resume")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("build-tokenizer", help="train a NorMistral-style byte-level BPE tokenizer on text files")
+    p.add_argument("--input", required=True, nargs="+", action="extend", metavar="FILE",
+                   help=".jsonl (one document per line, field 'text') or text (documents split by blank lines)")
+    p.add_argument("--output", required=True, help="new Hugging Face tokenizer directory")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.set_defaults(func=_build_tokenizer)
+
+    p = sub.add_parser("prepare-data", help="tokenize and pack text files into memory-mapped training rows")
+    p.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer directory")
+    p.add_argument("--input", required=True, nargs="+", action="extend", metavar="FILE",
+                   help="one source per file: .jsonl (field 'text') or text (documents split by blank lines)")
+    p.add_argument("--output", required=True, help="new data directory (must not exist or be empty)")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per row")
+    p.add_argument("--weights", type=float, nargs="+", metavar="W",
+                   help="sampling weight per input, in order (default: each source by its size)")
+    p.set_defaults(func=_prepare_data)
 
     p = sub.add_parser("demo", help="the end-to-end run on a tiny local checkpoint")
     p.add_argument("--workdir", default="demo-run")

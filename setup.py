@@ -36,5 +36,7 @@ setup(
         "cuda": ["jax[cuda12]==0.10.2"],
     },
     py_modules=["normistral"],
+    # The bundled corpus (the tiny configs and the demo build their tokenizer and data from it).
+    package_data={"training": ["corpus/*.jsonl", "corpus/README.md"]},
     entry_points={"console_scripts": ["normistral=normistral:main"]},
 )
