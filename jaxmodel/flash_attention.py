@@ -24,9 +24,11 @@ How it works (FlashAttention-2's algorithm, written with lax loops instead of a 
   become a select that computes both sides).
 - Grouped-query attention: q is viewed as [B, K, G, T, H] and k/v as [B, K, S, H]; the G query heads
   of a KV head share its tile in one matmul, KV heads are never repeated.
-- Lengths that are not block multiples are padded internally. Padded tokens get segment id -1 and index
-  INT32_MAX: real queries never see them (ids differ) and each padded query sees padded keys at its own
-  index, so no row is empty. Segment ids of real tokens must therefore not be -1.
+- Lengths that are not block multiples are padded internally (blocks shrink to the 8-rounded length
+  when the sequence is shorter, e.g. 8 for a decode step). Padded tokens get segment id -1, so real
+  queries never see them (real ids must not be -1), and they are left out of the block summaries, so
+  blocks of padding are never visited. A padded query row may thus see no key: the online softmax
+  keeps such rows finite (output 0, lse -inf, zero gradient) and they are sliced off.
 
 Block sizes: 512 x 512 by default (a [B, K, G, 512, 512] float32 tile: 4 MiB per batch row and KV
 head at G = 4); smaller blocks skip more of the causal triangle but run more, smaller loop steps.
@@ -67,7 +69,7 @@ def flash_attention(q, k, v, mask: AttentionMask, *, scale: float, block_q: int 
     kg, vg = _pad_axis(kg, 2, s_pad), _pad_axis(vg, 2, s_pad)
     vecs = (_pad_vec(mask.q_segment_ids, t_pad, _PAD_SEGMENT), _pad_vec(mask.kv_segment_ids, s_pad, _PAD_SEGMENT),
             _pad_vec(mask.q_indices, t_pad, _PAD_INDEX), _pad_vec(mask.kv_indices, s_pad, _PAD_INDEX))
-    static = _Static(float(scale), block_q, block_k, bool(mask.causal), mask.window)
+    static = _Static(float(scale), block_q, block_k, bool(mask.causal), mask.window, length, kv_length)
     out = _flash(static, qg, kg, vg, *vecs)  # [B,K,G,Tp,H]
     out = out[:, :, :, :length].transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
     return out.astype(q.dtype)
@@ -81,6 +83,8 @@ class _Static(NamedTuple):
     block_k: int
     causal: bool
     window: int | None
+    length: int  # real (unpadded) query length
+    kv_length: int  # real key length
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -112,25 +116,34 @@ def _tile_mask(static, q_seg, kv_seg, q_idx, kv_idx):
     return allowed
 
 
-def _block_summary(vec, block):
-    blocks = vec.reshape(vec.shape[0], -1, block)
-    return blocks.min(-1), blocks.max(-1)  # [B, n_blocks] each
+def _block_summary(vec, real_length, block):
+    """Per-block min and max of a [B, padded] vector over its real tokens: [B, n_blocks] each.
+
+    Padding is left out (min INT32_MAX, max INT32_MIN), so a block of padding matches nothing and a
+    partly padded one is summarized by its real tokens alone (a decode step's one query is not widened
+    to INT32_MAX and still stops at its own cache slot)."""
+    real = (jnp.arange(vec.shape[1]) < real_length)[None]
+    info = jnp.iinfo(jnp.int32)
+    lo = jnp.where(real, vec, info.max).reshape(vec.shape[0], -1, block).min(-1)
+    hi = jnp.where(real, vec, info.min).reshape(vec.shape[0], -1, block).max(-1)
+    return lo, hi
 
 
 def _visit(static, q_seg, kv_seg, q_idx, kv_idx):
     """[nq, nk] bool: tiles that may hold an allowed pair for some batch row (conservative)."""
-    qs_lo, qs_hi = _block_summary(q_seg, static.block_q)
-    ks_lo, ks_hi = _block_summary(kv_seg, static.block_k)
-    qi_lo, qi_hi = _block_summary(q_idx, static.block_q)
-    ki_lo, ki_hi = _block_summary(kv_idx, static.block_k)
+    qs_lo, qs_hi = _block_summary(q_seg, static.length, static.block_q)
+    ks_lo, ks_hi = _block_summary(kv_seg, static.kv_length, static.block_k)
+    qi_lo, qi_hi = _block_summary(q_idx, static.length, static.block_q)
+    ki_lo, ki_hi = _block_summary(kv_idx, static.kv_length, static.block_k)
     col = lambda x: x[:, :, None]  # noqa: E731  (query blocks along axis 1, key blocks along axis 2)
     row = lambda x: x[:, None, :]  # noqa: E731
     visit = (col(qs_lo) <= row(ks_hi)) & (row(ks_lo) <= col(qs_hi))
     if static.causal:
         visit &= row(ki_lo) <= col(qi_hi)
     if static.window is not None:
-        # Some pair with q - kv < window exists iff kv_max > q_min - window (no overflow: q_min >= 0).
-        visit &= row(ki_hi) > col(qi_lo) - static.window
+        # Some pair with q - kv < window exists iff kv_max + window > q_min (written so that neither
+        # the INT32_MIN/MAX of empty summaries nor real indices overflow).
+        visit &= row(ki_hi) + static.window > col(qi_lo)
     return visit.any(axis=0)
 
 

@@ -76,14 +76,28 @@ def test_flash_matches_xla_forward_and_gradients(mask_kind):
     _check_against_xla(flash, q, k, v, cotangent, mask)
 
 
-def test_flash_matches_xla_for_a_query_chunk_over_a_longer_context():
-    # Chunked prefill: 100 queries at positions 200..299 over 300 keys (T != S, indices not 0..T-1).
-    q, k, v, cotangent = _inputs(1, 100, 32, kv_length=300)
+@pytest.mark.parametrize("start,length", [(200, 100), (150, 1)], ids=["prefill_chunk", "decode_step"])
+def test_flash_matches_xla_for_queries_over_a_longer_context(start, length):
+    # Queries at positions start.. over 300 keys (T != S, query indices not 0..T-1), as a cache step does.
+    q, k, v, cotangent = _inputs(1, length, 32, kv_length=300)
     segments = _packed_segments(300)
     kv_idx = jnp.broadcast_to(jnp.arange(300, dtype=jnp.int32), (B, 300))
-    mask = AttentionMask(segments[:, 200:], segments, kv_idx[:, 200:], kv_idx, causal=True, window=64)
+    q_slice = slice(start, start + length)
+    mask = AttentionMask(segments[:, q_slice], segments, kv_idx[:, q_slice], kv_idx, causal=True, window=64)
     flash = lambda *a, **kw: flash_attention(*a, **kw, block_q=64, block_k=128)  # noqa: E731
     _check_against_xla(flash, q, k, v, cotangent, mask)
+
+
+def test_flash_decode_step_visits_only_key_blocks_up_to_its_slot():
+    # One query at slot 150 of a 1024-slot cache, 128-key blocks: blocks 0 and 1 only (its 7 padding
+    # queries must not widen the block's index range).
+    from jaxmodel.flash_attention import _pad_vec, _Static, _visit
+
+    kv_idx = jnp.arange(1024, dtype=jnp.int32)[None]
+    vecs = (_pad_vec(jnp.ones((1, 1), jnp.int32), 8, -1), jnp.ones((1, 1024), jnp.int32),
+            _pad_vec(jnp.full((1, 1), 150, jnp.int32), 8, jnp.iinfo(jnp.int32).max), kv_idx)
+    visit = _visit(_Static(1.0, 8, 128, True, None, 1, 1024), *vecs)
+    assert visit.tolist() == [[True, True] + [False] * 6]
 
 
 SPLASH_BLOCKS = splash_kernel.BlockSizes(block_q=128, block_kv=128, block_kv_compute=128, block_q_dkv=128,
@@ -93,9 +107,9 @@ SPLASH_BLOCKS_UNFUSED = splash_kernel.BlockSizes(block_q=128, block_kv=128, bloc
                                                  block_q_dq=128, block_kv_dq=128)
 
 
-@pytest.mark.parametrize("mask_kind,blocks", [("causal", SPLASH_BLOCKS), ("bidirectional", SPLASH_BLOCKS),
-                                              ("causal_window", SPLASH_BLOCKS), ("causal", SPLASH_BLOCKS_UNFUSED)],
-                         ids=["causal", "bidirectional", "causal_window", "causal_unfused_backward"])
+@pytest.mark.parametrize("mask_kind,blocks",
+                         [(kind, SPLASH_BLOCKS) for kind in MASKS] + [("causal", SPLASH_BLOCKS_UNFUSED)],
+                         ids=[*MASKS, "causal_unfused_backward"])
 def test_splash_matches_xla_forward_and_gradients(mask_kind, blocks):
     q, k, v, cotangent = _inputs(2, 300, 64)
     mask = AttentionMask.for_sequence(_packed_segments(300), **MASKS[mask_kind])
