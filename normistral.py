@@ -1,7 +1,7 @@
 """The `normistral` command: a thin dispatcher; every subcommand's logic is an importable function.
 
-Subcommands: import-hf, export-hf, parity, compile-check, build-tokenizer, prepare-data, train, demo. Errors
-that a user can cause (a bad path, a checkpoint that does not match its config, ...) print one line
+Subcommands: import-hf, export-hf, parity, compile-check, build-tokenizer, prepare-data, train, generate, demo.
+Errors that a user can cause (a bad path, a checkpoint that does not match its config, ...) print one line
 `normistral: error: ...` and exit with status 2; anything else is a bug and keeps its traceback.
 """
 
@@ -69,11 +69,13 @@ def _compile_check(args):
         batch, length = report["global_batch_size"], report["seq_len"]
     else:
         config, mesh = run_config.model_config(tree), run_config.mesh_shape(tree)
-        if args.mode == "decode":
-            raise CommandError("--mode decode is not available yet (its step arrives with the inference "
-                               "issue); use --mode prefill or train")
         batch, length = _workload(tree, args.mode)
-        report = aot.compile_prefill(config, mesh, args.topology, batch_size=batch, seq_len=length)
+        if args.mode == "decode":  # inference/aot.py reads the inference section itself
+            from inference.aot import compile_decode
+
+            report = compile_decode(tree, args.topology)
+        else:
+            report = aot.compile_prefill(config, mesh, args.topology, batch_size=batch, seq_len=length)
     report.update(config=os.path.basename(args.config), compile_seconds=round(time.time() - t0, 1))
     if args.json:
         print(json.dumps(report))
@@ -85,6 +87,10 @@ def _compile_check(args):
         shown = "-" if value is None else f"{value / 1024**3:9.3f} GiB"
         print(f"  {key:15s} {shown} per device")
     print(f"  fits: {'yes' if report['fits'] else 'NO'} (compiled in {report['compile_seconds']}s)")
+    if "decode_step" in report:  # --mode decode: the above is the whole generation program; one step alone:
+        step = report["decode_step"]
+        print(f"  one decode step (cache donated): {step['device_bytes'] / 1024**3:.3f} GiB per device, "
+              f"fits: {'yes' if step['fits'] else 'NO'}")
     if "compiler" in report:
         print(f"  compiler: {report['compiler']}")
 
@@ -126,6 +132,49 @@ def _prepare_data(args):
         print(f"  {source['name']}: {source['documents']} documents, {source['tokens']} tokens, "
               f"{stop - start} rows, weight {source['weight']:.3g}")
     print(f"prepare-data: {index['num_rows']} rows of {index['seq_len']} tokens -> {args.output}")
+
+
+def _generate(args):
+    from tqdm.auto import tqdm
+
+    from inference.generator import Generator, read_jsonl
+
+    if not os.path.isdir(args.model_dir):
+        raise CommandError(f"{args.model_dir}: model directory not found")
+    records = read_jsonl(args.input) if args.input else [{"text": t} for t in args.prompt or []]
+    if not records:
+        raise CommandError("no prompts: give --prompt TEXT (one or more) or --input FILE.jsonl")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise CommandError("--batch-size and --max-new-tokens must be positive")
+    gen = Generator.from_pretrained(args.model_dir, dtype=args.dtype, quantize=args.quantize,
+                                    kv_cache_dtype=args.kv_cache_dtype)
+    where = (lambda i: f"{args.input}: prompt {i + 1}") if args.input else (lambda i: f"--prompt {i + 1}")
+    template = args.template.replace("\\n", "\n") if args.template else None  # a typed \n is a newline
+    encoded = gen.encode([r["text"] for r in records], template)
+    gen.check_lengths(encoded, args.max_new_tokens, [where(i) for i in range(len(records))])
+    stop_ids = gen.stop_ids("\n" if args.stop_at_newline else None)
+    sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed)
+    out = open(args.output, "w", encoding="utf-8") if args.output else None
+    try:  # results are printed (and written) per batch, in input order
+        with tqdm(total=len(records), unit="prompt", disable=not args.input, file=sys.stderr) as bar:
+            for start in range(0, len(records), args.batch_size):
+                batch = encoded[start:start + args.batch_size]
+                new = gen.generate_ids(batch, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids, **sampling)
+                for record, ids in zip(records[start:start + args.batch_size], new):
+                    line = json.dumps({**record, "output": gen.tokenizer.decode(ids).strip()}, ensure_ascii=False)
+                    if args.input:  # above the progress bar
+                        bar.write(line, file=sys.stdout)
+                    else:
+                        print(line, flush=True)
+                    if out:
+                        out.write(line + "\n")
+                if out:
+                    out.flush()
+                bar.update(len(batch))
+    finally:
+        if out:
+            out.close()
 
 
 def _demo(args):
@@ -239,6 +288,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling weight per input, in order (default: each source by its size)")
     p.set_defaults(func=_prepare_data)
 
+    p = sub.add_parser("generate", help="greedy (or sampled) generation from a model directory; JSON lines out")
+    p.add_argument("model_dir", help="a Hugging Face (or import-hf) directory with its tokenizer")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", nargs="+", action="extend", metavar="TEXT", help="one or more prompts")
+    src.add_argument("--input", metavar="FILE.jsonl", help='one prompt per line: {"text": ...} (other fields kept)')
+    p.add_argument("--template", help='format string for each prompt, e.g. "Engelsk: {0}\\nBokmål:" (\\n: newline)')
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation call")
+    p.add_argument("--stop-at-newline", action="store_true",
+                   help="stop a row at any token containing a newline (the model card's stop set)")
+    p.add_argument("--output", metavar="FILE.jsonl", help="also write the results here (one JSON object per line)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per-output-channel scales)")
+    p.add_argument("--kv-cache-dtype", choices=["int8"], help="int8 KV cache (default: the compute dtype)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_generate)
+
     p = sub.add_parser("demo", help="the end-to-end run on a tiny local checkpoint")
     p.add_argument("--workdir", default="demo-run")
     p.set_defaults(func=_demo)
@@ -252,6 +322,7 @@ def main(argv=None) -> None:
         # takes a machine-wide lock when it loads; compiling for a topology description needs no chip).
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from inference.generate import GenerateError
     from jaxmodel.aot import TopologyError
     from jaxmodel.config import ConfigError
     from jaxmodel.convert import ConvertError
@@ -259,8 +330,8 @@ def main(argv=None) -> None:
 
     try:
         args.func(args)
-    except (ConfigError, ConvertError, ShardingError, TopologyError, CommandError, FileNotFoundError,
-            NotADirectoryError, FileExistsError) as e:
+    except (ConfigError, ConvertError, ShardingError, TopologyError, CommandError, GenerateError,
+            FileNotFoundError, NotADirectoryError, FileExistsError) as e:
         print(f"normistral: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

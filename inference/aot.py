@@ -1,0 +1,116 @@
+"""Ahead-of-time compile of generation for a TPU topology, and its memory verdict.
+
+Inside: `InferenceOptions` (the YAML `inference` section), `inference_options(tree)`,
+`compile_decode(tree, topology) -> dict`.
+
+What is compiled (both from a CPU-only machine, for the topology's real TPU executable):
+1. The whole generation program `generate._generate_jit` for `batch_size` rows: a prompt of
+   max_length - max_new_tokens tokens (rounded down to whole prefill chunks when longer than one),
+   prefilled chunk by chunk into a cache of max_length slots, then the decode while-loop for
+   max_new_tokens tokens. This is what runs, so its memory is the verdict: `fits` and the top-level
+   byte counts are this program's (weights + the cache, which lives inside the program, + the largest
+   temporaries of prefill and decode).
+2. One decode step (`generate.decode_step`: one token for every row, attending over the full cache)
+   with the cache passed in and donated, reported under "decode_step": the steady state of decoding.
+   Its cache is compiled with the layout the compiler prefers (`Layout.AUTO`), as inside the loop;
+   with the default row-major layout a TPU re-lays out the whole cache around every step.
+
+Weights are in the model's param_dtype or int8 (`quantize: int8`); the cache in the compute dtype or
+int8 (`kv_cache_dtype: int8`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.layout import Format, Layout
+from jax.sharding import NamedSharding, PartitionSpec
+
+from inference.generate import PREFILL_CHUNK, _generate_jit, bucket_length, decode_step
+from inference.kv_cache import KV_DTYPES, abstract_cache
+from inference.quantize import MODES, abstract_quantized_state
+from jaxmodel import aot, run_config
+from jaxmodel.config import ConfigError
+from jaxmodel.model import abstract_model
+from jaxmodel.sharding import logical_to_spec, make_mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceOptions:
+    batch_size: int = 8
+    max_length: int = 4096  # cache slots: prompt + new tokens
+    max_new_tokens: int = 64
+    quantize: str | None = None  # None or "int8" (weights)
+    kv_cache_dtype: str | None = None  # None (compute dtype) or "int8"
+    prefill_chunk: int = PREFILL_CHUNK
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_length", "max_new_tokens", "prefill_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.quantize is not None and self.quantize not in MODES:
+            raise ValueError(f"quantize={self.quantize!r} is not one of {MODES} (or null)")
+        if self.kv_cache_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not one of {KV_DTYPES}")
+
+
+def inference_options(tree: dict) -> InferenceOptions:
+    return run_config.from_section(InferenceOptions, tree, "inference")
+
+
+def _sds(shape, dtype, mesh, axes=None):
+    spec = PartitionSpec() if axes is None else logical_to_spec(axes, shape, mesh)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+
+def compile_decode(tree: dict, topology: str) -> dict:
+    """Compiles generation (and one decode step) for `topology` from a run config; the memory report."""
+    where = tree.get("_path", "config")
+    config, shape = run_config.model_config(tree), run_config.mesh_shape(tree)
+    opts = inference_options(tree)
+    if opts.max_length > config.max_position_embeddings:
+        raise ConfigError(f"{where}: inference.max_length={opts.max_length} exceeds the context "
+                          f"({config.max_position_embeddings})")
+    width = bucket_length(opts.max_new_tokens)
+    prompt = opts.max_length - width
+    if prompt > opts.prefill_chunk:
+        prompt -= prompt % opts.prefill_chunk
+    if prompt < 1:
+        raise ConfigError(f"{where}: inference.max_length={opts.max_length} leaves no room for a prompt before "
+                          f"{width} new tokens (max_new_tokens={opts.max_new_tokens}, bucketed)")
+    devices = aot.tpu_devices(topology)
+    mesh = make_mesh(shape, devices=devices)
+    graphdef, state = aot.abstract_state(abstract_model(config), mesh)
+    if opts.quantize:
+        state = abstract_quantized_state(state, mesh)
+    batch, vocab = opts.batch_size, config.vocab_size
+
+    ids = _sds((batch, prompt), jnp.int32, mesh, ("batch", "length"))
+    scalars = (_sds((), jnp.int32, mesh), _sds((), jnp.int32, mesh), _sds((), jnp.float32, mesh),
+               _sds((), jnp.int32, mesh), _sds((), jnp.float32, mesh), jax.eval_shape(lambda: jax.random.key(0)))
+    with jax.set_mesh(mesh):
+        program = _generate_jit.lower(graphdef, False, width, opts.kv_cache_dtype, opts.prefill_chunk, state, ids,
+                                      ids, _sds((batch,), jnp.bool_, mesh), _sds((vocab,), jnp.bool_, mesh),
+                                      *scalars).compile()
+    hbm = aot.hbm_bytes(devices[0])
+    report = aot.memory_report(program, hbm)
+
+    cache = abstract_cache(config, batch, opts.max_length, kv_dtype=opts.kv_cache_dtype, mesh=mesh)
+    cache_formats = jax.tree.map(lambda s: Format(Layout.AUTO, s.sharding), cache)
+    tokens, index = _sds((batch,), jnp.int32, mesh, ("batch",)), _sds((), jnp.int32, mesh)
+    step = jax.jit(decode_step.__wrapped__, static_argnums=0, donate_argnums=3,
+                   in_shardings=(jax.tree.map(lambda s: s.sharding, state), tokens.sharding, cache_formats,
+                                 index.sharding),
+                   out_shardings=(None, cache_formats))
+    with jax.set_mesh(mesh):
+        step = step.lower(graphdef, state, tokens, cache, index).compile()
+
+    nbytes = lambda tree: sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    return {"mode": "decode", "topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
+            "mesh": dict(mesh.shape), "batch_size": batch, "max_length": opts.max_length, "prompt_length": prompt,
+            "new_tokens": width, "prefill_chunk": opts.prefill_chunk, "quantize": opts.quantize,
+            "kv_cache_dtype": opts.kv_cache_dtype, "param_bytes_total": nbytes(state),
+            "cache_bytes_total": nbytes(cache), **report, "decode_step": aot.memory_report(step, hbm)}

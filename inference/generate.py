@@ -1,0 +1,472 @@
+"""Cached forward, prefill and decode steps, and batched generation in one `lax.while_loop`.
+
+Inside:
+- `forward_cached(model, ids, positions, cache, write_index, ...)`: the decoder over new tokens that
+  writes their keys/values into the cache and attends over it; returns (float32 logits, cache).
+- `cached_attention` / `blocked_cached_attention`: attention of new queries over one layer's cache.
+- `prefill` / `decode_step`: the two jitted steps (graphdef static, cache donated).
+- `generate(model, input_ids, attention_mask, *, max_new_tokens, eos_token_ids, pad_token_id, ...)`:
+  greedy (or sampled) generation for a batch of prompts of different lengths -> new tokens [B, W].
+- `bucket_length`, `bucket_batch`: the shape buckets that bound recompilation.
+- `GenerateError`: every bad input (empty batch or prompt, ids out of range, too long for the context).
+
+How generation runs (one `jax.jit`, one compile per bucket):
+1. On the host, each row's real tokens (attention_mask == 1, in order, so left or right padding in the
+   input both work) are left-padded to the bucketed prompt length P; rows are padded to the bucketed
+   batch with empty rows that start finished. Cache length S = P + bucketed max_new_tokens.
+2. Positions are the reference's: `cumsum(mask) - 1`, clipped at 0 for pads. Pads and unfilled cache
+   slots have kv segment id 0 and real tokens 1 (AttentionMask semantics), so no real query ever sees
+   a pad. Prefill runs the whole prompt in one call (up to `prefill_chunk` tokens; longer prompts in
+   chunks inside a fori_loop) and keeps only the last position's logits.
+3. Decoding is a `lax.while_loop` inside the same jit: each iteration feeds every row's last token at
+   slot P + t - 1 with position = that row's real-token count, picks the next token (argmax, or a
+   seeded sample), writes it to the output unless the row had already stopped (then `pad_token_id`),
+   and marks rows whose token is in the stop table. The loop ends when every row has stopped or
+   `max_new_tokens` tokens exist; both bounds are traced values, so they cost no recompilation.
+   Stop tokens go in as a boolean table over the vocabulary (any number of stop ids, same shape).
+The cache is created inside that jit and never leaves it: no copy between steps, and the compiler picks
+its memory layout. `prefill` / `decode_step` are the same computation as separate jitted steps, with the
+cache passed in and donated (for step-by-step use, tests, and the ahead-of-time memory check).
+
+Attention: a prompt on an empty cache attends over its own keys with the model's `attention_impl`
+(every implementation applies, splash included: the indices are 0..P-1), then its keys are written to
+the cache. Steps on a filled cache use `cached_attention`: the xla formulation over the whole
+preallocated S, masked (a [B, N, T, S] float32 score block per layer: for decode, T = 1, small next to
+reading the weights), contracting the cache in its own [B, K, S, H] layout, int8 included. Chunked
+prefill, and decode when `attention_impl="flash"`, use `blocked_cached_attention`: blocks of 512 slots
+with an online softmax, only up to the last slot written, so it reads just the filled part of the cache.
+
+Shape letters: B batch, T new tokens of one call, P prompt length, W generated tokens (bucketed),
+S cache length, V vocab, L layers, N query heads, K kv heads, G = N // K, H head_dim.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from inference.kv_cache import KVCache, empty_cache, quantize_kv
+from inference.quantize import QArray
+from jaxmodel.attention import AttentionMask, dot_product_attention
+from jaxmodel.model import ACT_BTD, rope_cos_sin
+from jaxmodel.sharding import auto_mesh, constrain, logical_to_spec
+
+
+class GenerateError(ValueError):
+    """A generation request that cannot be served (the message says why, in one line)."""
+
+
+# -- buckets -------------------------------------------------------------------------------------------
+
+MIN_LENGTH_BUCKET = 16
+PREFILL_CHUNK = 512  # prompts longer than this are prefilled in chunks of this many tokens
+LINEAR_FROM = 512  # below: powers of two; from here: multiples of this
+
+
+def bucket_length(n: int) -> int:
+    """Powers of two from 16 up to 512, then multiples of 512 (waste < 2x below, < 512 tokens above)."""
+    if n <= LINEAR_FROM:
+        return max(MIN_LENGTH_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+    return -(-n // LINEAR_FROM) * LINEAR_FROM
+
+
+def bucket_batch(n: int, multiple: int = 1) -> int:
+    """The next power of two (and a multiple of the mesh's batch split)."""
+    b = 1 << (max(n, 1) - 1).bit_length()
+    return -(-b // multiple) * multiple
+
+
+# -- the cached forward ------------------------------------------------------------------------------
+
+
+def _split(model):
+    if isinstance(model, nnx.Module):
+        return nnx.split(model)
+    return model
+
+
+def _embed(model, ids):
+    w = model.embed_tokens[...]
+    if isinstance(w, QArray):
+        return w.take(ids, model.config.compute_dtype)
+    return model.embed(ids)
+
+
+def _kv_block(slots: int, largest: int = 512) -> int:
+    """The largest power of two <= `largest` that divides the cache length (cache lengths are sums of
+    buckets, so multiples of 16 at least)."""
+    block = largest
+    while slots % block:
+        block //= 2
+    return block
+
+
+def _layer(cache_k, i):
+    return jax.lax.dynamic_index_in_dim(cache_k, i, 0, keepdims=False)
+
+
+def _write_layer(cache_k, scale, new, i, index):
+    """Writes new [B, T, K, H] at layer i, slots index..index+T-1 (quantizing for an int8 cache)."""
+    new = new.transpose(0, 2, 1, 3)  # [B, K, T, H], the cache's layout
+    start = (i, 0, 0, index, 0)
+    if scale is None:
+        return jax.lax.dynamic_update_slice(cache_k, new[None].astype(cache_k.dtype), start), None
+    q, s = quantize_kv(new)
+    return (jax.lax.dynamic_update_slice(cache_k, q[None], start),
+            jax.lax.dynamic_update_slice(scale, s[None], start[:-1]))
+
+
+def cached_attention(q, k, v, mask: AttentionMask, k_scale=None, v_scale=None):
+    """q [B,T,N,H] over one layer's cache k/v [B,K,S,H] (int8 with scales [B,K,S], or the compute dtype).
+
+    Numerics as `jaxmodel.attention.xla_attention`: float32 scores and softmax, probabilities cast to the
+    value dtype before the value product. An int8 cache enters the matmuls as int8 -> compute dtype; its
+    scales multiply the float32 scores (keys) and the probabilities (values), per slot."""
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    dt = q.dtype
+    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k.astype(dt), preferred_element_type=jnp.float32)
+    scores = scores * head_dim**-0.5
+    if k_scale is not None:
+        scores = scores * k_scale[:, :, None, None, :]
+    scores = jnp.where(mask.dense()[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if v_scale is not None:
+        probs = probs * v_scale[:, :, None, None, :]
+    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs.astype(dt), v.astype(dt))
+    return out.reshape(batch, length, heads, head_dim)
+
+
+def blocked_cached_attention(q, k, v, mask: AttentionMask, write_index, k_scale=None, v_scale=None, *,
+                             block: int = 512):
+    """`cached_attention` computed over key blocks of `block` slots with an online softmax, visiting
+    only the blocks up to the last slot written (write_index + T - 1): a read of the cache bounded by
+    its filled length, and [B, K, G, T, block] float32 scores at a time (what chunked prefill needs
+    for long caches). The cache length must be a multiple of `block`."""
+    batch, length, heads, head_dim = q.shape
+    kv_heads, slots = k.shape[1], k.shape[2]
+    dt = q.dtype
+    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    shape = (batch, kv_heads, heads // kv_heads, length)
+
+    def visit(j, carry):
+        m, denom, acc = carry
+        kv_block = lambda x: jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=2)  # noqa: E731
+        ids = lambda x: jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1)  # noqa: E731
+        part = mask._replace(kv_segment_ids=ids(mask.kv_segment_ids), kv_indices=ids(mask.kv_indices))
+        s = jnp.einsum("BTKGH,BKSH->BKGTS", qg, kv_block(k).astype(dt), preferred_element_type=jnp.float32)
+        s = s * head_dim**-0.5
+        if k_scale is not None:
+            s = s * kv_block(k_scale)[:, :, None, None, :]
+        s = jnp.where(part.dense()[:, None, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(-1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing allowed yet: exp(-inf) = 0
+        p = jnp.exp(s - m_safe[..., None])
+        alpha = jnp.exp(m - m_safe)
+        denom = alpha * denom + p.sum(-1)
+        if v_scale is not None:
+            p = p * kv_block(v_scale)[:, :, None, None, :]
+        pv = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(dt), kv_block(v).astype(dt), preferred_element_type=jnp.float32)
+        return m_new, denom, alpha[..., None] * acc + pv
+
+    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(shape + (head_dim,), jnp.float32))
+    blocks = jnp.minimum((write_index + length + block - 1) // block, slots // block)
+    _, denom, acc = jax.lax.fori_loop(0, blocks, visit, init)
+    out = acc / jnp.where(denom == 0, 1.0, denom)[..., None]  # [B,K,G,T,H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim).astype(dt)
+
+
+def forward_cached(model, ids, positions, cache: KVCache, write_index, *, token_mask=None, fresh: bool = False,
+                   last_only: bool = False, attention: str | None = None):
+    """New tokens through the decoder with the cache. Returns (float32 logits, updated cache).
+
+    model: an `nnx.Module` or its (graphdef, state). ids/positions [B, T]; token_mask [B, T] (1 real,
+    0 pad; default all real) becomes the kv segment ids of slots write_index..write_index+T-1, and
+    `lengths` grows by each row's real count. fresh=True promises the cache holds nothing before
+    write_index (= 0): attention then runs over the new tokens alone. last_only: logits of the last
+    position only ([B, 1, V]), which is all generation needs. attention (cache steps only): "xla"
+    (`cached_attention`, the whole cache masked) or "blocked" (`blocked_cached_attention`, bounded by
+    the write slot); default: "blocked" if the model's attention_impl is flash, else "xla"."""
+    graphdef, state = _split(model)
+    m = nnx.merge(graphdef, state)
+    cfg = m.config
+    batch, length = ids.shape
+    if token_mask is None:
+        token_mask = jnp.ones((batch, length), jnp.int32)
+    token_mask = token_mask.astype(jnp.int32)
+    write_index = jnp.asarray(write_index, jnp.int32)
+
+    x = constrain(_embed(m, ids), ACT_BTD)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+    segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, token_mask, (0, write_index))
+    if fresh:
+        mask = AttentionMask.for_sequence(token_mask, causal=True, window=cfg.sliding_window)
+    else:
+        slots = cache.max_length
+        q_idx = jnp.broadcast_to(write_index + jnp.arange(length, dtype=jnp.int32), (batch, length))
+        kv_idx = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (batch, slots))
+        mask = AttentionMask(token_mask, segment_ids, q_idx, kv_idx, True, cfg.sliding_window)
+        attention = attention or ("blocked" if cfg.attention_impl == "flash" else "xla")
+        if attention not in ("xla", "blocked"):
+            raise ValueError(f"cached attention {attention!r} is not one of xla, blocked")
+
+    layers_def, layers_state = nnx.split(m.layers)
+    kv = (cache.k, cache.v, cache.k_scale, cache.v_scale)
+
+    def body(carry, xs):
+        h, (ck, cv, cks, cvs) = carry
+        layer_state, i = xs
+        layer = nnx.merge(layers_def, layer_state)
+        q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
+        ck, cks = _write_layer(ck, cks, k, i, write_index)
+        cv, cvs = _write_layer(cv, cvs, v, i, write_index)
+        if fresh:  # an empty cache before: the prompt attends over its own keys
+            o = dot_product_attention(q, k, v, mask, impl=cfg.attention_impl)
+        elif attention == "blocked":  # blockwise, visiting only key blocks up to the write slot
+            scales = (None, None) if cks is None else (_layer(cks, i), _layer(cvs, i))
+            o = blocked_cached_attention(q, _layer(ck, i), _layer(cv, i), mask, write_index, *scales,
+                                         block=_kv_block(cache.max_length))
+        else:  # the whole preallocated cache, masked (this step's keys included, as stored)
+            scales = (None, None) if cks is None else (_layer(cks, i), _layer(cvs, i))
+            o = cached_attention(q, _layer(ck, i), _layer(cv, i), mask, *scales)
+        h = h + layer.self_attn.out(o)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return (constrain(h, ACT_BTD), (ck, cv, cks, cvs)), None
+
+    layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+    (h, (k, v, ks, vs)), _ = jax.lax.scan(body, (x, kv), (layers_state, layer_ids))
+    if last_only:
+        h = h[:, -1:]
+    logits = constrain(m.unembed(m.norm(h)), ("batch", "length", "act_vocab"))
+    cache = KVCache(k, v, ks, vs, segment_ids, cache.lengths + token_mask.sum(-1))
+    return logits, cache
+
+
+def prefill_positions(mask):
+    """The reference's positions for a left-padded batch: cumsum(mask) - 1, pads clipped to 0."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+def prefill(graphdef, state, ids, mask, cache: KVCache):
+    """Prompt [B, P] (left-padded, mask 1 = real) into an empty cache -> (last logits [B, V], cache)."""
+    cache = _reset(cache)
+    logits, cache = forward_cached((graphdef, state), ids, prefill_positions(mask), cache, 0, token_mask=mask,
+                                   fresh=True, last_only=True)
+    return logits[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def decode_step(graphdef, state, tokens, cache: KVCache, write_index):
+    """One token per row [B] at slot write_index -> (logits [B, V], cache). Positions come from the cache."""
+    logits, cache = forward_cached((graphdef, state), tokens[:, None], cache.lengths[:, None], cache,
+                                   write_index, last_only=True)
+    return logits[:, 0], cache
+
+
+def _reset(cache: KVCache) -> KVCache:
+    """Marks every slot unfilled (stale keys/values are then never attended), so a cache can be reused."""
+    return cache._replace(segment_ids=jnp.zeros_like(cache.segment_ids), lengths=jnp.zeros_like(cache.lengths))
+
+
+# -- token choice -------------------------------------------------------------------------------------
+
+
+def _choose(logits, step, rows, do_sample: bool, temperature, top_k, top_p, key):
+    """Next token per row from float32 logits [B, V]: argmax, or a sample after temperature, top-k
+    and top-p (applied in that order, as transformers' logits warpers do). Each row draws from
+    fold_in(fold_in(key, step), row), so a row's sample does not depend on the batch around it."""
+    if not do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    vocab = logits.shape[-1]
+    logits = logits / jnp.maximum(temperature, 1e-6)
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(ordered, jnp.broadcast_to(k - 1, (logits.shape[0], 1)), axis=-1)
+    ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)
+    # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    kept = (before < top_p) | (jnp.arange(vocab) == 0)
+    threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits >= jnp.maximum(threshold, kth), logits, -jnp.inf)
+    step_key = jax.random.fold_in(key, step)
+    keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(rows)
+    return jax.vmap(lambda kk, lg: jax.random.categorical(kk, lg))(keys, logits).astype(jnp.int32)
+
+
+# -- the generation loop --------------------------------------------------------------------------
+
+
+def _prefill_into(graphdef, state, ids, mask, cache: KVCache, chunk: int):
+    """The prompt into an empty cache -> (last position's logits [B, V], cache).
+
+    Up to `chunk` tokens: one call, attending over the prompt itself with the model's attention_impl.
+    Longer prompts (a multiple of `chunk`: the buckets above it are) go in chunk by chunk in a
+    fori_loop, each chunk attending over the cache up to its own slots (`blocked_cached_attention`),
+    so activations stay [B, chunk, ...] whatever the prompt length, and one loop body serves every
+    chunk."""
+    batch, prompt = ids.shape
+    positions = prefill_positions(mask)
+    if prompt <= chunk:
+        logits, cache = forward_cached((graphdef, state), ids, positions, cache, 0, token_mask=mask, fresh=True,
+                                       last_only=True)
+        return logits[:, 0], cache
+    if prompt % chunk:
+        raise ValueError(f"prompt length {prompt} is not a multiple of the prefill chunk {chunk}")
+
+    def one_chunk(c, carry):
+        cache, _ = carry
+        part = lambda x: jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=1)  # noqa: E731
+        logits, cache = forward_cached((graphdef, state), part(ids), part(positions), cache, c * chunk,
+                                       token_mask=part(mask), last_only=True, attention="blocked")
+        return cache, logits[:, 0]
+
+    vocab = nnx.merge(graphdef, state).config.vocab_size
+    init = (cache, jnp.zeros((batch, vocab), jnp.float32))
+    cache, logits = jax.lax.fori_loop(0, prompt // chunk, one_chunk, init)
+    return logits, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _generate_jit(graphdef, do_sample, width, kv_dtype, chunk, state, ids, mask, active, stop, max_new, pad_id,
+                  temperature, top_k, top_p, key):
+    """Prefill + the decode while-loop -> tokens [B, W = width]. The cache lives inside this one jit (made
+    here, carried by the loop, dropped at the end): it never crosses a jit boundary, so it is neither
+    copied nor re-laid out between steps, and the compiler picks its memory layout."""
+    batch, prompt = ids.shape
+    config = nnx.merge(graphdef, state).config
+    cache = empty_cache(config, batch, prompt + width, kv_dtype=kv_dtype)
+    rows = jnp.arange(batch, dtype=jnp.int32)
+    choose = functools.partial(_choose, rows=rows, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                               top_p=top_p, key=key)
+
+    logits, cache = _prefill_into(graphdef, state, ids, mask, cache, chunk)
+    token = choose(logits, 0)
+    done = ~active
+    out = jnp.full((batch, width), pad_id, jnp.int32)
+    out = out.at[:, 0].set(jnp.where(done, pad_id, token))
+    done = done | stop[token]
+
+    def cond(carry):
+        t, _, done, _, _ = carry
+        return (t < max_new) & ~jnp.all(done)
+
+    def body(carry):
+        t, token, done, out, cache = carry
+        logits, cache = forward_cached((graphdef, state), token[:, None], cache.lengths[:, None], cache,
+                                       prompt + t - 1, last_only=True)
+        token = choose(logits[:, 0], t)
+        column = jnp.where(done, pad_id, token)[:, None]
+        out = jax.lax.dynamic_update_slice(out, column, (0, t))
+        return t + 1, token, done | stop[token], out, cache
+
+    _, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token, done, out, cache))
+    return out
+
+
+def _mesh_of(state):
+    for leaf in jax.tree.leaves(state):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return auto_mesh(sharding.mesh)
+    return None
+
+
+def _batch_split(mesh) -> int:
+    if mesh is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+
+
+def _prepare(config, input_ids, attention_mask, max_new_tokens, eos_token_ids):
+    """Host-side checks; returns the rows' real-token lists."""
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise GenerateError(f"input_ids must be [batch, length], got shape {ids.shape}")
+    if ids.shape[0] == 0:
+        raise GenerateError("empty batch: no prompts to generate from")
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise GenerateError(f"input_ids must be integers, got {ids.dtype}")
+    mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask)
+    if mask.shape != ids.shape:
+        raise GenerateError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    if not np.isin(mask, (0, 1)).all():
+        raise GenerateError("attention_mask must hold only 0 (padding) and 1 (token)")
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise GenerateError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    rows = [ids[b][mask[b] == 1] for b in range(ids.shape[0])]
+    context, vocab = config.max_position_embeddings, config.vocab_size
+    for b, row in enumerate(rows):
+        if row.size == 0:
+            raise GenerateError(f"prompt {b} is empty (no tokens with attention_mask 1)")
+        bad = row[(row < 0) | (row >= vocab)]
+        if bad.size:
+            raise GenerateError(f"prompt {b}: token id {int(bad[0])} is out of range [0, {vocab})")
+        if row.size + max_new_tokens > context:
+            raise GenerateError(f"prompt {b} has {row.size} tokens; with max_new_tokens={max_new_tokens} that "
+                                f"exceeds the model's context of {context} tokens")
+    for e in eos_token_ids:
+        if not 0 <= int(e) < vocab:
+            raise GenerateError(f"stop token id {int(e)} is out of range [0, {vocab})")
+    return rows
+
+
+def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, eos_token_ids: Sequence[int] = (),
+             pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0, kv_cache_dtype: str | None = None,
+             prefill_chunk: int = PREFILL_CHUNK) -> np.ndarray:
+    """New tokens [B, max_new_tokens] (int32) for a batch of prompts, as transformers' `generate` returns
+    them after the prompt: greedy by default; a row that emits one of `eos_token_ids` keeps that token
+    and is `pad_token_id` afterwards (default: the config's pad id, else the first stop id, else 0).
+
+    model: an `nnx.Module` or its (graphdef, state); placed on a mesh, generation runs on that mesh.
+    do_sample: sample with `temperature`, `top_k` (0 = off) and `top_p` (1 = off), seeded by `seed`.
+    kv_cache_dtype: None (the compute dtype) or "int8". prefill_chunk: prompts longer than this are
+    prefilled chunk by chunk (bounded activation memory)."""
+    if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise GenerateError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
+    graphdef, state = _split(model)
+    config = nnx.merge(graphdef, state).config
+    eos = [int(e) for e in eos_token_ids]
+    rows = _prepare(config, input_ids, attention_mask, max_new_tokens, eos)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+
+    mesh = _mesh_of(state)
+    batch = bucket_batch(len(rows), _batch_split(mesh))
+    prompt = bucket_length(max(r.size for r in rows))
+    if prompt > prefill_chunk:  # chunked prefill needs whole chunks (the buckets above 512 are already)
+        prompt = -(-prompt // prefill_chunk) * prefill_chunk
+    width = bucket_length(max_new_tokens)
+    ids = np.zeros((batch, prompt), np.int32)
+    mask = np.zeros((batch, prompt), np.int32)
+    for b, row in enumerate(rows):  # left padding: the last real token sits at slot prompt - 1
+        ids[b, prompt - row.size:] = row
+        mask[b, prompt - row.size:] = 1
+    active = np.arange(batch) < len(rows)
+    stop = np.zeros(config.vocab_size, bool)
+    stop[eos] = True
+
+    args = (ids, mask)
+    if mesh is not None:
+        spec = logical_to_spec(("batch", "length"), ids.shape, mesh)
+        args = tuple(jax.device_put(a, NamedSharding(mesh, spec)) for a in args)
+    sampling = (np.float32(temperature), np.int32(top_k), np.float32(top_p), jax.random.key(seed))
+    call = functools.partial(_generate_jit, graphdef, bool(do_sample), width, kv_cache_dtype, prefill_chunk, state,
+                             *args, active, stop,
+                             np.int32(max_new_tokens), np.int32(pad_token_id), *sampling)
+    if mesh is None:
+        out = call()
+    else:
+        with jax.set_mesh(mesh):
+            out = call()
+    return np.asarray(out)[: len(rows), :max_new_tokens]
