@@ -138,43 +138,31 @@ def _generate(args):
     from tqdm.auto import tqdm
 
     from inference.generator import Generator, read_jsonl
+    from jaxmodel.convert import atomic_file
 
     if not os.path.isdir(args.model_dir):
         raise CommandError(f"{args.model_dir}: model directory not found")
     records = read_jsonl(args.input) if args.input else [{"text": t} for t in args.prompt or []]
-    if not records:
-        raise CommandError("no prompts: give --prompt TEXT (one or more) or --input FILE.jsonl")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise CommandError("--batch-size and --max-new-tokens must be positive")
+    names = [f"{args.input}: prompt {i + 1}" if args.input else f"--prompt {i + 1}" for i in range(len(records))]
     gen = Generator.from_pretrained(args.model_dir, dtype=args.dtype, quantize=args.quantize,
                                     kv_cache_dtype=args.kv_cache_dtype)
-    where = (lambda i: f"{args.input}: prompt {i + 1}") if args.input else (lambda i: f"--prompt {i + 1}")
-    template = args.template.replace("\\n", "\n") if args.template else None  # a typed \n is a newline
-    encoded = gen.encode([r["text"] for r in records], template)
-    gen.check_lengths(encoded, args.max_new_tokens, [where(i) for i in range(len(records))])
-    stop_ids = gen.stop_ids("\n" if args.stop_at_newline else None)
-    sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    seed=args.seed)
-    out = open(args.output, "w", encoding="utf-8") if args.output else None
-    try:  # results are printed (and written) per batch, in input order
-        with tqdm(total=len(records), unit="prompt", disable=not args.input, file=sys.stderr) as bar:
-            for start in range(0, len(records), args.batch_size):
-                batch = encoded[start:start + args.batch_size]
-                new = gen.generate_ids(batch, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids, **sampling)
-                for record, ids in zip(records[start:start + args.batch_size], new):
-                    line = json.dumps({**record, "output": gen.tokenizer.decode(ids).strip()}, ensure_ascii=False)
-                    if args.input:  # above the progress bar
-                        bar.write(line, file=sys.stdout)
-                    else:
-                        print(line, flush=True)
-                    if out:
-                        out.write(line + "\n")
+    batches = gen.iter_records(
+        records, max_new_tokens=args.max_new_tokens, stop="\n" if args.stop_at_newline else None,
+        template=args.template.replace("\\n", "\n") if args.template else None,  # a typed \n is a newline
+        batch_size=args.batch_size, names=names, do_sample=args.do_sample, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    with atomic_file(args.output) as out, tqdm(total=len(records), unit="prompt", disable=not args.input,
+                                               file=sys.stderr) as bar:
+        for batch in batches:  # printed per batch, in input order; the output file appears only when complete
+            for record in batch:
+                line = json.dumps(record, ensure_ascii=False)
+                if args.input:
+                    bar.write(line, file=sys.stdout)  # above the progress bar
+                else:
+                    print(line, flush=True)
                 if out:
-                    out.flush()
-                bar.update(len(batch))
-    finally:
-        if out:
-            out.close()
+                    out.write(line + "\n")
+            bar.update(len(batch))
 
 
 def _demo(args):

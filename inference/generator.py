@@ -18,7 +18,7 @@ The model is split into (graphdef, state) once; every call reuses the jitted ste
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +149,30 @@ class Generator:
             for new in self.generate_ids(encoded, max_new_tokens=max_new_tokens, stop_ids=stop_ids, **sampling):
                 texts.append(self.tokenizer.decode(new).strip())
         return texts
+
+
+    def iter_records(self, records: Sequence[dict], *, max_new_tokens: int = 64, stop=None,
+                     template: str | None = None, batch_size: int = 8, names: Sequence[str] | None = None,
+                     **sampling) -> Iterator[list[dict]]:
+        """Completes prompt records ({"text": ..., other fields kept}) batch by batch, in input order;
+        yields each batch's records with an "output" field. Every prompt is checked before any work."""
+        if not records:
+            raise GenerateError("no prompts given")
+        if batch_size < 1 or max_new_tokens < 1:
+            raise GenerateError("batch_size and max_new_tokens must be positive")
+        names = names or [f"prompt {i + 1}" for i in range(len(records))]
+        encoded = self.encode([r["text"] for r in records], template)
+        self.check_lengths(encoded, max_new_tokens, names)
+        stop_ids = self.stop_ids(stop)
+
+        def batches():  # the checks above run now, at the call, not at the first batch
+            for start in range(0, len(records), batch_size):
+                new = self.generate_ids(encoded[start:start + batch_size], max_new_tokens=max_new_tokens,
+                                        stop_ids=stop_ids, **sampling)
+                yield [{**record, "output": self.tokenizer.decode(ids).strip()}
+                       for record, ids in zip(records[start:start + batch_size], new)]
+
+        return batches()
 
 
 def read_jsonl(path: str) -> list[dict]:

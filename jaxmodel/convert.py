@@ -271,6 +271,24 @@ def atomic_directory(target: str):
         raise
 
 
+@contextmanager
+def atomic_file(path: str | None, mode: str = "w"):
+    """Yields a file open on a temporary sibling that becomes `path` only if the block succeeds
+    (None: yields None, writes nothing)."""
+    if path is None:
+        yield None
+        return
+    path = os.path.abspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def _flat_arrays(model: MistralForCausalLM) -> dict[tuple[str, ...], jax.Array]:
     _, state = nnx.split(model)
     return {tuple(str(x) for x in p): v.get_value() for p, v in nnx.to_flat_state(state)}

@@ -44,7 +44,7 @@ def test_generate_prompts_match_the_api(tiny_dir, capsys):
 @pytest.mark.parametrize("case", ["missing_dir", "empty_file", "no_text", "bad_json", "too_long", "no_prompt"])
 def test_generate_bad_inputs_exit_2_with_one_line(tiny_dir, tmp_path, capsys, case):
     path = tmp_path / "in.jsonl"
-    argv = ["generate", tiny_dir, "--input", str(path)]
+    argv = ["generate", tiny_dir, "--input", str(path), "--output", str(tmp_path / "out.jsonl")]
     expected = {"missing_dir": "model directory not found", "empty_file": "no prompts in the file",
                 "no_text": 'in.jsonl:2: expected an object with a string field "text"',
                 "bad_json": "in.jsonl:1: not valid JSON", "too_long": "in.jsonl: prompt 1 has",
@@ -69,6 +69,7 @@ def test_generate_bad_inputs_exit_2_with_one_line(tiny_dir, tmp_path, capsys, ca
     assert expected in err[-1], err
     if case != "no_prompt":  # argparse's own usage error prints usage first
         assert len(err) == 1 and err[0].startswith("normistral: error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["in.jsonl"], [])  # no output, no temp file left
 
 
 def test_compile_check_decode_for_a_tpu_slice():
