@@ -1,0 +1,196 @@
+"""The training run end to end on the tiny config (configs/tiny-cpu.yaml), 8 simulated CPU devices:
+it learns, resumes bit-exactly after SIGKILL (also mid-save), resumes onto another mesh, saves and exits 0
+on SIGTERM, skips or aborts on a NaN batch, and its train step compiles for a TPU topology.
+
+The runs that must be killed go through the real CLI in subprocesses (`normistral train ...`); the
+others call `run_training` in this process to save start-up time."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from training.train import NonFiniteError, run_training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _finalized(workdir):
+    root = os.path.join(workdir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(root) if d.isdigit())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """100 steps of the tiny config from scratch, building tokenizer and data from the bundled corpus."""
+    workdir = str(tmp_path_factory.mktemp("tiny") / "run")
+    t0 = time.perf_counter()
+    summary = run_training(CONFIG, workdir, ["train.steps=100", "train.eval_every=50", "train.export_hf=hf"])
+    return workdir, summary, time.perf_counter() - t0
+
+
+def _data_overrides(tiny_run):
+    workdir = tiny_run[0]
+    return [f"data.dir={workdir}/data", f"data.eval_dir={workdir}/data-heldout", "train.eval_every=0"]
+
+
+def _cli(workdir, overrides, faults=None, **popen):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
+    env.pop("NORMISTRAL_FAULTS", None)
+    if faults:
+        env["NORMISTRAL_FAULTS"] = faults
+    args = [sys.executable, "-m", "normistral", "train", "--config", CONFIG, "--workdir", workdir]
+    for item in overrides:
+        args += ["--set", item]
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+def _finish(proc, timeout=240):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out + err
+
+
+def test_tiny_config_learns_from_the_bundled_corpus(tiny_run):
+    workdir, summary, _ = tiny_run
+    for name in ("tokenizer", "data", "data-heldout"):
+        assert os.path.isdir(os.path.join(workdir, name)), name
+    lines = _metrics(workdir)
+    assert [r["step"] for r in lines] == list(range(1, 101))
+    assert all(isinstance(r["loss"], float) for r in lines)
+    first = np.mean([r["loss"] for r in lines[:10]])
+    last = np.mean([r["loss"] for r in lines[-10:]])
+    assert first > 6.0 and last < first - 2.0, (first, last)
+    evals = [r["eval_loss"] for r in lines if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    assert summary["step"] == 100 and _finalized(workdir)[-1] == 100
+
+    # train.export_hf: the final weights as a Hugging Face directory transformers loads.
+    import torch
+    import transformers
+
+    hf = transformers.MistralForCausalLM.from_pretrained(os.path.join(workdir, "hf"), dtype=torch.float32)
+    final = _params(workdir, 100)
+    np.testing.assert_array_equal(hf.lm_head.weight.detach().numpy(), np.asarray(final["lm_head"]).T)
+    np.testing.assert_array_equal(hf.model.layers[1].mlp.down_proj.weight.detach().numpy(),
+                                  np.asarray(final["layers"]["mlp"]["down_proj"][1]).T)
+
+
+def test_killed_runs_resume_bit_exactly(tiny_run, tmp_path):
+    common = _data_overrides(tiny_run) + ["train.steps=12", "checkpoint.every=4", "checkpoint.keep=10"]
+    straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
+    reference = _cli(straight, common)
+
+    # 1: SIGKILL right after the step-8 save started: the step-8 checkpoint is not finalized.
+    code, log = _finish(_cli(broken, common, faults="kill_after_save=8"))
+    assert code == -signal.SIGKILL, log
+    assert _finalized(broken) == [4], os.listdir(os.path.join(broken, "checkpoints"))
+    # 2: restarted, resumes from 4; SIGKILL at step 10 (after the step-8 checkpoint completed).
+    code, log = _finish(_cli(broken, common, faults="kill_at_step=10"))
+    assert code == -signal.SIGKILL and "resuming from checkpoint step 4" in log, log
+    # 3: restarted again, resumes from 8 and finishes.
+    code, log = _finish(_cli(broken, common))
+    assert code == 0 and "resuming from checkpoint step 8" in log, log
+
+    code, log = _finish(reference)
+    assert code == 0, log
+    ours, theirs = _metrics(broken), _metrics(straight)
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == list(range(1, 13))
+    assert [r["loss"] for r in ours] == [r["loss"] for r in theirs]  # bit-identical floats
+    assert [r["grad_norm"] for r in ours] == [r["grad_norm"] for r in theirs]
+    # The straight run's checkpoints serve the next test.
+    shutil.copytree(straight, tiny_run[0] + "-straight12")
+
+
+def test_resume_onto_another_mesh_shape(tiny_run, tmp_path):
+    source = tiny_run[0] + "-straight12"
+    if not os.path.isdir(source):
+        pytest.skip("needs test_killed_runs_resume_bit_exactly's run")
+    workdir = str(tmp_path / "remesh")
+    shutil.copytree(source, workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "12"))  # resume from step 8 (saved on fsdp=8)
+    overrides = _data_overrides(tiny_run) + ["train.steps=12", "checkpoint.every=4", "checkpoint.keep=10",
+                                             "mesh.fsdp=4", "mesh.tensor=2"]
+    code, log = _finish(_cli(workdir, overrides))
+    assert code == 0 and "resuming from checkpoint step 8" in log and "'fsdp': 4, 'tensor': 2" in log, log
+    ours, theirs = _metrics(workdir), _metrics(source)
+    assert [r["step"] for r in ours] == list(range(1, 13))
+    np.testing.assert_allclose([r["loss"] for r in ours[8:]], [r["loss"] for r in theirs[8:]], rtol=1e-5)
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_zero(tiny_run, tmp_path):
+    workdir = str(tmp_path / "preempted")
+    proc = _cli(workdir, _data_overrides(tiny_run) + ["train.steps=100000", "checkpoint.every=100000"])
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
+            break
+        time.sleep(0.2)
+    signalled_after = len(_metrics(workdir))
+    proc.send_signal(signal.SIGTERM)
+    code, log = _finish(proc)
+    assert code == 0, log
+    last = _metrics(workdir)[-1]["step"]
+    assert signalled_after <= last <= signalled_after + 2  # the step running when the signal came, or the next
+    assert _finalized(workdir) == [last]
+    assert f"saved checkpoint at step {last}" in log
+
+
+def _params(workdir, step):
+    path = os.path.join(workdir, "checkpoints", str(step), "params")
+    return ocp.StandardCheckpointer().restore(path)
+
+
+def test_nan_batch_is_skipped_with_parameters_unchanged(tiny_run, tmp_path, monkeypatch):
+    workdir = str(tmp_path / "skip")
+    monkeypatch.setenv("NORMISTRAL_FAULTS", "nan_at_step=3")
+    run_training(CONFIG, workdir, _data_overrides(tiny_run) + ["train.steps=4", "checkpoint.every=1",
+                                                               "checkpoint.keep=10"])
+    lines = _metrics(workdir)
+    assert [r["skipped_steps"] for r in lines] == [0, 0, 1, 1]
+    assert np.isnan(lines[2]["loss"]) and np.isfinite(lines[3]["loss"])
+    import jax
+
+    before, skipped, after = (jax.tree.leaves(_params(workdir, s)) for s in (2, 3, 4))
+    for a, b in zip(before, skipped):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(skipped, after))
+
+
+def test_nan_batch_aborts_under_abort(tiny_run, tmp_path, monkeypatch):
+    workdir = str(tmp_path / "abort")
+    monkeypatch.setenv("NORMISTRAL_FAULTS", "nan_at_step=3")
+    overrides = _data_overrides(tiny_run) + ["train.steps=4", "checkpoint.every=1", "train.nonfinite=abort"]
+    with pytest.raises(NonFiniteError, match=r"step 3: non-finite loss .*aborting.*last checkpoint is step 2"):
+        run_training(CONFIG, workdir, overrides)
+    assert _finalized(workdir) == [1, 2]
+    assert [r["step"] for r in _metrics(workdir)] == [1, 2]
+
+
+def test_compile_check_train_for_a_tpu_topology():
+    env = dict(os.environ)
+    env.pop("JAX_PLATFORMS", None)  # the CLI sets it for compile-check
+    out = subprocess.run([sys.executable, "-m", "normistral", "compile-check", "--config", CONFIG,
+                          "--topology", "v5e:2x2", "--mode", "train", "--json"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["mode"] == "train" and report["devices"] == 4 and report["device_kind"] == "TPU v5 lite"
+    assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert report["global_batch_size"] == 8 and report["seq_len"] == 128
+    assert report["fits"] and 0 < report["device_bytes"] < report["hbm_bytes"]
+    assert report["alias_bytes"] > 0  # the donated state is updated in place

@@ -1,0 +1,185 @@
+"""The training sections of a run config, each a small frozen dataclass, and `RunConfig` holding them all.
+
+Inside: `TrainConfig` (`train:`), `DataConfig` (`data:`), `CheckpointConfig` (`checkpoint:`),
+`OptimizerConfig` (`optimizer:`), `RunConfig` and `load(tree)`, which also reads the `model:` and `mesh:`
+sections through `jaxmodel.run_config` (the same YAML file serves `normistral train` and
+`normistral compile-check`).
+
+Design choices:
+- `model.init_from` (a Hugging Face or `import-hf` directory) is the one model key that
+  `jaxmodel.run_config.model_config` does not know; it is taken out here before that parser runs. When the
+  model section names no `preset`/`hf_config`, the architecture is read from `init_from`'s config.json;
+  when it names one (the big recipes do, so that `compile-check` works without the weights on disk), the
+  trainer checks the two agree before loading.
+- Relative paths: `model.init_from` is relative to the YAML file (like `hf_config`); data, checkpoint and
+  export paths are relative to the run's `--workdir`.
+- Every value is validated when the section is read; an unknown key is an error naming it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+
+from jaxmodel.config import ConfigError, MistralConfig
+from jaxmodel.run_config import from_section, mesh_shape, model_config
+from jaxmodel.sharding import MeshShape
+
+SCHEDULES = ("constant", "cosine", "wsd")
+NONFINITE = ("skip", "abort")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _positive_int(value, name: str, *, zero: bool = False) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if zero else value > 0)
+    _check(ok, f"{name} must be a {'non-negative' if zero else 'positive'} integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """`train:` the loop. Batch sizes are global (all processes) and counted in sequences."""
+
+    steps: int = 300  # optimizer updates in the whole run (a resumed run continues to this number)
+    global_batch_size: int = 8
+    seq_len: int = 128
+    microbatches: int = 1  # gradient accumulation: the global batch is split into this many parts
+    seed: int = 0  # parameter init (random-init runs) and the per-step RNG (masking)
+    loss_chunk: int = 2048  # tokens of the sequence per cross-entropy chunk (see training/loss.py)
+    mntp_probability: float = 0.0  # NorMistral's hybrid objective: P(a step is masked next-token prediction)
+    mask_token_id: int = 4
+    num_special_tokens: int = 16  # ids below this are never masked
+    nonfinite: str = "skip"  # a non-finite loss or gradient: skip the update, or abort the run
+    eval_every: int = 0  # steps between held-out evaluations (0: never)
+    eval_batches: int = 4  # batches of global_batch_size sequences per evaluation
+    peak_flops_per_device: float | None = None  # for MFU; default by device kind (training/metrics.py)
+    export_hf: str | None = None  # a Hugging Face directory written at the end of the run
+    export_dtype: str | None = None  # its tensor dtype (default: the model's torch_dtype)
+
+    def __post_init__(self):
+        for name in ("steps", "global_batch_size", "seq_len", "microbatches", "loss_chunk", "eval_batches"):
+            _positive_int(getattr(self, name), f"train.{name}")
+        _positive_int(self.eval_every, "train.eval_every", zero=True)
+        _check(self.global_batch_size % self.microbatches == 0,
+               f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+               f"train.microbatches={self.microbatches}")
+        _check(isinstance(self.mntp_probability, (int, float)) and 0.0 <= self.mntp_probability <= 1.0,
+               f"train.mntp_probability must lie in [0, 1], got {self.mntp_probability!r}")
+        _check(self.nonfinite in NONFINITE, f"train.nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
+        _check(self.export_dtype in (None, "float32", "bfloat16", "float16"),
+               f"train.export_dtype must be float32, bfloat16 or float16, got {self.export_dtype!r}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """`data:` where the packed token sequences come from (training/data.py's PackedDataset dirs).
+
+    `corpus: bundled` builds `dir` (and `eval_dir`) from the repository's own corpus (training/corpus)
+    when they do not exist yet: a tokenizer is trained into `tokenizer_dir`, then the documents are
+    tokenized and packed. A path or glob of .jsonl/.txt files does the same from those files."""
+
+    dir: str = "data"
+    eval_dir: str | None = None
+    corpus: str | None = None  # "bundled", or a glob of .jsonl/.txt files
+    heldout: str | None = None  # the documents for eval_dir (bundled: training/corpus/heldout.jsonl)
+    tokenizer_dir: str = "tokenizer"  # an existing tokenizer is reused; else one is trained (with corpus)
+    seed: int = 0  # the data order (PackedDataset.batch's seed)
+
+    def __post_init__(self):
+        _check(isinstance(self.dir, str) and self.dir, "data.dir must be a path")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """`checkpoint:` Orbax CheckpointManager policy. The last `keep` checkpoints are kept, plus every
+    checkpoint whose step is a multiple of `keep_period` (forever)."""
+
+    dir: str = "checkpoints"
+    every: int = 100  # steps between saves (the final step and a preemption always save)
+    keep: int = 3
+    keep_period: int | None = None
+    async_save: bool = True
+
+    def __post_init__(self):
+        _positive_int(self.every, "checkpoint.every")
+        _positive_int(self.keep, "checkpoint.keep")
+        if self.keep_period is not None:
+            _positive_int(self.keep_period, "checkpoint.keep_period")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """`optimizer:` AdamW with decoupled weight decay, global-norm clipping and a learning-rate schedule.
+
+    schedule: `constant` (linear warmup, then flat), `cosine` (warmup, cosine to end_lr_ratio * lr at
+    the last step), `wsd` (warmup, flat, then a linear decay over the last `decay_steps` steps)."""
+
+    learning_rate: float = 3e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    decay_steps: int | None = None  # wsd: the length of the final decay (default: 10% of train.steps)
+    end_lr_ratio: float = 0.1  # cosine and wsd end at learning_rate * end_lr_ratio
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = True  # decay embed_tokens / lm_head too (NorMistral: every matrix)
+    clip_norm: float | None = 1.0  # global gradient norm (None: no clipping)
+
+    def __post_init__(self):
+        _check(self.schedule in SCHEDULES, f"optimizer.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _check(isinstance(self.learning_rate, (int, float)) and self.learning_rate >= 0,
+               f"optimizer.learning_rate must be a non-negative number, got {self.learning_rate!r}")
+        _positive_int(self.warmup_steps, "optimizer.warmup_steps", zero=True)
+        if self.decay_steps is not None:
+            _positive_int(self.decay_steps, "optimizer.decay_steps")
+        _check(self.clip_norm is None or self.clip_norm > 0, "optimizer.clip_norm must be positive or null")
+        _check(0 <= self.end_lr_ratio <= 1, "optimizer.end_lr_ratio must lie in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: MistralConfig
+    init_from: str | None
+    mesh: MeshShape
+    train: TrainConfig
+    data: DataConfig
+    checkpoint: CheckpointConfig
+    optimizer: OptimizerConfig
+    path: str  # the YAML file
+
+    def snapshot(self) -> dict:
+        """A JSON-able record of the run's settings (saved with each checkpoint)."""
+        return {"model": self.model.to_hf() | {k: getattr(self.model, k) for k in
+                                               ("dtype", "param_dtype", "attention_impl", "remat")},
+                "init_from": self.init_from, "mesh": dataclasses.asdict(self.mesh),
+                **{name: dataclasses.asdict(getattr(self, name))
+                   for name in ("train", "data", "checkpoint", "optimizer")}}
+
+
+def load(tree: dict) -> RunConfig:
+    """All sections of a loaded run config (`jaxmodel.run_config.load_run_config`)."""
+    where = tree.get("_path", "config")
+    tree = copy.deepcopy(tree)
+    model = dict(tree.get("model") or {})
+    init_from = model.pop("init_from", None)
+    if init_from is not None:
+        if not isinstance(init_from, str) or not init_from:
+            raise ConfigError(f"{where}: model.init_from must be a directory path")
+        if not os.path.isabs(init_from):
+            init_from = os.path.join(os.path.dirname(where), init_from)
+        if "preset" not in model and "hf_config" not in model:
+            model["hf_config"] = init_from
+    tree["model"] = model
+    return RunConfig(model=model_config(tree), init_from=init_from, mesh=mesh_shape(tree),
+                     train=from_section(TrainConfig, tree, "train"), data=from_section(DataConfig, tree, "data"),
+                     checkpoint=from_section(CheckpointConfig, tree, "checkpoint"),
+                     optimizer=from_section(OptimizerConfig, tree, "optimizer"), path=where)

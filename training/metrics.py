@@ -1,0 +1,135 @@
+"""Training metrics: the FLOP count behind MFU, peak FLOP/s per chip, and the per-step log writers.
+
+Inside: `matmul_params(config)`, `train_flops_per_step(config, batch, seq_len)`, `PEAK_FLOPS`,
+`peak_flops(device, override)`, `MetricsLog` (metrics.jsonl + optional TensorBoard).
+
+FLOPs per optimizer step (what MFU divides by the step time and the chips' peak), with B sequences of
+T tokens, L layers, N query heads of width H:
+    6 * P * B * T  +  6 * L * B * T^2 * N * H
+- P = the parameters that take part in matmuls: per layer q, k, v, o and the three MLP matrices, plus
+  the output projection (lm_head, or the tied embedding used as one). The input embedding is a lookup,
+  not a matmul, and RMSNorm scales are elementwise: neither is counted. 6 = 2 FLOPs per multiply-add x
+  (forward + backward, the backward costing twice the forward).
+- Attention scores and the weighted sum: 2 matmuls x 2 FLOPs x T^2 x N x H per layer and sequence in the
+  forward pass for a full T x T score matrix, x3 with the backward = 12 L B T^2 N H; causal attention
+  needs half of it, hence 6. This counts the full causal triangle of each packed sequence even when
+  segment masks make documents attend to less (the usual convention, and what flash/splash kernels that
+  skip only fully masked blocks roughly execute).
+- Not counted: recomputation (remat and the loss's chunk recompute: MFU, not hardware FLOPs
+  utilization), the masked-prediction steps' bidirectional attention (counted as causal), elementwise
+  work, and the optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from jaxmodel.config import MistralConfig
+
+# Dense bf16 peak FLOP/s per chip (public specifications), by jax `device_kind`.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5": 459e12,  # v5p
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,  # v6e
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+}
+
+
+def matmul_params(config: MistralConfig) -> int:
+    d, f, h = config.hidden_size, config.intermediate_size, config.head_dim
+    n, k = config.num_attention_heads, config.num_key_value_heads
+    per_layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f
+    return config.num_hidden_layers * per_layer + d * config.vocab_size
+
+
+def train_flops_per_step(config: MistralConfig, batch: int, seq_len: int) -> float:
+    """6 P B T + 6 L B T^2 N H (see the module docstring)."""
+    dense = 6.0 * matmul_params(config) * batch * seq_len
+    attention = 6.0 * config.num_hidden_layers * batch * seq_len**2 * config.num_attention_heads * config.head_dim
+    return dense + attention
+
+
+def peak_flops(device, override: float | None = None) -> float | None:
+    """Peak FLOP/s of one device: the config's value, else the table's, else None (no MFU, e.g. CPU)."""
+    if override:
+        return float(override)
+    kind = getattr(device, "device_kind", "")
+    for name, value in PEAK_FLOPS.items():
+        if kind == name:
+            return value
+    return None
+
+
+class MetricsLog:
+    """One JSON object per line in `<workdir>/metrics.jsonl` (process 0 only), mirrored to TensorBoard
+    when tensorboardX (or torch's tensorboard writer) can be imported."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0, log=print):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        self._truncate(resume_step)
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"), log)
+
+    def _truncate(self, step: int) -> None:
+        """Drops lines past `step` (written after the checkpoint a resumed run starts from), so that the
+        file keeps exactly one line per step however often the run was interrupted."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+        if len(kept) != len(lines):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", value, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _tensorboard_writer(logdir: str, log):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package too
+        except ImportError:
+            log("note: TensorBoard logging is off (neither tensorboardX nor tensorboard is installed); "
+                "metrics.jsonl has every value")
+            return None
+    return SummaryWriter(logdir)
+
+
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,248 @@
+"""The train state, its shardings, and the jitted train and eval steps.
+
+Inside:
+- `TrainSetup` (`setup(run, mesh)`): graphdef, optimizer, schedule and every sharding of a run.
+- `abstract_state`, `init_state` (random init, sharded at creation) and `state_from_params`
+  (from loaded weights), `put_batch` (host numpy -> global arrays).
+- `make_train_step` / `make_eval_step`: pure functions of (state, batch), jitted with explicit
+  in/out shardings, the state donated.
+
+The train state is a plain dict pytree, which is what is checkpointed:
+    params     the model's parameters as a nested dict (nnx.to_pure_dict; float32 master weights)
+    opt_state  optax state; Adam moments have the params' structure and shardings
+    step       int32, optimizer steps taken (skipped ones included: the data position)
+    skipped    int32, steps whose update was dropped because the loss or a gradient was not finite
+    rng        uint32[2], the run's key data; step t uses fold_in(key, t), so no key is ever carried forward
+
+One step (`make_train_step`):
+1. the global batch [B, T] is split into `train.microbatches` parts (rows m, m+M, m+2M, ...: each part
+   keeps the batch axis sharded over data x fsdp); a `lax.scan` runs forward + backward on each and adds
+   up float32 gradients, the loss sum and the token count (no optax.MultiSteps: one step = one update);
+2. with probability `train.mntp_probability` (one coin per step, from the step's key) the step uses
+   masked next-token prediction with bidirectional attention instead (training/loss.py), via `lax.cond`;
+3. gradients and loss are divided once by the number of loss tokens of the whole batch, so accumulation
+   changes nothing but memory; the global gradient norm is measured (before clipping);
+4. if loss and gradient norm are finite, the optimizer updates params and opt_state; otherwise both are
+   kept bit-for-bit (`lax.cond`) and `skipped` grows. `nonfinite: abort` is decided on the
+   host from the returned flag; either way no non-finite value ever enters the state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxmodel.model import MistralForCausalLM, abstract_model
+from jaxmodel.sharding import auto_mesh, constrain, logical_to_spec, model_shardings
+from training.config import RunConfig
+from training.loss import MaskingConfig, cross_entropy_sums, mask_for_mntp
+from training.optim import learning_rate_schedule, make_optimizer, optimizer_shardings
+
+BATCH_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    run: RunConfig
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    abstract_params: dict  # ShapeDtypeStructs (no shardings)
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: dict
+    batch_sharding: NamedSharding
+
+
+def setup(run: RunConfig, mesh: Mesh) -> TrainSetup:
+    mesh = auto_mesh(mesh)
+    model = abstract_model(run.model)
+    graphdef, state = nnx.split(model)
+    abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
+    param_shardings = nnx.to_pure_dict(model_shardings(model, mesh))
+    optimizer = make_optimizer(run.optimizer, run.train.steps, model)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state_shardings = {
+        "params": param_shardings,
+        "opt_state": optimizer_shardings(optimizer, abstract_params, param_shardings, replicated),
+        "step": replicated, "skipped": replicated, "rng": replicated,
+    }
+    shape = (run.train.global_batch_size, run.train.seq_len)
+    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), shape, mesh))
+    return TrainSetup(run, mesh, graphdef, abstract_params, optimizer,
+                      learning_rate_schedule(run.optimizer, run.train.steps), state_shardings, batch_sharding)
+
+
+def abstract_state(ts: TrainSetup) -> dict:
+    """The train state as ShapeDtypeStructs carrying their shardings (for restores and AOT compiles)."""
+    opt = jax.eval_shape(ts.optimizer.init, ts.abstract_params)
+    shapes = {"params": ts.abstract_params, "opt_state": opt, "step": jax.ShapeDtypeStruct((), jnp.int32),
+              "skipped": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        ts.state_shardings)
+
+
+def _rng(seed: int) -> jax.Array:
+    return jax.random.key_data(jax.random.key(seed, impl="threefry2x32"))
+
+
+def state_from_params(ts: TrainSetup, params: dict) -> dict:
+    """A fresh train state (step 0) around parameters already placed on the mesh."""
+    sh = ts.state_shardings
+
+    def fresh(params):
+        return {"params": params, "opt_state": ts.optimizer.init(params), "step": jnp.zeros((), jnp.int32),
+                "skipped": jnp.zeros((), jnp.int32), "rng": _rng(ts.run.train.seed)}
+
+    with jax.set_mesh(ts.mesh):
+        return jax.jit(fresh, in_shardings=(sh["params"],), out_shardings=sh)(params)
+
+
+def init_state(ts: TrainSetup) -> dict:
+    """Random initialization (normal(0.02), unit norms) created directly in its sharding."""
+    cfg, seed = ts.run.model, ts.run.train.seed
+
+    def init():
+        return nnx.to_pure_dict(nnx.split(MistralForCausalLM(cfg, rngs=nnx.Rngs(seed)))[1])
+
+    with jax.set_mesh(ts.mesh):
+        params = jax.jit(init, out_shardings=ts.state_shardings["params"])()
+    return state_from_params(ts, params)
+
+
+def put_batch(ts: TrainSetup, batch: dict) -> dict:
+    """This process's rows (numpy [B / processes, T]) -> global [B, T] arrays sharded over the batch axis.
+    loss_mask becomes float32 (a weight)."""
+    out = {}
+    for key in BATCH_KEYS:
+        value = np.asarray(batch[key], np.float32 if key == "loss_mask" else np.int32)
+        out[key] = jax.make_array_from_process_local_data(ts.batch_sharding, value)
+    return out
+
+
+def abstract_batch(ts: TrainSetup) -> dict:
+    shape = (ts.run.train.global_batch_size, ts.run.train.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
+                                    sharding=ts.batch_sharding) for k in BATCH_KEYS}
+
+
+def _loss_sums(ts: TrainSetup):
+    """loss_sums(params, batch, key, use_mntp) -> (sum of token losses, token count)."""
+    run = ts.run
+    masking = MaskingConfig(vocab_size=run.model.vocab_size, mask_token_id=run.train.mask_token_id,
+                            num_special_tokens=run.train.num_special_tokens)
+    chunk = run.train.loss_chunk
+
+    def loss_sums(params, batch, key, use_mntp):
+        model = nnx.merge(ts.graphdef, params)
+        ids, seg, pos = batch["input_ids"], batch["segment_ids"], batch["positions"]
+
+        def causal():
+            h, _ = model.hidden(ids, pos, seg, causal=True)
+            return cross_entropy_sums(model.unembed, h, batch["targets"], batch["loss_mask"], chunk=chunk)
+
+        def masked():
+            new_ids, targets, weights, _ = mask_for_mntp(key, ids, seg, batch["loss_mask"], masking)
+            h, _ = model.hidden(new_ids, pos, seg, causal=False)
+            return cross_entropy_sums(model.unembed, h, targets, weights, chunk=chunk)
+
+        if use_mntp is None:
+            return causal()
+        return jax.lax.cond(use_mntp, masked, causal)
+
+    return loss_sums
+
+
+def _microbatches(batch: dict, m: int) -> dict:
+    """[B, T] -> [M, B/M, T], microbatch i holding rows i, i+M, ... (see the module docstring)."""
+    def split(x):
+        b, t = x.shape
+        return x.reshape(b // m, m, t).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_loss_and_grads(ts: TrainSetup):
+    """loss_and_grads(params, batch, step_key) -> (loss, loss tokens, grads, mntp): what one train step
+    computes before the optimizer (not jitted). loss is the mean over the batch's loss tokens, grads its
+    float32 gradient; microbatches are scanned and summed before the one division (module docstring)."""
+    run = ts.run
+    loss_sums = _loss_sums(ts)
+    m = run.train.microbatches
+    mntp_p = float(run.train.mntp_probability)
+
+    def sum_and_grads(params, batch, key, use_mntp):
+        # Gradients of the loss *sum*; the count rides along as aux. float32 whatever the param dtype.
+        (s, n), g = jax.value_and_grad(lambda p: loss_sums(p, batch, key, use_mntp), has_aux=True)(params)
+        return s, n, jax.tree.map(lambda x: x.astype(jnp.float32), g)
+
+    def loss_and_grads(params, batch, key):
+        use_mntp = (jax.random.uniform(jax.random.fold_in(key, 0)) < mntp_p) if mntp_p > 0 else None
+        if m == 1:
+            loss_sum, count, grads = sum_and_grads(params, batch, jax.random.fold_in(key, 1), use_mntp)
+        else:
+            def body(carry, xs):
+                g_acc, s_acc, n_acc = carry
+                micro, i = xs
+                micro = {k: constrain(v, ("batch", "length")) for k, v in micro.items()}
+                s, n, g = sum_and_grads(params, micro, jax.random.fold_in(key, i + 1), use_mntp)
+                return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, n_acc + n), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            (grads, loss_sum, count), _ = jax.lax.scan(body, init, (_microbatches(batch, m), jnp.arange(m)))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        mntp = jnp.asarray(False) if use_mntp is None else use_mntp
+        return loss_sum / denom, count, grads, mntp
+
+    return loss_and_grads
+
+
+def step_key(state) -> jax.Array:
+    """The key of the step `state` is about to take: fold_in(run key, step)."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state["rng"], impl="threefry2x32"), state["step"])
+
+
+def make_train_step(ts: TrainSetup):
+    """train_step(state, batch) -> (state, metrics), jitted, `state` donated.
+
+    metrics: loss (mean over loss tokens), grad_norm (before clipping), learning_rate (of this
+    update), loss_tokens, finite (bool: the update was applied), mntp (bool), skipped (running count)."""
+    loss_and_grads = make_loss_and_grads(ts)
+
+    def train_step(state, batch):
+        params, step = state["params"], state["step"]
+        loss, count, grads, mntp = loss_and_grads(params, batch, step_key(state))
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        applied = step - state["skipped"]  # updates applied so far: the schedule's (and optax's) count
+
+        def update():
+            updates, new_opt = ts.optimizer.update(grads, state["opt_state"], params)
+            return optax.apply_updates(params, updates), new_opt
+
+        # A cond, not a select per leaf: a skipped step returns the very input buffers (bit-for-bit) and
+        # a normal one writes the update in place into the donated state, with no extra pass over it.
+        new_params, new_opt = jax.lax.cond(finite, update, lambda: (params, state["opt_state"]))
+        new_state = {"params": new_params, "opt_state": new_opt, "step": step + 1,
+                     "skipped": state["skipped"] + jnp.where(finite, 0, 1).astype(jnp.int32), "rng": state["rng"]}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": ts.schedule(applied),
+                   "loss_tokens": count, "finite": finite, "mntp": mntp, "skipped": new_state["skipped"]}
+        return new_state, metrics
+
+    sh = ts.state_shardings
+    batch_sh = {k: ts.batch_sharding for k in BATCH_KEYS}
+    return jax.jit(train_step, in_shardings=(sh, batch_sh), out_shardings=(sh, None), donate_argnums=0)
+
+
+def make_eval_step(ts: TrainSetup):
+    """eval_step(params, batch) -> (loss sum, token count): next-token loss, causal, no masking."""
+    loss_sums = _loss_sums(ts)
+    batch_sh = {k: ts.batch_sharding for k in BATCH_KEYS}
+    return jax.jit(lambda p, b: loss_sums(p, b, None, None), in_shardings=(ts.state_shardings["params"], batch_sh))
