@@ -70,6 +70,9 @@ def _compile_check(args):
     else:
         config, mesh = run_config.model_config(tree), run_config.mesh_shape(tree)
         batch, length = _workload(tree, args.mode)
+        if args.mode == "prefill" and (tree.get("inference") or {}).get("quantize"):
+            raise CommandError("--mode prefill compiles the unquantized forward; for an inference config with "
+                               "quantize use --mode decode (the whole generation program, prefill included)")
         if args.mode == "decode":  # inference/aot.py reads the inference section itself
             from inference.aot import compile_decode
 

@@ -23,6 +23,7 @@ T tokens, L layers, N query heads of width H:
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -104,7 +105,9 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        # Strict JSON: a non-finite value (the loss of a skipped step) is written as null, never NaN.
+        strict = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.file.write(json.dumps(strict, allow_nan=False) + "\n")
         self.file.flush()
         if self.tb is not None:
             for key, value in record.items():
