@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-test
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,tpu]"
+	$(BIN)/python -m pip install --quiet -e ".[test,tpu,demo]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -169,57 +169,9 @@ def _generate(args):
 
 
 def _demo(args):
-    import shutil
+    from normistral_demo import run_demo
 
-    from jaxmodel.config import MistralConfig
-    from jaxmodel.convert import export_hf, import_hf
-    from jaxmodel.parity import compare_logits, make_hf_checkpoint
-
-    work = os.path.abspath(args.workdir)
-    marker = os.path.join(work, ".normistral-demo")
-    if os.path.exists(work) and os.listdir(work) and not os.path.exists(marker):
-        raise FileExistsError(f"{work}: exists and is not a previous demo directory; choose another --workdir")
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
-    open(marker, "w").close()
-    hf_dir, ckpt_dir, back_dir = (os.path.join(work, d) for d in ("hf", "orbax", "hf-export"))
-    config = MistralConfig.tiny(num_hidden_layers=4, sliding_window=None)
-    t0 = time.time()
-    print(f"1/4 writing a random NorMistral-shaped Hugging Face checkpoint ({config.num_params():,} params) "
-          f"to {hf_dir}")
-    make_hf_checkpoint(hf_dir, config, dtype="float32")
-    print(f"2/4 normistral import-hf {hf_dir} {ckpt_dir}")
-    import_hf(hf_dir, ckpt_dir)
-    print(f"3/4 normistral export-hf {ckpt_dir} {back_dir}")
-    export_hf(ckpt_dir, back_dir)
-    print("4/4 comparing logits with transformers (eager, float32) at positions 30000..30255")
-    imported = compare_logits(hf_dir, ckpt_dir)
-    exported = compare_logits(back_dir, back_dir)
-    print(f"   JAX (from Orbax import) vs transformers: max |dlogit| = {imported['max_abs_logit_diff']:.2e}")
-    print(f"   transformers on the re-exported directory vs JAX: max |dlogit| = "
-          f"{exported['max_abs_logit_diff']:.2e}")
-    same = _bit_exact(hf_dir, back_dir)
-    print(f"   HF -> Orbax -> HF round trip: {same} tensors, every one bit-exact")
-    ok = max(imported["max_abs_logit_diff"], exported["max_abs_logit_diff"]) <= 1e-4
-    print(f"parity {'OK' if ok else 'FAILED'} (bound 1e-4) in {time.time() - t0:.1f}s")
-    if not ok:
-        raise SystemExit(1)
-
-
-def _bit_exact(a_dir: str, b_dir: str) -> int:
-    """Number of tensors, after checking both directories hold the same bytes for each."""
-    import numpy as np
-
-    from jaxmodel.safetensors_io import WeightFiles
-
-    a, b = WeightFiles.open(a_dir), WeightFiles.open(b_dir)
-    if a.names() != b.names():
-        raise SystemExit(f"normistral: error: {b_dir} holds other tensors than {a_dir}")
-    for name in a.names():
-        x, y = a.get(name), b.get(name)
-        if x.dtype != y.dtype or x.shape != y.shape or not np.array_equal(x.view(np.uint8), y.view(np.uint8)):
-            raise SystemExit(f"normistral: error: tensor {name} differs after the round trip")
-    return len(a.names())
+    run_demo(args.workdir, steps=args.steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("demo", help="the end-to-end run on a tiny local checkpoint")
-    p.add_argument("--workdir", default="demo-run")
+    p = sub.add_parser("demo", help="the end-to-end run on a tiny local checkpoint (the Quickstart's main job)")
+    p.add_argument("--workdir", default="demo-run", help="created (or a previous demo's, replaced)")
+    p.add_argument("--steps", type=int, default=300, help="training steps (the run stops halfway and resumes)")
     p.set_defaults(func=_demo)
     return parser
 

@@ -34,8 +34,9 @@ setup(
         "test": TEST,
         "tpu": ["jax[tpu]==0.10.2"],
         "cuda": ["jax[cuda12]==0.10.2"],
+        "demo": ["matplotlib==3.11.2"],  # the demo's loss-curve PNG
     },
-    py_modules=["normistral"],
+    py_modules=["normistral", "normistral_demo"],
     # The bundled corpus (the tiny configs and the demo build their tokenizer and data from it).
     package_data={"training": ["corpus/*.jsonl", "corpus/README.md"]},
     entry_points={"console_scripts": ["normistral=normistral:main"]},

@@ -59,6 +59,7 @@ def compare_logits(
         ours = np.asarray(nnx.jit(lambda m, i, p: m(i, positions=p))(model, ids, positions))
     return {
         "max_abs_logit_diff": float(np.abs(ours - reference).max()),
+        "max_abs_logit": float(np.abs(reference).max()),
         "tokens": int(batch * length),
         "position_offset": offset,
     }
