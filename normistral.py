@@ -98,7 +98,24 @@ def _compile_check(args):
         print(f"  compiler: {report['compiler']}")
 
 
+def _add_distributed_flags(p) -> None:
+    g = p.add_argument_group("multi-process runs (automatic on multi-host Cloud TPU slices; see docs/multihost.md)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, on every process")
+    g.add_argument("--num-processes", type=int, metavar="N")
+    g.add_argument("--process-id", type=int, metavar="I")
+    g.add_argument("--heartbeat-timeout", type=int, default=30, metavar="S",
+                   help="seconds before the others stop when a process dies (default 30)")
+
+
+def _join(args) -> None:
+    """Joins jax.distributed before anything touches a device (no-op for a single process)."""
+    from jaxmodel.distributed import DistributedArgs, initialize
+
+    initialize(DistributedArgs(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout))
+
+
 def _train(args):
+    _join(args)
     from training.documents import DataError
     from training.train import TrainingError, run_training
 
@@ -137,7 +154,19 @@ def _prepare_data(args):
     print(f"prepare-data: {index['num_rows']} rows of {index['seq_len']} tokens -> {args.output}")
 
 
+def _mesh_arg(text: str) -> tuple[int, int, int]:
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3:
+        raise CommandError(f"--mesh {text!r}: expected DATA,FSDP,TENSOR sizes, e.g. 1,-1,1")
+    return sizes
+
+
 def _generate(args):
+    _join(args)
+    import jax
     from tqdm.auto import tqdm
 
     from inference.generator import Generator, read_jsonl
@@ -147,18 +176,26 @@ def _generate(args):
         raise CommandError(f"{args.model_dir}: model directory not found")
     records = read_jsonl(args.input) if args.input else [{"text": t} for t in args.prompt or []]
     names = [f"{args.input}: prompt {i + 1}" if args.input else f"--prompt {i + 1}" for i in range(len(records))]
+    mesh = None
+    if args.mesh or jax.process_count() > 1:  # several processes: one mesh over all their devices
+        from jaxmodel.sharding import make_mesh
+
+        mesh = make_mesh(_mesh_arg(args.mesh or "1,-1,1"))
     gen = Generator.from_pretrained(args.model_dir, dtype=args.dtype, quantize=args.quantize,
-                                    kv_cache_dtype=args.kv_cache_dtype)
+                                    kv_cache_dtype=args.kv_cache_dtype, mesh=mesh)
     batches = gen.iter_records(
         records, max_new_tokens=args.max_new_tokens, stop="\n" if args.stop_at_newline else None,
         template=args.template.replace("\\n", "\n") if args.template else None,  # a typed \n is a newline
         batch_size=args.batch_size, names=names, do_sample=args.do_sample, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    with atomic_file(args.output) as out, tqdm(total=len(records), unit="prompt", disable=not args.input,
-                                               file=sys.stderr) as bar:
+    primary = jax.process_index() == 0  # every process generates (collectives); process 0 reports
+    with atomic_file(args.output if primary else None) as out, tqdm(
+            total=len(records), unit="prompt", disable=not (args.input and primary), file=sys.stderr) as bar:
         for batch in batches:  # printed per batch, in input order; the output file appears only when complete
             for record in batch:
                 line = json.dumps(record, ensure_ascii=False)
+                if not primary:
+                    continue
                 if args.input:
                     bar.write(line, file=sys.stdout)  # above the progress bar
                 else:
@@ -212,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="a run config YAML (configs/), e.g. configs/tiny-cpu.yaml")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics and prepared data; rerun to resume")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    _add_distributed_flags(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("build-tokenizer", help="train a NorMistral-style byte-level BPE tokenizer on text files")
@@ -250,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+                   help="shard the model over a device mesh (default: one device; 1,-1,1 with several processes)")
+    _add_distributed_flags(p)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("demo", help="the end-to-end run on a tiny local checkpoint (the Quickstart's main job)")
@@ -270,11 +311,12 @@ def main(argv=None) -> None:
     from jaxmodel.aot import TopologyError
     from jaxmodel.config import ConfigError
     from jaxmodel.convert import ConvertError
+    from jaxmodel.distributed import DistributedError
     from jaxmodel.sharding import ShardingError
 
     try:
         args.func(args)
-    except (ConfigError, ConvertError, ShardingError, TopologyError, CommandError, GenerateError,
+    except (ConfigError, ConvertError, ShardingError, TopologyError, CommandError, GenerateError, DistributedError,
             FileNotFoundError, NotADirectoryError, FileExistsError) as e:
         print(f"normistral: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

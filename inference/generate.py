@@ -459,7 +459,10 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, eos_
     args = (ids, mask)
     if mesh is not None:
         spec = logical_to_spec(("batch", "length"), ids.shape, mesh)
-        args = tuple(jax.device_put(a, NamedSharding(mesh, spec)) for a in args)
+        # From the host copy every process holds (the same prompts everywhere): each device gets its rows;
+        # this also works when the mesh spans several processes, where device_put of host data may not.
+        args = tuple(jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec), lambda i, a=a: a[i])
+                     for a in args)
     sampling = (np.float32(temperature), np.int32(top_k), np.float32(top_p), jax.random.key(seed))
     call = functools.partial(_generate_jit, graphdef, bool(do_sample), width, kv_cache_dtype, prefill_chunk, state,
                              *args, active, stop,
@@ -469,4 +472,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, eos_
     else:
         with jax.set_mesh(mesh):
             out = call()
+    if not out.is_fully_addressable:  # a mesh over several processes: every process gets all rows
+        from jax.experimental import multihost_utils
+
+        out = multihost_utils.process_allgather(out, tiled=True)
     return np.asarray(out)[: len(rows), :max_new_tokens]

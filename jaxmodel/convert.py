@@ -31,7 +31,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import jax
@@ -310,29 +310,44 @@ def save_pretrained(
     tensors = expected_hf_tensors(config)
     specs = {name: (t.hf_shape, dtype) for name, t in tensors.items()}
     shards = list(shard_plan(specs, max_shard_bytes))
-    with atomic_directory(path) as tmp:
-        hf_config = config.replace(torch_dtype=jnp.dtype(dtype).name).to_hf()
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(hf_config, f, indent=2)
+    # Multi-process runs: every process takes part in gathering each tensor (a collective); process 0 writes.
+    primary = jax.process_index() == 0
+    with atomic_directory(path) if primary else nullcontext() as tmp:
+        if primary:
+            hf_config = config.replace(torch_dtype=jnp.dtype(dtype).name).to_hf()
+            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(hf_config, f, indent=2)
         weight_map, total = {}, 0
-        with tqdm(total=len(tensors), desc="writing tensors", unit="tensor", disable=not progress) as bar:
+        with tqdm(total=len(tensors), desc="writing tensors", unit="tensor", disable=not (progress and primary)) as bar:
             for k, names in enumerate(shards):
                 file = (
                     "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
                 )
-                with SafetensorsWriter(os.path.join(tmp, file), {n: specs[n] for n in names}) as writer:
+                specs_k = {n: specs[n] for n in names}
+                with SafetensorsWriter(os.path.join(tmp, file), specs_k) if primary else nullcontext() as writer:
                     for name in names:
                         t = tensors[name]
                         value = arrays[t.rule.path]
                         value = value if t.layer is None else value[t.layer]
-                        hf = t.to_hf(np.asarray(jax.device_get(value))).astype(dtype)
-                        writer.write(name, hf)
+                        hf = t.to_hf(_to_host(value)).astype(dtype)
+                        if writer is not None:
+                            writer.write(name, hf)
                         weight_map[name] = file
                         total += hf.nbytes
                         bar.update(1)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=2)
+        if primary:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+
+
+def _to_host(value) -> np.ndarray:
+    """A (possibly multi-process) jax.Array as one host array; a collective when not fully addressable."""
+    if getattr(value, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(value))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
 
 
 # -- Orbax side (normistral import-hf / export-hf) ------------------------------------------------------------

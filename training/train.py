@@ -347,12 +347,13 @@ def _export(ts, state, path: str, run: RunConfig) -> None:
 
     from jaxmodel.convert import save_pretrained
 
-    if os.path.isdir(path) and os.listdir(path):
+    exists = os.path.isdir(path) and bool(os.listdir(path))
+    if jax.process_count() > 1:  # every process must take the same branch: the export is a collective
+        from jax.experimental import multihost_utils
+
+        exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+    if exists:
         _log(f"export: {path} already exists; not overwritten")
-        return
-    if jax.process_count() > 1:
-        _log("export: train.export_hf is done by single-process runs only; export a checkpoint's params "
-             "from one host instead")
         return
     _log(f"exporting the final weights to {path} (Hugging Face format)")
     save_pretrained(nnx.merge(ts.graphdef, state["params"]), path, dtype=run.train.export_dtype,
