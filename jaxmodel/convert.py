@@ -177,15 +177,21 @@ def _place(shape, dtype, sharding, read: Callable[[int | None], np.ndarray], lay
     return jax.make_array_from_single_device_arrays(shape, sharding, shards)
 
 
-def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=False, progress=True):
-    """The model state (flat {path: jax.Array}) read from a Hugging Face directory."""
+def _open_checked(path: str, config: MistralConfig, allow_pickle: bool):
+    """The directory's weight files, validated against the config before any tensor is read:
+    (files, {hf name: tensor rule}, {(state path, layer): (hf name, tensor rule)})."""
     try:
         files = WeightFiles.open(path, allow_pickle=allow_pickle)
     except WeightFileError as e:
         raise ConvertError(str(e)) from None
     expected = expected_hf_tensors(config)
     _check_files(files, expected, config, path)
-    by_slot = {(t.rule.path, t.layer): (name, t) for name, t in expected.items()}
+    return files, expected, {(t.rule.path, t.layer): (name, t) for name, t in expected.items()}
+
+
+def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=False, progress=True):
+    """The model state (flat {path: jax.Array}) read from a Hugging Face directory."""
+    files, expected, by_slot = _open_checked(path, config, allow_pickle)
     sharding_of = _sharding_fn(mesh)
     _, abstract = nnx.split(abstract_model(config))
     arrays = {}
@@ -359,13 +365,7 @@ def import_hf(hf_dir: str, ckpt_dir: str, *, allow_pickle: bool = False, progres
     from jaxmodel.orbax_stream import save_streaming
 
     config = MistralConfig.from_hf(hf_dir)
-    try:
-        files = WeightFiles.open(hf_dir, allow_pickle=allow_pickle)
-    except WeightFileError as e:
-        raise ConvertError(str(e)) from None
-    expected = expected_hf_tensors(config)
-    _check_files(files, expected, config, hf_dir)
-    by_slot = {(t.rule.path, t.layer): (name, t) for name, t in expected.items()}
+    files, expected, by_slot = _open_checked(hf_dir, config, allow_pickle)
     shapes = _param_shapes(config)
     dtype = config.weight_dtype if config.torch_dtype == "float32" else jnp.dtype(config.torch_dtype)
     abstract: dict = {}
