@@ -19,9 +19,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# The CPU benchmarks of BENCHMARKS.md (about 20 minutes on 2 cores; long_context alone ~10).
 bench: $(STAMP)
 	$(BIN)/python bench/prefill.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/convert_memory.py
+	$(BIN)/python bench/long_context.py
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache
