@@ -300,8 +300,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _default_platform() -> None:
+    """With the [tpu] extra installed on a machine without a TPU (a laptop, CI, this repository's CPU
+    machines), JAX would first probe libtpu, which prints a page of warnings; go straight to the CPU
+    there. A TPU VM (it has /dev/accel* or /dev/vfio devices), a CUDA install, or an explicit
+    JAX_PLATFORMS are left alone."""
+    import glob
+    import importlib.util
+
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    _default_platform()
     if args.command == "compile-check":
         # Before JAX loads: compile on the CPU backend, and share libtpu with any other process (it
         # takes a machine-wide lock when it loads; compiling for a topology description needs no chip).
