@@ -191,39 +191,20 @@ class MistralConfig:
     @classmethod
     def bench_64m(cls, **options) -> MistralConfig:
         """The 64M-parameter benchmark model (4 layers, hidden 512, NorMistral's vocabulary)."""
-        return cls(
-            vocab_size=51200,
-            hidden_size=512,
-            intermediate_size=1536,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            head_dim=64,
-            max_position_embeddings=32768,
-            rope_theta=1_000_000.0,
-            rms_norm_eps=1e-5,
-            pad_token_id=3,
-            **options,
-        )
+        return cls._scaled_down(dict(vocab_size=51200, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                                     num_attention_heads=8, num_key_value_heads=2, head_dim=64), options)
 
     @classmethod
     def tiny(cls, **options) -> MistralConfig:
         """A NorMistral-shaped toy (4:1 GQA, head_dim != hidden/heads) for tests and the demo."""
-        fields = dict(
-            vocab_size=1024,
-            hidden_size=128,
-            intermediate_size=352,
-            num_hidden_layers=2,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            head_dim=32,
-            max_position_embeddings=32768,
-            rope_theta=1_000_000.0,
-            rms_norm_eps=1e-5,
-            pad_token_id=3,
-        )
-        fields.update(options)
-        return cls(**fields)
+        return cls._scaled_down(dict(vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                                     num_attention_heads=8, num_key_value_heads=2, head_dim=32), options)
+
+    @classmethod
+    def _scaled_down(cls, shapes: dict, options: dict) -> MistralConfig:
+        """NorMistral's context, RoPE, norm and special tokens around smaller shapes; options override any."""
+        base = dict(max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-5, pad_token_id=3)
+        return cls(**{**base, **shapes, **options})
 
 
 _ARCH_FIELDS = (
