@@ -18,6 +18,7 @@ CORE = [
     "pyyaml==6.0.4",
     "tqdm==4.70.1",
     "psutil==7.2.2",
+    "tensorboardX==2.6.5",  # training curves in WORKDIR/tensorboard (metrics.jsonl has the same values)
 ]
 # torch 2.13.0: the CPU build on this machine's disk; a plain `torch` would pull a multi-GB CUDA build.
 TEST = ["pytest==9.2.0", "torch==2.13.0"]

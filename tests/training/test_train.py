@@ -77,6 +77,8 @@ def test_tiny_config_learns_from_the_bundled_corpus(tiny_run):
     evals = [r["eval_loss"] for r in lines if "eval_loss" in r]
     assert len(evals) == 2 and evals[1] < evals[0]
     assert summary["step"] == 100 and _finalized(workdir)[-1] == 100
+    events = [f for f in os.listdir(os.path.join(workdir, "tensorboard")) if f.startswith("events.out.tfevents")]
+    assert events and os.path.getsize(os.path.join(workdir, "tensorboard", events[0])) > 1000  # 100 steps of scalars
 
     # train.export_hf: the final weights as a Hugging Face directory transformers loads.
     import torch
