@@ -108,8 +108,7 @@ def test_roundtrip_is_bit_exact_with_plain_orbax(tmp_path):
 
 
 def test_sharded_restore_reads_layer_aligned_chunks(tmp_path, monkeypatch):
-    if len(jax.devices()) < 2:
-        pytest.skip("needs 2 devices (tests/conftest.py sets jax_num_cpu_devices)")
+    assert len(jax.devices()) >= 2, "tests/conftest.py sets jax_num_cpu_devices=8"
     # A tiny chunk cap so that these small arrays are split the way 5 GB ones are by the default.
     monkeypatch.setattr(orbax_stream, "CHUNK_BYTE_SIZE", 4096)
     tree = {"layers": {"mlp": {"w": SDS((3, 32, 64), jnp.bfloat16)}, "b": {"w": SDS((3, 64, 32), np.float32)}},
