@@ -65,13 +65,15 @@ import dataclasses
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+
 # The helpers ArrayHandler itself uses, so the files we write follow this Orbax version's layout.
 from orbax.checkpoint._src.futures import future as ocp_future
 from orbax.checkpoint._src.metadata import array_metadata_store as ocp_array_metadata_store
@@ -90,7 +92,7 @@ CHUNK_BYTE_SIZE = 16 * 2**20
 STACKED_KEY = "layers"
 
 KeyPath = tuple[str, ...]
-Fill = Callable[[KeyPath, Optional[int]], np.ndarray]
+Fill = Callable[[KeyPath, int | None], np.ndarray]
 Progress = Callable[[int], Any]
 
 
@@ -133,7 +135,7 @@ def num_writes(abstract_tree: Any) -> int:
 class _StreamingArrayHandler(ocp.type_handlers.ArrayHandler):
     """Writes `_Leaf`s slice by slice. Orbax records them as 'jax.Array' (inherited typestr)."""
 
-    def __init__(self, fill: Fill, progress: Optional[Progress], array_metadata_store):
+    def __init__(self, fill: Fill, progress: Progress | None, array_metadata_store):
         super().__init__(array_metadata_store=array_metadata_store)
         self._fill = fill
         self._progress = progress
@@ -191,7 +193,7 @@ class _StreamingArrayHandler(ocp.type_handlers.ArrayHandler):
                 self._progress(1)
         return spec.metadata
 
-    def _fetch(self, leaf: _Leaf, index: Optional[int]) -> np.ndarray:
+    def _fetch(self, leaf: _Leaf, index: int | None) -> np.ndarray:
         value = np.asarray(self._fill(leaf.path, index))
         shape = leaf.shape if index is None else leaf.shape[1:]
         # Refuse rather than cast: the checkpoint must hold exactly what `fill` returned.
@@ -239,7 +241,7 @@ def save_streaming(
     abstract_tree: Any,
     fill: Fill,
     *,
-    progress: Optional[Progress] = None,
+    progress: Progress | None = None,
 ) -> None:
     """Writes a standard Orbax checkpoint at `directory`, calling `fill` for the data.
 
