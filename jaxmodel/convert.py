@@ -238,7 +238,8 @@ def from_pretrained(
     progress: bool = True,
     **options,
 ) -> MistralForCausalLM:
-    """Loads a Hugging Face directory or an `import_hf` directory into a `MistralForCausalLM`.
+    """Loads a Hugging Face directory, an `import_hf` directory, or a training checkpoint step
+    (`WORKDIR/checkpoints/STEP`) into a `MistralForCausalLM`.
 
     dtype: parameter dtype; compute_dtype: activation dtype (default: dtype); options: other
     MistralConfig model options (attention_impl, remat, scan_layers)."""
@@ -246,7 +247,8 @@ def from_pretrained(
     if not os.path.isdir(path):
         raise ConvertError(f"{path}: not a directory")
     config = MistralConfig.from_hf(
-        path, param_dtype=jnp.dtype(dtype).name, dtype=jnp.dtype(compute_dtype or dtype).name, **options
+        config_source(path), param_dtype=jnp.dtype(dtype).name, dtype=jnp.dtype(compute_dtype or dtype).name,
+        **options
     )
     if os.path.isdir(os.path.join(path, PARAMS_DIR)):
         arrays = _restore_orbax(os.path.join(path, PARAMS_DIR), config, mesh)
@@ -416,9 +418,20 @@ def _restore_orbax(params_dir: str, config: MistralConfig, mesh) -> dict:
     return out
 
 
+def config_source(path: str):
+    """Where a directory's model config lives: its config.json, or, for a training checkpoint step (which
+    has `params/` and `meta/` but no config.json), the model section the trainer saved in `meta`."""
+    meta = os.path.join(path, "meta", "metadata")
+    if not os.path.exists(os.path.join(path, "config.json")) and os.path.isfile(meta):
+        with open(meta, encoding="utf-8") as f:
+            return json.load(f)["model"]
+    return path
+
+
 def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, progress: bool = True) -> None:
-    """An `import_hf` directory (or any directory from_pretrained reads) -> a Hugging Face directory."""
-    config = MistralConfig.from_hf(ckpt_dir)
+    """An `import_hf` directory or a training checkpoint step (or any directory from_pretrained reads)
+    -> a Hugging Face directory."""
+    config = MistralConfig.from_hf(config_source(ckpt_dir))
     model = from_pretrained(ckpt_dir, dtype=jnp.dtype(config.torch_dtype), progress=progress)
     save_pretrained(model, hf_dir, dtype=dtype, progress=progress)
 

@@ -199,3 +199,19 @@ def test_compile_check_train_for_a_tpu_topology():
     assert report["global_batch_size"] == 8 and report["seq_len"] == 128
     assert report["fits"] and 0 < report["device_bytes"] < report["hbm_bytes"]
     assert report["alias_bytes"] > 0  # the donated state is updated in place
+
+
+def test_export_hf_reads_a_training_checkpoint_step(tiny_run, tmp_path):
+    """`normistral export-hf WORKDIR/checkpoints/STEP HF_DIR`: the config comes from the checkpoint's meta."""
+    import torch
+    import transformers
+
+    from jaxmodel import export_hf
+
+    workdir = tiny_run[0]
+    out = str(tmp_path / "hf")
+    export_hf(os.path.join(workdir, "checkpoints", "100"), out, progress=False)
+    hf = transformers.MistralForCausalLM.from_pretrained(out, dtype=torch.float32)
+    final = _params(workdir, 100)
+    np.testing.assert_array_equal(hf.model.layers[0].self_attn.q_proj.weight.detach().numpy(),
+                                  np.asarray(final["layers"]["self_attn"]["q_proj"][0]).reshape(128, -1).T)
