@@ -181,7 +181,14 @@ def _generate(args):
         from jaxmodel.sharding import make_mesh
 
         mesh = make_mesh(_mesh_arg(args.mesh or "1,-1,1"))
-    gen = Generator.from_pretrained(args.model_dir, dtype=args.dtype, quantize=args.quantize,
+    tokenizer = None
+    if args.tokenizer:
+        import transformers
+
+        if not os.path.isdir(args.tokenizer):
+            raise CommandError(f"{args.tokenizer}: tokenizer directory not found")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)  # never trust_remote_code
+    gen = Generator.from_pretrained(args.model_dir, tokenizer=tokenizer, dtype=args.dtype, quantize=args.quantize,
                                     kv_cache_dtype=args.kv_cache_dtype, mesh=mesh)
     batches = gen.iter_records(
         records, max_new_tokens=args.max_new_tokens, stop="\n" if args.stop_at_newline else None,
@@ -288,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", metavar="DIR", help="a Hugging Face tokenizer directory (default: MODEL_DIR's)")
     p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                    help="shard the model over a device mesh (default: one device; 1,-1,1 with several processes)")
     _add_distributed_flags(p)

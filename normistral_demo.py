@@ -30,17 +30,10 @@ CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "training", "c
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
 SOURCES = {"translation_pairs.jsonl": 0.5, "nb.jsonl": 0.3, "nn.jsonl": 0.1, "en.jsonl": 0.05, "se.jsonl": 0.05}
 TEMPLATE = "Engelsk: {0}\nBokmål:"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def _step(number: int, text: str) -> None:
     print(f"\n[{number}/8] {text}", flush=True)
-
-
-def _copy_tokenizer(tokenizer_dir: str, model_dir: str) -> None:
-    for name in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(tokenizer_dir, name)):
-            shutil.copy(os.path.join(tokenizer_dir, name), model_dir)
 
 
 def _pairs(count: int) -> list[tuple[str, str]]:
@@ -81,7 +74,7 @@ def _plot(metrics: list[dict], path: str) -> None:
 def run_demo(workdir: str, *, steps: int = 300) -> dict:
     from inference.generator import Generator
     from jaxmodel.config import MistralConfig
-    from jaxmodel.convert import import_hf
+    from jaxmodel.convert import copy_tokenizer_files, import_hf
     from jaxmodel.parity import compare_logits, make_hf_checkpoint
     from training.data import prepare_data
     from training.tokenizer import train_tokenizer
@@ -106,7 +99,7 @@ def run_demo(workdir: str, *, steps: int = 300) -> dict:
     config = MistralConfig.tiny(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                                 num_attention_heads=8, num_key_value_heads=2, head_dim=32)
     make_hf_checkpoint(paths["hf"], config, seed=0)
-    _copy_tokenizer(paths["tokenizer"], paths["hf"])
+    copy_tokenizer_files(paths["tokenizer"], paths["hf"])  # a downloaded model directory carries its tokenizer
     print(f"  {config.num_params():,} parameters; GQA 8:2, head_dim 32 != 256/8, theta 1e6 (as NorMistral)")
 
     _step(3, f"normistral import-hf {paths['hf']} {paths['orbax']}")
@@ -130,8 +123,7 @@ def run_demo(workdir: str, *, steps: int = 300) -> dict:
     assert [m["step"] for m in metrics] == list(range(1, steps + 1)), "one metrics line per step"
 
     export = os.path.join(paths["run"], "hf")
-    _step(6, f"exported the trained weights to {export} (Hugging Face format)")
-    _copy_tokenizer(paths["tokenizer"], export)
+    _step(6, f"exported the trained weights to {export} (Hugging Face format, with the tokenizer)")
 
     _step(7, "normistral parity: transformers (eager, float32) vs JAX on the exported checkpoint")
     # Positions 0..255: the range the toy was trained on (far-out positions are covered by the tests on

@@ -385,6 +385,7 @@ def import_hf(hf_dir: str, ckpt_dir: str, *, allow_pickle: bool = False, progres
     with atomic_directory(ckpt_dir) as tmp:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config.to_hf(), f, indent=2)
+        copy_tokenizer_files(hf_dir, tmp)  # a complete model directory: Generator.from_pretrained reads it
         with tqdm(total=len(expected), desc="importing tensors", unit="tensor", disable=not progress) as bar:
             save_streaming(os.path.join(tmp, PARAMS_DIR), abstract, fill, progress=bar.update)
 
@@ -418,6 +419,18 @@ def _restore_orbax(params_dir: str, config: MistralConfig, mesh) -> dict:
     return out
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json")
+
+
+def copy_tokenizer_files(src: str, dst: str) -> list[str]:
+    """Copies the tokenizer (and generation config) files a model directory carries; returns their names."""
+    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    for name in names:
+        shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+    return names
+
+
 def config_source(path: str):
     """Where a directory's model config lives: its config.json, or, for a training checkpoint step (which
     has `params/` and `meta/` but no config.json), the model section the trainer saved in `meta`."""
@@ -434,6 +447,7 @@ def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, progress:
     config = MistralConfig.from_hf(config_source(ckpt_dir))
     model = from_pretrained(ckpt_dir, dtype=jnp.dtype(config.torch_dtype), progress=progress)
     save_pretrained(model, hf_dir, dtype=dtype, progress=progress)
+    copy_tokenizer_files(ckpt_dir, hf_dir)
 
 
 __all__ = [

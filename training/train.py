@@ -345,7 +345,7 @@ def _prepared_batch(ts, dataset, index: int, run: RunConfig) -> dict:
 def _export(ts, state, path: str, run: RunConfig) -> None:
     from flax import nnx
 
-    from jaxmodel.convert import save_pretrained
+    from jaxmodel.convert import copy_tokenizer_files, save_pretrained
 
     exists = os.path.isdir(path) and bool(os.listdir(path))
     if jax.process_count() > 1:  # every process must take the same branch: the export is a collective
@@ -358,3 +358,6 @@ def _export(ts, state, path: str, run: RunConfig) -> None:
     _log(f"exporting the final weights to {path} (Hugging Face format)")
     save_pretrained(nnx.merge(ts.graphdef, state["params"]), path, dtype=run.train.export_dtype,
                     progress=False)
+    # The starting directory's tokenizer goes along, so the export is a complete model directory.
+    if run.init_from and jax.process_index() == 0:
+        copy_tokenizer_files(run.init_from, path)
