@@ -111,7 +111,13 @@ def _join(args) -> None:
     """Joins jax.distributed before anything touches a device (no-op for a single process)."""
     from jaxmodel.distributed import DistributedArgs, initialize
 
-    initialize(DistributedArgs(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout))
+    if initialize(DistributedArgs(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)):
+        # Native libraries (gloo) print connection chatter to file descriptor 1; send that to stderr and
+        # keep Python's stdout on the real one, so results (JSON lines) stay clean.
+        real_stdout = os.dup(1)
+        sys.stdout.flush()
+        os.dup2(2, 1)
+        sys.stdout = os.fdopen(real_stdout, "w", buffering=1, encoding="utf-8")
 
 
 def _train(args):
