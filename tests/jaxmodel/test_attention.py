@@ -184,3 +184,12 @@ def test_dispatcher_runs_splash_in_interpret_mode_off_tpu():
     for impl in ("splash", "flash"):
         attend = jax.jit(lambda q, k, v, impl=impl: dot_product_attention(q, k, v, mask, impl=impl))
         _assert_close(attend(q, k, v), want, impl)
+
+
+def test_splash_uses_the_fused_backward_only_for_short_sequences():
+    """The fused backward's per-key-block dq buffer cost 17 GiB per chip at 32K (compile-check)."""
+    from jaxmodel.splash import default_block_sizes
+
+    assert default_block_sizes(1024, 1024).use_fused_bwd_kernel
+    long = default_block_sizes(32768, 32768)
+    assert not long.use_fused_bwd_kernel and long.block_q_dq == 512 and long.block_kv_dq == 512
