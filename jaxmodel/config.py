@@ -24,6 +24,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads")
+# What makes two configs the same network (a checkpoint of one loads into the other); the rest are options.
+ARCHITECTURE_FIELDS = (*SHAPE_FIELDS, "head_dim", "rope_theta", "rms_norm_eps", "sliding_window",
+                       "tie_word_embeddings")
 ATTENTION_IMPLS = ("auto", "xla", "flash", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -61,15 +66,7 @@ class MistralConfig:
     torch_dtype: str = "float32"
 
     def __post_init__(self):
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-        ):
+        for name in (*SHAPE_FIELDS, "head_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
@@ -207,20 +204,9 @@ class MistralConfig:
         return cls(**{**base, **shapes, **options})
 
 
-_ARCH_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "max_position_embeddings",
-    "rms_norm_eps",
-    "tie_word_embeddings",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-)
+# Read from config.json as they are (head_dim, rope_theta, sliding_window and dtype need care, below).
+_ARCH_FIELDS = (*SHAPE_FIELDS, "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id",
+                "eos_token_id", "pad_token_id")
 
 
 def _fields_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:

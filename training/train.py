@@ -44,7 +44,7 @@ import time
 import jax
 import numpy as np
 
-from jaxmodel.config import ConfigError
+from jaxmodel.config import ARCHITECTURE_FIELDS, ConfigError
 from jaxmodel.run_config import load_run_config
 from jaxmodel.sharding import make_mesh
 from training import step as steps_lib
@@ -153,10 +153,6 @@ def _host_batch(dataset, index: int, run: RunConfig) -> dict:
 # -- state ------------------------------------------------------------------------------------------------------
 
 
-_ARCH = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-         "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps", "sliding_window", "tie_word_embeddings")
-
-
 def _initial_state(ts: steps_lib.TrainSetup, run: RunConfig) -> dict:
     if run.init_from is None:
         _log(f"random init ({run.model.num_params():,} parameters, seed {run.train.seed})")
@@ -167,7 +163,7 @@ def _initial_state(ts: steps_lib.TrainSetup, run: RunConfig) -> dict:
     from jaxmodel.convert import from_pretrained
 
     found = MistralConfig.from_hf(run.init_from)
-    diff = [f"{k}: {getattr(found, k)} != {getattr(run.model, k)}" for k in _ARCH
+    diff = [f"{k}: {getattr(found, k)} != {getattr(run.model, k)}" for k in ARCHITECTURE_FIELDS
             if getattr(found, k) != getattr(run.model, k)]
     if diff:
         raise ConfigError(f"{run.path}: model.init_from {run.init_from} does not match the model section "
@@ -183,7 +179,7 @@ def _initial_state(ts: steps_lib.TrainSetup, run: RunConfig) -> dict:
 def _check_same_model(meta: dict, run: RunConfig, where: str) -> None:
     """Refuses to resume a checkpoint of another architecture (a clear error instead of Orbax's)."""
     saved, ours = meta.get("model", {}), run.model.to_hf()
-    diff = [f"{k}: {saved[k]} != {ours[k]}" for k in _ARCH if k in saved and saved[k] != ours[k]]
+    diff = [f"{k}: {saved[k]} != {ours[k]}" for k in ARCHITECTURE_FIELDS if k in saved and saved[k] != ours[k]]
     if diff:
         raise ConfigError(f"{where}: the checkpoints there are of another model ({'; '.join(diff)}); "
                           "use another --workdir")
