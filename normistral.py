@@ -176,7 +176,7 @@ def _generate(args):
     from tqdm.auto import tqdm
 
     from inference.generator import Generator, read_jsonl
-    from jaxmodel.convert import atomic_file
+    from jaxmodel.storage import atomic_file
 
     if not os.path.isdir(args.model_dir):
         raise CommandError(f"{args.model_dir}: model directory not found")
@@ -345,10 +345,11 @@ def main(argv=None) -> None:
     from jaxmodel.convert import ConvertError
     from jaxmodel.distributed import DistributedError
     from jaxmodel.sharding import ShardingError
+    from jaxmodel.storage import StorageError
 
     try:
         args.func(args)
-    except (ConfigError, ConvertError, ShardingError, TopologyError, CommandError, GenerateError, DistributedError,
+    except (ConfigError, ConvertError, ShardingError, TopologyError, CommandError, GenerateError, DistributedError, StorageError,
             FileNotFoundError, NotADirectoryError, FileExistsError) as e:
         print(f"normistral: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -29,9 +29,8 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import jax
@@ -42,6 +41,7 @@ from tqdm.auto import tqdm
 
 from jaxmodel.config import ConfigError, MistralConfig
 from jaxmodel.model import MistralForCausalLM, abstract_model
+from jaxmodel.storage import atomic_directory, atomic_file  # noqa: F401 (re-exported)
 from jaxmodel.safetensors_io import SafetensorsWriter, WeightFileError, WeightFiles, shard_plan
 
 PARAMS_DIR = "params"  # the Orbax checkpoint inside an import_hf directory
@@ -258,43 +258,6 @@ def from_pretrained(
 
 
 # -- export -------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def atomic_directory(target: str):
-    """Yields a temporary sibling directory that becomes `target` only if the block succeeds."""
-    target = os.path.abspath(target)
-    if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
-        raise ConvertError(f"{target}: output directory already exists and is not empty")
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
-    try:
-        yield tmp
-        if os.path.isdir(target):
-            os.rmdir(target)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextmanager
-def atomic_file(path: str | None, mode: str = "w"):
-    """Yields a file open on a temporary sibling that becomes `path` only if the block succeeds
-    (None: yields None, writes nothing)."""
-    if path is None:
-        yield None
-        return
-    path = os.path.abspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _flat_arrays(model: MistralForCausalLM) -> dict[tuple[str, ...], jax.Array]:

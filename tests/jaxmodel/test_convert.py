@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from jaxmodel import ConfigError, ConvertError, MistralConfig, export_hf, from_pretrained, import_hf, save_pretrained
 from jaxmodel.parity import make_hf_checkpoint
+from jaxmodel.storage import StorageError
 
 from ..conftest import PARITY_CONFIGS
 
@@ -251,6 +252,6 @@ def test_export_refuses_a_non_empty_output_directory(hf_checkpoints, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("user data")
     model = from_pretrained(hf_checkpoints["mqa"], progress=False)
-    with pytest.raises(ConvertError, match="already exists and is not empty"):
+    with pytest.raises(StorageError, match="already exists and is not empty"):
         save_pretrained(model, str(tmp_path / "taken"))
     assert (tmp_path / "taken" / "keep.txt").read_text() == "user data"
