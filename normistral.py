@@ -349,8 +349,8 @@ def main(argv=None) -> None:
 
     try:
         args.func(args)
-    except (ConfigError, ConvertError, ShardingError, TopologyError, CommandError, GenerateError, DistributedError, StorageError,
-            FileNotFoundError, NotADirectoryError, FileExistsError) as e:
+    except (ConfigError, ConvertError, ShardingError, TopologyError, CommandError, GenerateError, DistributedError,
+            StorageError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
         print(f"normistral: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

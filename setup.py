@@ -19,9 +19,12 @@ CORE = [
     "tqdm==4.70.1",
     "psutil==7.2.2",
     "tensorboardX==2.6.5",  # training curves in WORKDIR/tensorboard (metrics.jsonl has the same values)
+    "fsspec==2026.9.0",  # jaxmodel/storage.py: one code path for local paths and gs://
+    "gcsfs==2026.10.1",
 ]
 # torch 2.13.0: the CPU build on this machine's disk; a plain `torch` would pull a multi-GB CUDA build.
-TEST = ["pytest==9.2.0", "torch==2.13.0"]
+TEST = ["pytest==9.2.0", "torch==2.13.0",
+        "gcp-storage-emulator==2026.7.19"]  # the GCS JSON API on localhost (tests/conftest.py starts it)
 
 setup(
     name="normistral-jax",

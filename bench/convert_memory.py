@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import machine  # noqa: E402
 
 from jaxmodel.config import MistralConfig  # noqa: E402
-from jaxmodel.convert import expected_hf_tensors  # noqa: E402
 from jaxmodel.safetensors_io import SafetensorsWriter, shard_plan  # noqa: E402
+from jaxmodel.weights import expected_hf_tensors  # noqa: E402
 
 
 def write_synthetic(path: str, layers: int) -> int:

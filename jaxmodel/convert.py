@@ -1,37 +1,31 @@
-"""Hugging Face <-> JAX weight conversion, streamed tensor by tensor.
+"""Checkpoint reading and writing: Hugging Face directories, `import-hf` directories, exports.
 
 Inside:
-- `WEIGHT_RULES`: the one table mapping each Hugging Face key pattern to a model-state path and an
-  explicit layout change; `expected_hf_tensors(config)` expands it for a config.
 - `from_pretrained(path, *, dtype, mesh=None)`: a model from a Hugging Face directory (single or sharded
   safetensors; `.bin` only with `allow_pickle=True`) or from a directory written by `import_hf`.
+- `load_hf_state`: the flat model state read from a Hugging Face directory, placed per a mesh.
 - `save_pretrained(model, path)`: a Hugging Face directory (config.json, sharded safetensors, index)
   that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 - `import_hf(hf_dir, ckpt_dir)` / `export_hf(ckpt_dir, hf_dir)`: the CLI's conversions (Orbax on our side).
-- `ConvertError`: every mismatch, as one line naming the file and the tensor.
-
-Layouts. transformers' Linear stores W [out, in]; ours are [in, out] with heads split out:
-q [D, N, H], k/v [D, K, H], o [N, H, D], gate/up [D, F], down [F, D], lm_head [D, V]. A "linear" rule
-is W.T reshaped to the JAX shape; its inverse reshapes to [in, out] and transposes. Per-layer tensors
-go into slice i of the [L, ...] stacks.
+- `copy_tokenizer_files`: the tokenizer files a complete model directory carries.
+The key table and per-tensor layout changes live in `jaxmodel/weights.py`; paths and never-half-written
+outputs in `jaxmodel/storage.py`.
 
 Streaming. Every check (missing, unexpected, duplicate keys, shapes, dtypes, truncation) runs on the
-headers before any tensor is converted. Arrays are then built with `jax.make_array_from_callback`: the
-callback receives the index each device holds and reads only those layers (and slices) from the
-memory-mapped files, so no full copy of a stacked parameter is made in host memory beyond what the
-device itself holds. Exports stream the other way, one tensor per write. Outputs are written to a
-temporary sibling directory and renamed into place, so a failure leaves no half-written directory.
+headers before any tensor is converted. Arrays are then built per device index: each device receives
+only its own layers (and slices), read from the memory-mapped files, so no full copy of a stacked
+parameter is made in host memory beyond what the device itself holds. Exports stream the other way,
+one tensor per write. Outputs go through `storage.atomic_directory`, so a failure leaves nothing
+half-written.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -41,109 +35,12 @@ from tqdm.auto import tqdm
 
 from jaxmodel.config import ConfigError, MistralConfig
 from jaxmodel.model import MistralForCausalLM, abstract_model
-from jaxmodel.storage import atomic_directory, atomic_file  # noqa: F401 (re-exported)
 from jaxmodel.safetensors_io import SafetensorsWriter, WeightFileError, WeightFiles, shard_plan
+from jaxmodel.storage import atomic_directory
+from jaxmodel.weights import WEIGHT_RULES, ConvertError, check_files, expected_hf_tensors, param_shapes
 
 PARAMS_DIR = "params"  # the Orbax checkpoint inside an import_hf directory
 DEFAULT_SHARD_BYTES = 5 * 1024**3
-
-
-class ConvertError(ValueError):
-    """A checkpoint that does not match its config or our model; the message names file and tensor."""
-
-
-@dataclass(frozen=True)
-class WeightRule:
-    hf: str  # key pattern; {i} is the layer index
-    path: tuple[str, ...]  # path in the model state
-    in_dims: int | None  # None: same layout; k: a Linear whose input is the first k JAX dims
-
-
-WEIGHT_RULES = (
-    WeightRule("model.embed_tokens.weight", ("embed_tokens",), None),
-    WeightRule("model.layers.{i}.input_layernorm.weight", ("layers", "input_layernorm", "weight"), None),
-    WeightRule("model.layers.{i}.self_attn.q_proj.weight", ("layers", "self_attn", "q_proj"), 1),
-    WeightRule("model.layers.{i}.self_attn.k_proj.weight", ("layers", "self_attn", "k_proj"), 1),
-    WeightRule("model.layers.{i}.self_attn.v_proj.weight", ("layers", "self_attn", "v_proj"), 1),
-    WeightRule("model.layers.{i}.self_attn.o_proj.weight", ("layers", "self_attn", "o_proj"), 2),
-    WeightRule(
-        "model.layers.{i}.post_attention_layernorm.weight", ("layers", "post_attention_layernorm", "weight"), None
-    ),
-    WeightRule("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate_proj"), 1),
-    WeightRule("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up_proj"), 1),
-    WeightRule("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down_proj"), 1),
-    WeightRule("model.norm.weight", ("norm", "weight"), None),
-    WeightRule("lm_head.weight", ("lm_head",), 1),
-)
-# Buffers some older checkpoints carry that are recomputed, never loaded.
-_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-
-
-@dataclass(frozen=True)
-class _Tensor:
-    rule: WeightRule
-    layer: int | None
-    jax_shape: tuple[int, ...]  # the slice shape (without the layer axis)
-
-    @property
-    def hf_shape(self) -> tuple[int, ...]:
-        if self.rule.in_dims is None:
-            return self.jax_shape
-        k = self.rule.in_dims
-        return (int(np.prod(self.jax_shape[k:])), int(np.prod(self.jax_shape[:k])))
-
-    def to_jax(self, w: np.ndarray) -> np.ndarray:
-        return w if self.rule.in_dims is None else w.T.reshape(self.jax_shape)
-
-    def to_hf(self, w: np.ndarray) -> np.ndarray:
-        if self.rule.in_dims is None:
-            return w
-        out_dim, in_dim = self.hf_shape
-        return w.reshape(in_dim, out_dim).T
-
-
-def _param_shapes(config: MistralConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    _, state = nnx.split(abstract_model(config))
-    return {tuple(str(p) for p in path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
-
-
-def expected_hf_tensors(config: MistralConfig) -> dict[str, _Tensor]:
-    """Every Hugging Face key the config implies, with its rule and the JAX slice shape."""
-    shapes = _param_shapes(config)
-    out = {}
-    for rule in WEIGHT_RULES:
-        if rule.path not in shapes:  # lm_head of a tied model
-            continue
-        shape = shapes[rule.path]
-        if "{i}" in rule.hf:
-            for i in range(config.num_hidden_layers):
-                out[rule.hf.format(i=i)] = _Tensor(rule, i, shape[1:])
-        else:
-            out[rule.hf] = _Tensor(rule, None, shape)
-    return out
-
-
-def _check_files(files: WeightFiles, expected: dict[str, _Tensor], config: MistralConfig, where: str):
-    present = set(files.names())
-    for name in sorted(present - set(expected)):
-        if _IGNORED.fullmatch(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
-            continue
-        raise ConvertError(
-            f"{files.file_of(name)}: unexpected tensor {name} (not in a Mistral model "
-            f"with {config.num_hidden_layers} layers)"
-        )
-    for name in expected:
-        if name not in present:
-            raise ConvertError(f"{where}: missing tensor {name}")
-        got, want = files.shape(name), expected[name].hf_shape
-        if tuple(got) != want:
-            raise ConvertError(
-                f"{files.file_of(name)}: tensor {name} has shape {tuple(got)}, config.json implies {want}"
-            )
-    for name in expected:
-        dtype = files.dtype(name)
-        if not (np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"):
-            raise ConvertError(f"{files.file_of(name)}: tensor {name} has dtype {dtype}, expected floating point")
 
 
 def _place(shape, dtype, sharding, read: Callable[[int | None], np.ndarray], layers: int | None) -> jax.Array:
@@ -185,7 +82,7 @@ def _open_checked(path: str, config: MistralConfig, allow_pickle: bool):
     except WeightFileError as e:
         raise ConvertError(str(e)) from None
     expected = expected_hf_tensors(config)
-    _check_files(files, expected, config, path)
+    check_files(files, expected, config, path)
     return files, expected, {(t.rule.path, t.layer): (name, t) for name, t in expected.items()}
 
 
@@ -331,7 +228,7 @@ def import_hf(hf_dir: str, ckpt_dir: str, *, allow_pickle: bool = False, progres
 
     config = MistralConfig.from_hf(hf_dir)
     files, expected, by_slot = _open_checked(hf_dir, config, allow_pickle)
-    shapes = _param_shapes(config)
+    shapes = param_shapes(config)
     dtype = config.weight_dtype if config.torch_dtype == "float32" else jnp.dtype(config.torch_dtype)
     abstract: dict = {}
     for p, shape in shapes.items():

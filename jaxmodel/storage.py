@@ -92,7 +92,7 @@ def _fs(path):
     if is_remote(path):
         fs, inner = fsspec.core.url_to_fs(path)
         return fs, inner
-    return fsspec.filesystem("file"), path
+    return fsspec.filesystem("file", auto_mkdir=True), path  # writes create parents, as on object stores
 
 
 def _url(fs, inner: str, like: str) -> str:

@@ -57,3 +57,67 @@ def pytest_report_header(config):
         f"jax {jax.__version__}, devices: {len(jax.devices())} x {jax.devices()[0].platform}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}"
     )
+
+
+# -- Google Cloud Storage on localhost -------------------------------------------------------------------
+# The real GCS JSON API, served by the `gcp-storage-emulator` package (a test dependency in setup.py):
+# gcsfs/fsspec and the Python clients reach it through STORAGE_EMULATOR_HOST, TensorStore (and so Orbax's
+# arrays) through TENSORSTORE_GCS_HTTP_URL. The variables are set in os.environ, so CLI subprocesses that
+# inherit the environment see the same buckets.
+GCS_ENV_KEYS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "FSSPEC_GS_TOKEN",
+                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """The emulator's base URL; started once per session on a free port, stopped at the end."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = shutil.which("gcp-storage-emulator", path=os.path.dirname(sys.executable)) or "gcp-storage-emulator"
+    proc = subprocess.Popen([exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"the GCS emulator did not start: {proc.stderr.read().decode()[-2000:]}") from None
+            time.sleep(0.2)
+    saved = {k: os.environ.get(k) for k in GCS_ENV_KEYS}
+    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, GOOGLE_AUTH_TOKEN_FOR_TESTING="test",
+                      FSSPEC_GS_TOKEN="anon",
+                      # gcsfs' experimental file system probes bucket types over gRPC (60 s per bucket against
+                      # an HTTP-only emulator); the classic JSON-API client is what talks to the emulator.
+                      GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator):
+    """A new, empty bucket for one test: its URL, e.g. gs://test-1a2b3c4d."""
+    import uuid
+
+    import fsspec
+
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    fsspec.filesystem("gs", skip_instance_cache=True).mkdir(name)
+    return f"gs://{name}"

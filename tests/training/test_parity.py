@@ -9,9 +9,9 @@ import torch
 import transformers
 
 from jaxmodel.config import MistralConfig
-from jaxmodel.convert import expected_hf_tensors
 from jaxmodel.parity import make_hf_checkpoint
 from jaxmodel.sharding import make_mesh
+from jaxmodel.weights import expected_hf_tensors
 from training import config as train_config
 from training import step as steps_lib
 from training.train import _initial_state
