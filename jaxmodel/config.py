@@ -24,6 +24,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxmodel import storage  # config.json local or on gs://
+
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads")
 # What makes two configs the same network (a checkpoint of one loads into the other); the rest are options.
@@ -121,13 +123,12 @@ class MistralConfig:
             hf, where = dict(path_or_dict), "config dict"
         else:
             path = os.fspath(path_or_dict)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            if not os.path.isfile(path):
+            if storage.isdir(path):
+                path = storage.join(path, "config.json")
+            if not storage.isfile(path):
                 raise ConfigError(f"{path}: config.json not found")
             try:
-                with open(path, encoding="utf-8") as f:
-                    hf = json.load(f)
+                hf = storage.read_json(path)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
             where = path

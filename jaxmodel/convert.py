@@ -17,13 +17,14 @@ only its own layers (and slices), read from the memory-mapped files, so no full 
 parameter is made in host memory beyond what the device itself holds. Exports stream the other way,
 one tensor per write. Outputs go through `storage.atomic_directory`, so a failure leaves nothing
 half-written.
+
+Paths: every directory here is local or a `gs://` URL (`jaxmodel.storage`; safetensors through range
+reads and streamed uploads, Orbax arrays through TensorStore's own GCS driver). A directory whose write
+was interrupted on an object store (`_WRITING` without `_COMMITTED`) is refused by name.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -33,6 +34,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jaxmodel import storage
 from jaxmodel.config import ConfigError, MistralConfig
 from jaxmodel.model import MistralForCausalLM, abstract_model
 from jaxmodel.safetensors_io import SafetensorsWriter, WeightFileError, WeightFiles, shard_plan
@@ -105,6 +107,7 @@ def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=F
             arrays[p] = _place(
                 var.shape, var.dtype, sharding_of(p, var), read, config.num_hidden_layers if stacked else None
             )
+    files.close()
     return arrays
 
 
@@ -140,15 +143,13 @@ def from_pretrained(
 
     dtype: parameter dtype; compute_dtype: activation dtype (default: dtype); options: other
     MistralConfig model options (attention_impl, remat, scan_layers)."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise ConvertError(f"{path}: not a directory")
+    path = storage.check_input_dir(path, "model directory")
     config = MistralConfig.from_hf(
         config_source(path), param_dtype=jnp.dtype(dtype).name, dtype=jnp.dtype(compute_dtype or dtype).name,
         **options
     )
-    if os.path.isdir(os.path.join(path, PARAMS_DIR)):
-        arrays = _restore_orbax(os.path.join(path, PARAMS_DIR), config, mesh)
+    if storage.isdir(storage.join(path, PARAMS_DIR)):
+        arrays = _restore_orbax(storage.join(path, PARAMS_DIR), config, mesh)
     else:
         arrays = load_hf_state(path, config, mesh=mesh, allow_pickle=allow_pickle, progress=progress)
     return _merge(config, arrays)
@@ -182,9 +183,8 @@ def save_pretrained(
     primary = jax.process_index() == 0
     with atomic_directory(path) if primary else nullcontext() as tmp:
         if primary:
-            hf_config = config.replace(torch_dtype=jnp.dtype(dtype).name).to_hf()
-            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(hf_config, f, indent=2)
+            storage.write_json(storage.join(tmp, "config.json"),
+                               config.replace(torch_dtype=jnp.dtype(dtype).name).to_hf())
         weight_map, total = {}, 0
         with tqdm(total=len(tensors), desc="writing tensors", unit="tensor", disable=not (progress and primary)) as bar:
             for k, names in enumerate(shards):
@@ -192,7 +192,7 @@ def save_pretrained(
                     "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
                 )
                 specs_k = {n: specs[n] for n in names}
-                with SafetensorsWriter(os.path.join(tmp, file), specs_k) if primary else nullcontext() as writer:
+                with SafetensorsWriter(storage.join(tmp, file), specs_k) if primary else nullcontext() as writer:
                     for name in names:
                         t = tensors[name]
                         value = arrays[t.rule.path]
@@ -205,8 +205,7 @@ def save_pretrained(
                         bar.update(1)
         if primary:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2)
+            storage.write_json(storage.join(tmp, "model.safetensors.index.json"), index)
 
 
 def _to_host(value) -> np.ndarray:
@@ -243,11 +242,11 @@ def import_hf(hf_dir: str, ckpt_dir: str, *, allow_pickle: bool = False, progres
         return t.to_jax(files.get(name)).astype(dtype, copy=False)
 
     with atomic_directory(ckpt_dir) as tmp:
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config.to_hf(), f, indent=2)
+        storage.write_json(storage.join(tmp, "config.json"), config.to_hf())
         copy_tokenizer_files(hf_dir, tmp)  # a complete model directory: Generator.from_pretrained reads it
         with tqdm(total=len(expected), desc="importing tensors", unit="tensor", disable=not progress) as bar:
-            save_streaming(os.path.join(tmp, PARAMS_DIR), abstract, fill, progress=bar.update)
+            save_streaming(storage.join(tmp, PARAMS_DIR), abstract, fill, progress=bar.update)
+    files.close()
 
 
 def _restore_orbax(params_dir: str, config: MistralConfig, mesh) -> dict:
@@ -263,7 +262,7 @@ def _restore_orbax(params_dir: str, config: MistralConfig, mesh) -> dict:
             node = node.setdefault(key, {})
         node[p[-1]] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding_of(p, var))
     try:
-        restored = ocp.StandardCheckpointer().restore(os.path.abspath(params_dir), target)
+        restored = ocp.StandardCheckpointer().restore(storage.resolve(params_dir), target)
     except (FileNotFoundError, ValueError) as e:
         raise ConvertError(f"{params_dir}: cannot restore Orbax checkpoint ({str(e).splitlines()[0]})") from None
     out = {}
@@ -285,25 +284,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:
     """Copies the tokenizer (and generation config) files a model directory carries; returns their names."""
-    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    present = set(storage.listdir(src))
+    names = [n for n in TOKENIZER_FILES if n in present]
     for name in names:
-        shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+        storage.copy_file(storage.join(src, name), storage.join(dst, name))
     return names
 
 
 def config_source(path: str):
     """Where a directory's model config lives: its config.json, or, for a training checkpoint step (which
     has `params/` and `meta/` but no config.json), the model section the trainer saved in `meta`."""
-    meta = os.path.join(path, "meta", "metadata")
-    if not os.path.exists(os.path.join(path, "config.json")) and os.path.isfile(meta):
-        with open(meta, encoding="utf-8") as f:
-            return json.load(f)["model"]
+    meta = storage.join(path, "meta", "metadata")
+    if not storage.exists(storage.join(path, "config.json")) and storage.isfile(meta):
+        return storage.read_json(meta)["model"]
     return path
 
 
 def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, progress: bool = True) -> None:
     """An `import_hf` directory or a training checkpoint step (or any directory from_pretrained reads)
     -> a Hugging Face directory."""
+    storage.check_output_dir(hf_dir)  # before the model is read
+    ckpt_dir = storage.check_input_dir(ckpt_dir, "checkpoint directory")
     config = MistralConfig.from_hf(config_source(ckpt_dir))
     model = from_pretrained(ckpt_dir, dtype=jnp.dtype(config.torch_dtype), progress=progress)
     save_pretrained(model, hf_dir, dtype=dtype, progress=progress)

@@ -52,6 +52,15 @@ Design choices that are not obvious:
   its own temporary directory inside the staging directory; we then rename the
   result to `directory`. On any error the staging directory, with anything Orbax
   left in it, is deleted and the exception propagates.
+  On an object store (`gs://`, no rename) Orbax writes in place and marks the
+  checkpoint complete with its `commit_success.txt`; the caller's
+  `storage.atomic_directory` markers cover the directory around it, and an
+  interrupted save is removed here as well.
+* On an object store the arrays are stored without OCDBT (plain zarr: one object
+  per chunk, each written once). Per-slice OCDBT commits would be a
+  read-modify-write of the database manifest per slice (two round trips each,
+  serialized, conditional on the object's generation); plain chunks need none.
+  Orbax restores both layouts the same way.
 
 Single process only (an offline conversion tool, not multi-host training).
 Relies on Orbax internals (`orbax.checkpoint._src`), tested with
@@ -261,8 +270,9 @@ def save_streaming(
     malloc's mmap/trim thresholds stay fixed afterwards (see `_tune_malloc`).
     Restore with plain Orbax, e.g. `ocp.StandardCheckpointer().restore(directory, target)`.
     """
-    directory = Path(os.path.abspath(directory))  # OCDBT specs need an absolute path
-    if directory.exists():
+    from jaxmodel import storage
+
+    if storage.exists(directory):
         raise FileExistsError(f"{directory} already exists")
     if jax.process_count() != 1:
         raise NotImplementedError("save_streaming supports a single process only")
@@ -279,11 +289,23 @@ def save_streaming(
     )
     save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTE_SIZE), leaves)
 
+    remote = storage.is_remote(directory)
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=not remote)
+    if remote:
+        url = storage.resolve(directory)
+        try:
+            with ocp.Checkpointer(handler) as ckptr:
+                ckptr.save(url, args=ocp.args.PyTreeSave(leaves, save_args=save_args))
+        except BaseException:
+            storage.remove(url)
+            raise
+        return
+    directory = Path(storage.resolve(directory))  # OCDBT specs need an absolute path
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
     try:
         staged = staging / "checkpoint"
-        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
+        with ocp.Checkpointer(handler) as ckptr:
             ckptr.save(staged, args=ocp.args.PyTreeSave(leaves, save_args=save_args))
         # rename(2) silently replaces an empty directory. Check again, so that a
         # directory someone created meanwhile is not replaced.

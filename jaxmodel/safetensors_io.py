@@ -16,6 +16,10 @@ a 23 GB file through a map grows RSS to the file size; a read buffer is freed as
 converted, which keeps peak host memory near one tensor. Offsets are checked against the file size up
 front, so a truncated download is reported before any conversion starts.
 
+Local or `gs://` (through `jaxmodel.storage`, one code path): each file is opened once and every tensor is
+one positioned (range) read of its own bytes, so a checkpoint in a bucket is streamed tensor by tensor,
+never downloaded whole; the writer streams its file the same way (a resumable upload on object stores).
+
 `.bin` files are pickles: reading one can run arbitrary code. They are read only on explicit request and
 then only through `torch.load(weights_only=True)`, which refuses anything but tensors.
 """
@@ -23,7 +27,6 @@ then only through `torch.load(weights_only=True)`, which refuses anything but te
 from __future__ import annotations
 
 import json
-import os
 import struct
 import warnings
 from collections.abc import Iterator
@@ -31,6 +34,8 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
+
+from jaxmodel import storage
 
 DTYPES = {
     "F64": np.dtype(np.float64),
@@ -63,8 +68,8 @@ class _Entry:
 
 def read_safetensors_header(path: str) -> dict[str, _Entry]:
     """Parses and validates one file's header (does not read tensor data)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    size = storage.size(path)
+    with storage.open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise WeightFileError(f"{path}: truncated safetensors file (no header)")
@@ -100,31 +105,32 @@ class WeightFiles:
         self._entries = entries
         self._torch_files = torch_files  # name -> .bin file, only when pickles were allowed
         self._torch_cache: dict[str, dict] = {}
+        self._handles: dict[str, object] = {}  # file -> an open binary file (one per file, reused)
 
     @classmethod
     def open(cls, directory: str, *, allow_pickle: bool = False) -> WeightFiles:
-        files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
-        bins = sorted(f for f in os.listdir(directory) if f.startswith("pytorch_model") and f.endswith(".bin"))
+        listing = storage.listdir(directory)
+        files = sorted(f for f in listing if f.endswith(".safetensors"))
+        bins = sorted(f for f in listing if f.startswith("pytorch_model") and f.endswith(".bin"))
         if not files and bins:
             if not allow_pickle:
                 raise WeightFileError(
-                    f"{os.path.join(directory, bins[0])}: PyTorch pickle weights are not loaded by default "
+                    f"{storage.join(directory, bins[0])}: PyTorch pickle weights are not loaded by default "
                     "(they can run code); convert them to safetensors or pass --allow-pickle"
                 )
             return cls({}, _index_torch_files(directory, bins))
         if not files:
             raise WeightFileError(f"{directory}: no .safetensors weight files found")
-        index_path = os.path.join(directory, "model.safetensors.index.json")
-        if os.path.exists(index_path):
-            with open(index_path, encoding="utf-8") as f:
-                weight_map = json.load(f).get("weight_map", {})
+        index_path = storage.join(directory, "model.safetensors.index.json")
+        if "model.safetensors.index.json" in listing:
+            weight_map = storage.read_json(index_path).get("weight_map", {})
             for name, file in weight_map.items():
-                if not os.path.exists(os.path.join(directory, file)):
+                if file not in listing:
                     raise WeightFileError(f"{index_path}: tensor {name} is in missing file {file}")
             files = sorted(set(weight_map.values()))
         entries: dict[str, _Entry] = {}
         for file in files:
-            for name, entry in read_safetensors_header(os.path.join(directory, file)).items():
+            for name, entry in read_safetensors_header(storage.join(directory, file)).items():
                 if name in entries:
                     raise WeightFileError(f"{entry.file}: tensor {name} is also in {entries[name].file}")
                 entries[name] = entry
@@ -152,11 +158,18 @@ class WeightFiles:
             return _torch_to_numpy(self._torch_tensor(name))
         e = self._entries[name]
         out = np.empty(e.shape, DTYPES[e.dtype])
-        with open(e.file, "rb") as f:
-            f.seek(e.start)
-            if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != e.end - e.start:
-                raise WeightFileError(f"{e.file}: truncated safetensors file while reading tensor {name}")
+        f = self._handles.get(e.file)
+        if f is None:
+            f = self._handles[e.file] = storage.open(e.file, "rb")
+        f.seek(e.start)
+        if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != e.end - e.start:
+            raise WeightFileError(f"{e.file}: truncated safetensors file while reading tensor {name}")
         return out
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
 
     def _torch_tensor(self, name: str):
         file = self._torch_files[name]
@@ -175,6 +188,9 @@ def _torch_load(path: str) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # protocol chatter; a refusal is reported below
             # mmap needs the zip format; legacy pickles are read (still weights_only) without it.
+            if storage.is_remote(path):  # a file object (no mmap): torch reads the zip through range reads
+                with storage.open(path, "rb") as f:
+                    return torch.load(f, map_location="cpu", weights_only=True)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         # torch's message suggests weights_only=False; keep only the reason, never that advice.
@@ -194,13 +210,12 @@ def _torch_load(path: str) -> dict:
 
 
 def _index_torch_files(directory: str, bins: list[str]) -> dict[str, str]:
-    index_path = os.path.join(directory, "pytorch_model.bin.index.json")
-    if os.path.exists(index_path):
-        with open(index_path, encoding="utf-8") as f:
-            return {k: os.path.join(directory, v) for k, v in json.load(f)["weight_map"].items()}
+    index_path = storage.join(directory, "pytorch_model.bin.index.json")
+    if storage.exists(index_path):
+        return {k: storage.join(directory, v) for k, v in storage.read_json(index_path)["weight_map"].items()}
     out = {}
     for b in bins:
-        path = os.path.join(directory, b)
+        path = storage.join(directory, b)
         for name in _torch_load(path):
             out[name] = path
     return out
@@ -229,8 +244,8 @@ class SafetensorsWriter:
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
-        self._specs, self._order, self._next = specs, list(specs), 0
-        self._f = open(path, "wb")
+        self._specs, self._order, self._next, self._path = specs, list(specs), 0, path
+        self._f = storage.open(path, "wb")
         self._f.write(struct.pack("<Q", len(blob)) + blob)
 
     def write(self, name: str, array: np.ndarray) -> None:
@@ -238,7 +253,7 @@ class SafetensorsWriter:
         shape, dtype = self._specs[expected]
         if name != expected or tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
             raise WeightFileError(
-                f"{self._f.name}: expected tensor {expected} {shape} {dtype}, got {name} {array.shape} {array.dtype}"
+                f"{self._path}: expected tensor {expected} {shape} {dtype}, got {name} {array.shape} {array.dtype}"
             )
         self._f.write(np.ascontiguousarray(array).tobytes())
         self._next += 1
