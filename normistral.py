@@ -131,7 +131,7 @@ def _train(args):
         raise CommandError(str(e)) from None
     state = "preempted at" if summary["preempted"] else "finished at"
     print(f"train: {state} step {summary['step']} (loss {summary['loss']}); metrics in "
-          f"{os.path.join(summary['workdir'], 'metrics.jsonl')}")
+          f"{summary['workdir'].rstrip('/')}/metrics.jsonl")
 
 
 def _build_tokenizer(args):
@@ -176,10 +176,15 @@ def _generate(args):
     from tqdm.auto import tqdm
 
     from inference.generator import Generator, read_jsonl
+    from jaxmodel import storage
     from jaxmodel.storage import atomic_file
 
-    if not os.path.isdir(args.model_dir):
+    if not storage.isdir(args.model_dir):  # paths: local or gs://
+        storage.check_bucket(args.model_dir)
         raise CommandError(f"{args.model_dir}: model directory not found")
+    storage.require_committed(args.model_dir, "model directory")
+    if args.output and jax.process_index() == 0:
+        storage.check_output_file(args.output)  # before the model is loaded
     records = read_jsonl(args.input) if args.input else [{"text": t} for t in args.prompt or []]
     names = [f"{args.input}: prompt {i + 1}" if args.input else f"--prompt {i + 1}" for i in range(len(records))]
     mesh = None
@@ -191,9 +196,11 @@ def _generate(args):
     if args.tokenizer:
         import transformers
 
-        if not os.path.isdir(args.tokenizer):
+        if not storage.isdir(args.tokenizer):
+            storage.check_bucket(args.tokenizer)
             raise CommandError(f"{args.tokenizer}: tokenizer directory not found")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)  # never trust_remote_code
+        with storage.local_copy(args.tokenizer) as local:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(local)  # never trust_remote_code
     gen = Generator.from_pretrained(args.model_dir, tokenizer=tokenizer, dtype=args.dtype, quantize=args.quantize,
                                     kv_cache_dtype=args.kv_cache_dtype, mesh=mesh)
     batches = gen.iter_records(

@@ -45,19 +45,23 @@ class Generator:
 
         quantize="int8": weight-only int8 (see quantize.py); the 16-bit weights are loaded into host
         memory, quantized there, and only int8 arrays are placed on the accelerator / mesh."""
-        from jaxmodel.convert import from_pretrained
+        from jaxmodel import storage
+        from jaxmodel.convert import TOKENIZER_FILES, from_pretrained
         from jaxmodel.sharding import make_mesh
 
-        path = os.fspath(path)
-        if not os.path.isdir(path):
+        path = os.fspath(path)  # a local directory or a gs:// URL
+        if not storage.isdir(path):
+            storage.check_bucket(path)
             raise GenerateError(f"{path}: model directory not found")
+        storage.require_committed(path, "model directory")
         if quantize is not None and quantize not in MODES:
             raise GenerateError(f"quantize={quantize!r} is not one of {MODES}")
         if tokenizer is None:
             import transformers
 
             try:  # never trust_remote_code: the tokenizer must be a plain tokenizer.json / config
-                tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+                with storage.local_copy(path, names=(*TOKENIZER_FILES, "config.json")) as local:
+                    tokenizer = transformers.AutoTokenizer.from_pretrained(local)
             except (OSError, ValueError) as e:
                 raise GenerateError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
         if quantize is None:
@@ -179,10 +183,13 @@ def read_jsonl(path: str) -> list[dict]:
     """Records of a JSONL prompt file; each must be an object with a string field "text"."""
     import json
 
-    if not os.path.isfile(path):
+    from jaxmodel import storage
+
+    if not storage.isfile(path):  # local or gs://
+        storage.check_bucket(path)
         raise GenerateError(f"{path}: input file not found")
     records = []
-    with open(path, encoding="utf-8") as f:
+    with storage.open(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

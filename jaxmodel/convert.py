@@ -41,7 +41,11 @@ from jaxmodel.safetensors_io import SafetensorsWriter, WeightFileError, WeightFi
 from jaxmodel.storage import atomic_directory
 from jaxmodel.weights import WEIGHT_RULES, ConvertError, check_files, expected_hf_tensors, param_shapes
 
-PARAMS_DIR = "params"  # the Orbax checkpoint inside an import_hf directory
+# The model-directory layout this module reads (the trainer writes its checkpoint steps to it):
+# config.json (or, instead, an Orbax JSON item MODEL_CONFIG_ITEM holding the same dict) and
+# either Hugging Face safetensors or an Orbax PyTree of the parameters in PARAMS_DIR.
+PARAMS_DIR = "params"  # the Orbax checkpoint inside an import_hf directory or a training checkpoint step
+MODEL_CONFIG_ITEM = "model_config"  # an Orbax JSON item holding config.json's dict (training checkpoint steps)
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
@@ -292,11 +296,14 @@ def copy_tokenizer_files(src: str, dst: str) -> list[str]:
 
 
 def config_source(path: str):
-    """Where a directory's model config lives: its config.json, or, for a training checkpoint step (which
-    has `params/` and `meta/` but no config.json), the model section the trainer saved in `meta`."""
-    meta = storage.join(path, "meta", "metadata")
-    if not storage.exists(storage.join(path, "config.json")) and storage.isfile(meta):
-        return storage.read_json(meta)["model"]
+    """Where a model directory's config lives: its config.json, or, in a directory without one (a
+    training checkpoint step), the Orbax JSON item MODEL_CONFIG_ITEM beside params/ (read by Orbax)."""
+    item = storage.join(path, MODEL_CONFIG_ITEM)
+    if not storage.exists(storage.join(path, "config.json")) and storage.isdir(item):
+        import orbax.checkpoint as ocp
+        from etils import epath
+
+        return dict(ocp.JsonCheckpointHandler().restore(epath.Path(item)))
     return path
 
 

@@ -81,7 +81,7 @@ def model_config(tree: dict) -> MistralConfig:
         if preset not in PRESETS:
             raise ConfigError(f"{where}: model.preset {preset!r} is not one of {sorted(PRESETS)}")
         return PRESETS[preset]().replace(**sec)
-    if not os.path.isabs(hf_config):
+    if not os.path.isabs(hf_config) and "://" not in hf_config:  # a gs:// URL is taken as it is
         hf_config = os.path.join(os.path.dirname(where), hf_config)
     return MistralConfig.from_hf(hf_config).replace(**sec)
 

@@ -2,11 +2,13 @@
 
 Inside:
 - `StorageError`: a path problem the user can fix (one line naming the path).
-- Paths: `is_remote`, `resolve`, `join`, `parent`, `basename`.
+- Paths: `is_remote`, `resolve`, `join`, `under` (a path relative to a base), `parent`, `basename`.
 - Queries and plain I/O: `exists`, `isdir`, `isfile`, `listdir`, `glob`, `size`, `makedirs`, `remove`,
-  `open`, `read_text` / `write_text`, `read_json` / `write_json`, `copy_file`, `local_copy`, `upload_dir`.
+  `open`, `read_ranges`, `read_text` / `write_text`, `read_json` / `write_json`, `copy_file`, `copy_dir`,
+  `local_copy`, `upload_dir`.
 - Outputs that are never half-written: `atomic_directory`, `atomic_file`, `check_output_dir`,
-  `check_output_file`, `is_committed`, `require_committed`; inputs: `check_input_file`, `check_input_dir`.
+  `check_output_file`, `is_committed`, `require_committed`, `check_bucket`; inputs: `check_input_file`,
+  `check_input_dir`.
 
 Design choices:
 - fsspec is the one code path: `LocalFileSystem` for local paths, `gcsfs` for `gs://` (it honours
@@ -71,6 +73,14 @@ def join(base, *parts: str) -> str:
     if is_remote(base):
         return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
     return os.path.join(base, *parts)
+
+
+def under(base, path) -> str:
+    """`path` as given when it is absolute or a URL, else `path` inside `base` (resolved)."""
+    path = os.fspath(path)
+    if is_remote(path) or os.path.isabs(path) or path.startswith("file://"):
+        return resolve(path)
+    return resolve(join(base, path))
 
 
 def parent(path) -> str:
@@ -175,6 +185,14 @@ def open(path, mode: str = "r", *, encoding: str | None = "utf-8", **kwargs):  #
     return fs.open(p, mode, encoding=encoding, **kwargs)
 
 
+def read_ranges(path, starts, ends) -> list[bytes]:
+    """The byte ranges [start, end) of one file; on object stores fetched concurrently (one request
+    each, all in flight together)."""
+    fs, p = _fs(path)
+    starts, ends = [int(s) for s in starts], [int(e) for e in ends]
+    return fs.cat_ranges([p] * len(starts), starts, ends)
+
+
 def read_text(path) -> str:
     with open(path) as f:
         return f.read()
@@ -196,6 +214,8 @@ def write_json(path, value, *, indent: int | None = 2) -> None:
 def copy_file(src, dst) -> None:
     """Copies one file between any two locations (local or remote, either way)."""
     src, dst = resolve(src), resolve(dst)
+    if not is_remote(dst):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
     if not is_remote(src) and not is_remote(dst):
         shutil.copy(src, dst)
         return
@@ -209,6 +229,19 @@ def copy_file(src, dst) -> None:
         return
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         shutil.copyfileobj(fin, fout, 16 * 1024**2)
+
+
+def copy_dir(src, dst) -> None:
+    """Copies a directory tree between any two locations (commit markers excepted: the copy's own
+    writer commits it)."""
+    src = resolve(src)
+    fs, p = _fs(src)
+    p = p.rstrip("/")
+    for inner in fs.find(p):
+        rel = inner[len(p) + 1:] if inner.startswith(p + "/") else inner.rpartition("/")[2]
+        if rel in (WRITING, COMMITTED):
+            continue
+        copy_file(_url(fs, inner, src), join(dst, *rel.split("/")))
 
 
 def upload_dir(local_dir: str, remote_dir: str) -> None:
@@ -276,6 +309,14 @@ def check_input_dir(path, what: str = "directory") -> str:
 
 
 # -- outputs ------------------------------------------------------------------------------------------
+
+
+def check_bucket(path) -> str:
+    """The resolved path; for a URL, a StorageError naming it when its bucket does not exist."""
+    b = bucket(path)
+    if b is not None and not exists(b):
+        raise StorageError(f"{os.fspath(path)}: bucket {b} does not exist")
+    return resolve(path)
 
 
 def is_committed(path) -> bool:

@@ -71,7 +71,6 @@ GCS_ENV_KEYS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUT
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """The emulator's base URL; started once per session on a free port, stopped at the end."""
-    import shutil
     import socket
     import subprocess
     import sys
@@ -81,8 +80,9 @@ def gcs_emulator():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    exe = shutil.which("gcp-storage-emulator", path=os.path.dirname(sys.executable)) or "gcp-storage-emulator"
-    proc = subprocess.Popen([exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--quiet"],
+    # The installed emulator plus the generation headers real GCS sends (tests/gcs_emulator.py says why).
+    exe = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator.py")]
+    proc = subprocess.Popen([*exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60

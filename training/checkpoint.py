@@ -9,6 +9,9 @@ Layout (one directory per saved step, written by Orbax):
     <checkpoint.dir>/<step>/opt_state/   optax state (Adam moments sharded like the params, counters)
     <checkpoint.dir>/<step>/progress/    {step, skipped, rng}: what else the next step depends on
     <checkpoint.dir>/<step>/meta/        JSON: the run's settings (model config, mesh, sections)
+    <checkpoint.dir>/<step>/model_config/ JSON: the model's config.json dict, the item jaxmodel's model-
+                                         directory layout names (`jaxmodel.convert.MODEL_CONFIG_ITEM`), so
+                                         `from_pretrained` / `export-hf` read a step like an import-hf dir
 The data position needs no saving: batches are a pure function of the step (training/data.py).
 
 Design choices:
@@ -18,7 +21,8 @@ Design choices:
 - A step directory is written under a temporary name (`<step>.orbax-checkpoint-tmp-*`) and renamed when
   complete; Orbax lists only finalized steps, so a run killed mid-save resumes from the previous
   checkpoint, and the leftover temporary directory is deleted when the manager opens
-  (`cleanup_tmp_directories`).
+  (`cleanup_tmp_directories`). On gs:// (no rename) Orbax writes the step directory in place and its
+  `commit_success.txt`, written last, is the commit marker: a step without it is not listed.
 - Retention: the newest `keep` checkpoints, plus every step that is a multiple of `keep_period`, forever.
 - Restoring takes abstract arrays carrying the *current* mesh's shardings: Orbax reads each device's
   slice, so a run saved on one mesh shape resumes on another.
@@ -31,6 +35,8 @@ import signal
 
 import orbax.checkpoint as ocp
 
+from jaxmodel import storage
+from jaxmodel.convert import MODEL_CONFIG_ITEM
 from training.config import CheckpointConfig
 
 ITEMS = ("params", "opt_state", "progress")
@@ -49,8 +55,10 @@ def fault(name: str) -> int | None:
 
 
 class Checkpointer:
-    def __init__(self, directory: str, cfg: CheckpointConfig, meta: dict | None = None):
-        self.directory = os.path.abspath(directory)
+    def __init__(self, directory: str, cfg: CheckpointConfig, meta: dict | None = None,
+                 model_config: dict | None = None):
+        self.model_config = model_config  # config.json's dict, saved as MODEL_CONFIG_ITEM (when given)
+        self.directory = storage.resolve(directory)  # a local path or a gs:// URL (Orbax takes both)
         self.cfg = cfg
         self.meta = meta or {}
         options = ocp.CheckpointManagerOptions(
@@ -71,9 +79,11 @@ class Checkpointer:
         """Starts saving `state` ({params, opt_state, step, skipped, rng}) as `step`; returns whether a
         save was started (the manager skips a step it already holds)."""
         progress = {k: state[k] for k in ("step", "skipped", "rng")}
-        saved = self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state["params"]), opt_state=ocp.args.StandardSave(state["opt_state"]),
-            progress=ocp.args.StandardSave(progress), meta=ocp.args.JsonSave(self.meta)), force=force)
+        items = dict(params=ocp.args.StandardSave(state["params"]), opt_state=ocp.args.StandardSave(state["opt_state"]),
+                     progress=ocp.args.StandardSave(progress), meta=ocp.args.JsonSave(self.meta))
+        if self.model_config is not None:
+            items[MODEL_CONFIG_ITEM] = ocp.args.JsonSave(self.model_config)
+        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
         if fault("kill_after_save") == step:  # tests: die while this save is (most likely) in flight
             os.kill(os.getpid(), signal.SIGKILL)
         return saved

@@ -174,7 +174,7 @@ def load(tree: dict) -> RunConfig:
     if init_from is not None:
         if not isinstance(init_from, str) or not init_from:
             raise ConfigError(f"{where}: model.init_from must be a directory path")
-        if not os.path.isabs(init_from):
+        if not os.path.isabs(init_from) and "://" not in init_from:  # a gs:// URL is taken as it is
             init_from = os.path.join(os.path.dirname(where), init_from)
         if "preset" not in model and "hf_config" not in model:
             model["hf_config"] = init_from

@@ -1,7 +1,8 @@
 """Packed training data: `prepare_data` tokenizes text into memory-mapped shards, `PackedDataset` reads
 batches from them as a pure function of the step.
 
-Inside: `prepare_data(...)`, `PackedDataset` (`open`, `batch`, `row_ids`), the packer and the mixer.
+Inside: `prepare_data(...)`, `PackedDataset` (`open`, `batch`, `row_ids`), `Prefetcher`, the packer and
+the mixer.
 
 On disk (one directory, written to a temporary sibling and renamed at the end, so a directory with an
 `index.json` is always complete):
@@ -31,22 +32,33 @@ iterator state, so a resumed run sees exactly the batches it would have seen.
 - Rows: the k-th draw of source s is row `perm(seed, s, epoch)[k % rows_s]`, epoch = k // rows_s,
   with `perm = np.random.default_rng([seed, s, epoch]).permutation`: every row once per epoch of its
   source, a fresh order each epoch.
-- A process takes its contiguous slice of the global batch and reads only those rows from the shards.
+- A process takes its contiguous slice of the global batch and reads only those rows from the shards:
+  local shards through memory maps, shards on gs:// through concurrent range reads (one request per row
+  and array, all in flight together; `jaxmodel.storage.read_ranges`), each .npy header read once.
+- `open` reads index.json only (no per-shard work, so thousands of shards open at once); a missing or
+  malformed shard file is reported, by name, when a batch first needs it. On gs:// a directory whose
+  upload was interrupted (no commit marker) is refused.
+- `Prefetcher` computes the next steps' batches on a background thread (a bounded queue keyed by step),
+  so a step does not wait for data when the loader is faster than the step.
 - `targets` are the inputs shifted left within the row; `loss_mask` is 1 where the target is the next
   token of the same document (so 0 after `</s>`, on padding and at the row's last position).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import queue
 import shutil
+import threading
 import uuid
 from collections import OrderedDict
 
 import numpy as np
 
+from jaxmodel import storage
 from training.documents import DataError, iter_documents
 
 FORMAT = 1
@@ -273,24 +285,27 @@ class PackedDataset:
         self.source_rows = np.array([s["rows"][1] - s["rows"][0] for s in index["sources"]], np.int64)
         self.weights = weights
         self.shard_starts = np.cumsum([0] + [s["rows"] for s in index["shards"]])
-        self._memmaps: dict[tuple[int, str], np.ndarray] = {}
+        self._arrays: dict[tuple[int, str], object] = {}
         self._blocks = _LRU(4)
         self._perms = _LRU(2 * len(self.source_names) + 2)
 
     @classmethod
     def open(cls, directory: str, *, weights: list[float] | None = None) -> PackedDataset:
-        """Open `directory` (from `prepare_data`); `weights` (one per source) override the stored mix."""
-        path = os.path.join(directory, "index.json")
-        if not os.path.isfile(path):
+        """Open `directory` (from `prepare_data`; local or gs://); `weights` (one per source) override the
+        stored mix. Reads index.json only."""
+        directory = storage.resolve(directory)
+        path = storage.join(directory, "index.json")
+        if not storage.isfile(path):
+            if storage.is_remote(directory):
+                storage.check_bucket(directory)
             raise FileNotFoundError(f"{directory}: not a prepared data directory (no index.json)")
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
+        storage.require_committed(directory, "data directory")
+        try:
+            index = storage.read_json(path)
+        except ValueError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from None
         if index.get("format") != FORMAT:
             raise DataError(f"{path}: format {index.get('format')!r}, this reader knows {FORMAT}")
-        for shard in index["shards"]:
-            for name in ARRAYS:
-                if not os.path.isfile(os.path.join(directory, shard[name])):
-                    raise FileNotFoundError(f"{directory}: shard file {shard[name]} is missing")
         stored = [s["weight"] for s in index["sources"]]
         if weights is not None and len(weights) != len(stored):
             names = ", ".join(s["name"] for s in index["sources"])
@@ -351,12 +366,28 @@ class PackedDataset:
 
     # -- reading them -------------------------------------------------------------------------------
 
-    def _array(self, shard: int, name: str) -> np.ndarray:
+    def _array(self, shard: int, name: str):
+        """Shard `shard`'s array `name`, indexable by an array of local rows (a memory map, or the range
+        reader for gs://); opened on first use."""
         key = (shard, name)
-        if key not in self._memmaps:
-            path = os.path.join(self.directory, self.index["shards"][shard][name])
-            self._memmaps[key] = np.load(path, mmap_mode="r")
-        return self._memmaps[key]
+        if key not in self._arrays:
+            file = self.index["shards"][shard][name]
+            path = storage.join(self.directory, file)
+            expected = (self.index["shards"][shard]["rows"], self.seq_len)
+            try:
+                if storage.is_remote(path):
+                    array = _RemoteRows(path, expected)
+                else:
+                    array = np.load(path, mmap_mode="r")
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{self.directory}: shard file {file} is missing") from None
+            except ValueError as e:
+                raise DataError(f"{path}: not a readable .npy shard ({e})") from None
+            if array.shape != expected or array.dtype != np.int32:
+                raise DataError(f"{path}: int32 {list(array.shape)} {array.dtype}, index.json says int32 "
+                                f"{list(expected)}")
+            self._arrays[key] = array
+        return self._arrays[key]
 
     def read_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """tokens, segment_ids, positions of the given global rows (in that order), int32 [len(rows), seq_len].
@@ -384,3 +415,86 @@ class PackedDataset:
         loss_mask[:, :-1] = (segments[:, :-1] != 0) & (segments[:, 1:] == segments[:, :-1])
         return {"input_ids": tokens, "segment_ids": segments, "positions": data["positions"],
                 "targets": targets, "loss_mask": loss_mask}
+
+
+class _RemoteRows:
+    """Rows of one .npy shard on an object store: the header is read once, then `self[rows]` fetches
+    exactly those rows with concurrent range reads."""
+
+    def __init__(self, path: str, expected_shape: tuple[int, int]):
+        self.path = path
+        with storage.open(path, "rb") as f:
+            head = f.read(4096)  # magic, version and header: a few hundred bytes
+        stream = io.BytesIO(head)
+        version = np.lib.format.read_magic(stream)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(stream)
+        if fortran:
+            raise ValueError("Fortran-ordered array")
+        self.shape, self.dtype, self.offset = tuple(shape), np.dtype(dtype), stream.tell()
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.atleast_1d(np.asarray(rows, np.int64))
+        starts = self.offset + rows * self.row_bytes
+        try:
+            blobs = storage.read_ranges(self.path, starts, starts + self.row_bytes)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.path}: shard file is missing") from None
+        data = b"".join(blobs)
+        if len(data) != len(rows) * self.row_bytes:
+            raise DataError(f"{self.path}: truncated shard (a row read returned fewer bytes)")
+        return np.frombuffer(data, self.dtype).reshape(len(rows), *self.shape[1:])
+
+
+class Prefetcher:
+    """`get(step)` returns `fn(step)`; a background thread computes the following steps ahead of time,
+    at most `depth` of them waiting (a bounded queue keyed by step). `fn` must be a pure function of the
+    step (PackedDataset.batch is), so a prefetched batch is the batch. Asking for a step out of order
+    restarts the thread from there. Errors raised by `fn` are re-raised by `get` for their step."""
+
+    def __init__(self, fn, start: int, *, depth: int = 2):
+        self._fn, self._depth = fn, depth
+        self._start(start)
+
+    def _start(self, step: int) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=self._depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(step, self._queue, self._stop), daemon=True,
+                                        name="normistral-prefetch")
+        self._thread.start()
+
+    def _run(self, step: int, q: queue.Queue, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                item = (step, self._fn(step), None)
+            except BaseException as e:  # noqa: BLE001 (handed to the consumer)
+                item = (step, None, e)
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+            step += 1
+
+    def get(self, step: int):
+        while True:
+            got, value, error = self._queue.get()
+            if got == step:
+                if error is not None:
+                    raise error
+                return value
+            self.close()  # not the step the thread is on: start over from `step`
+            self._start(step)
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.05)

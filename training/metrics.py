@@ -25,8 +25,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
+import time
 
+from jaxmodel import storage
 from jaxmodel.config import MistralConfig
 
 # Dense bf16 peak FLOP/s per chip (public specifications), by jax `device_kind`.
@@ -70,24 +74,41 @@ def peak_flops(device, override: float | None = None) -> float | None:
 
 class MetricsLog:
     """One JSON object per line in `<workdir>/metrics.jsonl` (process 0 only), mirrored to TensorBoard
-    when tensorboardX (or torch's tensorboard writer) can be imported."""
+    (`<workdir>/tensorboard`) when tensorboardX (or torch's tensorboard writer) can be imported.
+
+    A gs:// workdir: an object store has no append, so both are written on local scratch and uploaded
+    whole by `sync()`, which the trainer calls before each checkpoint save (every line up to a checkpoint
+    is stored before the checkpoint is), and which also runs every SYNC_SECONDS and at close. A resumed
+    run starts from the uploaded file."""
+
+    SYNC_SECONDS = 60.0
 
     def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0, log=print):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = storage.join(workdir, "metrics.jsonl")
+        self.remote = storage.is_remote(workdir)
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
+        if self.remote:
+            self._scratch = tempfile.mkdtemp(prefix="normistral-metrics-")
+            self._local, self._tb_local = (os.path.join(self._scratch, n) for n in ("metrics.jsonl", "tensorboard"))
+            self._tb_remote = storage.join(workdir, "tensorboard")
+            if storage.exists(self.path):
+                storage.copy_file(self.path, self._local)
+        else:
+            self._local, self._tb_local = self.path, os.path.join(workdir, "tensorboard")
         self._truncate(resume_step)
-        self.file = open(self.path, "a", encoding="utf-8")
-        self.tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"), log)
+        self.file = open(self._local, "a", encoding="utf-8")
+        self.tb = _tensorboard_writer(self._tb_local, log)
+        self._synced = time.monotonic()
 
     def _truncate(self, step: int) -> None:
         """Drops lines past `step` (written after the checkpoint a resumed run starts from), so that the
         file keeps exactly one line per step however often the run was interrupted."""
-        if not os.path.exists(self.path):
+        if not os.path.exists(self._local):
             return
-        with open(self.path, encoding="utf-8") as f:
+        with open(self._local, encoding="utf-8") as f:
             lines = f.readlines()
         kept = []
         for line in lines:
@@ -97,10 +118,10 @@ class MetricsLog:
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a kill
         if len(kept) != len(lines):
-            tmp = self.path + ".tmp"
+            tmp = self._local + ".tmp"
             with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(kept)
-            os.replace(tmp, self.path)
+            os.replace(tmp, self._local)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -113,12 +134,31 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tb.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", value, record["step"])
+        if self.remote and time.monotonic() - self._synced > self.SYNC_SECONDS:
+            self.sync()
+
+    def sync(self) -> None:
+        """Uploads metrics.jsonl and the TensorBoard event files (gs:// workdirs; a no-op locally)."""
+        if not (self.enabled and self.remote):
+            return
+        self.file.flush()
+        storage.copy_file(self._local, self.path)
+        if self.tb is not None:
+            self.tb.flush()
+            for name in os.listdir(self._tb_local) if os.path.isdir(self._tb_local) else []:
+                storage.copy_file(os.path.join(self._tb_local, name), storage.join(self._tb_remote, name))
+        self._synced = time.monotonic()
 
     def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            if self.tb is not None:
-                self.tb.close()
+        if not self.enabled:
+            return
+        self.sync()  # flushes both, then uploads (gs://)
+        if self.tb is not None:
+            self.tb.close()
+        self.file.close()
+        if self.remote:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+        self.enabled = False
 
 
 def _tensorboard_writer(logdir: str, log):

@@ -28,6 +28,10 @@ What a run does, in order:
    `NonFiniteError` before anything else is saved (the last checkpoint is the last good state);
 8. at the end, `train.export_hf` writes a Hugging Face directory of the final weights.
 
+Paths: the workdir and every path in it (data, tokenizer, checkpoints, metrics, TensorBoard, the export)
+may be local or on gs:// (`jaxmodel.storage`; Orbax writes checkpoints to gs:// itself). Data built from a
+corpus for a gs:// workdir is prepared on local scratch and uploaded into a committed directory.
+
 Host sync: the loop reads each step's metrics before the next step, which costs one device round trip
 per step (negligible at 32K x 64 tokens per step) and keeps abort, preemption and logging exact.
 """
@@ -38,12 +42,14 @@ import glob
 import math
 import os
 import signal
+import tempfile
 import threading
 import time
 
 import jax
 import numpy as np
 
+from jaxmodel import storage
 from jaxmodel.config import ARCHITECTURE_FIELDS, ConfigError
 from jaxmodel.run_config import load_run_config
 from jaxmodel.sharding import make_mesh
@@ -72,7 +78,7 @@ def _log(message: str) -> None:
 def _resolve(workdir: str, path: str | None) -> str | None:
     if path is None:
         return None
-    return path if os.path.isabs(path) else os.path.join(workdir, path)
+    return storage.under(workdir, path)  # absolute paths and gs:// URLs as given
 
 
 # -- data ---------------------------------------------------------------------------------------------------
@@ -104,36 +110,58 @@ def ensure_data(run: RunConfig, workdir: str) -> tuple[str, str | None]:
     Building: a tokenizer is trained on the corpus into `data.tokenizer_dir` (unless one is there), then
     the documents are tokenized and packed into `seq_len`-token rows (`training.data.prepare_data`, one
     source per file). Each output appears under its final name only when complete (a temporary sibling
-    renamed at the end), so an interrupted build is redone, never half used."""
+    renamed at the end), so an interrupted build is redone, never half used. On gs:// each is built on
+    local scratch and uploaded into a `storage.atomic_directory` (committed by its marker when complete)."""
     data_dir, eval_dir = _resolve(workdir, run.data.dir), _resolve(workdir, run.data.eval_dir)
     if run.data.corpus is None:
-        if not os.path.isdir(data_dir):
+        if not storage.isdir(data_dir):
             raise ConfigError(f"{run.path}: data.dir {data_dir} does not exist (and data.corpus is not set "
                               "to build it)")
-        return data_dir, eval_dir if eval_dir and os.path.isdir(eval_dir) else None
+        storage.require_committed(data_dir, "data directory")
+        return data_dir, eval_dir if eval_dir and storage.isdir(eval_dir) else None
     files, heldout = _corpus_files(run)
     if eval_dir is None and heldout:
         eval_dir = data_dir.rstrip("/") + "-heldout"
-    todo = [(d, f) for d, f in ((data_dir, files), (eval_dir, heldout)) if d and f and not os.path.isdir(d)]
+    todo = [(d, f) for d, f in ((data_dir, files), (eval_dir, heldout)) if d and f and not _complete(d, "index.json")]
     if todo and jax.process_index() == 0:
         from training.data import prepare_data
         from training.tokenizer import train_tokenizer
 
         tokenizer_dir = _resolve(workdir, run.data.tokenizer_dir)
-        if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
-            _log(f"training a {run.model.vocab_size}-token tokenizer on {len(files)} corpus files -> "
-                 f"{tokenizer_dir}")
-            tmp = f"{tokenizer_dir}.tmp-{os.getpid()}"
-            train_tokenizer(files, tmp, vocab_size=run.model.vocab_size)
-            os.replace(tmp, tokenizer_dir)
-        for out_dir, inputs in todo:
-            _log(f"tokenizing and packing {len(inputs)} files into {run.train.seq_len}-token rows -> {out_dir}")
-            prepare_data(tokenizer_dir, inputs, out_dir, run.train.seq_len, progress=False)
+        with tempfile.TemporaryDirectory(prefix="normistral-data-") as scratch:
+            local_tok = tokenizer_dir if not storage.is_remote(tokenizer_dir) else os.path.join(scratch, "tokenizer")
+            if not _complete(tokenizer_dir, "tokenizer.json"):
+                _log(f"training a {run.model.vocab_size}-token tokenizer on {len(files)} corpus files -> "
+                     f"{tokenizer_dir}")
+                tmp = f"{local_tok}.tmp-{os.getpid()}"
+                train_tokenizer(files, tmp, vocab_size=run.model.vocab_size)
+                os.replace(tmp, local_tok)
+                _publish(local_tok, tokenizer_dir)
+            elif local_tok != tokenizer_dir:
+                storage.copy_dir(tokenizer_dir, local_tok)
+            for k, (out_dir, inputs) in enumerate(todo):
+                _log(f"tokenizing and packing {len(inputs)} files into {run.train.seq_len}-token rows -> {out_dir}")
+                local_out = out_dir if not storage.is_remote(out_dir) else os.path.join(scratch, f"out-{k}")
+                prepare_data(local_tok, inputs, local_out, run.train.seq_len, progress=False)
+                _publish(local_out, out_dir)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("normistral data prepared")
-    return data_dir, eval_dir if eval_dir and os.path.isdir(eval_dir) else None
+    return data_dir, eval_dir if eval_dir and storage.isdir(eval_dir) else None
+
+
+def _complete(directory: str, marker_file: str) -> bool:
+    """A built directory: it has `marker_file` and, on gs://, its commit marker."""
+    return storage.isfile(storage.join(directory, marker_file)) and storage.is_committed(directory)
+
+
+def _publish(local_dir: str, target: str) -> None:
+    """Uploads a directory built on local scratch to its gs:// target (committed when complete)."""
+    if not storage.is_remote(target):
+        return
+    with storage.atomic_directory(target) as out:
+        storage.upload_dir(local_dir, out)
 
 
 def open_datasets(run: RunConfig, workdir: str):
@@ -232,8 +260,8 @@ def run_training(config_path: str, workdir: str, overrides=(), *, datasets=None)
     `datasets` (train, eval or None) replaces the configured data (tests)."""
     tree = load_run_config(config_path, list(overrides))
     run = load(tree)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.check_bucket(workdir)  # a local path or a gs:// URL in an existing bucket
+    storage.makedirs(workdir)
     preemption = _Preemption()  # from the start: a notice during data preparation or compilation counts too
     try:
         return _train(run, workdir, datasets, preemption)
@@ -249,7 +277,8 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption) -> d
 
     mesh = make_mesh(run.mesh)
     ts = steps_lib.setup(run, mesh)
-    checkpointer = Checkpointer(_resolve(workdir, run.checkpoint.dir), run.checkpoint, meta=run.snapshot())
+    checkpointer = Checkpointer(_resolve(workdir, run.checkpoint.dir), run.checkpoint, meta=run.snapshot(),
+                                model_config=run.model.to_hf())
     latest = checkpointer.latest_step()
     if latest is not None:
         _log(f"resuming from checkpoint step {latest} in {checkpointer.directory}")
@@ -273,14 +302,18 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption) -> d
 
     bar = tqdm(total=run.train.steps, initial=step, unit="step", dynamic_ncols=True,
                disable=jax.process_index() != 0)
+    from training.data import Prefetcher
+
+    # This process's rows of the next steps, read on a background thread while the device computes.
+    loader = Prefetcher(lambda index: _host_batch(train_ds, index, run), step)
     try:
         with jax.set_mesh(ts.mesh):
-            next_batch = _prepared_batch(ts, train_ds, step, run) if step < run.train.steps else None
+            next_batch = _prepared_batch(ts, loader, step, run) if step < run.train.steps else None
             while step < run.train.steps:
                 started = time.perf_counter()  # step time: dispatch to metrics on the host (eval, saves excluded)
                 state, metrics = train_step(state, next_batch)
                 if step + 1 < run.train.steps:  # host work for the next batch overlaps the device step
-                    next_batch = _prepared_batch(ts, train_ds, step + 1, run)
+                    next_batch = _prepared_batch(ts, loader, step + 1, run)
                 metrics = jax.device_get(metrics)
                 step += 1
                 step_time = time.perf_counter() - started
@@ -309,6 +342,7 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption) -> d
                 summary.update(step=step, loss=record["loss"])
                 preempted = preemption.reached(step)
                 if preempted or step % run.checkpoint.every == 0 or step == run.train.steps:
+                    metrics_log.sync()  # gs://: the lines up to this checkpoint are stored before it is
                     checkpointer.save(step, state, force=preempted)
                 if preempted:
                     checkpointer.wait()
@@ -322,6 +356,7 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption) -> d
         if run.train.export_hf and not summary["preempted"] and step >= run.train.steps:
             _export(ts, state, _resolve(workdir, run.train.export_hf), run)
     finally:
+        loader.close()
         bar.close()
         metrics_log.close()
         try:
@@ -331,8 +366,8 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption) -> d
     return summary
 
 
-def _prepared_batch(ts, dataset, index: int, run: RunConfig) -> dict:
-    host = _host_batch(dataset, index, run)
+def _prepared_batch(ts, loader, index: int, run: RunConfig) -> dict:
+    host = loader.get(index)
     if fault("nan_at_step") == index + 1:  # tests: poison this step's loss weights with NaN
         host = dict(host, loss_mask=np.full(np.shape(host["loss_mask"]), math.nan, np.float32))
     return steps_lib.put_batch(ts, host)
@@ -343,7 +378,7 @@ def _export(ts, state, path: str, run: RunConfig) -> None:
 
     from jaxmodel.convert import copy_tokenizer_files, save_pretrained
 
-    exists = os.path.isdir(path) and bool(os.listdir(path))
+    exists = bool(storage.listdir(path)) and storage.is_committed(path)  # an uncommitted one is redone
     if jax.process_count() > 1:  # every process must take the same branch: the export is a collective
         from jax.experimental import multihost_utils
 

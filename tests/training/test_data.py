@@ -218,3 +218,66 @@ def test_cli_builds_a_tokenizer_and_prepares_data(tmp_path, capsys):
                          "--output", str(tmp_path / "data2"), "--seq-len", "1"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.startswith("normistral: error: seq_len") and err.count("\n") == 1
+
+
+# -- the same data on gs:// (the GCS emulator), lazy opening, prefetching -----------------------------------
+
+
+def test_gcs_data_gives_the_same_batches_with_range_reads(prepared, gcs_bucket):
+    from jaxmodel import storage
+
+    remote = f"{gcs_bucket}/data"
+    with storage.atomic_directory(remote) as out:
+        storage.upload_dir(prepared, out)
+    local, ds = PackedDataset.open(prepared), PackedDataset.open(remote)
+    for step in (0, 3, 11):  # several shards, several processes
+        for p in range(2):
+            a = local.batch(step, global_batch_size=8, process_index=p, process_count=2, seed=5)
+            b = ds.batch(step, global_batch_size=8, process_index=p, process_count=2, seed=5)
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # An upload that did not finish (no commit marker) is refused by name.
+    storage.remove(f"{remote}/{storage.COMMITTED}")
+    with pytest.raises(storage.StorageError, match=f"{remote}: uncommitted data directory"):
+        PackedDataset.open(remote)
+
+
+def test_open_reads_only_the_index_and_a_missing_shard_is_reported_on_first_read(prepared, tmp_path):
+    import shutil
+
+    copy = str(tmp_path / "data")
+    shutil.copytree(prepared, copy)
+    index = json.load(open(os.path.join(copy, "index.json")))
+    assert len(index["shards"]) > 2
+    victim = index["shards"][-1]["segment_ids"]
+    os.remove(os.path.join(copy, victim))
+    ds = PackedDataset.open(copy)  # no per-shard work at open
+    first = int(ds.shard_starts[0])
+    ds.read_rows(np.array([first]))  # rows of an intact shard read fine
+    last = int(ds.shard_starts[-2])
+    with pytest.raises(FileNotFoundError, match=f"{copy}: shard file {victim} is missing"):
+        ds.read_rows(np.array([last]))
+
+
+def test_prefetcher_returns_exactly_the_batches_in_any_order(prepared):
+    from training.data import Prefetcher
+
+    ds = PackedDataset.open(prepared)
+    calls = []
+
+    def fn(step):
+        calls.append(step)
+        return ds.batch(step, global_batch_size=4)
+
+    loader = Prefetcher(fn, 3, depth=2)
+    try:
+        for step in (3, 4, 5, 9, 10, 2):  # in order, then a jump forward and one back
+            got, want = loader.get(step), ds.batch(step, global_batch_size=4)
+            assert all(np.array_equal(got[k], want[k]) for k in want), step
+        assert max(calls) <= 10 + 2 + 1  # bounded read-ahead
+    finally:
+        loader.close()
+    failing = Prefetcher(lambda step: 1 // (step - 1), 0)  # an error is raised by get() for its step
+    assert failing.get(0) == -1
+    with pytest.raises(ZeroDivisionError):
+        failing.get(1)
+    failing.close()
