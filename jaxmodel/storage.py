@@ -100,7 +100,8 @@ def _fs(path):
     """(file system, path as that file system spells it) for a local path or URL."""
     path = resolve(path)
     if is_remote(path):
-        fs, inner = fsspec.core.url_to_fs(path)
+        # No listings cache: other processes (the other hosts, a rerun, Orbax) change the bucket meanwhile.
+        fs, inner = fsspec.core.url_to_fs(path, use_listings_cache=False)
         return fs, inner
     return fsspec.filesystem("file", auto_mkdir=True), path  # writes create parents, as on object stores
 

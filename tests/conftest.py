@@ -74,6 +74,7 @@ def gcs_emulator():
     import socket
     import subprocess
     import sys
+    import tempfile
     import time
     import urllib.request
 
@@ -82,8 +83,10 @@ def gcs_emulator():
         port = s.getsockname()[1]
     # The installed emulator plus the generation headers real GCS sends (tests/gcs_emulator.py says why).
     exe = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator.py")]
+    # Its stderr goes to a file: a pipe nobody reads would block the server once full.
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen([*exe, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while True:
@@ -93,7 +96,8 @@ def gcs_emulator():
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError(f"the GCS emulator did not start: {proc.stderr.read().decode()[-2000:]}") from None
+                log.seek(0)
+                raise RuntimeError(f"the GCS emulator did not start: {log.read().decode()[-2000:]}") from None
             time.sleep(0.2)
     saved = {k: os.environ.get(k) for k in GCS_ENV_KEYS}
     os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url, GOOGLE_AUTH_TOKEN_FOR_TESTING="test",
@@ -104,6 +108,7 @@ def gcs_emulator():
     yield url
     proc.terminate()
     proc.wait(timeout=10)
+    log.close()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

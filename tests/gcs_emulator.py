@@ -5,8 +5,9 @@ Real GCS answers every media download with `x-goog-generation` and `x-goog-metag
 GCS driver reads the generation from them before a conditional update; Orbax's OCDBT checkpoints update
 their manifest that way (several times per save for a tree of many arrays). The emulator records the
 generation in its object metadata (what its JSON API returns) but omits the headers, so TensorStore
-fails with "Malformed StorageGeneration". This adds the two headers from that same metadata; everything
-else is the installed package, unchanged.
+fails with "Malformed StorageGeneration". This adds the two headers from that same metadata.
+The server is single-threaded: a per-connection timeout keeps a connection that a killed client left
+open from blocking it. Everything else is the installed package, unchanged.
 """
 
 import sys
@@ -27,6 +28,10 @@ def _download_with_generation(request, response, storage, *args, **kwargs):
 
 
 objects.download = _download_with_generation  # before the server module builds its routing table
+
+from gcp_storage_emulator import server  # noqa: E402
+
+server.RequestHandler.timeout = 60  # seconds a connection may stay silent
 
 if __name__ == "__main__":
     from gcp_storage_emulator.__main__ import main
