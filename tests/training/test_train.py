@@ -284,3 +284,29 @@ def test_gcs_workdir_builds_data_logs_and_exports(gcs_bucket, tmp_path):
     hf = transformers.MistralForCausalLM.from_pretrained(local, dtype=torch.float32)
     final = ocp.StandardCheckpointer().restore(f"{run}/checkpoints/3/params")
     np.testing.assert_array_equal(hf.lm_head.weight.detach().numpy(), np.asarray(final["lm_head"]).T)
+
+
+@pytest.mark.parametrize("case", ["missing_bucket", "uncommitted_data", "missing_data"])
+def test_gcs_train_path_errors_are_one_line(gcs_bucket, capsys, case):
+    import normistral
+    from jaxmodel import storage
+
+    workdir, overrides = f"{gcs_bucket}/run", ["data.corpus=null"]
+    if case == "missing_bucket":
+        workdir, needle = "gs://no-such-bucket-i11/run", "gs://no-such-bucket-i11/run: bucket gs://no-such-bucket-i11"
+    elif case == "uncommitted_data":
+        storage.write_text(f"{gcs_bucket}/half/{storage.WRITING}", "")  # an upload that was interrupted
+        storage.write_text(f"{gcs_bucket}/half/index.json", "{}")
+        overrides.append(f"data.dir={gcs_bucket}/half")
+        needle = f"{gcs_bucket}/half: uncommitted data directory"
+    else:
+        overrides.append(f"data.dir={gcs_bucket}/none")
+        needle = f"data.dir {gcs_bucket}/none does not exist"
+    args = ["train", "--config", CONFIG, "--workdir", workdir]
+    for item in overrides:
+        args += ["--set", item]
+    with pytest.raises(SystemExit) as exit_info:
+        normistral.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("normistral: error:") and needle in err[0], err
