@@ -199,7 +199,11 @@ def unit_documents(unit: dict, text_column: str = "text") -> Iterator[str]:
 
 
 def _open_bytes(path: str):
-    return storage.open(path, "rb", compression=_compression(path))
+    compression = _compression(path)
+    f = storage.open(path, "rb", compression=compression)
+    if compression == "zstd":  # zstandard's stream reader has no readline: buffer it
+        return io.BufferedReader(f, 1 << 20)
+    return f
 
 
 def _line_number(path: str, offset: int) -> int:
