@@ -483,19 +483,16 @@ def finalize(job: dict, work_dir: str, output: str, markers: dict[int, dict], we
     return index
 
 
-def _discard_if_empty(work_dir: str, output: str, markers: dict) -> None:
-    """After a failure: remove the work directory when no unit was committed (nothing worth resuming)."""
+def _after_failure(job: dict, work_dir: str, output: str) -> None:
+    """Removes the temporaries; keeps the committed units for a rerun, or everything goes if there are none."""
     _remove_temporaries(work_dir)
-    if not markers and not storage.is_remote(output):
-        storage.remove(work_dir)
-    elif not markers:
-        storage.remove(output)
-    elif not storage.is_remote(output):
-        print(f"normistral: kept {len(markers)} committed units in {work_dir}; rerun the same command to "
-              "resume", file=sys.stderr)
-    else:
-        print(f"normistral: kept {len(markers)} committed units in {output}; rerun the same command to resume",
-              file=sys.stderr)
+    with contextlib.suppress(Exception):
+        _, done = pending_units(job, work_dir)  # from the disk: workers may have committed more than we heard
+        if not done:
+            storage.remove(work_dir)
+        else:
+            print(f"normistral: kept {len(done)} of {len(job['units'])} committed units in {work_dir}; rerun the "
+                  "same command to resume", file=sys.stderr)
 
 
 def prepare_data(tokenizer_dir: str, inputs: list[str], output_dir: str, seq_len: int, *,
@@ -546,5 +543,5 @@ def prepare_data(tokenizer_dir: str, inputs: list[str], output_dir: str, seq_len
             bar.close()  # before any error line: the error must be the last line, on its own
         return finalize(job, work, output, markers, weights)
     except BaseException:
-        _discard_if_empty(work, output, markers)
+        _after_failure(job, work, output)
         raise
