@@ -111,8 +111,11 @@ def plan_units(source: int, spec: str, *, unit_bytes: int = DEFAULT_UNIT_BYTES, 
     kind, files = expand_source(spec)
     units = []
     if kind == "hub":
-        from datasets import load_dataset
-
+        try:
+            from datasets import load_dataset
+        except ImportError:
+            raise DataError(f"{spec}: hub datasets need the datasets library: pip install 'normistral-jax[hub]'"
+                            ) from None
         name, config, split = _hub_parts(spec)
         shards = load_dataset(name, config, split=split, streaming=True).num_shards
         for i in range(shards):

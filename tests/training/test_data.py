@@ -8,8 +8,8 @@ import pytest
 
 from tests.training.conftest import CORPUS
 from training.data import PackedDataset
-from training.prepare import prepare_data
 from training.documents import DataError, iter_documents
+from training.prepare import prepare_data
 
 SEQ_LEN = 64
 

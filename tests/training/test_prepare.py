@@ -176,10 +176,10 @@ def _corpus_file(path, copies):
     """A .jsonl of the bundled corpus repeated: enough work for a run to be killed in the middle."""
     lines = []
     for name in ("nb.jsonl", "nn.jsonl", "se.jsonl", "en.jsonl"):
-        lines += [json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in iter_documents(os.path.join(CORPUS, name))]
+        lines += [json.dumps({"text": d}, ensure_ascii=False) + "\n"
+                  for d in iter_documents(os.path.join(CORPUS, name))]
     with open(path, "w", encoding="utf-8") as f:
-        for c in range(copies):
-            f.writelines(lines)
+        f.writelines(lines * copies)
     return str(path)
 
 
