@@ -68,7 +68,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 def load_tokenizer(tokenizer_dir: str) -> dict:
     """What workers need of a Hugging Face tokenizer directory (local or gs://): its fast tokenizer as a
-    JSON string, the special ids, the vocabulary size and a fingerprint. One-line errors."""
+    JSON string, the special ids, the vocabulary size and a fingerprint. One-line errors.
+
+    With a tokenizer.json (every fast tokenizer), it and tokenizer_config.json / special_tokens_map.json
+    are read directly with `tokenizers` (transformers would import torch: seconds per run); without one
+    (a sentencepiece-only directory), transformers converts it."""
     shown = os.fspath(tokenizer_dir)
     if not storage.isdir(tokenizer_dir):
         if storage.exists(tokenizer_dir):
@@ -77,22 +81,52 @@ def load_tokenizer(tokenizer_dir: str) -> dict:
     names = storage.listdir(tokenizer_dir)
     if not any(n in names for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise DataError(f"{shown}: not a tokenizer directory (no tokenizer.json or tokenizer_config.json)")
-    import transformers
-    from transformers import AutoTokenizer
+    configs = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "config.json"):
+        if name in names:
+            try:
+                configs[name] = json.loads(storage.read_text(storage.join(tokenizer_dir, name)))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise DataError(f"{storage.join(tokenizer_dir, name)}: not valid JSON ({str(e).splitlines()[0]})"
+                                ) from None
+    if "tokenizer.json" in names:
+        from tokenizers import Tokenizer
 
-    transformers.logging.set_verbosity_error()
-    with storage.local_copy(tokenizer_dir, names=_TOKENIZER_FILES) as local:
+        path = storage.join(tokenizer_dir, "tokenizer.json")
         try:
-            tok = AutoTokenizer.from_pretrained(local)
-            backend = tok.backend_tokenizer.to_str()
-        except Exception as e:  # a garbage tokenizer.json / config.json: many libraries, many exception types
-            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise DataError(f"{shown}: cannot load the tokenizer ({first.strip()[:200]})") from None
-    if tok.eos_token_id is None:
+            tok = Tokenizer.from_str(storage.read_text(path))
+        except Exception as e:  # tokenizers raises its own Exception type with the serde message
+            raise DataError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0][:200]})") from None
+        backend = tok.to_str()
+
+        def special(role):
+            for name in ("tokenizer_config.json", "special_tokens_map.json"):
+                value = (configs.get(name) or {}).get(role)
+                if isinstance(value, dict):
+                    value = value.get("content")
+                if isinstance(value, str):
+                    return tok.token_to_id(value)
+            return None
+
+        bos, eos, pad, vocab = special("bos_token"), special("eos_token"), special("pad_token"), \
+            tok.get_vocab_size(with_added_tokens=True)
+    else:
+        import transformers
+        from transformers import AutoTokenizer
+
+        transformers.logging.set_verbosity_error()
+        with storage.local_copy(tokenizer_dir, names=_TOKENIZER_FILES) as local:
+            try:
+                hf = AutoTokenizer.from_pretrained(local)
+                backend = hf.backend_tokenizer.to_str()
+            except Exception as e:  # a garbage vocabulary file: many libraries, many exception types
+                first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+                raise DataError(f"{shown}: cannot load the tokenizer ({first.strip()[:200]})") from None
+        bos, eos, pad, vocab = hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, len(hf)
+    if eos is None:
         raise DataError(f"{shown}: the tokenizer has no eos_token; documents could not be delimited")
-    info = {"json": backend, "bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id,
-            "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-            "vocab_size": len(tok), "name": storage.basename(tokenizer_dir), "path": storage.resolve(tokenizer_dir)}
+    info = {"json": backend, "bos_id": bos, "eos_id": eos, "pad_id": pad if pad is not None else eos,
+            "vocab_size": vocab, "name": storage.basename(tokenizer_dir), "path": storage.resolve(tokenizer_dir)}
     info["sha256"] = hashlib.sha256(json.dumps([backend, info["bos_id"], info["eos_id"], info["pad_id"]]).encode()
                                     ).hexdigest()
     return info
