@@ -350,15 +350,20 @@ def _read_marker(job: dict, work_dir: str, i: int) -> dict | None:
     return marker if marker.get("key") == src.as_key(job["units"][i]) else None
 
 
+def _threads(fn, items) -> list:
+    """fn over items, 32 at a time (object-store requests are latency-bound)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(32) as pool:
+        return list(pool.map(fn, items))
+
+
 def pending_units(job: dict, work_dir: str) -> tuple[list[int], dict[int, dict]]:
     """(units still to do, markers of the committed ones)."""
-    done = {}
     names = set(storage.listdir(work_dir))
-    for i in range(len(job["units"])):
-        if _unit_name(i) + ".json" in names:
-            marker = _read_marker(job, work_dir, i)
-            if marker is not None:
-                done[i] = marker
+    found = [i for i in range(len(job["units"])) if _unit_name(i) + ".json" in names]
+    markers = _threads(lambda i: _read_marker(job, work_dir, i), found)
+    done = {i: m for i, m in zip(found, markers) if m is not None}
     return [i for i in range(len(job["units"])) if i not in done], done
 
 
@@ -400,17 +405,39 @@ def run_local(job: dict, todo: list[int], work_dir: str, workers: int, on_done: 
                 os.environ["TOKENIZERS_PARALLELISM"] = before
         return
     import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     # spawn, not fork: the caller may be a JAX process (threads), and fork after threads can deadlock.
-    ctx = multiprocessing.get_context("spawn")
-    pool = ctx.Pool(min(workers, len(todo)), initializer=_worker_init, initargs=(job,))
+    # A process pool that notices a dead worker (OOM-killed): multiprocessing.Pool would wait forever.
+    pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(job,))
     try:
-        for i, marker in pool.imap_unordered(_worker_run, [(i, work_dir) for i in todo]):
-            on_done(i, marker)
-        pool.close()
+        # Workers start with SIGINT blocked (a signal mask survives exec): a Ctrl-C while they import must
+        # not print their tracebacks; this process handles it and ends them.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            pending = {pool.submit(_worker_run, (i, work_dir)) for i in todo}
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                try:
+                    i, marker = future.result()
+                except BrokenProcessPool:
+                    raise DataError("a worker process died (killed, or out of memory: try fewer --workers); "
+                                    "rerun the same command to resume") from None
+                on_done(i, marker)
     finally:
-        pool.terminate()
-        pool.join()
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in processes:  # running units are abandoned (their temporaries are removed by the caller)
+            with contextlib.suppress(Exception):
+                p.kill()
+        for p in processes:
+            with contextlib.suppress(Exception):
+                p.join(10)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -504,9 +531,9 @@ def finalize(job: dict, work_dir: str, output: str, markers: dict[int, dict], we
         "sources": sources_, "shards": shards,
     }
     keep = {INDEX} | {sh[a] for sh in shards for a in ARRAYS}
-    for name in storage.listdir(work_dir):  # markers, job.json, files of an earlier plan's units
-        if name not in keep and name not in (storage.WRITING, storage.COMMITTED):
-            storage.remove(storage.join(work_dir, name))
+    stale = [n for n in storage.listdir(work_dir)  # markers, job.json, files of an earlier plan's units
+             if n not in keep and n not in (storage.WRITING, storage.COMMITTED)]
+    _threads(lambda n: storage.remove(storage.join(work_dir, n)), stale)
     _write_json(storage.join(work_dir, INDEX), index)
     if storage.is_remote(output):
         storage.write_text(storage.join(output, storage.COMMITTED), "")
