@@ -104,10 +104,12 @@ def main() -> None:
             "prepare_2_workers_tokens_per_s": round(two),
             "ratio_1_worker_to_ceiling": round(one / ceil, 3), "speedup_2_over_1": round(two / one, 3),
             "ratio_per_worker_to_ceiling_at_2": round(per_worker / ceil, 3),
-            # Projections: 50B tokens at the measured per-worker rate (the 2-worker run's, which includes
-            # sharing the machine), scaled linearly with the worker count.
+            # Projections: 50B tokens at a measured per-worker rate, scaled linearly with the worker count:
+            # the 2-worker run's (pessimistic where the machine is shared) and the 1-worker run's.
             "hours_50B_96_core_vm": round(50e9 / (96 * per_worker) / 3600, 2),
             "hours_50B_100_engine_workers": round(50e9 / (100 * per_worker) / 3600, 2),
+            "hours_50B_96_core_vm_at_1_worker_rate": round(50e9 / (96 * one) / 3600, 2),
+            "hours_50B_100_engine_workers_at_1_worker_rate": round(50e9 / (100 * one) / 3600, 2),
         }
         print(json.dumps(result, indent=1))
     finally:

@@ -117,7 +117,11 @@ def plan_units(source: int, spec: str, *, unit_bytes: int = DEFAULT_UNIT_BYTES, 
             raise DataError(f"{spec}: hub datasets need the datasets library: pip install 'normistral-jax[hub]'"
                             ) from None
         name, config, split = _hub_parts(spec)
-        shards = load_dataset(name, config, split=split, streaming=True).num_shards
+        try:
+            shards = load_dataset(name, config, split=split, streaming=True).num_shards
+        except Exception as e:  # offline, no such dataset or split, ...: datasets' many error types
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise DataError(f"{spec}: cannot open the hub dataset ({first.strip()[:200]})") from None
         for i in range(shards):
             units.append({"source": source, "kind": "hub", "file": spec, "start": i, "stop": shards})
     for path in files:

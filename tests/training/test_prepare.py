@@ -184,7 +184,7 @@ def _corpus_file(path, copies):
 
 
 def _cli(args, **kw):
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "-m", "normistral", *args], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
@@ -361,3 +361,14 @@ def test_resume_refuses_other_settings(docs, tokenizer_dir, tmp_path):
                          progress=False)
     assert [s["documents"] for s in index["sources"]] == [20, 20]
     assert not (tmp_path / ".out.partial").exists()
+
+
+def test_hub_sources_fail_in_one_line_offline(tokenizer_dir, tmp_path):
+    with pytest.raises(DataError, match="hf:x: a hub dataset is hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT"):
+        prepare_data(tokenizer_dir, ["hf:x"], str(tmp_path / "out"), SEQ_LEN, progress=False)
+    proc = _cli(["prepare-data", "--tokenizer", tokenizer_dir, "--input", "hf:nosuch/dataset:train",
+                 "--output", str(tmp_path / "out"), "--seq-len", "32"])  # offline (_cli sets HF_HUB_OFFLINE)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and err.count("\n") == 1, err
+    assert err.startswith("normistral: error: hf:nosuch/dataset:train: cannot open the hub dataset"), err
+    assert not os.listdir(tmp_path)
