@@ -429,7 +429,8 @@ def run_local(job: dict, todo: list[int], work_dir: str, workers: int, on_done: 
                     raise DataError("a worker process died (killed, or out of memory: try fewer --workers); "
                                     "rerun the same command to resume") from None
                 on_done(i, marker)
-    finally:
+        pool.shutdown(wait=True)
+    finally:  # after an error or Ctrl-C (a no-op after the clean shutdown above)
         processes = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
         for p in processes:  # running units are abandoned (their temporaries are removed by the caller)
