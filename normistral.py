@@ -146,13 +146,18 @@ def _build_tokenizer(args):
 
 
 def _prepare_data(args):
-    from training.data import prepare_data
     from training.documents import DataError
+    from training.prepare import prepare_data
 
     try:
-        index = prepare_data(args.tokenizer, args.input, args.output, args.seq_len, weights=args.weights)
+        index = prepare_data(args.tokenizer, args.input, args.output, args.seq_len, weights=args.weights,
+                             workers=args.workers, unit_bytes=int(args.unit_mb * 2**20),
+                             text_column=args.text_column, engine=args.engine)
     except DataError as e:
         raise CommandError(str(e)) from None
+    except KeyboardInterrupt:  # the bar is closed and the temporaries removed by now
+        print(f"normistral: error: interrupted; rerun the same command to resume ({args.output})", file=sys.stderr)
+        raise SystemExit(130) from None
     for source in index["sources"]:
         start, stop = source["rows"]
         print(f"  {source['name']}: {source['documents']} documents, {source['tokens']} tokens, "
@@ -279,14 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.set_defaults(func=_build_tokenizer)
 
-    p = sub.add_parser("prepare-data", help="tokenize and pack text files into memory-mapped training rows")
-    p.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer directory")
-    p.add_argument("--input", required=True, nargs="+", action="extend", metavar="FILE",
-                   help="one source per file: .jsonl (field 'text') or text (documents split by blank lines)")
-    p.add_argument("--output", required=True, help="new data directory (must not exist or be empty)")
+    p = sub.add_parser("prepare-data", help="tokenize and pack text into memory-mapped training rows (resumable)")
+    p.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer directory (local or gs://)")
+    p.add_argument("--input", required=True, nargs="+", action="extend", metavar="SOURCE",
+                   help="one source each: a .jsonl[.gz|.zst] (field 'text'), .txt, .parquet file, a directory or "
+                        "glob of them, a save_to_disk dataset directory, or hf:NAME[:CONFIG]:SPLIT; local or gs://")
+    p.add_argument("--output", required=True, help="new data directory, local or gs:// (rerun to resume)")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per row")
     p.add_argument("--weights", type=float, nargs="+", metavar="W",
                    help="sampling weight per input, in order (default: each source by its size)")
+    p.add_argument("--workers", type=int, help="worker processes on this machine (default: all cores)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="ray: run the units as tasks on the Ray cluster ray.init() finds (RAY_ADDRESS)")
+    p.add_argument("--text-column", default="text", help="the text column of Parquet and dataset inputs")
+    p.add_argument("--unit-mb", type=float, default=32, help="MiB of input per work unit (part of the output's "
+                   "layout: keep it when resuming)")
     p.set_defaults(func=_prepare_data)
 
     p = sub.add_parser("generate", help="greedy (or sampled) generation from a model directory; JSON lines out")

@@ -76,7 +76,7 @@ def run_demo(workdir: str, *, steps: int = 300) -> dict:
     from jaxmodel.config import MistralConfig
     from jaxmodel.convert import copy_tokenizer_files, import_hf
     from jaxmodel.parity import compare_logits, make_hf_checkpoint
-    from training.data import prepare_data
+    from training.prepare import prepare_data
     from training.tokenizer import train_tokenizer
     from training.train import run_training
 

@@ -21,10 +21,13 @@ CORE = [
     "tensorboardX==2.6.5",  # training curves in WORKDIR/tensorboard (metrics.jsonl has the same values)
     "fsspec==2026.9.0",  # jaxmodel/storage.py: one code path for local paths and gs://
     "gcsfs==2026.10.1",
+    "zstandard==0.25.0",  # prepare-data: .jsonl.zst inputs (fsspec decompresses)
+    "pyarrow==26.0.1",  # prepare-data: Parquet and save_to_disk (Arrow) inputs
 ]
 # torch 2.13.0: the CPU build on this machine's disk; a plain `torch` would pull a multi-GB CUDA build.
 TEST = ["pytest==9.2.0", "torch==2.13.0",
-        "gcp-storage-emulator==2026.7.19"]  # the GCS JSON API on localhost (tests/conftest.py starts it)
+        "gcp-storage-emulator==2026.7.19",  # the GCS JSON API on localhost (tests/conftest.py starts it)
+        "datasets==5.2.0", "ray==2.60.0"]  # tests write a save_to_disk dataset; run prepare-data on Ray
 
 setup(
     name="normistral-jax",
@@ -39,6 +42,8 @@ setup(
         "tpu": ["jax[tpu]==0.10.2"],
         "cuda": ["jax[cuda12]==0.10.2"],
         "demo": ["matplotlib==3.11.2"],  # the demo's loss-curve PNG
+        "ray": ["ray==2.60.0"],  # prepare-data --engine ray (training/prepare_ray.py)
+        "hub": ["datasets==5.2.0"],  # prepare-data --input hf:NAME:SPLIT (streamed from the hub)
     },
     py_modules=["normistral", "normistral_demo"],
     # The bundled corpus (the tiny configs and the demo build their tokenizer and data from it).

@@ -1,23 +1,23 @@
-"""Packed training data: `prepare_data` tokenizes text into memory-mapped shards, `PackedDataset` reads
-batches from them as a pure function of the step.
+"""Packed training data: `PackedDataset` reads batches from the memory-mapped shards that
+`training.prepare.prepare_data` writes, as a pure function of the step.
 
-Inside: `prepare_data(...)`, `PackedDataset` (`open`, `batch`, `row_ids`), `Prefetcher`, the packer and
-the mixer.
+Inside: `PackedDataset` (`open`, `batch`, `row_ids`), `Prefetcher`, the mixer, the index format's constants.
 
-On disk (one directory, written to a temporary sibling and renamed at the end, so a directory with an
-`index.json` is always complete):
-- `shard-NNNNN.{tokens,segment_ids,positions}.npy`: int32 [rows, seq_len] each, opened with
+On disk (one directory; `index.json` is written last, so a directory with an `index.json` is complete):
+- `unit-UUUUUU-SSS.{tokens,segment_ids,positions}.npy` (any names the index lists, relative to the
+  directory): int32 [rows, seq_len] each, opened with
   `np.load(mmap_mode="r")`. int32 for all three: token ids can exceed int16, and one dtype keeps the
   reader simple; positions are stored although derivable, so the reader does no per-row work.
-- `index.json`: format, seq_len, vocab_size, tokenizer (name, path, bos/eos/pad ids), the sources (name,
-  path, weight, documents, tokens, row range [start, stop)), the shards (file names, row counts).
+- `index.json`: format, seq_len, vocab_size, max_token_id, tokenizer (name, path, bos/eos/pad ids), the
+  sources (name, path, weight, documents, tokens, row range [start, stop)), the shards (file names, rows).
 
-Packing (per source, in document order; rows never mix sources, so weights are exact):
+Packing (training/prepare.py: per work unit, in document order; rows never mix sources, so weights are exact):
 - A document is its tokens with `<s>` (the tokenizer's post-processor; prepended here if a tokenizer
   lacks one) and `</s>` appended here. Text that spells a special token ("</s>") is encoded as text
   (`split_special_tokens=True`): a document cannot forge document boundaries.
 - Documents are packed greedily into rows of seq_len tokens: a document that fits the open row joins
-  it; one that does not closes the row (the rest is padding: pad id, segment 0, position 0).
+  it; one that does not closes the row (the rest is padding: pad id, segment 0, position 0), and so
+  does the end of a work unit.
 - A document longer than seq_len is cut into seq_len-token chunks that fill rows of their own; its last
   partial chunk opens a new row that later documents may join. Positions restart at 0 in every chunk:
   a row is all the model sees, and positions past seq_len would be ones it never learns a context for.
@@ -47,198 +47,19 @@ iterator state, so a resumed run sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import io
-import json
-import math
-import os
 import queue
-import shutil
 import threading
-import uuid
 from collections import OrderedDict
 
 import numpy as np
 
 from jaxmodel import storage
-from training.documents import DataError, iter_documents
+from training.documents import DataError
 
 FORMAT = 1
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64 Mi tokens: 256 MiB per int32 array
 MIX_RESOLUTION = 4096
 ARRAYS = ("tokens", "segment_ids", "positions")
-_TOKENIZE_BATCH = 256
-
-
-# ---------------------------------------------------------------------------------------------------
-# Writing
-
-
-class _ShardWriter:
-    """Collects finished rows and writes them as .npy shards of `rows_per_shard` rows."""
-
-    def __init__(self, directory: str, seq_len: int, rows_per_shard: int, pad_id: int):
-        self.directory, self.seq_len, self.rows_per_shard, self.pad_id = directory, seq_len, rows_per_shard, pad_id
-        self.shards: list[dict] = []
-        self.num_rows = 0
-        self._new_buffer()
-
-    def _new_buffer(self):
-        shape = (self.rows_per_shard, self.seq_len)
-        self.buf = {"tokens": np.full(shape, self.pad_id, np.int32), "segment_ids": np.zeros(shape, np.int32),
-                    "positions": np.zeros(shape, np.int32)}
-        self.used = 0
-
-    def add_row(self, tokens: list[int], segments: list[int], positions: list[int]) -> None:
-        n = len(tokens)
-        self.buf["tokens"][self.used, :n] = tokens
-        self.buf["segment_ids"][self.used, :n] = segments
-        self.buf["positions"][self.used, :n] = positions
-        self.used += 1
-        self.num_rows += 1
-        if self.used == self.rows_per_shard:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.used:
-            return
-        entry = {"rows": self.used}
-        for name in ARRAYS:
-            entry[name] = f"shard-{len(self.shards):05d}.{name}.npy"
-            np.save(os.path.join(self.directory, entry[name]), self.buf[name][: self.used])
-        self.shards.append(entry)
-        self._new_buffer()
-
-
-class _Packer:
-    """Greedy packing of documents into rows (see the module docstring)."""
-
-    def __init__(self, writer: _ShardWriter):
-        self.writer, self.seq_len = writer, writer.seq_len
-        self.tokens: list[int] = []
-        self.segments: list[int] = []
-        self.positions: list[int] = []
-
-    def add(self, doc: list[int]) -> None:
-        if len(doc) > self.seq_len:
-            self.close_row()
-            full = len(doc) - len(doc) % self.seq_len
-            for start in range(0, full, self.seq_len):
-                self.writer.add_row(doc[start:start + self.seq_len], [1] * self.seq_len, list(range(self.seq_len)))
-            doc = doc[full:]
-            if not doc:
-                return
-        if len(self.tokens) + len(doc) > self.seq_len:
-            self.close_row()
-        segment = (self.segments[-1] + 1) if self.segments else 1
-        self.tokens += doc
-        self.segments += [segment] * len(doc)
-        self.positions += range(len(doc))
-
-    def close_row(self) -> None:
-        if self.tokens:
-            self.writer.add_row(self.tokens, self.segments, self.positions)
-            self.tokens, self.segments, self.positions = [], [], []
-
-
-def _check_inputs(inputs, weights, seq_len, tokenizer_dir, output_dir):
-    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
-        raise DataError(f"seq_len must be an integer >= 2 (an input and its target), got {seq_len!r}")
-    if not inputs:
-        raise DataError("no input files")
-    if len(set(inputs)) != len(inputs):
-        raise DataError("an input file is given twice; list each source once")
-    for path in inputs:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such file")
-    if weights is not None:
-        if len(weights) != len(inputs):
-            raise DataError(f"{len(weights)} weights for {len(inputs)} inputs; give one weight per input")
-        if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-            raise DataError(f"weights must be finite, >= 0 and not all 0, got {list(weights)}")
-    if not os.path.isdir(tokenizer_dir):
-        raise FileNotFoundError(f"{tokenizer_dir}: no such tokenizer directory")
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise FileExistsError(f"{output_dir}: exists and is not an empty directory")
-
-
-def prepare_data(tokenizer_dir: str, inputs: list[str], output_dir: str, seq_len: int, *,
-                 weights: list[float] | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                 progress: bool = True) -> dict:
-    """Tokenize and pack `inputs` (one source per file) into `output_dir`; return the index.
-
-    `weights` (one per input) set the sampling mix; by default each source weighs its number of rows,
-    i.e. every row is equally likely. Stored in index.json; `PackedDataset.open` may override them.
-    """
-    from tqdm import tqdm
-    from transformers import AutoTokenizer
-
-    _check_inputs(inputs, weights, seq_len, tokenizer_dir, output_dir)
-    seq_len = int(seq_len)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if tok.eos_token_id is None:
-        raise DataError(f"{tokenizer_dir}: the tokenizer has no eos_token; documents could not be delimited")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    bos_id = tok.bos_token_id
-
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    # A hidden sibling (same file system, so the final rename is atomic); os.mkdir keeps the umask's
-    # permissions, where tempfile.mkdtemp would leave the result readable by its owner only.
-    name = os.path.basename(os.path.abspath(output_dir))
-    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.mkdir(tmp)
-    try:
-        writer = _ShardWriter(tmp, seq_len, max(1, shard_tokens // seq_len), pad_id)
-        sources = []
-        bar = tqdm(desc="tokenizing", unit=" docs", disable=not progress)
-        for path in inputs:  # (the bar is closed below; on an error tqdm closes it when it is collected)
-            start, packer, ndocs, ntokens = writer.num_rows, _Packer(writer), 0, 0
-            for texts in _batched(iter_documents(path), _TOKENIZE_BATCH):
-                for ids in tok(texts, split_special_tokens=True, verbose=False)["input_ids"]:
-                    doc = ([bos_id] if bos_id is not None and (not ids or ids[0] != bos_id) else []) + ids
-                    doc.append(tok.eos_token_id)
-                    packer.add(doc)
-                    ntokens += len(doc)
-                ndocs += len(texts)
-                bar.update(len(texts))
-            packer.close_row()
-            if ndocs == 0:
-                raise DataError(f"{path}: no documents")
-            sources.append({"name": path, "path": os.path.abspath(path), "documents": ndocs, "tokens": ntokens,
-                            "rows": [start, writer.num_rows]})
-        bar.close()
-        writer.flush()
-        rows = [s["rows"][1] - s["rows"][0] for s in sources]
-        resolved = list(weights) if weights is not None else rows
-        for source, w in zip(sources, resolved):
-            source["weight"] = float(w) / float(sum(resolved))
-        index = {
-            "format": FORMAT, "seq_len": seq_len, "num_rows": writer.num_rows, "vocab_size": len(tok),
-            "tokenizer": {"name": os.path.basename(os.path.abspath(tokenizer_dir)),
-                          "path": os.path.abspath(tokenizer_dir), "bos_id": bos_id, "eos_id": tok.eos_token_id,
-                          "pad_id": pad_id},
-            "sources": sources, "shards": writer.shards,
-        }
-        with open(os.path.join(tmp, "index.json"), "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=1, ensure_ascii=False)
-        try:
-            os.rename(tmp, output_dir)  # replaces an empty directory; fails on a non-empty one
-        except OSError:
-            raise FileExistsError(f"{output_dir}: appeared while preparing and is not empty") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return index
-
-
-def _batched(items, n):
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 # ---------------------------------------------------------------------------------------------------

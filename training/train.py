@@ -108,9 +108,9 @@ def ensure_data(run: RunConfig, workdir: str) -> tuple[str, str | None]:
     """(train dir, eval dir or None); builds them from `data.corpus` when they do not exist yet.
 
     Building: a tokenizer is trained on the corpus into `data.tokenizer_dir` (unless one is there), then
-    the documents are tokenized and packed into `seq_len`-token rows (`training.data.prepare_data`, one
+    the documents are tokenized and packed into `seq_len`-token rows (`training.prepare.prepare_data`, one
     source per file). Each output appears under its final name only when complete (a temporary sibling
-    renamed at the end), so an interrupted build is redone, never half used. On gs:// each is built on
+    renamed at the end), so an interrupted build is resumed, never half used. On gs:// each is built on
     local scratch and uploaded into a `storage.atomic_directory` (committed by its marker when complete)."""
     data_dir, eval_dir = _resolve(workdir, run.data.dir), _resolve(workdir, run.data.eval_dir)
     if run.data.corpus is None:
@@ -124,7 +124,7 @@ def ensure_data(run: RunConfig, workdir: str) -> tuple[str, str | None]:
         eval_dir = data_dir.rstrip("/") + "-heldout"
     todo = [(d, f) for d, f in ((data_dir, files), (eval_dir, heldout)) if d and f and not _complete(d, "index.json")]
     if todo and jax.process_index() == 0:
-        from training.data import prepare_data
+        from training.prepare import prepare_data
         from training.tokenizer import train_tokenizer
 
         tokenizer_dir = _resolve(workdir, run.data.tokenizer_dir)
@@ -142,7 +142,7 @@ def ensure_data(run: RunConfig, workdir: str) -> tuple[str, str | None]:
             for k, (out_dir, inputs) in enumerate(todo):
                 _log(f"tokenizing and packing {len(inputs)} files into {run.train.seq_len}-token rows -> {out_dir}")
                 local_out = out_dir if not storage.is_remote(out_dir) else os.path.join(scratch, f"out-{k}")
-                prepare_data(local_tok, inputs, local_out, run.train.seq_len, progress=False)
+                prepare_data(local_tok, inputs, local_out, run.train.seq_len, workers=1, progress=False)
                 _publish(local_out, out_dir)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

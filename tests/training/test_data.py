@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from tests.training.conftest import CORPUS
-from training.data import PackedDataset, prepare_data
+from training.data import PackedDataset
 from training.documents import DataError, iter_documents
+from training.prepare import prepare_data
 
 SEQ_LEN = 64
 
@@ -160,9 +161,11 @@ def test_weights_are_respected_over_many_steps(prepared):
 
 
 def test_preparation_errors_are_one_line(tokenizer_dir, sources, tmp_path):
+    from jaxmodel.storage import StorageError
+
     good = sources["a"][0]
     cases = [
-        (FileNotFoundError, "missing.jsonl: no such file", [str(tmp_path / "missing.jsonl")], {}),
+        (StorageError, "missing.jsonl: no such file", [str(tmp_path / "missing.jsonl")], {}),
         (DataError, "seq_len must be an integer >= 2", [good], {"seq_len": 1}),
         (DataError, "2 weights for 1 inputs", [good], {"weights": [1, 2]}),
         (DataError, "weights must be finite", [good], {"weights": [-1]}),
@@ -180,9 +183,11 @@ def test_preparation_errors_are_one_line(tokenizer_dir, sources, tmp_path):
         bad = tmp_path / "bad.jsonl"
         bad.write_text(content)
         with pytest.raises(DataError, match=message) as info:
-            prepare_data(tokenizer_dir, [good, str(bad)], str(tmp_path / "out"), SEQ_LEN, progress=False)
+            prepare_data(tokenizer_dir, [good, str(bad)], str(tmp_path / "out"), SEQ_LEN, workers=1, progress=False)
         assert "\n" not in str(info.value)
-    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]  # nothing half-written
+        # Nothing half-written: no output; the good source's committed unit is kept for a rerun, no temporaries.
+        assert sorted(os.listdir(tmp_path)) == [".out.partial", "bad.jsonl"]
+        assert not [n for n in os.listdir(tmp_path / ".out.partial") if ".tmp-" in n or n == "index.json"]
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.raises(FileExistsError, match="not an empty directory"):

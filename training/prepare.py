@@ -1,0 +1,609 @@
+"""`prepare-data`: tokenize and pack text into the shards `training.data.PackedDataset` reads, in parallel
+and resumably.
+
+Inside: `prepare_data(...)` (the API and the CLI's entry), `plan(...)` (a `Job`: settings + units),
+`run_unit(job, unit, work_dir)` (one unit -> its shards and marker; a pure function of its arguments, the
+same code on every engine), `pending_units`, `finalize`, `load_tokenizer`, the packer.
+
+How a run goes:
+1. Plan: each `--input` is one source; `training.sources` expands it and cuts it into work units (files,
+   line-aligned byte ranges of `.jsonl`, runs of Parquet row groups). The job's settings (tokenizer
+   fingerprint, seq_len, shard size, unit size, text column) and the unit list are fixed here.
+2. Work: each unit is tokenized and packed by itself into `unit-UUUUUU-SSS.{tokens,segment_ids,positions}.npy`
+   (one or more shards), then its marker `unit-UUUUUU.json` is written (rows, documents, tokens). A unit
+   counts as done only with a marker whose key matches the plan; its files are written under temporary
+   names and renamed (local) or uploaded whole (gs://, an object appears only when complete), so a kill
+   at any point leaves either a complete unit or nothing that counts. Workers: `workers` processes on
+   this machine (`multiprocessing`, spawn), or a Ray cluster (`training.prepare_ray`).
+3. Finish: the index lists the units' shards in unit order (the source row ranges follow), then
+   index.json is written last. Locally the work happens in a hidden sibling `.NAME.partial` renamed to
+   NAME at the end (NAME appears only complete, as before); on gs:// in NAME itself between the storage
+   layer's `_WRITING` and `_COMMITTED` markers. Markers and job.json are removed once index.json exists.
+Rerunning the same command after a kill or an error skips the units with a marker and does the rest; the
+output is byte-identical to an uninterrupted single-process run, whatever the number of workers.
+
+Packing (within one unit, in document order; rows never mix units, hence never sources):
+- A document is its tokens with `<s>` (the tokenizer's post-processor; prepended here if a tokenizer lacks
+  one) and `</s>` appended here. Text that spells a special token ("</s>") is encoded as text: a document
+  cannot forge document boundaries.
+- Documents are packed greedily into rows of seq_len tokens: a document that fits the open row joins it;
+  one that does not closes the row (the rest is padding: pad id, segment 0, position 0).
+- A document longer than seq_len is cut into seq_len-token chunks that fill rows of their own; its last
+  partial chunk opens a new row that later documents may join. Positions restart at 0 in every chunk.
+- A unit's last row is closed (padded) at the unit's end rather than continued by the next unit: that is
+  what makes units independent. It costs at most one padded row per unit (32 MiB units of text are ~8M
+  tokens: under 0.5% padding at 32K-token rows, negligible at 4K).
+- `segment_ids` count 1, 2, 3, ... per document (or chunk) within a row; 0 only for padding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Callable
+
+import numpy as np
+
+from jaxmodel import storage
+from training import sources as src
+from training.data import ARRAYS, DEFAULT_SHARD_TOKENS, FORMAT
+from training.documents import DataError
+
+JOB = "job.json"
+INDEX = "index.json"
+_TOKENIZE_BATCH = 256
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json",
+                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tokenizer
+
+
+def load_tokenizer(tokenizer_dir: str) -> dict:
+    """What workers need of a Hugging Face tokenizer directory (local or gs://): its fast tokenizer as a
+    JSON string, the special ids, the vocabulary size and a fingerprint. One-line errors.
+
+    With a tokenizer.json (every fast tokenizer), it and tokenizer_config.json / special_tokens_map.json
+    are read directly with `tokenizers` (transformers would import torch: seconds per run); without one
+    (a sentencepiece-only directory), transformers converts it."""
+    shown = os.fspath(tokenizer_dir)
+    if not storage.isdir(tokenizer_dir):
+        if storage.exists(tokenizer_dir):
+            raise DataError(f"{shown}: is a file, expected a tokenizer directory")
+        raise FileNotFoundError(f"{shown}: no such tokenizer directory")
+    names = storage.listdir(tokenizer_dir)
+    if not any(n in names for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise DataError(f"{shown}: not a tokenizer directory (no tokenizer.json or tokenizer_config.json)")
+    configs = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "config.json"):
+        if name in names:
+            try:
+                configs[name] = json.loads(storage.read_text(storage.join(tokenizer_dir, name)))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise DataError(f"{storage.join(tokenizer_dir, name)}: not valid JSON ({str(e).splitlines()[0]})"
+                                ) from None
+    if "tokenizer.json" in names:
+        from tokenizers import Tokenizer
+
+        path = storage.join(tokenizer_dir, "tokenizer.json")
+        try:
+            tok = Tokenizer.from_str(storage.read_text(path))
+        except Exception as e:  # tokenizers raises its own Exception type with the serde message
+            raise DataError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0][:200]})") from None
+        backend = tok.to_str()
+
+        def special(role):
+            for name in ("tokenizer_config.json", "special_tokens_map.json"):
+                value = (configs.get(name) or {}).get(role)
+                if isinstance(value, dict):
+                    value = value.get("content")
+                if isinstance(value, str):
+                    return tok.token_to_id(value)
+            return None
+
+        bos, eos, pad, vocab = special("bos_token"), special("eos_token"), special("pad_token"), \
+            tok.get_vocab_size(with_added_tokens=True)
+    else:
+        import transformers
+        from transformers import AutoTokenizer
+
+        transformers.logging.set_verbosity_error()
+        with storage.local_copy(tokenizer_dir, names=_TOKENIZER_FILES) as local:
+            try:
+                hf = AutoTokenizer.from_pretrained(local)
+                backend = hf.backend_tokenizer.to_str()
+            except Exception as e:  # a garbage vocabulary file: many libraries, many exception types
+                first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+                raise DataError(f"{shown}: cannot load the tokenizer ({first.strip()[:200]})") from None
+        bos, eos, pad, vocab = hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, len(hf)
+    if eos is None:
+        raise DataError(f"{shown}: the tokenizer has no eos_token; documents could not be delimited")
+    info = {"json": backend, "bos_id": bos, "eos_id": eos, "pad_id": pad if pad is not None else eos,
+            "vocab_size": vocab, "name": storage.basename(tokenizer_dir), "path": storage.resolve(tokenizer_dir)}
+    info["sha256"] = hashlib.sha256(json.dumps([backend, info["bos_id"], info["eos_id"], info["pad_id"]]).encode()
+                                    ).hexdigest()
+    return info
+
+
+_ENCODERS: dict[str, object] = {}
+
+
+def _encoder(job: dict):
+    """The job's Rust tokenizer, built once per process (special tokens in the text encoded as text)."""
+    key = job["tokenizer"]["sha256"]
+    if key not in _ENCODERS:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(job["tokenizer"]["json"])
+        tok.encode_special_tokens = True  # what transformers' split_special_tokens=True sets
+        _ENCODERS[key] = tok
+    return _ENCODERS[key]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plan
+
+
+def plan(tokenizer: dict, inputs: list[str], seq_len: int, *, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+         unit_bytes: int = src.DEFAULT_UNIT_BYTES, text_column: str = "text") -> dict:
+    """The job: settings that shape the output, and its units in packing order."""
+    units = []
+    for s, spec in enumerate(inputs):
+        units += src.plan_units(s, spec, unit_bytes=unit_bytes, text_column=text_column)
+    settings = {"format": FORMAT, "seq_len": int(seq_len), "rows_per_shard": max(1, int(shard_tokens) // int(seq_len)),
+                "unit_bytes": int(unit_bytes), "text_column": text_column, "tokenizer": tokenizer["sha256"],
+                "inputs": [storage.resolve(i) if not i.startswith("hf:") else i for i in inputs]}
+    return {"settings": settings, "tokenizer": tokenizer, "inputs": list(inputs), "units": units}
+
+
+def _unit_name(i: int) -> str:
+    return f"unit-{i:06d}"
+
+
+def _check_args(inputs, weights, seq_len, shard_tokens, unit_bytes, workers):
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
+        raise DataError(f"seq_len must be an integer >= 2 (an input and its target), got {seq_len!r}")
+    if not inputs:
+        raise DataError("no input files")
+    if len(set(inputs)) != len(inputs):
+        raise DataError("an input file is given twice; list each source once")
+    if weights is not None:
+        if len(weights) != len(inputs):
+            raise DataError(f"{len(weights)} weights for {len(inputs)} inputs; give one weight per input")
+        if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+            raise DataError(f"weights must be finite, >= 0 and not all 0, got {list(weights)}")
+    if shard_tokens < seq_len:
+        raise DataError(f"shard_tokens {shard_tokens} is below seq_len {seq_len}")
+    if unit_bytes < 1:
+        raise DataError(f"the unit size must be positive, got {unit_bytes} bytes")
+    if workers is not None and workers < 1:
+        raise DataError(f"--workers must be >= 1, got {workers}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# One unit
+
+
+class _Shards:
+    """Rows of one unit, written as shards of at most `rows_per_shard` rows (buffers grow as rows come, so a
+    small unit costs little memory)."""
+
+    def __init__(self, work_dir: str, name: str, seq_len: int, rows_per_shard: int, pad_id: int):
+        self.work_dir, self.name, self.seq_len, self.rows_per_shard = work_dir, name, seq_len, rows_per_shard
+        self.pad_id = pad_id
+        self.shards: list[dict] = []
+        self._new_buffer(min(64, rows_per_shard))
+
+    def _new_buffer(self, rows: int) -> None:
+        self.tokens = np.full((rows, self.seq_len), self.pad_id, np.int32)
+        self.segments = np.zeros((rows, self.seq_len), np.int32)
+        self.used = 0
+
+    def add_row(self, tokens: list[int], segments: list[int]) -> None:
+        if self.used == len(self.tokens):  # grow (doubling, up to a shard)
+            old_t, old_s = self.tokens, self.segments
+            self._new_buffer(min(2 * len(old_t), self.rows_per_shard))
+            self.tokens[:len(old_t)], self.segments[:len(old_s)] = old_t, old_s
+            self.used = len(old_t)
+        n = len(tokens)
+        self.tokens[self.used, :n] = tokens
+        self.segments[self.used, :n] = segments
+        self.used += 1
+        if self.used == self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.used:
+            return
+        tokens, segments = self.tokens[:self.used], self.segments[:self.used]
+        # positions restart at 0 at each segment change (padding, segment 0, gets 0 too)
+        flat = segments.reshape(-1)
+        change = np.r_[True, flat[1:] != flat[:-1]]
+        change[::self.seq_len] = True  # every row starts afresh
+        idx = np.arange(flat.size)
+        positions = (idx - np.maximum.accumulate(np.where(change, idx, 0))).reshape(segments.shape)
+        positions = np.where(segments == 0, 0, positions).astype(np.int32)
+        entry = {"rows": self.used}
+        for arr_name, arr in zip(ARRAYS, (tokens, segments, positions)):
+            entry[arr_name] = f"{self.name}-{len(self.shards):03d}.{arr_name}.npy"
+            _write_npy(storage.join(self.work_dir, entry[arr_name]), np.ascontiguousarray(arr))
+        self.shards.append(entry)
+        self._new_buffer(min(64, self.rows_per_shard))
+
+
+def _write_npy(path: str, arr: np.ndarray) -> None:
+    """An .npy file that appears only complete (local: temporary + rename; remote: one upload)."""
+    if storage.is_remote(path):
+        with storage.open(path, "wb") as f:
+            np.save(f, arr)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: str, value) -> None:
+    text = json.dumps(value, indent=1, ensure_ascii=False)
+    if storage.is_remote(path):
+        storage.write_text(path, text)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class _Packer:
+    """Greedy packing of one unit's documents into rows (see the module docstring)."""
+
+    def __init__(self, out: _Shards):
+        self.out, self.seq_len = out, out.seq_len
+        self.tokens: list[int] = []
+        self.segments: list[int] = []
+
+    def add(self, doc: list[int]) -> None:
+        t = self.seq_len
+        if len(doc) > t:
+            self.close_row()
+            full = len(doc) - len(doc) % t
+            ones = [1] * t
+            for start in range(0, full, t):
+                self.out.add_row(doc[start:start + t], ones)
+            doc = doc[full:]
+            if not doc:
+                return
+        if len(self.tokens) + len(doc) > t:
+            self.close_row()
+        segment = (self.segments[-1] + 1) if self.segments else 1
+        self.tokens += doc
+        self.segments += [segment] * len(doc)
+
+    def close_row(self) -> None:
+        if self.tokens:
+            self.out.add_row(self.tokens, self.segments)
+            self.tokens, self.segments = [], []
+
+
+def run_unit(job: dict, i: int, work_dir: str) -> dict:
+    """Tokenize and pack unit `i` of `job` into `work_dir`; write its marker last; return the marker."""
+    unit, settings, tokenizer = job["units"][i], job["settings"], job["tokenizer"]
+    tok = _encoder(job)
+    bos, eos = tokenizer["bos_id"], tokenizer["eos_id"]
+    out = _Shards(work_dir, _unit_name(i), settings["seq_len"], settings["rows_per_shard"], tokenizer["pad_id"])
+    packer = _Packer(out)
+    documents = tokens = 0
+    max_id = -1
+    batch: list[str] = []
+
+    def encode(texts):
+        nonlocal tokens, max_id
+        for enc in tok.encode_batch_fast(texts, add_special_tokens=True):
+            ids = enc.ids
+            doc = ([bos] if bos is not None and (not ids or ids[0] != bos) else []) + ids
+            doc.append(eos)
+            max_id = max(max_id, max(doc))
+            packer.add(doc)
+            tokens += len(doc)
+
+    for text in src.unit_documents(unit, settings["text_column"]):
+        batch.append(text)
+        documents += 1
+        if len(batch) == _TOKENIZE_BATCH:
+            encode(batch)
+            batch = []
+    if batch:
+        encode(batch)
+    packer.close_row()
+    out.flush()
+    marker = {"key": src.as_key(unit), "shards": out.shards, "documents": documents, "tokens": tokens,
+              "max_token_id": max_id}
+    _write_json(storage.join(work_dir, _unit_name(i) + ".json"), marker)
+    return marker
+
+
+def _read_marker(job: dict, work_dir: str, i: int) -> dict | None:
+    path = storage.join(work_dir, _unit_name(i) + ".json")
+    if not storage.exists(path):
+        return None
+    try:
+        marker = storage.read_json(path)
+    except (ValueError, OSError):
+        return None
+    return marker if marker.get("key") == src.as_key(job["units"][i]) else None
+
+
+def _threads(fn, items) -> list:
+    """fn over items, 32 at a time (object-store requests are latency-bound)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(32) as pool:
+        return list(pool.map(fn, items))
+
+
+def pending_units(job: dict, work_dir: str) -> tuple[list[int], dict[int, dict]]:
+    """(units still to do, markers of the committed ones)."""
+    names = set(storage.listdir(work_dir))
+    found = [i for i in range(len(job["units"])) if _unit_name(i) + ".json" in names]
+    markers = _threads(lambda i: _read_marker(job, work_dir, i), found)
+    done = {i: m for i, m in zip(found, markers) if m is not None}
+    return [i for i in range(len(job["units"])) if i not in done], done
+
+
+# ---------------------------------------------------------------------------------------------------
+# Workers on this machine
+
+
+_WORKER_JOB: dict = {}
+
+
+def _worker_init(job: dict) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and ends the pool
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: parallelism is the processes
+    with contextlib.suppress(Exception):  # die with the parent (kill -9 included); Linux only
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    _WORKER_JOB.clear()
+    _WORKER_JOB.update(job)
+
+
+def _worker_run(args):
+    i, work_dir = args
+    return i, run_unit(_WORKER_JOB, i, work_dir)
+
+
+def run_local(job: dict, todo: list[int], work_dir: str, workers: int, on_done: Callable[[int, dict], None]) -> None:
+    """Runs the units `todo` on `workers` processes of this machine (in this process when 1)."""
+    if workers <= 1 or len(todo) <= 1:
+        before = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            for i in todo:
+                on_done(i, run_unit(job, i, work_dir))
+        finally:
+            if before is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = before
+        return
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    # spawn, not fork: the caller may be a JAX process (threads), and fork after threads can deadlock.
+    # A process pool that notices a dead worker (OOM-killed): multiprocessing.Pool would wait forever.
+    pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(job,))
+    try:
+        # Workers start with SIGINT blocked (a signal mask survives exec): a Ctrl-C while they import must
+        # not print their tracebacks; this process handles it and ends them.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            pending = {pool.submit(_worker_run, (i, work_dir)) for i in todo}
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                try:
+                    i, marker = future.result()
+                except BrokenProcessPool:
+                    raise DataError("a worker process died (killed, or out of memory: try fewer --workers); "
+                                    "rerun the same command to resume") from None
+                on_done(i, marker)
+        pool.shutdown(wait=True)
+    finally:  # after an error or Ctrl-C (a no-op after the clean shutdown above)
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in processes:  # running units are abandoned (their temporaries are removed by the caller)
+            with contextlib.suppress(Exception):
+                p.kill()
+        for p in processes:
+            with contextlib.suppress(Exception):
+                p.join(10)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole job
+
+
+def _work_dir(output: str) -> str:
+    """Where the units are written: a hidden sibling locally (renamed at the end), the output on gs://."""
+    if storage.is_remote(output):
+        return output
+    return os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.partial")
+
+
+def _remove_temporaries(work_dir: str) -> None:
+    if storage.is_remote(work_dir):
+        return  # uploads are atomic: an interrupted one leaves nothing
+    with contextlib.suppress(OSError):
+        for name in os.listdir(work_dir):
+            if ".tmp-" in name:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(work_dir, name))
+
+
+def start(job: dict, output: str) -> str:
+    """Checks the output and opens (or reopens, for the same job) its work directory; returns it."""
+    output = storage.resolve(output)
+    work = _work_dir(output)
+    if storage.is_remote(output):
+        b = storage.bucket(output)
+        if not storage.exists(b):
+            raise storage.StorageError(f"{output}: bucket {b} does not exist")
+        names = storage.listdir(output)
+        if storage.COMMITTED in names or INDEX in names and storage.WRITING not in names:
+            raise FileExistsError(f"{output}: already prepared (has {INDEX}); choose a new output")
+        if names and (storage.WRITING not in names or JOB not in names):
+            raise FileExistsError(f"{output}: exists and is not an empty directory")
+    else:
+        if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+            raise FileExistsError(f"{output}: exists and is not an empty directory")
+        storage.makedirs(os.path.dirname(output))
+        if not os.access(os.path.dirname(output), os.W_OK | os.X_OK):
+            raise storage.StorageError(f"{output}: parent directory {os.path.dirname(output)} is not writable")
+    job_path = storage.join(work, JOB)
+    if storage.exists(job_path):
+        try:
+            previous = storage.read_json(job_path)
+        except (ValueError, OSError):
+            previous = None
+        if previous != job["settings"]:
+            raise DataError(f"{work}: holds an interrupted preparation with other settings (inputs, tokenizer, "
+                            "seq_len, shard or unit size); rerun that command to finish it, or delete it")
+        _remove_temporaries(work)
+        return work
+    if storage.is_remote(output):
+        storage.write_text(storage.join(work, storage.WRITING), "")
+    else:
+        os.makedirs(work, exist_ok=True)
+        _remove_temporaries(work)
+    _write_json(job_path, job["settings"])
+    return work
+
+
+def finalize(job: dict, work_dir: str, output: str, markers: dict[int, dict], weights: list[float] | None) -> dict:
+    """Writes index.json (last) from the units' markers, in unit order, and commits the output."""
+    settings, tokenizer, inputs = job["settings"], job["tokenizer"], job["inputs"]
+    shards, sources_ = [], []
+    rows = 0
+    for s, spec in enumerate(inputs):
+        start, documents, tokens = rows, 0, 0
+        for i, unit in enumerate(job["units"]):
+            if unit["source"] != s:
+                continue
+            m = markers[i]
+            shards += m["shards"]
+            rows += sum(sh["rows"] for sh in m["shards"])
+            documents += m["documents"]
+            tokens += m["tokens"]
+        if documents == 0:
+            raise DataError(f"{spec}: no documents")
+        sources_.append({"name": spec, "path": settings["inputs"][s], "documents": documents, "tokens": tokens,
+                         "rows": [start, rows]})
+    counts = [s["rows"][1] - s["rows"][0] for s in sources_]
+    resolved = list(weights) if weights is not None else counts
+    for source, w in zip(sources_, resolved):
+        source["weight"] = float(w) / float(sum(resolved))
+    index = {
+        "format": FORMAT, "seq_len": settings["seq_len"], "num_rows": rows, "vocab_size": tokenizer["vocab_size"],
+        "max_token_id": max(m["max_token_id"] for m in markers.values()),
+        "tokenizer": {"name": tokenizer["name"], "path": tokenizer["path"], "bos_id": tokenizer["bos_id"],
+                      "eos_id": tokenizer["eos_id"], "pad_id": tokenizer["pad_id"]},
+        "sources": sources_, "shards": shards,
+    }
+    keep = {INDEX} | {sh[a] for sh in shards for a in ARRAYS}
+    stale = [n for n in storage.listdir(work_dir)  # markers, job.json, files of an earlier plan's units
+             if n not in keep and n not in (storage.WRITING, storage.COMMITTED)]
+    _threads(lambda n: storage.remove(storage.join(work_dir, n)), stale)
+    _write_json(storage.join(work_dir, INDEX), index)
+    if storage.is_remote(output):
+        storage.write_text(storage.join(output, storage.COMMITTED), "")
+    else:
+        if os.path.isdir(output):
+            os.rmdir(output)  # an empty directory given as the output
+        os.rename(work_dir, output)
+    return index
+
+
+def _after_failure(job: dict, work_dir: str, output: str) -> None:
+    """Removes the temporaries; keeps the committed units for a rerun, or everything goes if there are none."""
+    _remove_temporaries(work_dir)
+    with contextlib.suppress(Exception):
+        _, done = pending_units(job, work_dir)  # from the disk: workers may have committed more than we heard
+        if not done:
+            storage.remove(work_dir)
+        else:
+            print(f"normistral: kept {len(done)} of {len(job['units'])} committed units in {work_dir}; rerun the "
+                  "same command to resume", file=sys.stderr)
+
+
+def prepare_data(tokenizer_dir: str, inputs: list[str], output_dir: str, seq_len: int, *,
+                 weights: list[float] | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                 workers: int | None = None, unit_bytes: int = src.DEFAULT_UNIT_BYTES, text_column: str = "text",
+                 engine: str = "local", progress: bool = True) -> dict:
+    """Tokenize and pack `inputs` (one source each) into `output_dir` (local or gs://); return the index.
+
+    `weights` (one per input) set the sampling mix; by default each source weighs its number of rows.
+    `workers`: processes on this machine (default: all cores); `engine="ray"` runs the units as Ray tasks
+    on the cluster `ray.init()` finds (training.prepare_ray). Rerunning after an interruption resumes.
+    """
+    from tqdm import tqdm
+
+    inputs = [os.fspath(i) for i in inputs]
+    _check_args(inputs, weights, seq_len, shard_tokens, unit_bytes, workers)
+    if engine not in ("local", "ray"):
+        raise DataError(f"engine must be 'local' or 'ray', got {engine!r}")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    job = plan(tokenizer, inputs, int(seq_len), shard_tokens=shard_tokens, unit_bytes=unit_bytes,
+               text_column=text_column)
+    output = storage.resolve(output_dir)
+    work = start(job, output)
+    todo, markers = pending_units(job, work)
+    if markers and progress:
+        print(f"normistral: resuming {output}: {len(markers)} of {len(job['units'])} units already done",
+              file=sys.stderr)
+    bar = tqdm(total=len(job["units"]), initial=len(markers), desc="preparing", unit=" units",
+               disable=not progress)
+    total_tokens = sum(m["tokens"] for m in markers.values())
+
+    def on_done(i, marker):
+        nonlocal total_tokens
+        markers[i] = marker
+        total_tokens += marker["tokens"]
+        bar.update(1)
+        bar.set_postfix(tokens=f"{total_tokens:,}", refresh=False)
+
+    try:
+        try:
+            if engine == "ray":
+                from training.prepare_ray import run_ray
+
+                run_ray(job, todo, work, on_done, num_cpus=workers)
+            else:
+                run_local(job, todo, work, workers or os.cpu_count() or 1, on_done)
+        finally:
+            bar.close()  # before any error line: the error must be the last line, on its own
+        return finalize(job, work, output, markers, weights)
+    except BaseException:
+        _after_failure(job, work, output)
+        raise
