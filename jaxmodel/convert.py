@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 
 from jaxmodel.config import ConfigError, MistralConfig
 from jaxmodel.model import MistralForCausalLM, abstract_model
-from jaxmodel.storage import atomic_directory, atomic_file  # noqa: F401 (re-exported)
+from jaxmodel.storage import atomic_file  # noqa: F401 (re-exported)
+from jaxmodel.storage import atomic_directory, check_input_dir, check_output_dir
 from jaxmodel.safetensors_io import SafetensorsWriter, WeightFileError, WeightFiles, shard_plan
 
 PARAMS_DIR = "params"  # the Orbax checkpoint inside an import_hf directory
@@ -189,6 +190,12 @@ def _open_checked(path: str, config: MistralConfig, allow_pickle: bool):
     return files, expected, {(t.rule.path, t.layer): (name, t) for name, t in expected.items()}
 
 
+def check_hf_weights(path: str, config: MistralConfig, *, allow_pickle: bool = False) -> None:
+    """Checks a Hugging Face directory's weight files against `config` from their headers (missing,
+    unexpected or misshapen tensors, truncated files): a ConvertError naming the file, no tensor read."""
+    _open_checked(path, config, allow_pickle)
+
+
 def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=False, progress=True):
     """The model state (flat {path: jax.Array}) read from a Hugging Face directory."""
     files, expected, by_slot = _open_checked(path, config, allow_pickle)
@@ -244,8 +251,7 @@ def from_pretrained(
     dtype: parameter dtype; compute_dtype: activation dtype (default: dtype); options: other
     MistralConfig model options (attention_impl, remat, scan_layers)."""
     path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise ConvertError(f"{path}: not a directory")
+    check_input_dir(path, "model directory")
     config = MistralConfig.from_hf(
         config_source(path), param_dtype=jnp.dtype(dtype).name, dtype=jnp.dtype(compute_dtype or dtype).name,
         **options
@@ -329,6 +335,8 @@ def import_hf(hf_dir: str, ckpt_dir: str, *, allow_pickle: bool = False, progres
     written slice by slice (peak host memory ~ one layer tensor, independent of the layer count)."""
     from jaxmodel.orbax_stream import save_streaming
 
+    check_input_dir(hf_dir, "Hugging Face model directory")
+    check_output_dir(ckpt_dir)  # before any tensor is read
     config = MistralConfig.from_hf(hf_dir)
     files, expected, by_slot = _open_checked(hf_dir, config, allow_pickle)
     shapes = _param_shapes(config)
@@ -365,10 +373,14 @@ def _restore_orbax(params_dir: str, config: MistralConfig, mesh) -> dict:
         for key in p[:-1]:
             node = node.setdefault(key, {})
         node[p[-1]] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding_of(p, var))
+    checkpointer = ocp.StandardCheckpointer()
+    _check_orbax_metadata(checkpointer, params_dir, target)
     try:
-        restored = ocp.StandardCheckpointer().restore(os.path.abspath(params_dir), target)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConvertError(f"{params_dir}: cannot restore Orbax checkpoint ({str(e).splitlines()[0]})") from None
+        restored = checkpointer.restore(os.path.abspath(params_dir), target)
+    except Exception as e:  # noqa: BLE001 (TensorStore raises bare Exceptions for unreadable chunks)
+        first = (str(e).splitlines() or [type(e).__name__])[0].split(" See full TensorStore details")[0]
+        raise ConvertError(f"{params_dir}: cannot restore the Orbax checkpoint, its files are truncated or "
+                           f"corrupt ({first[:300]})") from None
     out = {}
 
     def walk(node, prefix):
@@ -380,6 +392,33 @@ def _restore_orbax(params_dir: str, config: MistralConfig, mesh) -> dict:
 
     walk(restored, ())
     return out
+
+
+def _check_orbax_metadata(checkpointer, params_dir: str, target: dict) -> None:
+    """Compares the stored shapes with the config before any array is read: a restore that fails half-way
+    leaves TensorStore callbacks behind that print a stray traceback when the process exits."""
+    try:
+        stored = checkpointer.metadata(os.path.abspath(params_dir)).item_metadata
+        stored = {tuple(str(getattr(k, "key", k)) for k in path): leaf
+                  for path, leaf in jax.tree_util.tree_leaves_with_path(stored)}
+    except Exception as e:  # noqa: BLE001 (missing or corrupt _METADATA: Orbax raises several kinds)
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConvertError(f"{params_dir}: not a readable Orbax checkpoint ({first[:300]})") from None
+    if not stored:
+        raise ConvertError(f"{params_dir}: not a readable Orbax checkpoint (its _METADATA or manifest is missing, "
+                           "truncated or corrupt)")
+    config_json = os.path.join(os.path.dirname(os.path.abspath(params_dir)), "config.json")
+    config_json = config_json if os.path.isfile(config_json) else "the saved model config"
+    wanted = {path: leaf for path, leaf in jax.tree_util.tree_leaves_with_path(target)}
+    for path, leaf in wanted.items():
+        key = tuple(str(getattr(k, "key", k)) for k in path)
+        name = ".".join(key)
+        if key not in stored:
+            raise ConvertError(f"{params_dir}: the checkpoint has no array {name}")
+        shape = tuple(getattr(stored[key], "shape", ()) or ())
+        if shape != tuple(leaf.shape):
+            raise ConvertError(f"{params_dir}: array {name} has shape {shape}, {config_json} implies "
+                               f"{tuple(leaf.shape)}")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -399,14 +438,19 @@ def config_source(path: str):
     has `params/` and `meta/` but no config.json), the model section the trainer saved in `meta`."""
     meta = os.path.join(path, "meta", "metadata")
     if not os.path.exists(os.path.join(path, "config.json")) and os.path.isfile(meta):
-        with open(meta, encoding="utf-8") as f:
-            return json.load(f)["model"]
+        try:
+            with open(meta, encoding="utf-8") as f:
+                return json.load(f)["model"]
+        except (ValueError, KeyError, TypeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ConvertError(f"{meta}: not a training checkpoint's metadata (truncated or corrupt)") from None
     return path
 
 
 def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, progress: bool = True) -> None:
     """An `import_hf` directory or a training checkpoint step (or any directory from_pretrained reads)
     -> a Hugging Face directory."""
+    check_input_dir(ckpt_dir, "checkpoint directory (import-hf output or WORKDIR/checkpoints/STEP)")
+    check_output_dir(hf_dir)  # before the weights load: a bad destination fails at once
     config = MistralConfig.from_hf(config_source(ckpt_dir))
     model = from_pretrained(ckpt_dir, dtype=jnp.dtype(config.torch_dtype), progress=progress)
     save_pretrained(model, hf_dir, dtype=dtype, progress=progress)
@@ -423,4 +467,5 @@ __all__ = [
     "import_hf",
     "export_hf",
     "load_hf_state",
+    "check_hf_weights",
 ]
