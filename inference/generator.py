@@ -2,8 +2,8 @@
 
 Inside: `Generator(model, tokenizer)`, `Generator.from_pretrained(path, *, tokenizer, dtype, mesh, quantize)`,
 `.generate(prompts, *, max_new_tokens, stop, template, batch_size, ...) -> list[str]`, `.stop_ids(stop)`,
-`.encode`, `.check_lengths`, `.generate_ids` (the steps `generate` is made of, for the CLI), and
-`read_jsonl(path)` (the CLI's input file).
+`.encode`, `.check_lengths`, `.generate_ids` (the steps `generate` is made of, for the CLI),
+`read_jsonl(path)` (the CLI's input file) and `load_tokenizer(path)`.
 
 Following the model card (norallm/normistral-11b-long):
 - prompts are tokenized with the tokenizer's defaults (its `<s>` included), one prompt per row;
@@ -27,6 +27,7 @@ from flax import nnx
 
 from inference.generate import GenerateError, generate
 from inference.quantize import MODES, quantize_model
+from jaxmodel.checks import check_template, json_problem
 
 
 class Generator:
@@ -45,7 +46,8 @@ class Generator:
 
         quantize="int8": weight-only int8 (see quantize.py); the 16-bit weights are loaded into host
         memory, quantized there, and only int8 arrays are placed on the accelerator / mesh."""
-        from jaxmodel.convert import from_pretrained
+        from jaxmodel.config import MistralConfig
+        from jaxmodel.convert import config_source, from_pretrained
         from jaxmodel.sharding import make_mesh
 
         path = os.fspath(path)
@@ -53,13 +55,9 @@ class Generator:
             raise GenerateError(f"{path}: model directory not found")
         if quantize is not None and quantize not in MODES:
             raise GenerateError(f"quantize={quantize!r} is not one of {MODES}")
+        MistralConfig.from_hf(config_source(path))  # a broken config.json is named as such, not as the tokenizer
         if tokenizer is None:
-            import transformers
-
-            try:  # never trust_remote_code: the tokenizer must be a plain tokenizer.json / config
-                tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-            except (OSError, ValueError) as e:
-                raise GenerateError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
+            tokenizer = load_tokenizer(path)
         if quantize is None:
             model = from_pretrained(path, dtype=dtype, mesh=mesh, progress=progress, **options)
         else:
@@ -95,6 +93,8 @@ class Generator:
     def encode(self, prompts: Sequence[str], template: str | None = None) -> list[list[int]]:
         if isinstance(prompts, str):
             prompts = [prompts]
+        if template is not None:
+            check_template(template)
         texts = [template.format(p) if template else p for p in prompts]
         return [list(ids) for ids in self.tokenizer(texts)["input_ids"]]
 
@@ -158,8 +158,9 @@ class Generator:
         yields each batch's records with an "output" field. Every prompt is checked before any work."""
         if not records:
             raise GenerateError("no prompts given")
-        if batch_size < 1 or max_new_tokens < 1:
-            raise GenerateError("batch_size and max_new_tokens must be positive")
+        for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise GenerateError(f"{name} must be a positive integer, got {value!r}")
         names = names or [f"prompt {i + 1}" for i in range(len(records))]
         encoded = self.encode([r["text"] for r in records], template)
         self.check_lengths(encoded, max_new_tokens, names)
@@ -179,8 +180,9 @@ def read_jsonl(path: str) -> list[dict]:
     """Records of a JSONL prompt file; each must be an object with a string field "text"."""
     import json
 
-    if not os.path.isfile(path):
-        raise GenerateError(f"{path}: input file not found")
+    from jaxmodel.storage import check_input_file
+
+    check_input_file(path, "JSON-lines file of prompts")
     records = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -188,14 +190,28 @@ def read_jsonl(path: str) -> list[dict]:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GenerateError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            except json.JSONDecodeError as e:  # json_problem gives "1: not valid JSON (...)": use our line
+                raise GenerateError(f"{path}:{number}:{json_problem(e).partition(':')[2]}") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise GenerateError(f'{path}:{number}: expected an object with a string field "text"')
             records.append(record)
     if not records:
         raise GenerateError(f"{path}: no prompts in the file")
     return records
+
+
+def load_tokenizer(path: str):
+    """A plain Hugging Face tokenizer from a directory (never trust_remote_code), or a GenerateError."""
+    import transformers
+
+    from jaxmodel.storage import check_input_dir
+
+    check_input_dir(path, "tokenizer directory")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 (transformers raises OSError, ValueError, TypeError, KeyError, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise GenerateError(f"{path}: no usable tokenizer there ({first[:200]})") from None
 
 
 def _host_device():

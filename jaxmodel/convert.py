@@ -41,9 +41,13 @@ from tqdm.auto import tqdm
 
 from jaxmodel.config import ConfigError, MistralConfig
 from jaxmodel.model import MistralForCausalLM, abstract_model
-from jaxmodel.storage import atomic_file  # noqa: F401 (re-exported)
-from jaxmodel.storage import atomic_directory, check_input_dir, check_output_dir
 from jaxmodel.safetensors_io import SafetensorsWriter, WeightFileError, WeightFiles, shard_plan
+from jaxmodel.storage import (
+    atomic_directory,
+    atomic_file,  # noqa: F401 (re-exported)
+    check_input_dir,
+    check_output_dir,
+)
 
 PARAMS_DIR = "params"  # the Orbax checkpoint inside an import_hf directory
 DEFAULT_SHARD_BYTES = 5 * 1024**3

@@ -123,7 +123,8 @@ def load_run_config(path: str, overrides: list[str] = ()) -> dict:
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item}: the value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
+            problem = getattr(e, "problem", None) or e
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({problem})") from None
         _set(tree, key.strip(), value, item)
     for key, value in tree.items():
         if key in ("_origins", "_shown"):
@@ -200,7 +201,8 @@ def from_section(cls, tree: dict, name: str):
     names = {f.name for f in dataclasses.fields(cls)}
     for key in sec:
         if key not in names:
-            raise ConfigError(f"{where(tree, f'{name}.{key}')}: {_unknown(str(key), names, 'a known option', name + '.')}")
+            unknown = _unknown(str(key), names, "a known option", name + ".")
+            raise ConfigError(f"{where(tree, f'{name}.{key}')}: {unknown}")
     check_types(tree, name, cls, sec)
     try:
         return cls(**sec)

@@ -94,7 +94,7 @@ def _corpus_files(run: RunConfig) -> tuple[list[str], list[str]]:
         h = run.data.heldout
         heldout = sorted(glob.glob(h if os.path.isabs(h) else os.path.join(os.path.dirname(where), h)))
     if not files:
-        raise ConfigError(f"{where}: data.corpus {corpus!r} matches no files")
+        raise ConfigError(f"{run.where('data.corpus')}: data.corpus {corpus!r} matches no files")
     return files, heldout
 
 
@@ -108,8 +108,8 @@ def ensure_data(run: RunConfig, workdir: str) -> tuple[str, str | None]:
     data_dir, eval_dir = _resolve(workdir, run.data.dir), _resolve(workdir, run.data.eval_dir)
     if run.data.corpus is None:
         if not os.path.isdir(data_dir):
-            raise ConfigError(f"{run.path}: data.dir {data_dir} does not exist (and data.corpus is not set "
-                              "to build it)")
+            raise ConfigError(f"{run.where('data.dir')}: data.dir {data_dir} does not exist (and data.corpus is "
+                              "not set to build it)")
         return data_dir, eval_dir if eval_dir and os.path.isdir(eval_dir) else None
     files, heldout = _corpus_files(run)
     if eval_dir is None and heldout:
@@ -159,15 +159,9 @@ def _initial_state(ts: steps_lib.TrainSetup, run: RunConfig) -> dict:
         return steps_lib.init_state(ts)
     from flax import nnx
 
-    from jaxmodel.config import MistralConfig
     from jaxmodel.convert import from_pretrained
 
-    found = MistralConfig.from_hf(run.init_from)
-    diff = [f"{k}: {getattr(found, k)} != {getattr(run.model, k)}" for k in ARCHITECTURE_FIELDS
-            if getattr(found, k) != getattr(run.model, k)]
-    if diff:
-        raise ConfigError(f"{run.path}: model.init_from {run.init_from} does not match the model section "
-                          f"({'; '.join(diff)})")
+    _check_init_from(run)
     _log(f"loading {run.init_from} onto mesh {dict(ts.mesh.shape)}")
     model = from_pretrained(run.init_from, dtype=run.model.weight_dtype, compute_dtype=run.model.compute_dtype,
                             mesh=ts.mesh, attention_impl=run.model.attention_impl, remat=run.model.remat,
@@ -226,14 +220,60 @@ def _evaluate(eval_step, ts, params, dataset, run: RunConfig) -> float:
     return total / max(count, 1.0)
 
 
+def _make_workdir(workdir: str) -> str:
+    """The run's directory, created if needed; a StorageError naming it when it cannot be (checked before
+    any data is built or any step compiled)."""
+    from jaxmodel import storage
+
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise storage.StorageError(f"{workdir}: is a file, expected a directory for the run (--workdir)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise storage.StorageError(f"{workdir}: cannot create the run directory (--workdir): "
+                                   f"{(e.strerror or str(e)).lower()}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise storage.StorageError(f"{workdir}: the run directory (--workdir) is not writable")
+    return path
+
+
+def _has_checkpoints(run: RunConfig, workdir: str) -> bool:
+    directory = _resolve(workdir, run.checkpoint.dir)
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def _check_init_from(run: RunConfig) -> None:
+    """`model.init_from` exists, is a model directory, and matches the model section: checked before data
+    is built or anything compiled."""
+    if run.init_from is None:
+        return
+    from jaxmodel import storage
+    from jaxmodel.config import MistralConfig
+    from jaxmodel.convert import config_source
+
+    where = run.where("model.init_from")
+    if not os.path.isdir(run.init_from):
+        what = "is a file" if os.path.exists(run.init_from) else "does not exist"
+        raise storage.StorageError(f"{where}: model.init_from {run.init_from} {what}; expected a Hugging Face or "
+                                   "import-hf model directory")
+    found = MistralConfig.from_hf(config_source(run.init_from))
+    diff = [f"{k}: {getattr(found, k)} != {getattr(run.model, k)}" for k in ARCHITECTURE_FIELDS
+            if getattr(found, k) != getattr(run.model, k)]
+    if diff:
+        raise ConfigError(f"{where}: model.init_from {run.init_from} does not match the model section "
+                          f"({'; '.join(diff)})")
+
+
 def run_training(config_path: str, workdir: str, overrides=(), *, datasets=None) -> dict:
     """Trains per the run config; returns a summary ({"step", "loss", "preempted", ...}).
 
     `datasets` (train, eval or None) replaces the configured data (tests)."""
     tree = load_run_config(config_path, list(overrides))
     run = load(tree)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = _make_workdir(workdir)
+    if not _has_checkpoints(run, workdir):  # a resumed run no longer reads init_from
+        _check_init_from(run)
     preemption = _Preemption()  # from the start: a notice during data preparation or compilation counts too
     try:
         return _train(run, workdir, datasets, preemption)
@@ -244,7 +284,7 @@ def run_training(config_path: str, workdir: str, overrides=(), *, datasets=None)
 def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption) -> dict:
     train_ds, eval_ds = datasets if datasets is not None else open_datasets(run, workdir)
     if run.train.eval_every and eval_ds is None:
-        raise ConfigError(f"{run.path}: train.eval_every is set but there is no held-out data "
+        raise ConfigError(f"{run.where('train.eval_every')}: train.eval_every is set but there is no held-out data "
                           "(data.eval_dir, or data.corpus with held-out documents)")
 
     mesh = make_mesh(run.mesh)
