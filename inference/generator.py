@@ -207,6 +207,8 @@ def load_tokenizer(path: str):
     from jaxmodel.storage import check_input_dir
 
     check_input_dir(path, "tokenizer directory")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json", "tokenizer.model")):
+        raise GenerateError(f"{path}: no tokenizer there (neither tokenizer.json nor tokenizer.model)")
     try:
         return transformers.AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 (transformers raises OSError, ValueError, TypeError, KeyError, ...)

@@ -24,7 +24,7 @@ def json_problem(e: json.JSONDecodeError) -> str:
 def yaml_problem(e) -> str:
     """`LINE: MESSAGE (column C)` for a PyYAML error, or just the message when it has no position."""
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    what = " ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+    what = "; ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
     what = what or str(e).splitlines()[0]
     if mark is None:
         return f"not valid YAML ({what})"

@@ -240,7 +240,10 @@ def _make_workdir(workdir: str) -> str:
 
 def _has_checkpoints(run: RunConfig, workdir: str) -> bool:
     directory = _resolve(workdir, run.checkpoint.dir)
-    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+    try:
+        return any(name.isdigit() for name in os.listdir(directory))
+    except OSError:  # no such directory (a new run), or --workdir is a file (reported next)
+        return False
 
 
 def _check_init_from(run: RunConfig) -> None:
@@ -271,9 +274,9 @@ def run_training(config_path: str, workdir: str, overrides=(), *, datasets=None)
     `datasets` (train, eval or None) replaces the configured data (tests)."""
     tree = load_run_config(config_path, list(overrides))
     run = load(tree)
-    workdir = _make_workdir(workdir)
-    if not _has_checkpoints(run, workdir):  # a resumed run no longer reads init_from
+    if not _has_checkpoints(run, os.path.abspath(workdir)):  # a resumed run no longer reads init_from
         _check_init_from(run)
+    workdir = _make_workdir(workdir)
     preemption = _Preemption()  # from the start: a notice during data preparation or compilation counts too
     try:
         return _train(run, workdir, datasets, preemption)
