@@ -56,6 +56,10 @@ def _number(text: str, kind):
     return value
 
 
+def integer(text: str) -> int:
+    return _number(text, int)
+
+
 def positive_int(text: str) -> int:
     value = _number(text, int)
     if value <= 0:
@@ -100,17 +104,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _workload(tree: dict, mode: str) -> tuple[int, int]:
-    """(batch, length) of the step to compile: the inference section for prefill/decode if present,
-    else the training shapes."""
+    """(batch, length) of the step to compile: the inference section for prefill/decode if present (its
+    defaults fill what it leaves out), else the training shapes."""
     inference, train = tree.get("inference") or {}, tree.get("train") or {}
     if mode != "train" and inference:
-        batch, length = inference.get("batch_size"), inference.get("max_length")
-    else:
-        batch, length = train.get("global_batch_size"), train.get("seq_len")
+        from inference.aot import inference_options
+
+        opts = inference_options(tree)
+        return opts.batch_size, opts.max_length
+    batch, length = train.get("global_batch_size"), train.get("seq_len")
     if not (isinstance(batch, int) and isinstance(length, int) and batch > 0 and length > 0):
-        raise CommandError(f"{tree['_path']}: --mode {mode} needs positive integers "
-                           + ("inference.batch_size and inference.max_length" if mode != "train" and inference
-                              else "train.global_batch_size and train.seq_len"))
+        from jaxmodel.run_config import where
+
+        raise CommandError(f"{where(tree, 'train')}: --mode {mode} needs train.global_batch_size and "
+                           "train.seq_len (or an inference section)")
     return batch, length
 
 
@@ -381,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=positive_float, default=1.0)
     p.add_argument("--top-k", type=non_negative_int, default=0, help="0: off")
     p.add_argument("--top-p", type=unit_interval, default=1.0, help="1.0: off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=integer, default=0)
     p.add_argument("--tokenizer", metavar="DIR", help="a Hugging Face tokenizer directory (default: MODEL_DIR's)")
     p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                    help="shard the model over a device mesh (default: one device; 1,-1,1 with several processes)")

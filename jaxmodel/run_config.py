@@ -62,6 +62,10 @@ def _key_lines(text: str) -> dict[str, int]:
 def where(tree: dict, dotted: str = "") -> str:
     """Where a key's value came from: `--set key=value`, `FILE:LINE`, or the file (the culprit to name)."""
     origins = tree.get("_origins", {})
+    if dotted and "." not in dotted:  # a whole section: a --set of one of its keys is the likelier culprit
+        overrides = [o for k, o in origins.items() if k.startswith(f"{dotted}.") and o.startswith("--set ")]
+        if overrides:
+            return overrides[-1]
     parts = dotted.split(".") if dotted else []
     for n in range(len(parts), 0, -1):
         origin = origins.get(".".join(parts[:n]))
@@ -171,9 +175,11 @@ def model_config(tree: dict) -> MistralConfig:
             known = fields | {"preset", "hf_config", "init_from"}
             raise ConfigError(f"{where(tree, f'model.{key}')}: {_unknown(key, known, 'a model option', 'model.')}")
     check_types(tree, "model", MistralConfig, sec)
-    if (preset is None) == (hf_config is None):
-        raise ConfigError(f"{where(tree, 'model')}: the model section needs exactly one of preset or hf_config"
-                          + (" (or init_from)" if "init_from" not in sec else ""))
+    if preset is not None and hf_config is not None:
+        culprit = "model.hf_config" if where(tree, "model.hf_config").startswith("--set") else "model.preset"
+        raise ConfigError(f"{where(tree, culprit)}: model.preset and model.hf_config are both set; use one")
+    if preset is None and hf_config is None:
+        raise ConfigError(f"{where(tree, 'model')}: the model section needs one of preset, hf_config or init_from")
     try:
         if preset is not None:
             if preset not in PRESETS:

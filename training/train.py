@@ -107,6 +107,9 @@ def ensure_data(run: RunConfig, workdir: str) -> tuple[str, str | None]:
     renamed at the end), so an interrupted build is redone, never half used."""
     data_dir, eval_dir = _resolve(workdir, run.data.dir), _resolve(workdir, run.data.eval_dir)
     if run.data.corpus is None:
+        if os.path.isfile(data_dir):
+            raise ConfigError(f"{run.where('data.dir')}: data.dir {data_dir} is a file, expected a prepared data "
+                              "directory (normistral prepare-data)")
         if not os.path.isdir(data_dir):
             raise ConfigError(f"{run.where('data.dir')}: data.dir {data_dir} does not exist (and data.corpus is "
                               "not set to build it)")
@@ -238,6 +241,32 @@ def _make_workdir(workdir: str) -> str:
     return path
 
 
+def _check_mesh(run: RunConfig) -> None:
+    """The mesh section fits the devices (before any data is built)."""
+    from jaxmodel.sharding import ShardingError
+
+    try:
+        run.mesh.resolve(jax.device_count())
+    except ShardingError as e:
+        raise ShardingError(f"{run.where('mesh')}: {e}") from None
+
+
+def _check_export(run: RunConfig, workdir: str) -> None:
+    """`train.export_hf` can be written (checked now, not after the last step); an existing directory is
+    left alone at the end (see `_export`)."""
+    if not run.train.export_hf or jax.process_index() != 0:
+        return
+    from jaxmodel import storage
+
+    path = _resolve(workdir, run.train.export_hf)
+    if os.path.isdir(path) and os.listdir(path):
+        return
+    try:
+        storage.check_output_dir(path)
+    except storage.StorageError as e:
+        raise storage.StorageError(f"{run.where('train.export_hf')}: train.export_hf: {e}") from None
+
+
 def _has_checkpoints(run: RunConfig, workdir: str) -> bool:
     directory = _resolve(workdir, run.checkpoint.dir)
     try:
@@ -274,9 +303,11 @@ def run_training(config_path: str, workdir: str, overrides=(), *, datasets=None)
     `datasets` (train, eval or None) replaces the configured data (tests)."""
     tree = load_run_config(config_path, list(overrides))
     run = load(tree)
+    _check_mesh(run)
     if not _has_checkpoints(run, os.path.abspath(workdir)):  # a resumed run no longer reads init_from
         _check_init_from(run)
     workdir = _make_workdir(workdir)
+    _check_export(run, workdir)
     preemption = _Preemption()  # from the start: a notice during data preparation or compilation counts too
     try:
         return _train(run, workdir, datasets, preemption)
