@@ -182,6 +182,12 @@ def _check_same_model(meta: dict, run: RunConfig, where: str) -> None:
                           "use another --workdir")
 
 
+def _unreadable(step_dir: str, e: Exception) -> str:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore details")[0]
+    return (f"{step_dir}: cannot restore this checkpoint, its files are truncated or corrupt ({first[:200]}); "
+            "move the step directory away to resume from the one before")
+
+
 class _Preemption:
     """SIGTERM -> a flag read once per step. On multi-host runs JAX's coordination service owns SIGTERM
     and `reached_preemption_sync_point` tells every host the same step to stop at."""
@@ -327,8 +333,16 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption) -> d
     latest = checkpointer.latest_step()
     if latest is not None:
         _log(f"resuming from checkpoint step {latest} in {checkpointer.directory}")
-        _check_same_model(checkpointer.restore_meta(latest), run, checkpointer.directory)
-        state = checkpointer.restore(latest, steps_lib.abstract_state(ts))
+        step_dir = os.path.join(checkpointer.directory, str(latest))
+        try:
+            meta = checkpointer.restore_meta(latest)
+        except Exception as e:  # noqa: BLE001 (Orbax raises several kinds for an unreadable file)
+            raise TrainingError(_unreadable(step_dir, e)) from None
+        _check_same_model(meta, run, checkpointer.directory)
+        try:
+            state = checkpointer.restore(latest, steps_lib.abstract_state(ts))
+        except Exception as e:  # noqa: BLE001 (TensorStore raises bare Exceptions for truncated chunks)
+            raise TrainingError(_unreadable(step_dir, e)) from None
     else:
         state = _initial_state(ts, run)
     step = int(jax.device_get(state["step"]))

@@ -215,3 +215,27 @@ def test_export_hf_reads_a_training_checkpoint_step(tiny_run, tmp_path):
     final = _params(workdir, 100)
     np.testing.assert_array_equal(hf.model.layers[0].self_attn.q_proj.weight.detach().numpy(),
                                   np.asarray(final["layers"]["self_attn"]["q_proj"][0]).reshape(128, -1).T)
+
+
+def test_resume_from_a_truncated_checkpoint_is_one_line(tiny_run, tmp_path, capfd):
+    """A checkpoint whose array files were truncated (a full disk, a bad copy): one line naming the step
+    directory and what to do, not TensorStore's traceback."""
+    import normistral
+
+    last = _finalized(tiny_run[0])[-1]
+    workdir = str(tmp_path / "run")
+    step_dir = os.path.join(workdir, "checkpoints", str(last))
+    shutil.copytree(os.path.join(tiny_run[0], "checkpoints", str(last)), step_dir)
+    chunks = os.path.join(step_dir, "params", "ocdbt.process_0", "d")
+    for name in os.listdir(chunks):
+        os.truncate(os.path.join(chunks, name), 50)
+    argv = ["train", "--config", CONFIG, "--workdir", workdir]
+    for item in _data_overrides(tiny_run) + [f"train.steps={last + 1}"]:
+        argv += ["--set", item]
+    with pytest.raises(SystemExit) as info:
+        normistral.main(argv)
+    err = capfd.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, err[-3000:]
+    line = err.strip().split("\n")[-1]
+    assert line.startswith(f"normistral: error: {step_dir}: cannot restore this checkpoint"), err[-2000:]
+    assert "move the step directory away" in line
