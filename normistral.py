@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -42,25 +43,102 @@ class CommandError(ValueError):
     """A usage error the user can fix (printed as one line)."""
 
 
+# argparse types that name their range; argparse adds the flag (`argument --batch-size: must be a positive
+# integer, got 0`) and they run while the command line is parsed, before any work.
+def _number(text: str, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def integer(text: str) -> int:
+    return _number(text, int)
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    value = _number(text, float)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one error format: usage, then `normistral: error: ...` as the last line (exit 2)."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"normistral: error: {message}\n")
+
+
 def _workload(tree: dict, mode: str) -> tuple[int, int]:
-    """(batch, length) of the step to compile: the inference section for prefill/decode if present,
-    else the training shapes."""
+    """(batch, length) of the step to compile: the inference section for prefill/decode if present (its
+    defaults fill what it leaves out), else the training shapes."""
     inference, train = tree.get("inference") or {}, tree.get("train") or {}
     if mode != "train" and inference:
-        batch, length = inference.get("batch_size"), inference.get("max_length")
-    else:
-        batch, length = train.get("global_batch_size"), train.get("seq_len")
+        from inference.aot import inference_options
+
+        opts = inference_options(tree)
+        return opts.batch_size, opts.max_length
+    batch, length = train.get("global_batch_size"), train.get("seq_len")
     if not (isinstance(batch, int) and isinstance(length, int) and batch > 0 and length > 0):
-        raise CommandError(f"{tree['_path']}: --mode {mode} needs positive integers "
-                           + ("inference.batch_size and inference.max_length" if mode != "train" and inference
-                              else "train.global_batch_size and train.seq_len"))
+        from jaxmodel.run_config import where
+
+        raise CommandError(f"{where(tree, 'train')}: --mode {mode} needs train.global_batch_size and "
+                           "train.seq_len (or an inference section)")
     return batch, length
+
+
+def _check_sections(tree: dict) -> None:
+    """Reads every section of a run config (model, mesh, train, optimizer, data, checkpoint, inference), so an
+    unknown key or a bad value anywhere is an error whichever command reads the file."""
+    from training.config import load
+
+    load(tree)
+    if tree.get("inference") is not None:
+        from inference.aot import inference_options
+
+        inference_options(tree)
 
 
 def _compile_check(args):
     from jaxmodel import aot, run_config
 
+    aot.check_topology(args.topology)
     tree = run_config.load_run_config(args.config, args.set)
+    _check_sections(tree)
     t0 = time.time()
     if args.mode == "train":  # training/aot.py reads the run's sections itself (model.init_from included)
         from training.aot import compile_train
@@ -101,9 +179,9 @@ def _compile_check(args):
 def _add_distributed_flags(p) -> None:
     g = p.add_argument_group("multi-process runs (automatic on multi-host Cloud TPU slices; see docs/multihost.md)")
     g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, on every process")
-    g.add_argument("--num-processes", type=int, metavar="N")
-    g.add_argument("--process-id", type=int, metavar="I")
-    g.add_argument("--heartbeat-timeout", type=int, default=30, metavar="S",
+    g.add_argument("--num-processes", type=positive_int, metavar="N")
+    g.add_argument("--process-id", type=non_negative_int, metavar="I")
+    g.add_argument("--heartbeat-timeout", type=positive_int, default=30, metavar="S",
                    help="seconds before the others stop when a process dies (default 30)")
 
 
@@ -122,7 +200,10 @@ def _join(args) -> None:
 
 def _train(args):
     _join(args)
+    from jaxmodel.run_config import load_run_config
     from training.documents import DataError
+
+    _check_sections(load_run_config(args.config, args.set))  # every section, before data or compiling
     from training.train import TrainingError, run_training
 
     try:
@@ -180,16 +261,21 @@ def _generate(args):
     import jax
     from tqdm.auto import tqdm
 
-    from inference.generator import Generator, read_jsonl
+    from inference.generator import Generator, load_tokenizer, read_jsonl
     from jaxmodel import storage
+    from jaxmodel.checks import check_template
+    from jaxmodel.config import MistralConfig
+    from jaxmodel.convert import config_source
     from jaxmodel.storage import atomic_file
 
-    if not storage.isdir(args.model_dir):  # paths: local or gs://
-        storage.check_bucket(args.model_dir)
-        raise CommandError(f"{args.model_dir}: model directory not found")
-    storage.require_committed(args.model_dir, "model directory")
+    # Every argument is checked before the model loads (seconds to minutes for the 11B one).
+    template = args.template.replace("\\n", "\n") if args.template is not None else None  # typed \n: newline
+    if template is not None:
+        check_template(template, "--template")
+    storage.check_input_dir(args.model_dir, "model directory")
+    MistralConfig.from_hf(config_source(args.model_dir))
     if args.output and jax.process_index() == 0:
-        storage.check_output_file(args.output)  # before the model is loaded
+        storage.check_output_file(args.output)
     records = read_jsonl(args.input) if args.input else [{"text": t} for t in args.prompt or []]
     names = [f"{args.input}: prompt {i + 1}" if args.input else f"--prompt {i + 1}" for i in range(len(records))]
     mesh = None
@@ -197,20 +283,12 @@ def _generate(args):
         from jaxmodel.sharding import make_mesh
 
         mesh = make_mesh(_mesh_arg(args.mesh or "1,-1,1"))
-    tokenizer = None
-    if args.tokenizer:
-        import transformers
-
-        if not storage.isdir(args.tokenizer):
-            storage.check_bucket(args.tokenizer)
-            raise CommandError(f"{args.tokenizer}: tokenizer directory not found")
-        with storage.local_copy(args.tokenizer) as local:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(local)  # never trust_remote_code
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     gen = Generator.from_pretrained(args.model_dir, tokenizer=tokenizer, dtype=args.dtype, quantize=args.quantize,
                                     kv_cache_dtype=args.kv_cache_dtype, mesh=mesh)
     batches = gen.iter_records(
         records, max_new_tokens=args.max_new_tokens, stop="\n" if args.stop_at_newline else None,
-        template=args.template.replace("\\n", "\n") if args.template else None,  # a typed \n is a newline
+        template=template,
         batch_size=args.batch_size, names=names, do_sample=args.do_sample, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     primary = jax.process_index() == 0  # every process generates (collectives); process 0 reports
@@ -231,13 +309,16 @@ def _generate(args):
 
 
 def _demo(args):
+    if args.steps < 2:  # checked before anything is built
+        raise CommandError(f"argument --steps: the demo needs at least 2 training steps (it stops halfway and "
+                           f"resumes), got {args.steps}")
     from normistral_demo import run_demo
 
     run_demo(args.workdir, steps=args.steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="normistral", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="normistral", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("import-hf", help="Hugging Face directory -> Orbax checkpoint directory")
@@ -257,9 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", help="compare logits with transformers (float32)")
     p.add_argument("hf_dir")
     p.add_argument("jax_dir", nargs="?", help="directory our model loads (default: hf_dir)")
-    p.add_argument("--length", type=int, default=256)
-    p.add_argument("--offset", type=int, default=30000, help="first RoPE position")
-    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--length", type=positive_int, default=256)
+    p.add_argument("--offset", type=non_negative_int, default=30000, help="first RoPE position")
+    p.add_argument("--tolerance", type=non_negative_float, default=1e-4)
     p.set_defaults(func=_parity)
 
     p = sub.add_parser("compile-check", help="compile a step ahead of time for a TPU topology; report memory")
@@ -281,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, nargs="+", action="extend", metavar="FILE",
                    help=".jsonl (one document per line, field 'text') or text (documents split by blank lines)")
     p.add_argument("--output", required=True, help="new Hugging Face tokenizer directory")
-    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--vocab-size", type=positive_int, default=4096)
     p.set_defaults(func=_build_tokenizer)
 
     p = sub.add_parser("prepare-data", help="tokenize and pack text into memory-mapped training rows (resumable)")
@@ -307,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", nargs="+", action="extend", metavar="TEXT", help="one or more prompts")
     src.add_argument("--input", metavar="FILE.jsonl", help='one prompt per line: {"text": ...} (other fields kept)')
     p.add_argument("--template", help='format string for each prompt, e.g. "Engelsk: {0}\\nBokmål:" (\\n: newline)')
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation call")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generation call")
     p.add_argument("--stop-at-newline", action="store_true",
                    help="stop a row at any token containing a newline (the model card's stop set)")
     p.add_argument("--output", metavar="FILE.jsonl", help="also write the results here (one JSON object per line)")
@@ -316,10 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per-output-channel scales)")
     p.add_argument("--kv-cache-dtype", choices=["int8"], help="int8 KV cache (default: the compute dtype)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0: off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0: off")
+    p.add_argument("--top-p", type=unit_interval, default=1.0, help="1.0: off")
+    p.add_argument("--seed", type=integer, default=0)
     p.add_argument("--tokenizer", metavar="DIR", help="a Hugging Face tokenizer directory (default: MODEL_DIR's)")
     p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                    help="shard the model over a device mesh (default: one device; 1,-1,1 with several processes)")
@@ -328,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the end-to-end run on a tiny local checkpoint (the Quickstart's main job)")
     p.add_argument("--workdir", default="demo-run", help="created (or a previous demo's, replaced)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (the run stops halfway and resumes)")
+    p.add_argument("--steps", type=positive_int, default=300,
+                   help="training steps, at least 2 (the run stops halfway and resumes)")
     p.set_defaults(func=_demo)
     return parser
 
@@ -358,20 +440,68 @@ def main(argv=None) -> None:
         # takes a machine-wide lock when it loads; compiling for a topology description needs no chip).
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        _dispatch(args)
+    except KeyboardInterrupt:
+        _fail("interrupted (Ctrl-C); outputs being written were removed, finished ones kept", status=130)
+
+
+def _dispatch(args) -> None:
+    """Runs the subcommand; a user's mistake becomes one line `normistral: error: ...` and exit status 2."""
     from inference.generate import GenerateError
     from jaxmodel.aot import TopologyError
+    from jaxmodel.checks import TemplateError
     from jaxmodel.config import ConfigError
     from jaxmodel.convert import ConvertError
     from jaxmodel.distributed import DistributedError
+    from jaxmodel.safetensors_io import WeightFileError
     from jaxmodel.sharding import ShardingError
     from jaxmodel.storage import StorageError
 
+    user_errors = (ConfigError, ConvertError, ShardingError, TopologyError, CommandError, GenerateError,
+                   DistributedError, StorageError, TemplateError, WeightFileError)
     try:
         args.func(args)
-    except (ConfigError, ConvertError, ShardingError, TopologyError, CommandError, GenerateError, DistributedError,
-            StorageError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
-        print(f"normistral: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except user_errors as e:
+        _fail(str(e))
+    except OSError as e:
+        if e.filename is None and isinstance(e, (FileNotFoundError, NotADirectoryError, FileExistsError)):
+            _fail(str(e))  # raised with a message of ours ("PATH: no such file")
+        if e.filename is None:
+            raise  # not about a path the user gave: a bug, keep the traceback
+        _fail(_os_error_line(e))
+
+
+def _os_error_line(e: OSError) -> str:
+    """`PATH: reason` for an OSError about a user's path, naming the user's path rather than a temporary
+    sibling (`.NAME.tmp-PID-XXXX` -> NAME)."""
+    import re
+
+    path = re.sub(r"(^|/)\.([^/]+)\.tmp-\d+-[^/]+", r"\1\2", os.fsdecode(e.filename))
+    return f"{path}: {(e.strerror or str(e)).lower()}"
+
+
+def _close_progress_bars() -> None:
+    """Closes every tqdm bar still open: a bar's last write ends in a carriage return, and the error
+    printed next must start on a line of its own (a closed bar ends its line)."""
+    bars = set()
+    for name in ("tqdm.std", "tqdm.asyncio", "tqdm.auto", "tqdm.notebook"):  # each class keeps its own set
+        module = sys.modules.get(name)
+        for cls in vars(module).values() if module else ():
+            if isinstance(cls, type) and "_instances" in vars(cls):
+                bars.update(cls._instances)
+    for bar in bars:
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 (a half-torn-down bar must not hide the error being reported)
+            pass
+
+
+def _fail(message: str, status: int = 2):
+    _close_progress_bars()
+    sys.stdout.flush()
+    print(f"normistral: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status) from None
 
 
 if __name__ == "__main__":

@@ -76,18 +76,27 @@ def run_demo(workdir: str, *, steps: int = 300) -> dict:
     from jaxmodel.config import MistralConfig
     from jaxmodel.convert import copy_tokenizer_files, import_hf
     from jaxmodel.parity import compare_logits, make_hf_checkpoint
+    from jaxmodel.storage import StorageError
     from training.prepare import prepare_data
     from training.tokenizer import train_tokenizer
     from training.train import run_training
 
     t_start = time.time()
+    if not isinstance(steps, int) or steps < 2:  # it stops halfway and resumes: two runs of one step at least
+        raise ValueError(f"steps={steps!r}: the demo needs at least 2 training steps (it stops halfway and resumes)")
     work = os.path.abspath(workdir)
     marker = os.path.join(work, ".normistral-demo")
-    if os.path.exists(work) and os.listdir(work) and not os.path.exists(marker):
-        raise FileExistsError(f"{work}: exists and is not a previous demo directory; choose another --workdir")
+    if os.path.exists(work) and not os.path.isdir(work):
+        raise StorageError(f"{workdir}: is a file, expected a directory for the demo (--workdir)")
+    if os.path.isdir(work) and os.listdir(work) and not os.path.exists(marker):
+        raise StorageError(f"{workdir}: exists and is not a previous demo directory; choose another --workdir")
     shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
-    open(marker, "w").close()
+    try:
+        os.makedirs(work)
+        open(marker, "w").close()
+    except OSError as e:
+        raise StorageError(f"{workdir}: cannot create the demo directory (--workdir): "
+                           f"{(e.strerror or str(e)).lower()}") from None
     paths = {name: os.path.join(work, name) for name in
              ("tokenizer", "hf", "orbax", "data", "data-heldout", "run")}
 

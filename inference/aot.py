@@ -68,7 +68,7 @@ def _sds(shape, dtype, mesh, axes=None):
 
 def compile_decode(tree: dict, topology: str) -> dict:
     """Compiles generation (and one decode step) for `topology` from a run config; the memory report."""
-    where = tree.get("_path", "config")
+    where = run_config.where(tree, "inference.max_length")
     config, shape = run_config.model_config(tree), run_config.mesh_shape(tree)
     opts = inference_options(tree)
     if opts.max_length > config.max_position_embeddings:

@@ -2,8 +2,8 @@
 
 Inside: `Generator(model, tokenizer)`, `Generator.from_pretrained(path, *, tokenizer, dtype, mesh, quantize)`,
 `.generate(prompts, *, max_new_tokens, stop, template, batch_size, ...) -> list[str]`, `.stop_ids(stop)`,
-`.encode`, `.check_lengths`, `.generate_ids` (the steps `generate` is made of, for the CLI), and
-`read_jsonl(path)` (the CLI's input file).
+`.encode`, `.check_lengths`, `.generate_ids` (the steps `generate` is made of, for the CLI),
+`read_jsonl(path)` (the CLI's input file) and `load_tokenizer(path)`.
 
 Following the model card (norallm/normistral-11b-long):
 - prompts are tokenized with the tokenizer's defaults (its `<s>` included), one prompt per row;
@@ -27,6 +27,7 @@ from flax import nnx
 
 from inference.generate import GenerateError, generate
 from inference.quantize import MODES, quantize_model
+from jaxmodel.checks import check_template, json_problem
 
 
 class Generator:
@@ -46,7 +47,8 @@ class Generator:
         quantize="int8": weight-only int8 (see quantize.py); the 16-bit weights are loaded into host
         memory, quantized there, and only int8 arrays are placed on the accelerator / mesh."""
         from jaxmodel import storage
-        from jaxmodel.convert import TOKENIZER_FILES, from_pretrained
+        from jaxmodel.config import MistralConfig
+        from jaxmodel.convert import config_source, from_pretrained
         from jaxmodel.sharding import make_mesh
 
         path = os.fspath(path)  # a local directory or a gs:// URL
@@ -56,14 +58,9 @@ class Generator:
         storage.require_committed(path, "model directory")
         if quantize is not None and quantize not in MODES:
             raise GenerateError(f"quantize={quantize!r} is not one of {MODES}")
+        MistralConfig.from_hf(config_source(path))  # a broken config.json is named as such, not as the tokenizer
         if tokenizer is None:
-            import transformers
-
-            try:  # never trust_remote_code: the tokenizer must be a plain tokenizer.json / config
-                with storage.local_copy(path, names=(*TOKENIZER_FILES, "config.json")) as local:
-                    tokenizer = transformers.AutoTokenizer.from_pretrained(local)
-            except (OSError, ValueError) as e:
-                raise GenerateError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
+            tokenizer = load_tokenizer(path)
         if quantize is None:
             model = from_pretrained(path, dtype=dtype, mesh=mesh, progress=progress, **options)
         else:
@@ -99,6 +96,8 @@ class Generator:
     def encode(self, prompts: Sequence[str], template: str | None = None) -> list[list[int]]:
         if isinstance(prompts, str):
             prompts = [prompts]
+        if template is not None:
+            check_template(template)
         texts = [template.format(p) if template else p for p in prompts]
         return [list(ids) for ids in self.tokenizer(texts)["input_ids"]]
 
@@ -162,8 +161,9 @@ class Generator:
         yields each batch's records with an "output" field. Every prompt is checked before any work."""
         if not records:
             raise GenerateError("no prompts given")
-        if batch_size < 1 or max_new_tokens < 1:
-            raise GenerateError("batch_size and max_new_tokens must be positive")
+        for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise GenerateError(f"{name} must be a positive integer, got {value!r}")
         names = names or [f"prompt {i + 1}" for i in range(len(records))]
         encoded = self.encode([r["text"] for r in records], template)
         self.check_lengths(encoded, max_new_tokens, names)
@@ -185,9 +185,7 @@ def read_jsonl(path: str) -> list[dict]:
 
     from jaxmodel import storage
 
-    if not storage.isfile(path):  # local or gs://
-        storage.check_bucket(path)
-        raise GenerateError(f"{path}: input file not found")
+    storage.check_input_file(path, "JSON-lines file of prompts")
     records = []
     with storage.open(path) as f:
         for number, line in enumerate(f, 1):
@@ -195,14 +193,33 @@ def read_jsonl(path: str) -> list[dict]:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GenerateError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            except json.JSONDecodeError as e:  # json_problem gives "1: not valid JSON (...)": use our line
+                raise GenerateError(f"{path}:{number}:{json_problem(e).partition(':')[2]}") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise GenerateError(f'{path}:{number}: expected an object with a string field "text"')
             records.append(record)
     if not records:
         raise GenerateError(f"{path}: no prompts in the file")
     return records
+
+
+def load_tokenizer(path: str):
+    """A plain Hugging Face tokenizer from a directory, local or gs:// (never trust_remote_code), or a
+    GenerateError."""
+    import transformers
+
+    from jaxmodel import storage
+    from jaxmodel.convert import TOKENIZER_FILES
+
+    storage.check_input_dir(path, "tokenizer directory")
+    if not any(storage.isfile(storage.join(path, name)) for name in ("tokenizer.json", "tokenizer.model")):
+        raise GenerateError(f"{path}: no tokenizer there (neither tokenizer.json nor tokenizer.model)")
+    try:
+        with storage.local_copy(path, names=(*TOKENIZER_FILES, "config.json")) as local:
+            return transformers.AutoTokenizer.from_pretrained(local)
+    except Exception as e:  # noqa: BLE001 (transformers raises OSError, ValueError, TypeError, KeyError, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise GenerateError(f"{path}: no usable tokenizer there ({first[:200]})") from None
 
 
 def _host_device():

@@ -1,6 +1,7 @@
 """Ahead-of-time compilation for TPU topologies from a CPU-only machine, and the memory verdict.
 
 Inside:
+- `check_topology(topology)`: the syntax check (generation and 2-D / 3-D sizes), before any work.
 - `tpu_devices(topology)`: the devices of a TPU slice such as "v5p:4x4x4", "v5e:2x2", "v6e:1x1",
   described by libtpu (`jax.experimental.topologies`) without any TPU attached.
 - `HBM_BYTES`: memory per chip by device kind (the compiler does not report capacity).
@@ -42,6 +43,30 @@ class TopologyError(ValueError):
     """A topology libtpu does not know, or libtpu is missing."""
 
 
+# Chip generations `--topology` accepts and the number of dimensions of their slices (v5e and v6e slices
+# are 2-D tori; v4 and v5p are 3-D).
+TOPOLOGY_DIMS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}
+
+
+def check_topology(topology: str) -> tuple[str, list[int]]:
+    """(generation, sizes) of a topology such as 'v5p:4x4x4' or 'v5e:2x2', or a TopologyError naming it.
+    Cheap (no libtpu), so the CLI runs it before anything else."""
+    kind, sep, dims = topology.partition(":")
+    examples = ", ".join(f"{k}:{'x'.join(['2'] * n)}" for k, n in TOPOLOGY_DIMS.items())
+    if not sep or kind not in TOPOLOGY_DIMS:
+        raise TopologyError(f"--topology {topology!r}: expected GENERATION:AxB[xC] with a generation of "
+                            f"{', '.join(TOPOLOGY_DIMS)} (e.g. {examples})")
+    try:
+        sizes = [int(x) for x in dims.split("x")]
+    except ValueError:
+        sizes = []
+    if len(sizes) != TOPOLOGY_DIMS[kind] or any(n < 1 for n in sizes):
+        shape = "x".join("ABC"[:TOPOLOGY_DIMS[kind]])
+        raise TopologyError(f"--topology {topology!r}: {kind} slices are {TOPOLOGY_DIMS[kind]}-D, expected "
+                            f"{kind}:{shape} with positive sizes (e.g. {kind}:{'x'.join(['2'] * TOPOLOGY_DIMS[kind])})")
+    return kind, sizes
+
+
 def tpu_devices(topology: str) -> list:
     """Devices of a TPU topology like 'v5p:4x4x4'. Slices smaller than one host (2x2) are described
     with a matching host size (libtpu's default host is 2x2x1)."""
@@ -51,11 +76,7 @@ def tpu_devices(topology: str) -> list:
         import libtpu  # noqa: F401
     except ImportError:
         raise TopologyError("libtpu is not installed: pip install -e '.[tpu]'") from None
-    kind, _, dims = topology.partition(":")
-    try:
-        sizes = [int(x) for x in dims.split("x")]
-    except ValueError:
-        raise TopologyError(f"topology {topology!r}: expected NAME:AxB[xC], e.g. v5p:4x4x4 or v5e:2x2") from None
+    _, sizes = check_topology(topology)
     kwargs = {}
     if math.prod(sizes) < 4:
         kwargs["chips_per_host_bounds"] = tuple(sizes + [1] * (3 - len(sizes)))

@@ -20,11 +20,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 import jax.numpy as jnp
 
 from jaxmodel import storage  # config.json local or on gs://
+from jaxmodel.checks import json_problem
 
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads")
@@ -130,9 +132,19 @@ class MistralConfig:
             try:
                 hf = storage.read_json(path)
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+                raise ConfigError(f"{path}:{json_problem(e)}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"{path}: not a JSON text file (expected a config.json)") from None
+            if not isinstance(hf, dict):
+                raise ConfigError(f"{path}: expected a JSON object (a transformers config.json)")
             where = path
-        return cls(**_fields_from_hf(hf, where), **options)
+        fields = _fields_from_hf(hf, where)
+        try:
+            return cls(**fields, **options)
+        except ConfigError as e:
+            if where == "config dict" or not set(fields) & set(re.findall(r"\w+", str(e))):
+                raise
+            raise ConfigError(f"{where}: {str(e).removeprefix('config field ')}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """The transformers (5.x layout) config.json dict for this model."""
@@ -221,8 +233,11 @@ def _fields_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             raise ConfigError(f"{where}: {flag}=true is not supported (Mistral has no biases)")
-    if hf.get("num_hidden_layers") is None:
-        raise ConfigError(f"{where}: num_hidden_layers is missing")
+    for name in SHAPE_FIELDS[:5]:
+        if hf.get(name) is None:
+            raise ConfigError(f"{where}: {name} is missing")
+    if not isinstance(hf.get("rope_parameters") or {}, dict) or not isinstance(hf.get("rope_scaling") or {}, dict):
+        raise ConfigError(f"{where}: rope_parameters and rope_scaling must be objects")
 
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling")
@@ -237,8 +252,11 @@ def _fields_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     if "num_key_value_heads" not in hf or hf["num_key_value_heads"] is None:
         out["num_key_value_heads"] = hf["num_attention_heads"]
     head_dim = hf.get("head_dim")
-    out["head_dim"] = head_dim if head_dim else hf["hidden_size"] // hf["num_attention_heads"]
-    out["rope_theta"] = float(theta)
+    try:
+        out["head_dim"] = head_dim if head_dim else hf["hidden_size"] // hf["num_attention_heads"]
+        out["rope_theta"] = float(theta)
+    except (TypeError, ValueError, ZeroDivisionError):
+        raise ConfigError(f"{where}: hidden_size, num_attention_heads and rope_theta must be numbers") from None
     out["sliding_window"] = hf.get("sliding_window")
     dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     if dtype not in _DTYPES:

@@ -92,6 +92,12 @@ def _open_checked(path: str, config: MistralConfig, allow_pickle: bool):
     return files, expected, {(t.rule.path, t.layer): (name, t) for name, t in expected.items()}
 
 
+def check_hf_weights(path: str, config: MistralConfig, *, allow_pickle: bool = False) -> None:
+    """Checks a Hugging Face directory's weight files against `config` from their headers (missing,
+    unexpected or misshapen tensors, truncated files): a ConvertError naming the file, no tensor read."""
+    _open_checked(path, config, allow_pickle)
+
+
 def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=False, progress=True):
     """The model state (flat {path: jax.Array}) read from a Hugging Face directory."""
     files, expected, by_slot = _open_checked(path, config, allow_pickle)
@@ -229,6 +235,8 @@ def import_hf(hf_dir: str, ckpt_dir: str, *, allow_pickle: bool = False, progres
     written slice by slice (peak host memory ~ one layer tensor, independent of the layer count)."""
     from jaxmodel.orbax_stream import save_streaming
 
+    storage.check_input_dir(hf_dir, "Hugging Face model directory")
+    storage.check_output_dir(ckpt_dir)  # before any tensor is read
     config = MistralConfig.from_hf(hf_dir)
     files, expected, by_slot = _open_checked(hf_dir, config, allow_pickle)
     shapes = param_shapes(config)
@@ -265,10 +273,14 @@ def _restore_orbax(params_dir: str, config: MistralConfig, mesh) -> dict:
         for key in p[:-1]:
             node = node.setdefault(key, {})
         node[p[-1]] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding_of(p, var))
+    checkpointer = ocp.StandardCheckpointer()
+    _check_orbax_metadata(checkpointer, params_dir, target)
     try:
-        restored = ocp.StandardCheckpointer().restore(storage.resolve(params_dir), target)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConvertError(f"{params_dir}: cannot restore Orbax checkpoint ({str(e).splitlines()[0]})") from None
+        restored = checkpointer.restore(storage.resolve(params_dir), target)
+    except Exception as e:  # noqa: BLE001 (TensorStore raises bare Exceptions for unreadable chunks)
+        first = (str(e).splitlines() or [type(e).__name__])[0].split(" See full TensorStore details")[0]
+        raise ConvertError(f"{params_dir}: cannot restore the Orbax checkpoint, its files are truncated or "
+                           f"corrupt ({first[:300]})") from None
     out = {}
 
     def walk(node, prefix):
@@ -280,6 +292,33 @@ def _restore_orbax(params_dir: str, config: MistralConfig, mesh) -> dict:
 
     walk(restored, ())
     return out
+
+
+def _check_orbax_metadata(checkpointer, params_dir: str, target: dict) -> None:
+    """Compares the stored shapes with the config before any array is read: a restore that fails half-way
+    leaves TensorStore callbacks behind that print a stray traceback when the process exits."""
+    try:
+        stored = checkpointer.metadata(storage.resolve(params_dir)).item_metadata
+        stored = {tuple(str(getattr(k, "key", k)) for k in path): leaf
+                  for path, leaf in jax.tree_util.tree_leaves_with_path(stored)}
+    except Exception as e:  # noqa: BLE001 (missing or corrupt _METADATA: Orbax raises several kinds)
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConvertError(f"{params_dir}: not a readable Orbax checkpoint ({first[:300]})") from None
+    if not stored:
+        raise ConvertError(f"{params_dir}: not a readable Orbax checkpoint (its _METADATA or manifest is missing, "
+                           "truncated or corrupt)")
+    config_json = storage.join(storage.parent(params_dir), "config.json")
+    config_json = config_json if storage.isfile(config_json) else "the saved model config"
+    wanted = {path: leaf for path, leaf in jax.tree_util.tree_leaves_with_path(target)}
+    for path, leaf in wanted.items():
+        key = tuple(str(getattr(k, "key", k)) for k in path)
+        name = ".".join(key)
+        if key not in stored:
+            raise ConvertError(f"{params_dir}: the checkpoint has no array {name}")
+        shape = tuple(getattr(stored[key], "shape", ()) or ())
+        if shape != tuple(leaf.shape):
+            raise ConvertError(f"{params_dir}: array {name} has shape {shape}, {config_json} implies "
+                               f"{tuple(leaf.shape)}")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -310,8 +349,8 @@ def config_source(path: str):
 def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, progress: bool = True) -> None:
     """An `import_hf` directory or a training checkpoint step (or any directory from_pretrained reads)
     -> a Hugging Face directory."""
-    storage.check_output_dir(hf_dir)  # before the model is read
-    ckpt_dir = storage.check_input_dir(ckpt_dir, "checkpoint directory")
+    ckpt_dir = storage.check_input_dir(ckpt_dir, "checkpoint directory (import-hf output or WORKDIR/checkpoints/STEP)")
+    storage.check_output_dir(hf_dir)  # before the weights load: a bad destination fails at once
     config = MistralConfig.from_hf(config_source(ckpt_dir))
     model = from_pretrained(ckpt_dir, dtype=jnp.dtype(config.torch_dtype), progress=progress)
     save_pretrained(model, hf_dir, dtype=dtype, progress=progress)
@@ -328,4 +367,5 @@ __all__ = [
     "import_hf",
     "export_hf",
     "load_hf_state",
+    "check_hf_weights",
 ]

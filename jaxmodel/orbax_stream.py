@@ -61,6 +61,9 @@ Design choices that are not obvious:
   read-modify-write of the database manifest per slice (two round trips each,
   serialized, conditional on the object's generation); plain chunks need none.
   Orbax restores both layouts the same way.
+* Ctrl-C. While the save runs, SIGINT only sets a flag that the writer checks
+  before each slice; it then stops (a cancellation Orbax does not log) and the
+  save raises KeyboardInterrupt once nothing writes into the staging directory.
 
 Single process only (an offline conversion tool, not multi-host training).
 Relies on Orbax internals (`orbax.checkpoint._src`), tested with
@@ -69,11 +72,16 @@ orbax-checkpoint 0.12.8; tests/jaxmodel/test_orbax_stream.py catches layout drif
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import ctypes
 import dataclasses
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -148,6 +156,7 @@ class _StreamingArrayHandler(ocp.type_handlers.ArrayHandler):
         super().__init__(array_metadata_store=array_metadata_store)
         self._fill = fill
         self._progress = progress
+        self.cancelled = threading.Event()  # set on Ctrl-C: stop before the next slice
 
     async def serialize(self, values: Sequence[_Leaf], infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)
@@ -191,6 +200,8 @@ class _StreamingArrayHandler(ocp.type_handlers.ArrayHandler):
         )
         array = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
         for index in range(leaf.shape[0]) if leaf.stacked else [None]:
+            if self.cancelled.is_set():  # Orbax treats a CancelledError as a quiet cancellation
+                raise asyncio.CancelledError("interrupted")
             value = self._fetch(leaf, index)
             target = array if index is None else array[index]
             # Awaiting the write waits for its commit, so only one slice is held at
@@ -245,6 +256,22 @@ def _trim_malloc() -> None:
         malloc_trim(0)
 
 
+@contextlib.contextmanager
+def _interrupt_stops(cancelled: threading.Event):
+    """Ctrl-C (SIGINT) during the save sets `cancelled` instead of raising in the waiting main thread:
+    the background writer stops before its next slice and the save ends with KeyboardInterrupt only once
+    nothing writes into the staging directory any more (raised at once, the staging directory would be
+    deleted under the writer, which then logs a page of tracebacks)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: cancelled.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def save_streaming(
     directory: str | os.PathLike,
     abstract_tree: Any,
@@ -283,19 +310,22 @@ def save_streaming(
     # handlers share one ArrayMetadata store: the pytree handler finds the store
     # through the jax.Array entry, so it reads the records our handler writes.
     store = ocp_array_metadata_store.Store()
+    handler = _StreamingArrayHandler(fill, progress, store)
     registry = ocp.type_handlers.create_type_handler_registry(
-        (_Leaf, _StreamingArrayHandler(fill, progress, store)),
+        (_Leaf, handler),
         (jax.Array, ocp.type_handlers.ArrayHandler(array_metadata_store=store)),
     )
     save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTE_SIZE), leaves)
 
     remote = storage.is_remote(directory)
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=not remote)
+    tree_handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=not remote)
     if remote:
         url = storage.resolve(directory)
         try:
-            with ocp.Checkpointer(handler) as ckptr:
+            with _interrupt_stops(handler.cancelled), ocp.Checkpointer(tree_handler) as ckptr:
                 ckptr.save(url, args=ocp.args.PyTreeSave(leaves, save_args=save_args))
+            if handler.cancelled.is_set():
+                raise KeyboardInterrupt
         except BaseException:
             storage.remove(url)
             raise
@@ -305,8 +335,15 @@ def save_streaming(
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".partial", dir=directory.parent))
     try:
         staged = staging / "checkpoint"
-        with ocp.Checkpointer(handler) as ckptr:
-            ckptr.save(staged, args=ocp.args.PyTreeSave(leaves, save_args=save_args))
+        with _interrupt_stops(handler.cancelled), ocp.Checkpointer(tree_handler) as ckptr:
+            try:
+                ckptr.save(staged, args=ocp.args.PyTreeSave(leaves, save_args=save_args))
+            except (asyncio.CancelledError, concurrent.futures.CancelledError):
+                if handler.cancelled.is_set():
+                    raise KeyboardInterrupt from None
+                raise
+        if handler.cancelled.is_set():  # Ctrl-C after the last slice: still not a finished output
+            raise KeyboardInterrupt
         # rename(2) silently replaces an empty directory. Check again, so that a
         # directory someone created meanwhile is not replaced.
         if directory.exists():

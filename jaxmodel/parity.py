@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxmodel.config import MistralConfig
+from jaxmodel.config import ConfigError, MistralConfig
 
 
 def make_hf_checkpoint(path: str, config: MistralConfig, *, seed: int = 0, dtype: str = "float32") -> None:
@@ -47,16 +47,24 @@ def compare_logits(
     import jax
     from flax import nnx
 
-    from jaxmodel.convert import from_pretrained
+    from jaxmodel.convert import check_hf_weights, from_pretrained
 
     config = MistralConfig.from_hf(hf_dir)
+    if not 1 <= length <= config.max_position_embeddings:
+        raise ConfigError(f"length {length} must lie in [1, {config.max_position_embeddings}] (the model's "
+                          "context)")
+    if offset < 0:
+        raise ConfigError(f"offset {offset} must be non-negative")
+    # Every input is checked before the comparison starts: transformers' own errors on a truncated file or
+    # a config.json that disagrees with the weights are tracebacks, ours are one line naming the file.
+    check_hf_weights(hf_dir, config)
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, config.vocab_size, size=(batch, length))
     positions = np.broadcast_to(np.arange(length) + offset, (batch, length)).copy()
-    reference = hf_logits(hf_dir, ids, positions)
     with jax.default_matmul_precision("highest"):
         model = from_pretrained(jax_dir, progress=False)
         ours = np.asarray(nnx.jit(lambda m, i, p: m(i, positions=p))(model, ids, positions))
+    reference = hf_logits(hf_dir, ids, positions)
     return {
         "max_abs_logit_diff": float(np.abs(ours - reference).max()),
         "max_abs_logit": float(np.abs(reference).max()),

@@ -368,6 +368,16 @@ def _writable_parent(target: str, *, create: bool) -> None:
         raise StorageError(f"{target}: parent directory {head} does not exist")
     if not os.access(head, os.W_OK | os.X_OK):
         raise StorageError(f"{target}: parent directory {head} is not writable")
+    # access() says yes to root and knows nothing of read-only mounts or pseudo file systems (/sys, /proc):
+    # create (and remove) an entry of the kind the writer will make, named as its temporaries are.
+    probe = os.path.join(head, f".{os.path.basename(target)}{_TMP_INFIX}{os.getpid()}-probe")
+    try:
+        os.mkdir(probe)
+        os.rmdir(probe)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StorageError(f"{target}: cannot write in {head} ({(e.strerror or str(e)).lower()})") from None
 
 
 def check_output_dir(path, *, create_parents: bool = True) -> str:

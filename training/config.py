@@ -23,7 +23,7 @@ import dataclasses
 import os
 
 from jaxmodel.config import ConfigError, MistralConfig
-from jaxmodel.run_config import from_section, mesh_shape, model_config
+from jaxmodel.run_config import from_section, mesh_shape, model_config, section, where
 from jaxmodel.sharding import MeshShape
 
 SCHEDULES = ("constant", "cosine", "wsd")
@@ -70,6 +70,11 @@ class TrainConfig:
         _check(isinstance(self.mntp_probability, (int, float)) and 0.0 <= self.mntp_probability <= 1.0,
                f"train.mntp_probability must lie in [0, 1], got {self.mntp_probability!r}")
         _check(self.nonfinite in NONFINITE, f"train.nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
+        _positive_int(self.mask_token_id, "train.mask_token_id", zero=True)
+        _positive_int(self.num_special_tokens, "train.num_special_tokens", zero=True)
+        _check(self.peak_flops_per_device is None or self.peak_flops_per_device > 0,
+               f"train.peak_flops_per_device must be positive or null, got {self.peak_flops_per_device!r}")
+        _check(self.export_hf is None or bool(self.export_hf), "train.export_hf must be a path or null")
         _check(self.export_dtype in (None, "float32", "bfloat16", "float16"),
                f"train.export_dtype must be float32, bfloat16 or float16, got {self.export_dtype!r}")
 
@@ -95,6 +100,7 @@ class DataConfig:
 
     def __post_init__(self):
         _check(isinstance(self.dir, str) and self.dir, "data.dir must be a path")
+        _check(isinstance(self.tokenizer_dir, str) and self.tokenizer_dir, "data.tokenizer_dir must be a path")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,8 +147,13 @@ class OptimizerConfig:
         _positive_int(self.warmup_steps, "optimizer.warmup_steps", zero=True)
         if self.decay_steps is not None:
             _positive_int(self.decay_steps, "optimizer.decay_steps")
-        _check(self.clip_norm is None or self.clip_norm > 0, "optimizer.clip_norm must be positive or null")
-        _check(0 <= self.end_lr_ratio <= 1, "optimizer.end_lr_ratio must lie in [0, 1]")
+        _check(self.clip_norm is None or self.clip_norm > 0,
+               f"optimizer.clip_norm must be positive or null, got {self.clip_norm!r}")
+        _check(0 <= self.end_lr_ratio <= 1, f"optimizer.end_lr_ratio must lie in [0, 1], got {self.end_lr_ratio!r}")
+        for name in ("b1", "b2"):
+            _check(0 <= getattr(self, name) < 1, f"optimizer.{name} must lie in [0, 1), got {getattr(self, name)!r}")
+        _check(self.eps > 0, f"optimizer.eps must be positive, got {self.eps!r}")
+        _check(self.weight_decay >= 0, f"optimizer.weight_decay must be non-negative, got {self.weight_decay!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +166,11 @@ class RunConfig:
     checkpoint: CheckpointConfig
     optimizer: OptimizerConfig
     path: str  # the YAML file
+    origins: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # key -> FILE:LINE / --set
+
+    def where(self, key: str) -> str:
+        """The culprit to name in an error about `key` (run_config.where)."""
+        return where({"_origins": self.origins, "_shown": self.path}, key)
 
     def snapshot(self) -> dict:
         """A JSON-able record of the run's settings (saved with each checkpoint)."""
@@ -167,19 +183,21 @@ class RunConfig:
 
 def load(tree: dict) -> RunConfig:
     """All sections of a loaded run config (`jaxmodel.run_config.load_run_config`)."""
-    where = tree.get("_path", "config")
+    path = tree.get("_path", "config")
     tree = copy.deepcopy(tree)
-    model = dict(tree.get("model") or {})
+    model = section(tree, "model")
     init_from = model.pop("init_from", None)
     if init_from is not None:
         if not isinstance(init_from, str) or not init_from:
-            raise ConfigError(f"{where}: model.init_from must be a directory path")
+            raise ConfigError(f"{where(tree, 'model.init_from')}: model.init_from must be a directory path, "
+                              f"got {init_from!r}")
         if not os.path.isabs(init_from) and "://" not in init_from:  # a gs:// URL is taken as it is
-            init_from = os.path.join(os.path.dirname(where), init_from)
+            init_from = os.path.join(os.path.dirname(path), init_from)
         if "preset" not in model and "hf_config" not in model:
             model["hf_config"] = init_from
     tree["model"] = model
     return RunConfig(model=model_config(tree), init_from=init_from, mesh=mesh_shape(tree),
                      train=from_section(TrainConfig, tree, "train"), data=from_section(DataConfig, tree, "data"),
                      checkpoint=from_section(CheckpointConfig, tree, "checkpoint"),
-                     optimizer=from_section(OptimizerConfig, tree, "optimizer"), path=where)
+                     optimizer=from_section(OptimizerConfig, tree, "optimizer"), path=path,
+                     origins=dict(tree.get("_origins", {})))

@@ -18,6 +18,8 @@ import json
 import os
 from collections.abc import Iterator
 
+from jaxmodel.checks import json_problem
+
 
 class DataError(ValueError):
     """A mistake in the user's inputs (bad file contents, bad arguments), printed as one line."""
@@ -25,6 +27,8 @@ class DataError(ValueError):
 
 def iter_documents(path: str) -> Iterator[str]:
     """Yield the documents of one file (see the module docstring for the formats)."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, expected a .jsonl or text file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     try:
@@ -41,7 +45,7 @@ def _jsonl_documents(path: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
+                raise DataError(f"{path}:{number}:{json_problem(e).partition(':')[2]}") from None
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise DataError(f"{path}:{number}: expected a JSON object with a string field 'text'")

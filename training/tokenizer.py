@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 
+from jaxmodel import storage
 from training.documents import DataError, iter_documents
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<mask>"] + [f"<special_{i}>" for i in range(11)]
@@ -79,10 +80,11 @@ def train_tokenizer(files: list[str], output_dir: str, vocab_size: int = 4096, *
     if vocab_size < minimum:
         raise DataError(f"vocab_size {vocab_size} is below {minimum} (16 special tokens + 256 bytes)")
     for path in files:
+        if os.path.isdir(path):
+            raise DataError(f"{path}: is a directory, expected a .jsonl or text file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file")
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise FileExistsError(f"{output_dir}: exists and is not an empty directory")
+    storage.check_output_dir(output_dir)  # exists, is a file, or cannot be written: before training
 
     def documents():
         for path in files:
@@ -107,8 +109,9 @@ def train_tokenizer(files: list[str], output_dir: str, vocab_size: int = 4096, *
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         mask_token="<mask>", model_max_length=MODEL_MAX_LENGTH, clean_up_tokenization_spaces=False)
-    hf.save_pretrained(output_dir)
-    _write_special_tokens_map(output_dir)
+    with storage.atomic_directory(output_dir) as tmp:  # appears complete or not at all
+        hf.save_pretrained(tmp)
+        _write_special_tokens_map(tmp)
     return output_dir
 
 

@@ -100,7 +100,7 @@ def _corpus_files(run: RunConfig) -> tuple[list[str], list[str]]:
         h = run.data.heldout
         heldout = sorted(glob.glob(h if os.path.isabs(h) else os.path.join(os.path.dirname(where), h)))
     if not files:
-        raise ConfigError(f"{where}: data.corpus {corpus!r} matches no files")
+        raise ConfigError(f"{run.where('data.corpus')}: data.corpus {corpus!r} matches no files")
     return files, heldout
 
 
@@ -114,9 +114,13 @@ def ensure_data(run: RunConfig, workdir: str) -> tuple[str, str | None]:
     local scratch and uploaded into a `storage.atomic_directory` (committed by its marker when complete)."""
     data_dir, eval_dir = _resolve(workdir, run.data.dir), _resolve(workdir, run.data.eval_dir)
     if run.data.corpus is None:
+        if storage.isfile(data_dir):
+            raise ConfigError(f"{run.where('data.dir')}: data.dir {data_dir} is a file, expected a prepared data "
+                              "directory (normistral prepare-data)")
         if not storage.isdir(data_dir):
-            raise ConfigError(f"{run.path}: data.dir {data_dir} does not exist (and data.corpus is not set "
-                              "to build it)")
+            storage.check_bucket(data_dir)
+            raise ConfigError(f"{run.where('data.dir')}: data.dir {data_dir} does not exist (and data.corpus is "
+                              "not set to build it)")
         storage.require_committed(data_dir, "data directory")
         return data_dir, eval_dir if eval_dir and storage.isdir(eval_dir) else None
     files, heldout = _corpus_files(run)
@@ -187,15 +191,9 @@ def _initial_state(ts: steps_lib.TrainSetup, run: RunConfig) -> dict:
         return steps_lib.init_state(ts)
     from flax import nnx
 
-    from jaxmodel.config import MistralConfig
     from jaxmodel.convert import from_pretrained
 
-    found = MistralConfig.from_hf(run.init_from)
-    diff = [f"{k}: {getattr(found, k)} != {getattr(run.model, k)}" for k in ARCHITECTURE_FIELDS
-            if getattr(found, k) != getattr(run.model, k)]
-    if diff:
-        raise ConfigError(f"{run.path}: model.init_from {run.init_from} does not match the model section "
-                          f"({'; '.join(diff)})")
+    _check_init_from(run)
     _log(f"loading {run.init_from} onto mesh {dict(ts.mesh.shape)}")
     model = from_pretrained(run.init_from, dtype=run.model.weight_dtype, compute_dtype=run.model.compute_dtype,
                             mesh=ts.mesh, attention_impl=run.model.attention_impl, remat=run.model.remat,
@@ -211,6 +209,12 @@ def _check_same_model(meta: dict, run: RunConfig, where: str) -> None:
     if diff:
         raise ConfigError(f"{where}: the checkpoints there are of another model ({'; '.join(diff)}); "
                           "use another --workdir")
+
+
+def _unreadable(step_dir: str, e: Exception) -> str:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore details")[0]
+    return (f"{step_dir}: cannot restore this checkpoint, its files are truncated or corrupt ({first[:200]}); "
+            "move the step directory away to resume from the one before")
 
 
 class _Preemption:
@@ -254,14 +258,98 @@ def _evaluate(eval_step, ts, params, dataset, run: RunConfig) -> float:
     return total / max(count, 1.0)
 
 
+def _make_workdir(workdir: str) -> str:
+    """The run's directory (local, created if needed, or gs:// in an existing bucket); a StorageError
+    naming it when it cannot be used (checked before any data is built or any step compiled)."""
+    from jaxmodel import storage
+
+    path = storage.check_bucket(workdir)
+    if storage.is_remote(path):
+        if storage.isfile(path):
+            raise storage.StorageError(f"{workdir}: is an object, expected a directory for the run (--workdir)")
+        return path
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise storage.StorageError(f"{workdir}: is a file, expected a directory for the run (--workdir)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise storage.StorageError(f"{workdir}: cannot create the run directory (--workdir): "
+                                   f"{(e.strerror or str(e)).lower()}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise storage.StorageError(f"{workdir}: the run directory (--workdir) is not writable")
+    return path
+
+
+def _check_mesh(run: RunConfig) -> None:
+    """The mesh section fits the devices (before any data is built)."""
+    from jaxmodel.sharding import ShardingError
+
+    try:
+        run.mesh.resolve(jax.device_count())
+    except ShardingError as e:
+        raise ShardingError(f"{run.where('mesh')}: {e}") from None
+
+
+def _check_export(run: RunConfig, workdir: str) -> None:
+    """`train.export_hf` can be written (checked now, not after the last step); an existing directory is
+    left alone at the end (see `_export`)."""
+    if not run.train.export_hf or jax.process_index() != 0:
+        return
+    from jaxmodel import storage
+
+    path = _resolve(workdir, run.train.export_hf)
+    if storage.isdir(path) and storage.listdir(path):
+        return
+    try:
+        storage.check_output_dir(path)
+    except storage.StorageError as e:
+        raise storage.StorageError(f"{run.where('train.export_hf')}: train.export_hf: {e}") from None
+
+
+def _has_checkpoints(run: RunConfig, workdir: str) -> bool:
+    from jaxmodel import storage
+
+    directory = _resolve(workdir, run.checkpoint.dir)
+    try:
+        return any(name.isdigit() for name in storage.listdir(directory))
+    except OSError:  # no such directory (a new run), or --workdir is a file (reported next)
+        return False
+
+
+def _check_init_from(run: RunConfig) -> None:
+    """`model.init_from` exists, is a model directory, and matches the model section: checked before data
+    is built or anything compiled."""
+    if run.init_from is None:
+        return
+    from jaxmodel import storage
+    from jaxmodel.config import MistralConfig
+    from jaxmodel.convert import config_source
+
+    where = run.where("model.init_from")
+    if not storage.isdir(run.init_from):
+        storage.check_bucket(run.init_from)
+        what = "is a file" if storage.exists(run.init_from) else "does not exist"
+        raise storage.StorageError(f"{where}: model.init_from {run.init_from} {what}; expected a Hugging Face or "
+                                   "import-hf model directory")
+    found = MistralConfig.from_hf(config_source(run.init_from))
+    diff = [f"{k}: {getattr(found, k)} != {getattr(run.model, k)}" for k in ARCHITECTURE_FIELDS
+            if getattr(found, k) != getattr(run.model, k)]
+    if diff:
+        raise ConfigError(f"{where}: model.init_from {run.init_from} does not match the model section "
+                          f"({'; '.join(diff)})")
+
+
 def run_training(config_path: str, workdir: str, overrides=(), *, datasets=None) -> dict:
     """Trains per the run config; returns a summary ({"step", "loss", "preempted", ...}).
 
     `datasets` (train, eval or None) replaces the configured data (tests)."""
     tree = load_run_config(config_path, list(overrides))
     run = load(tree)
-    workdir = storage.check_bucket(workdir)  # a local path or a gs:// URL in an existing bucket
-    storage.makedirs(workdir)
+    _check_mesh(run)
+    workdir = _make_workdir(workdir)  # a local path or a gs:// URL in an existing bucket
+    if not _has_checkpoints(run, workdir):  # a resumed run no longer reads init_from
+        _check_init_from(run)
+    _check_export(run, workdir)
     preemption = _Preemption()  # from the start: a notice during data preparation or compilation counts too
     try:
         return _train(run, workdir, datasets, preemption)
@@ -272,7 +360,7 @@ def run_training(config_path: str, workdir: str, overrides=(), *, datasets=None)
 def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption) -> dict:
     train_ds, eval_ds = datasets if datasets is not None else open_datasets(run, workdir)
     if run.train.eval_every and eval_ds is None:
-        raise ConfigError(f"{run.path}: train.eval_every is set but there is no held-out data "
+        raise ConfigError(f"{run.where('train.eval_every')}: train.eval_every is set but there is no held-out data "
                           "(data.eval_dir, or data.corpus with held-out documents)")
 
     mesh = make_mesh(run.mesh)
@@ -282,8 +370,16 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption) -> d
     latest = checkpointer.latest_step()
     if latest is not None:
         _log(f"resuming from checkpoint step {latest} in {checkpointer.directory}")
-        _check_same_model(checkpointer.restore_meta(latest), run, checkpointer.directory)
-        state = checkpointer.restore(latest, steps_lib.abstract_state(ts))
+        step_dir = os.path.join(checkpointer.directory, str(latest))
+        try:
+            meta = checkpointer.restore_meta(latest)
+        except Exception as e:  # noqa: BLE001 (Orbax raises several kinds for an unreadable file)
+            raise TrainingError(_unreadable(step_dir, e)) from None
+        _check_same_model(meta, run, checkpointer.directory)
+        try:
+            state = checkpointer.restore(latest, steps_lib.abstract_state(ts))
+        except Exception as e:  # noqa: BLE001 (TensorStore raises bare Exceptions for truncated chunks)
+            raise TrainingError(_unreadable(step_dir, e)) from None
     else:
         state = _initial_state(ts, run)
     step = int(jax.device_get(state["step"]))

@@ -45,7 +45,7 @@ def test_generate_prompts_match_the_api(tiny_dir, capsys):
 def test_generate_bad_inputs_exit_2_with_one_line(tiny_dir, tmp_path, capsys, case):
     path = tmp_path / "in.jsonl"
     argv = ["generate", tiny_dir, "--input", str(path), "--output", str(tmp_path / "out.jsonl")]
-    expected = {"missing_dir": "model directory not found", "empty_file": "no prompts in the file",
+    expected = {"missing_dir": "nowhere: no such file or directory", "empty_file": "no prompts in the file",
                 "no_text": 'in.jsonl:2: expected an object with a string field "text"',
                 "bad_json": "in.jsonl:1: not valid JSON", "too_long": "in.jsonl: prompt 1 has",
                 "no_prompt": "--prompt"}[case]

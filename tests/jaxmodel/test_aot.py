@@ -42,7 +42,7 @@ def test_11b_width_with_dense_attention_does_not_fit_one_v5e_chip():
 
 @pytest.mark.parametrize("args, needle", [
     (["--topology", "v9x:2x2"], "topology 'v9x:2x2'"),
-    (["--topology", "v5e:banana"], "expected NAME:AxB"),
+    (["--topology", "v5e:banana"], "expected v5e:AxB"),
     (["--topology", "v5e:2x2", "--set", "mesh.tensor=3"], "mesh"),
     (["--topology", "v5e:2x2", "--set", "model.attention_impl=magic"], "attention_impl"),
 ])

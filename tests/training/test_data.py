@@ -177,7 +177,8 @@ def test_preparation_errors_are_one_line(tokenizer_dir, sources, tmp_path):
             prepare_data(args.pop("tokenizer_dir"), inputs, str(tmp_path / "out"), args.pop("seq_len"),
                          progress=False, **args)
         assert "\n" not in str(info.value)
-    for content, message in (('{"text": "ok"}\n{"text": "broken\n', r"bad.jsonl:2: invalid JSON"),
+    for content, message in (('{"text": "ok"}\n{"text": "broken\n',
+                              r"bad.jsonl:2: not valid JSON \(invalid control character, column 17\)$"),
                              ('{"text": "ok"}\n\n["a list"]\n', r"bad.jsonl:3: expected a JSON object"),
                              ('{"title": "no text"}\n', r"bad.jsonl:1: expected a JSON object with a string")):
         bad = tmp_path / "bad.jsonl"

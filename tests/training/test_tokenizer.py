@@ -7,6 +7,7 @@ import unicodedata
 
 import pytest
 
+from jaxmodel.storage import StorageError
 from tests.training.conftest import TRAIN_FILES
 from training.documents import DataError, iter_documents
 from training.tokenizer import MAX_TOKEN_LENGTH, SPECIAL_TOKENS, train_tokenizer
@@ -134,7 +135,7 @@ def test_errors_are_one_line(tmp_path):
         train_tokenizer(TRAIN_FILES[:1], str(tmp_path / "out"), vocab_size=100)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    with pytest.raises(FileExistsError, match="not an empty directory"):
+    with pytest.raises(StorageError, match="already exists and is not empty"):
         train_tokenizer(TRAIN_FILES[:1], str(tmp_path / "full"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": 3}\n')

@@ -310,3 +310,25 @@ def test_gcs_train_path_errors_are_one_line(gcs_bucket, capsys, case):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("normistral: error:") and needle in err[0], err
+def test_resume_from_a_truncated_checkpoint_is_one_line(tiny_run, tmp_path, capfd):
+    """A checkpoint whose array files were truncated (a full disk, a bad copy): one line naming the step
+    directory and what to do, not TensorStore's traceback."""
+    import normistral
+
+    last = _finalized(tiny_run[0])[-1]
+    workdir = str(tmp_path / "run")
+    step_dir = os.path.join(workdir, "checkpoints", str(last))
+    shutil.copytree(os.path.join(tiny_run[0], "checkpoints", str(last)), step_dir)
+    chunks = os.path.join(step_dir, "params", "ocdbt.process_0", "d")
+    for name in os.listdir(chunks):
+        os.truncate(os.path.join(chunks, name), 50)
+    argv = ["train", "--config", CONFIG, "--workdir", workdir]
+    for item in _data_overrides(tiny_run) + [f"train.steps={last + 1}"]:
+        argv += ["--set", item]
+    with pytest.raises(SystemExit) as info:
+        normistral.main(argv)
+    err = capfd.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, err[-3000:]
+    line = err.strip().split("\n")[-1]
+    assert line.startswith(f"normistral: error: {step_dir}: cannot restore this checkpoint"), err[-2000:]
+    assert "move the step directory away" in line
