@@ -34,6 +34,7 @@ import json
 from collections.abc import Iterator
 
 from jaxmodel import storage
+from jaxmodel.checks import json_problem
 from training.documents import DataError
 
 JSONL = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -244,7 +245,7 @@ def _jsonl(path: str, start: int, stop: int) -> Iterator[str]:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     where = number if number is not None else _line_number(path, line_start)
-                    raise DataError(f"{path}:{where}: invalid JSON ({e.msg}, column {e.colno})") from None
+                    raise DataError(f"{path}:{where}:{json_problem(e).partition(':')[2]}") from None
                 text = record.get("text") if isinstance(record, dict) else None
                 if not isinstance(text, str):
                     where = number if number is not None else _line_number(path, line_start)

@@ -346,9 +346,9 @@ def run_training(config_path: str, workdir: str, overrides=(), *, datasets=None)
     tree = load_run_config(config_path, list(overrides))
     run = load(tree)
     _check_mesh(run)
-    workdir = _make_workdir(workdir)  # a local path or a gs:// URL in an existing bucket
-    if not _has_checkpoints(run, workdir):  # a resumed run no longer reads init_from
+    if not _has_checkpoints(run, storage.resolve(workdir)):  # a resumed run no longer reads init_from
         _check_init_from(run)
+    workdir = _make_workdir(workdir)  # a local path or a gs:// URL in an existing bucket
     _check_export(run, workdir)
     preemption = _Preemption()  # from the start: a notice during data preparation or compilation counts too
     try:

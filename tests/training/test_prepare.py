@@ -324,7 +324,7 @@ def test_bad_records_name_the_file_and_record_after_the_bar(docs, tokenizer_dir,
     pq.write_table(pa.table({"text": ["a", None, "c"]}), tmp_path / "null.parquet")
     pq.write_table(pa.table({"body": ["a"]}), tmp_path / "nocol.parquet")
     cases = [("bad.jsonl", "bad.jsonl:34: expected a JSON object with a string field 'text'"),
-             ("bad.jsonl.gz", "bad.jsonl.gz:2: invalid JSON"),
+             ("bad.jsonl.gz", "bad.jsonl.gz:2: not valid JSON"),
              ("trunc.jsonl.gz", "trunc.jsonl.gz: cannot be read"),
              ("null.parquet", "null.parquet: row 1: column 'text' is None"),
              ("nocol.parquet", "nocol.parquet: no column 'text' (columns: body)")]
@@ -351,7 +351,7 @@ def test_resume_refuses_other_settings(docs, tokenizer_dir, tmp_path):
     with open(bad, "a") as f:
         f.write("not json\n")
     first = _jsonl(tmp_path / "first.jsonl", docs[20:40])
-    with pytest.raises(DataError, match="d.jsonl:21: invalid JSON"):
+    with pytest.raises(DataError, match="d.jsonl:21: not valid JSON"):
         prepare_data(tokenizer_dir, [first, str(bad)], str(tmp_path / "out"), SEQ_LEN, workers=1, progress=False)
     assert (tmp_path / ".out.partial").is_dir()  # the first source's unit is kept
     with pytest.raises(DataError, match="holds an interrupted preparation with other settings"):
