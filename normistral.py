@@ -440,10 +440,44 @@ def main(argv=None) -> None:
         # takes a machine-wide lock when it loads; compiling for a topology description needs no chip).
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if argv is None:  # the program itself, not a call from Python (tests, notebooks)
+        _ctrl_c_handler()
     try:
         _dispatch(args)
     except KeyboardInterrupt:
-        _fail("interrupted (Ctrl-C); outputs being written were removed, finished ones kept", status=130)
+        try:
+            _fail("interrupted (Ctrl-C); outputs being written were removed, finished ones kept", status=130)
+        except SystemExit:
+            if argv is None:  # the program itself (not a call from Python): end now. A computation or compile
+                # still running in native threads can crash the interpreter's shutdown (a segfault, exit -11).
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(130)
+            raise
+
+
+def _ctrl_c_handler() -> None:
+    """Ctrl-C raises KeyboardInterrupt as usual, except inside a garbage-collector callback (JAX installs
+    one), where the interpreter would print and swallow it and the run would go on; there it is raised
+    again a moment later, outside the callback (seen: a train interrupted while compiling kept training)."""
+    import _thread
+    import gc
+    import signal
+    import threading
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+
+    def handler(signum, frame):
+        callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+        while frame is not None:
+            if frame.f_code in callbacks:
+                threading.Timer(0.05, _thread.interrupt_main, args=(signal.SIGINT,)).start()
+                return
+            frame = frame.f_back
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
 
 
 def _dispatch(args) -> None:

@@ -332,3 +332,22 @@ def test_resume_from_a_truncated_checkpoint_is_one_line(tiny_run, tmp_path, capf
     line = err.strip().split("\n")[-1]
     assert line.startswith(f"normistral: error: {step_dir}: cannot restore this checkpoint"), err[-2000:]
     assert "move the step directory away" in line
+
+
+def test_ctrl_c_while_compiling_is_one_line_exit_130(tiny_run, tmp_path):
+    """SIGINT as a user's Ctrl-C, sent once the run has started compiling its step: one line, status 130,
+    no traceback, no crash at exit (an interrupted compile used to end in a segfault, status -11), and the
+    run stops (an interrupt that landed in JAX's garbage-collector callback used to be swallowed)."""
+    proc = _cli(str(tmp_path / "run"), _data_overrides(tiny_run) + ["train.steps=1000"])
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "parameters on mesh" in line:  # logged right before the first step compiles
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    status, output = _finish(proc)
+    output = "".join(seen) + output
+    assert status == 130, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert output.strip().split("\n")[-1].startswith("normistral: error: interrupted (Ctrl-C)"), output[-2000:]
