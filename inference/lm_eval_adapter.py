@@ -378,6 +378,9 @@ def evaluate(lm, tasks: Sequence[str], *, num_fewshot: int | None = None, limit:
     results dict. Tasks are checked first (check_tasks) unless a task_manager is given."""
     import lm_eval
 
+    # lm-eval bootstraps stderrs in a fork()ed process pool, which can deadlock a process running JAX's
+    # threads; this switch (lm-eval's own) makes it bootstrap in-process.
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
     if task_manager is None:
         task_manager, _ = check_tasks(tasks, include_path)
     return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
