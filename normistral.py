@@ -127,12 +127,51 @@ def _train(args):
     from training.train import TrainingError, run_training
 
     try:
-        summary = run_training(args.config, args.workdir, args.set)
+        summary = run_training(args.config, args.workdir, args.set, eval_hook=_train_eval_hook(args))
     except (TrainingError, DataError) as e:
         raise CommandError(str(e)) from None
     state = "preempted at" if summary["preempted"] else "finished at"
     print(f"train: {state} step {summary['step']} (loss {summary['loss']}); metrics in "
           f"{os.path.join(summary['workdir'], 'metrics.jsonl')}")
+
+
+def _train_eval_hook(args):
+    """The `train.eval_tasks` hook: lm-eval on the run's current weights (None when the run has no tasks).
+    The tasks are checked here, before training starts; the tokenizer is found at the first evaluation
+    (the run may build it): model.init_from's, else WORKDIR/<data.tokenizer_dir>."""
+    from jaxmodel.run_config import load_run_config
+    from training.config import load
+
+    run = load(load_run_config(args.config, args.set))
+    train = run.train
+    if not train.eval_tasks:
+        return None
+    try:
+        from inference import lm_eval_adapter as adapter
+    except ImportError as e:
+        raise CommandError(f"train.eval_tasks needs lm-evaluation-harness ({e}); pip install -e '.[eval]'") from None
+    include = train.eval_include_path
+    if include and not os.path.isabs(include):
+        include = os.path.join(os.path.dirname(run.path), include)
+    try:
+        manager, _ = adapter.check_tasks(list(train.eval_tasks), include)
+    except adapter.EvalError as e:
+        raise CommandError(f"train.eval_tasks: {e}") from None
+    tokenizer = []
+
+    def hook(model, step):
+        if not tokenizer:
+            tok_dir = run.data.tokenizer_dir
+            candidates = [run.init_from, tok_dir if os.path.isabs(tok_dir) else os.path.join(args.workdir, tok_dir)]
+            found = next((c for c in candidates if c and os.path.isfile(os.path.join(c, "tokenizer.json"))), None)
+            tokenizer.append(adapter.load_tokenizer(found or candidates[-1], None))
+        lm = adapter.NorMistralLM(model=model, tokenizer=tokenizer[0], batch_size=train.global_batch_size,
+                                  progress=False)
+        results = adapter.evaluate(lm, list(train.eval_tasks), num_fewshot=train.eval_num_fewshot,
+                                   limit=train.eval_limit, task_manager=manager, bootstrap_iters=0)
+        return adapter.scores(results) if results else {}
+
+    return hook
 
 
 def _build_tokenizer(args):
