@@ -40,7 +40,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxmodel.sharding import auto_mesh, logical_to_spec
+from inference.quantize import QArray
+from jaxmodel.attention import AttentionMask
+from jaxmodel.model import ACT_BTD, rope_cos_sin
+from jaxmodel.sharding import auto_mesh, constrain, logical_to_spec
 
 MIN_ROW = 512  # default shortest row: short requests are packed several to a row
 MIN_SCORED = 8
@@ -152,10 +155,23 @@ def _layout(rows: list[list[_Segment]], row_len: int, n_rows: int, multiple: int
     return Batch(ids, positions, segment_ids, score_index, targets, slots, owners)
 
 
+def _hidden(model, ids, positions, segment_ids):
+    """`model.hidden` (causal, packed segments), with an int8 embedding table read through its QArray
+    (`jnp.take` cannot index one); the layers, norms and RoPE are the model's own."""
+    cfg = model.config
+    table = model.embed_tokens[...]
+    x = table.take(ids, cfg.compute_dtype) if isinstance(table, QArray) else model.embed(ids)
+    x = constrain(x, ACT_BTD)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+    mask = AttentionMask.for_sequence(segment_ids, causal=True, window=cfg.sliding_window)
+    h, _ = model.run_layers(x, cos, sin, mask)
+    return model.norm(h)
+
+
 def _score(graphdef, state, ids, positions, segment_ids, score_index, targets, slots):
     """-> (sum of log p per slot [B, C], every token greedy per slot [B, C])."""
     model = nnx.merge(graphdef, state)
-    h, _ = model.hidden(ids, positions, segment_ids)  # [B, R, D], final norm applied
+    h = _hidden(model, ids, positions, segment_ids)  # [B, R, D], final norm applied
     rows, c = score_index.shape
     hs = jnp.take_along_axis(h, score_index[..., None], axis=1)  # [B, C, D]
     flat_h, flat_t = hs.reshape(rows * c, 1, -1), targets.reshape(rows * c)

@@ -171,3 +171,15 @@ def test_packing_shares_rows_and_keeps_every_request():
                 assert b.ids[r, seg].tolist() == whole
                 assert b.positions[r, seg].tolist() == list(range(len(whole)))
                 assert b.targets[r, b.slots[r] == slot].tolist() == requests[i].continuation
+
+
+def test_int8_weights_score_close_to_float(tiny_dir, ours):
+    """quantize=int8 goes through the same scoring path (the embedding read through its QArray)."""
+    from inference.lm_eval_adapter import NorMistralLM
+
+    int8 = NorMistralLM(pretrained=tiny_dir, dtype="float32", quantize="int8", batch_size=4, max_length=MAX_LENGTH,
+                        min_row=32)
+    requests = _instances("loglikelihood", [(c, x) for c in CONTEXTS[:3] for x in CONTINUATIONS])
+    full, quant = np.array([r[0] for r in ours.loglikelihood(requests)]), \
+        np.array([r[0] for r in int8.loglikelihood(requests)])
+    assert np.all(np.abs(quant - full) <= 0.02 * np.abs(full) + 0.05) and np.any(quant != full)
