@@ -8,7 +8,10 @@ How a batch is built (the training data's packing, applied to evaluation request
   context + continuation, minus the last one, are the model's input; the continuation's tokens are the
   targets of its last `len(continuation)` positions. So a context longer than the window loses tokens
   from the left, exactly as HFLM's `_loglikelihood_tokens` does.
-- Requests are sorted longest first and placed first-fit into rows of R tokens: many short requests
+- Requests whose input is a prefix of another's with the same context (the choices of a multiple-choice
+  question: a one-token answer's input is the bare context) are scored inside that segment, at their own
+  positions, instead of being computed again (HFLM does this for one-token answers).
+- Segments are sorted longest first and placed first-fit into rows of R tokens: many short requests
   share a row, each its own segment (segment ids 1, 2, ... ; 0 is padding) with positions restarting
   at 0, so attention never crosses requests (the model's `segment_ids` / `positions` inputs, the same
   as packed training documents). R is a bucket (a power of two, at least `min_row`, at most
@@ -72,6 +75,12 @@ class _Segment(NamedTuple):
     index: int  # the request's position in the caller's list
     tokens: np.ndarray  # the model input (context + continuation, truncated, last token dropped)
     targets: np.ndarray  # the continuation tokens: targets of the last len(targets) input positions
+    context: tuple | None  # the context tokens when nothing was truncated (requests sharing it may share rows)
+
+
+class _Host(NamedTuple):
+    tokens: np.ndarray  # one segment of a row
+    members: list  # the _Segments scored inside it: each one's input is a prefix of `tokens`
 
 
 class Batch(NamedTuple):
@@ -93,25 +102,52 @@ def _segments(requests: Sequence[ScoreRequest], max_length: int) -> list[_Segmen
         if len(continuation) > max_length:
             raise ValueError(f"request {i}: continuation of {len(continuation)} tokens exceeds "
                              f"max_length={max_length}")
-        whole = (context + continuation)[-(max_length + 1):]
-        out.append(_Segment(i, np.asarray(whole[:-1], np.int32), np.asarray(continuation, np.int32)))
+        whole = context + continuation
+        kept = tuple(context) if len(whole) <= max_length + 1 else None
+        whole = whole[-(max_length + 1):]
+        out.append(_Segment(i, np.asarray(whole[:-1], np.int32), np.asarray(continuation, np.int32), kept))
     return out
+
+
+def _hosts(segments: list[_Segment]) -> list[_Host]:
+    """Requests whose model input is a prefix of another's (the choices of one multiple-choice question:
+    a one-token answer's input is the bare context, a two-token answer's is context + its first token)
+    are scored inside that one's segment: causal attention gives the prefix's positions the same
+    hidden states either way. Only requests with the same (untruncated) context, or identical inputs, are
+    compared, so the search stays within a question's few choices."""
+    groups: dict = {}
+    for seg in segments:
+        key = ("context", seg.context) if seg.context is not None else ("input", seg.tokens.tobytes())
+        groups.setdefault(key, []).append(seg)
+    hosts = []
+    for members in groups.values():
+        members.sort(key=lambda m: -len(m.tokens))
+        local: list[_Host] = []
+        for m in members:
+            n = len(m.tokens)
+            host = next((h for h in local if np.array_equal(h.tokens[:n], m.tokens)), None)
+            if host is None:
+                local.append(_Host(m.tokens, [m]))
+            else:
+                host.members.append(m)
+        hosts += local
+    return hosts
 
 
 def pack(requests: Sequence[ScoreRequest], *, max_length: int, batch_size: int, min_row: int = MIN_ROW,
          batch_multiple: int = 1) -> list[Batch]:
     """The batches that score `requests` (host-side plan; see the module docstring)."""
-    segments = [s for s in _segments(requests, max_length) if len(s.targets)]
-    segments.sort(key=lambda s: (-len(s.tokens), tuple(s.tokens)))  # longest first, as HFLM orders them
+    hosts = _hosts([s for s in _segments(requests, max_length) if len(s.targets)])
+    hosts.sort(key=lambda h: (-len(h.tokens), h.tokens.tobytes()))  # longest first
     batches = []
     start = 0
-    while start < len(segments):
-        row_len = row_bucket(len(segments[start].tokens), max_length, min_row)
-        rows: list[list[_Segment]] = []
+    while start < len(hosts):
+        row_len = row_bucket(len(hosts[start].tokens), max_length, min_row)
+        rows: list[list[_Host]] = []
         fill: list[int] = []
         i = start
-        while i < len(segments):
-            n = len(segments[i].tokens)
+        while i < len(hosts):
+            n = len(hosts[i].tokens)
             r = next((r for r in range(len(rows)) if fill[r] + n <= row_len), None)
             if r is None:
                 if len(rows) == batch_size:
@@ -119,7 +155,7 @@ def pack(requests: Sequence[ScoreRequest], *, max_length: int, batch_size: int, 
                 rows.append([])
                 fill.append(0)
                 r = len(rows) - 1
-            rows[r].append(segments[i])
+            rows[r].append(hosts[i])
             fill[r] += n
             i += 1
         start = i
@@ -128,9 +164,9 @@ def pack(requests: Sequence[ScoreRequest], *, max_length: int, batch_size: int, 
     return batches
 
 
-def _layout(rows: list[list[_Segment]], row_len: int, n_rows: int, multiple: int) -> Batch:
+def _layout(rows: list[list[_Host]], row_len: int, n_rows: int, multiple: int) -> Batch:
     n_rows = -(-n_rows // multiple) * multiple
-    scored = max(sum(len(s.targets) for s in row) for row in rows)
+    scored = max(sum(len(m.targets) for h in row for m in h.members) for row in rows)
     c = score_bucket(scored, row_len)
     ids = np.zeros((n_rows, row_len), np.int32)
     positions = np.zeros_like(ids)
@@ -140,18 +176,23 @@ def _layout(rows: list[list[_Segment]], row_len: int, n_rows: int, multiple: int
     slots = np.full_like(score_index, c)  # c: the discarded padding slot
     owners = []
     for b, row in enumerate(rows):
-        offset, k = 0, 0
-        for slot, seg in enumerate(row):
-            n, m = len(seg.tokens), len(seg.targets)
-            ids[b, offset:offset + n] = seg.tokens
+        offset, k, slot = 0, 0, 0
+        owners.append([])
+        for number, host in enumerate(row):
+            n = len(host.tokens)
+            ids[b, offset:offset + n] = host.tokens
             positions[b, offset:offset + n] = np.arange(n)
-            segment_ids[b, offset:offset + n] = slot + 1
-            # input position p predicts token p + 1: the continuation's targets sit at the last m positions
-            score_index[b, k:k + m] = offset + n - m + np.arange(m)
-            targets[b, k:k + m] = seg.targets
-            slots[b, k:k + m] = slot
-            offset, k = offset + n, k + m
-        owners.append([seg.index for seg in row])
+            segment_ids[b, offset:offset + n] = number + 1
+            for m in host.members:
+                # input position p predicts token p + 1: a member's targets sit at the last positions of its
+                # own input, which starts where the host starts
+                end, width = offset + len(m.tokens), len(m.targets)
+                score_index[b, k:k + width] = end - width + np.arange(width)
+                targets[b, k:k + width] = m.targets
+                slots[b, k:k + width] = slot
+                owners[-1].append(m.index)
+                k, slot = k + width, slot + 1
+            offset += n
     return Batch(ids, positions, segment_ids, score_index, targets, slots, owners)
 
 

@@ -9,6 +9,8 @@ fails with one line.
 
 import json
 import os
+import subprocess
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -62,7 +64,8 @@ def test_checkpoint_step_evaluates_like_its_hf_export(run_dir, tmp_path, capsys)
     hf, _ = _eval(capsys, os.path.join(run_dir, "hf"), str(tmp_path / "hf.json"), "--tokenizer",
                   os.path.join(run_dir, "tokenizer"))
     a, b = _scores(step), _scores(hf)
-    assert a.keys() == b.keys() and {"nm_sentiment/acc", "nm_perplexity/word_perplexity", "nm_translate/chrf"} <= a.keys()
+    assert a.keys() == b.keys()
+    assert {"nm_sentiment/acc", "nm_perplexity/word_perplexity", "nm_translate/chrf"} <= a.keys()
     for key in a:
         assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
     assert 1.0 < a["nm_perplexity/byte_perplexity"] < 50.0  # the trained toy, not a random one
@@ -88,9 +91,21 @@ def test_train_eval_tasks_are_logged(run_dir, tmp_path, capsys):
     assert any(e.startswith("events.out.tfevents") for e in events)
 
 
+def test_lm_eval_command_line_with_model_normistral(run_dir):
+    """lm-eval's own command line (`lm_eval --model normistral ...`), through the module that registers it."""
+    model_args = f"pretrained={run_dir}/hf,tokenizer={run_dir}/tokenizer,dtype=float32,batch_size=4"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "inference.lm_eval_adapter", "--model", "normistral", "--model_args",
+                           model_args, "--tasks", "nm_sentiment", "--include_path", TASKS, "--limit", "4"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "normistral" in proc.stdout and "nm_sentiment" in proc.stdout and "acc" in proc.stdout
+
+
 @pytest.mark.parametrize("case", ["unknown_task", "missing_model", "dataset_offline", "bad_fewshot"])
 def test_bad_input_is_one_line_error(case, run_dir, tmp_path, capsys):
-    model, tasks, extra = os.path.join(run_dir, "hf"), "nm_sentiment", ["--tokenizer", os.path.join(run_dir, "tokenizer")]
+    model, tasks = os.path.join(run_dir, "hf"), "nm_sentiment"
+    extra = ["--tokenizer", os.path.join(run_dir, "tokenizer")]
     expect = {"unknown_task": "unknown task(s): nm_no_such_task", "missing_model": "model directory not found",
               "dataset_offline": "nm_needs_hub: could not load the data", "bad_fewshot": "--num-fewshot -1"}[case]
     if case == "unknown_task":

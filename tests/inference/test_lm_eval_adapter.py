@@ -152,24 +152,35 @@ def test_task_metrics_match_hflm(hflm, tiny_dir):
 
 
 def test_packing_shares_rows_and_keeps_every_request():
+    """Every request is scored once at the right positions of a segment holding its exact input; choices
+    of one question share a segment; several segments share a row."""
     from inference.scoring import ScoreRequest, pack
 
     rng = np.random.default_rng(1)
-    requests = [ScoreRequest(rng.integers(1, 50, size=rng.integers(1, 40)).tolist(),
-                             rng.integers(1, 50, size=rng.integers(1, 6)).tolist()) for _ in range(100)]
+    requests = []
+    for _ in range(40):  # questions with 3 choices of 1-3 tokens (one-token choices share the bare context)
+        context = rng.integers(1, 50, size=rng.integers(1, 70)).tolist()
+        requests += [ScoreRequest(context, rng.integers(1, 50, size=rng.integers(1, 4)).tolist()) for _ in range(3)]
     batches = pack(requests, max_length=64, batch_size=4, min_row=64)
     owners = [i for b in batches for row in b.owners for i in row]
-    assert sorted(owners) == list(range(100))
-    assert len(batches) < 100 / 4  # more than one request per row on average
+    assert sorted(owners) == list(range(len(requests)))
+    segments = sum(int(b.segment_ids[r].max()) for b in batches for r in range(len(b.owners)))
+    assert segments < len(requests) - 20  # shared segments
+    assert len(batches) * 4 < segments  # shared rows
     for b in batches:
         rows, length = b.ids.shape
         assert length in (16, 32, 64) and rows in (1, 2, 4) and b.targets.shape[1] <= length
         for r, row in enumerate(b.owners):
             for slot, i in enumerate(row):
-                seg = b.segment_ids[r] == slot + 1
                 whole = (requests[i].context + requests[i].continuation)[-65:][:-1]
-                assert b.ids[r, seg].tolist() == whole
-                assert b.positions[r, seg].tolist() == list(range(len(whole)))
+                scored = b.score_index[r, b.slots[r] == slot]
+                seg = b.segment_ids[r, scored[0]]
+                start = int(np.argmax(b.segment_ids[r] == seg))
+                assert b.ids[r, start:start + len(whole)].tolist() == whole
+                assert b.positions[r, start:start + len(whole)].tolist() == list(range(len(whole)))
+                assert (b.segment_ids[r, start:start + len(whole)] == seg).all()
+                n = len(requests[i].continuation)
+                assert scored.tolist() == list(range(start + len(whole) - n, start + len(whole)))
                 assert b.targets[r, b.slots[r] == slot].tolist() == requests[i].continuation
 
 
