@@ -19,14 +19,16 @@ How a batch is built (the training data's packing, applied to evaluation request
 - Only the scored positions reach the output layer: the final hidden states are gathered at the C
   continuation positions of each row (C bucketed too) before `unembed`, so the [*, V] logits exist only
   where a log-probability is read. For multiple-choice prompts (long context, a word or two of answer)
-  that skips most of the output projection, which dominates the cost of a small model.
+  that skips most of the output projection, which dominates the cost of a small model. The logits are
+  computed in chunks of LOGIT_CHUNK scored tokens (a rolling window scores every position).
 - On device, per scored token: log p(target) = logit - logsumexp, and whether argmax == target; per
   request, the sum of the first and whether every token matched (lm-eval's greedy flag), reduced with a
   scatter-add into each row's request slots. The host receives [B, C] floats and booleans.
 - Ties in argmax resolve to the lowest index, as torch's argmax does.
 
 The model is split once into (graphdef, state); the jitted function takes the state as an argument,
-so a training run can score its current parameters without recompiling. On a mesh, inputs are placed
+so a training run can score its current parameters without recompiling. The forward is the model's
+own (embedding, `run_layers`, final norm; an int8 embedding is read through its QArray). On a mesh, inputs are placed
 from the host copy every process holds (batch-sharded), and results are gathered to every process.
 
 Shape letters: B rows, R row length, C scored positions per row, D hidden, V vocab.
