@@ -69,8 +69,11 @@ def row_bucket(n: int, max_length: int, min_row: int = MIN_ROW) -> int:
     return min(_pow2(max(n, min_row)), max_length)
 
 
-def score_bucket(n: int, row: int) -> int:
-    return min(max(_pow2(n), MIN_SCORED), row)
+def score_bucket(n: int) -> int:
+    """Scored positions per row: a power of two >= n. Not capped at the row length: requests sharing a
+    segment can score more tokens than the row holds (a two-token answer and a one-token one read the
+    same position)."""
+    return max(_pow2(n), MIN_SCORED)
 
 
 class _Segment(NamedTuple):
@@ -169,7 +172,7 @@ def pack(requests: Sequence[ScoreRequest], *, max_length: int, batch_size: int, 
 def _layout(rows: list[list[_Host]], row_len: int, n_rows: int, multiple: int) -> Batch:
     n_rows = -(-n_rows // multiple) * multiple
     scored = max(sum(len(m.targets) for h in row for m in h.members) for row in rows)
-    c = score_bucket(scored, row_len)
+    c = score_bucket(scored)
     ids = np.zeros((n_rows, row_len), np.int32)
     positions = np.zeros_like(ids)
     segment_ids = np.zeros_like(ids)

@@ -9,8 +9,6 @@ fails with one line.
 
 import json
 import os
-import subprocess
-import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -89,17 +87,6 @@ def test_train_eval_tasks_are_logged(run_dir, tmp_path, capsys):
         assert logged[20][f"eval/{key}"] == pytest.approx(value, rel=1e-5), key
     events = os.listdir(os.path.join(run_dir, "tensorboard"))
     assert any(e.startswith("events.out.tfevents") for e in events)
-
-
-def test_lm_eval_command_line_with_model_normistral(run_dir):
-    """lm-eval's own command line (`lm_eval --model normistral ...`), through the module that registers it."""
-    model_args = f"pretrained={run_dir}/hf,tokenizer={run_dir}/tokenizer,dtype=float32,batch_size=4"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-m", "inference.lm_eval_adapter", "--model", "normistral", "--model_args",
-                           model_args, "--tasks", "nm_sentiment", "--include_path", TASKS, "--limit", "4"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "normistral" in proc.stdout and "nm_sentiment" in proc.stdout and "acc" in proc.stdout
 
 
 @pytest.mark.parametrize("case", ["unknown_task", "missing_model", "dataset_offline", "bad_fewshot"])
