@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-test
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,tpu,demo]"
+	$(BIN)/python -m pip install --quiet -e ".[test,tpu,demo,eval]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/convert_memory.py
 	$(BIN)/python bench/long_context.py
+	$(BIN)/python bench/eval.py
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

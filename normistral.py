@@ -1,6 +1,7 @@
 """The `normistral` command: a thin dispatcher; every subcommand's logic is an importable function.
 
-Subcommands: import-hf, export-hf, parity, compile-check, build-tokenizer, prepare-data, train, generate, demo.
+Subcommands: import-hf, export-hf, parity, compile-check, build-tokenizer, prepare-data, train, generate, eval,
+demo.
 Errors that a user can cause (a bad path, a checkpoint that does not match its config, ...) print one line
 `normistral: error: ...` and exit with status 2; anything else is a bug and keeps its traceback.
 """
@@ -207,12 +208,51 @@ def _train(args):
     from training.train import TrainingError, run_training
 
     try:
-        summary = run_training(args.config, args.workdir, args.set)
+        summary = run_training(args.config, args.workdir, args.set, eval_hook=_train_eval_hook(args))
     except (TrainingError, DataError) as e:
         raise CommandError(str(e)) from None
     state = "preempted at" if summary["preempted"] else "finished at"
     print(f"train: {state} step {summary['step']} (loss {summary['loss']}); metrics in "
           f"{summary['workdir'].rstrip('/')}/metrics.jsonl")
+
+
+def _train_eval_hook(args):
+    """The `train.eval_tasks` hook: lm-eval on the run's current weights (None when the run has no tasks).
+    The tasks are checked here, before training starts; the tokenizer is found at the first evaluation
+    (the run may build it): model.init_from's, else WORKDIR/<data.tokenizer_dir>."""
+    from jaxmodel.run_config import load_run_config
+    from training.config import load
+
+    run = load(load_run_config(args.config, args.set))
+    train = run.train
+    if not train.eval_tasks:
+        return None
+    try:
+        from inference import lm_eval_adapter as adapter
+    except ImportError as e:
+        raise CommandError(f"train.eval_tasks needs lm-evaluation-harness ({e}); pip install -e '.[eval]'") from None
+    include = train.eval_include_path
+    if include and not os.path.isabs(include):
+        include = os.path.join(os.path.dirname(run.path), include)
+    try:
+        manager, _ = adapter.check_tasks(list(train.eval_tasks), include)
+    except adapter.EvalError as e:
+        raise CommandError(f"train.eval_tasks: {e}") from None
+    tokenizer = []
+
+    def hook(model, step):
+        if not tokenizer:
+            tok_dir = run.data.tokenizer_dir
+            candidates = [run.init_from, tok_dir if os.path.isabs(tok_dir) else os.path.join(args.workdir, tok_dir)]
+            found = next((c for c in candidates if c and os.path.isfile(os.path.join(c, "tokenizer.json"))), None)
+            tokenizer.append(adapter.load_tokenizer(found or candidates[-1], None))
+        lm = adapter.NorMistralLM(model=model, tokenizer=tokenizer[0], batch_size=train.global_batch_size,
+                                  progress=False)
+        results = adapter.evaluate(lm, list(train.eval_tasks), num_fewshot=train.eval_num_fewshot,
+                                   limit=train.eval_limit, task_manager=manager, bootstrap_iters=0)
+        return adapter.scores(results) if results else {}
+
+    return hook
 
 
 def _build_tokenizer(args):
@@ -306,6 +346,55 @@ def _generate(args):
                 if out:
                     out.write(line + "\n")
             bar.update(len(batch))
+
+
+def _eval(args):
+    """`normistral eval`: lm-eval tasks on the JAX model (inference/lm_eval_adapter.py). Cheap checks first
+    (model directory, output path, task names and their data), then the model load, then the harness.
+    Every process runs the harness and computes (collectives over the global mesh); process 0 prints
+    lm-eval's table and writes the JSON."""
+    _join(args)
+    import jax
+
+    from jaxmodel import storage
+
+    try:
+        from inference import lm_eval_adapter as adapter
+    except ImportError as e:
+        raise CommandError(f"eval needs lm-evaluation-harness ({e}); pip install -e '.[eval]'") from None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not storage.isdir(args.model):
+        raise CommandError(f"{args.model}: model directory not found")
+    if args.output:
+        storage.check_output_file(args.output)
+    limit = args.limit
+    if limit is not None:
+        if limit <= 0:
+            raise CommandError(f"--limit {limit:g}: expected a positive count (or a fraction below 1)")
+        limit = int(limit) if limit >= 1 and float(limit).is_integer() else limit
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise CommandError(f"--num-fewshot {args.num_fewshot}: expected 0 or more")
+    try:
+        manager, _ = adapter.check_tasks(tasks, args.include_path)
+        lm = adapter.NorMistralLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, quantize=args.quantize,
+                                  batch_size=args.batch_size, max_length=args.max_length,
+                                  mesh=_mesh_arg(args.mesh) if args.mesh else ("1x-1x1" if jax.process_count() > 1
+                                                                              else None))
+        results = adapter.evaluate(lm, tasks, num_fewshot=args.num_fewshot, limit=limit, task_manager=manager,
+                                   log_samples=args.log_samples)
+    except adapter.EvalError as e:
+        raise CommandError(str(e)) from None
+    if jax.process_index() != 0 or results is None:
+        return
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    if args.output:
+        with storage.atomic_file(args.output) as f:
+            json.dump(results, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
+        print(f"eval: results -> {args.output}")
 
 
 def _demo(args):
@@ -406,6 +495,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard the model over a device mesh (default: one device; 1,-1,1 with several processes)")
     _add_distributed_flags(p)
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("eval", help="lm-evaluation-harness tasks (NorEval, ...) on the JAX model; lm-eval's table")
+    p.add_argument("model", help="a Hugging Face or import-hf directory, or WORKDIR/checkpoints/STEP")
+    p.add_argument("--tasks", required=True, metavar="T1,T2", help="lm-eval task, tag or group names, comma-separated")
+    p.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples (default: each task's own)")
+    p.add_argument("--limit", type=float, metavar="N", help="at most N documents per task (a fraction if below 1)")
+    p.add_argument("--output", metavar="results.json", help="write lm-eval's results JSON here")
+    p.add_argument("--include-path", metavar="DIR", help="a directory of extra task YAMLs")
+    p.add_argument("--log-samples", action="store_true", help="keep every request and response in the JSON")
+    p.add_argument("--batch-size", type=int, default=8, help="packed rows per scoring call; prompts per generate")
+    p.add_argument("--max-length", type=int, help="context window in tokens (default: the model's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per-output-channel scales)")
+    p.add_argument("--tokenizer", metavar="DIR", help="default: MODEL's own, or for a checkpoint step its run's")
+    p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+                   help="shard the model over a device mesh (default: one device; 1,-1,1 with several processes)")
+    _add_distributed_flags(p)
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="the end-to-end run on a tiny local checkpoint (the Quickstart's main job)")
     p.add_argument("--workdir", default="demo-run", help="created (or a previous demo's, replaced)")

@@ -25,9 +25,12 @@ CORE = [
     "pyarrow==26.0.1",  # prepare-data: Parquet and save_to_disk (Arrow) inputs
 ]
 # torch 2.13.0: the CPU build on this machine's disk; a plain `torch` would pull a multi-GB CUDA build.
-TEST = ["pytest==9.2.0", "torch==2.13.0",
+# accelerate: lm-eval's `hf` model (HFLM), the reference the evaluation tests compare against, imports it.
+TEST = ["pytest==9.2.0", "torch==2.13.0", "accelerate==1.15.0",
         "gcp-storage-emulator==2026.7.19",  # the GCS JSON API on localhost (tests/conftest.py starts it)
         "datasets==5.2.0", "ray==2.60.0"]  # tests write a save_to_disk dataset; run prepare-data on Ray
+# lm-evaluation-harness: `normistral eval`, train.eval_tasks and the lm-eval model `normistral`.
+EVAL = ["lm_eval==0.4.13"]
 
 setup(
     name="normistral-jax",
@@ -39,6 +42,7 @@ setup(
     install_requires=CORE,
     extras_require={
         "test": TEST,
+        "eval": EVAL,
         "tpu": ["jax[tpu]==0.10.2"],
         "cuda": ["jax[cuda12]==0.10.2"],
         "demo": ["matplotlib==3.11.2"],  # the demo's loss-curve PNG

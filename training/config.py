@@ -56,6 +56,13 @@ class TrainConfig:
     nonfinite: str = "skip"  # a non-finite loss or gradient: skip the update, or abort the run
     eval_every: int = 0  # steps between held-out evaluations (0: never)
     eval_batches: int = 4  # batches of global_batch_size sequences per evaluation
+    # lm-evaluation-harness tasks (NorEval's norec_sentence, ...) run every eval_every steps; scores go to
+    # metrics.jsonl as "eval/<task>/<metric>" and to TensorBoard. The run needs an evaluation hook, which
+    # `normistral train` builds (inference/lm_eval_adapter.py; training/ never imports inference/).
+    eval_tasks: tuple[str, ...] | None = None
+    eval_num_fewshot: int | None = None  # default: each task's own
+    eval_limit: int | None = None  # at most this many documents per task
+    eval_include_path: str | None = None  # a directory of extra task YAMLs (relative to the config file)
     peak_flops_per_device: float | None = None  # for MFU; default by device kind (training/metrics.py)
     export_hf: str | None = None  # a Hugging Face directory written at the end of the run
     export_dtype: str | None = None  # its tensor dtype (default: the model's torch_dtype)
@@ -64,6 +71,20 @@ class TrainConfig:
         for name in ("steps", "global_batch_size", "seq_len", "microbatches", "loss_chunk", "eval_batches"):
             _positive_int(getattr(self, name), f"train.{name}")
         _positive_int(self.eval_every, "train.eval_every", zero=True)
+        if isinstance(self.eval_tasks, str):  # --set train.eval_tasks=a,b
+            object.__setattr__(self, "eval_tasks", tuple(t.strip() for t in self.eval_tasks.split(",") if t.strip()))
+        if self.eval_tasks is not None:
+            _check(isinstance(self.eval_tasks, (list, tuple)) and self.eval_tasks
+                   and all(isinstance(t, str) and t for t in self.eval_tasks),
+                   f"train.eval_tasks must be a list of task names, got {self.eval_tasks!r}")
+            object.__setattr__(self, "eval_tasks", tuple(self.eval_tasks))
+            _check(self.eval_every > 0, "train.eval_tasks needs train.eval_every > 0 (steps between evaluations)")
+        if self.eval_num_fewshot is not None:
+            _positive_int(self.eval_num_fewshot, "train.eval_num_fewshot", zero=True)
+        if self.eval_limit is not None:
+            _positive_int(self.eval_limit, "train.eval_limit")
+        _check(self.eval_include_path is None or isinstance(self.eval_include_path, str),
+               "train.eval_include_path must be a directory path")
         _check(self.global_batch_size % self.microbatches == 0,
                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                f"train.microbatches={self.microbatches}")

@@ -133,7 +133,8 @@ class MetricsLog:
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", value, record["step"])
+                    tag = "eval/loss" if key == "eval_loss" else key if key.startswith("eval/") else f"train/{key}"
+                    self.tb.add_scalar(tag, value, record["step"])
         if self.remote and time.monotonic() - self._synced > self.SYNC_SECONDS:
             self.sync()
 

@@ -18,8 +18,10 @@ What a run does, in order:
    bit-identical. Each step writes one JSON line to `<workdir>/metrics.jsonl` (process 0): step, loss
    (float32 value as a full-precision float), grad_norm, learning_rate, loss_tokens, tokens_per_s, mfu
    (training/metrics.py states the FLOP count), step_time_s, skipped_steps, mntp, and eval_loss on
-   evaluation steps. A resumed run first drops lines past its checkpoint, so the file keeps one line per
-   step;
+   evaluation steps; with `train.eval_tasks`, also the lm-eval scores "eval/<task>/<metric>" that the
+   caller's `eval_hook(model, step) -> {name: value}` returns (every process calls it: it computes on
+   the mesh; `normistral train` builds it from inference/lm_eval_adapter.py). A resumed run first drops
+   lines past its checkpoint, so the file keeps one line per step;
 5. checkpoints every `checkpoint.every` steps and at the last step (async; training/checkpoint.py);
 6. preemption: SIGTERM (or, on multi-host runs, JAX's preemption sync point, which all hosts reach at
    the same step) makes the loop save at the next step boundary, wait for the write, and return (exit 0);
@@ -339,10 +341,11 @@ def _check_init_from(run: RunConfig) -> None:
                           f"({'; '.join(diff)})")
 
 
-def run_training(config_path: str, workdir: str, overrides=(), *, datasets=None) -> dict:
+def run_training(config_path: str, workdir: str, overrides=(), *, datasets=None, eval_hook=None) -> dict:
     """Trains per the run config; returns a summary ({"step", "loss", "preempted", ...}).
 
-    `datasets` (train, eval or None) replaces the configured data (tests)."""
+    `datasets` (train, eval or None) replaces the configured data (tests). `eval_hook(model, step)`: called
+    on `train.eval_tasks` steps with the current weights as a model; returns {"task/metric": value}."""
     tree = load_run_config(config_path, list(overrides))
     run = load(tree)
     _check_mesh(run)
@@ -352,14 +355,17 @@ def run_training(config_path: str, workdir: str, overrides=(), *, datasets=None)
     _check_export(run, workdir)
     preemption = _Preemption()  # from the start: a notice during data preparation or compilation counts too
     try:
-        return _train(run, workdir, datasets, preemption)
+        return _train(run, workdir, datasets, preemption, eval_hook)
     finally:
         preemption.close()
 
 
-def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption) -> dict:
+def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption, eval_hook=None) -> dict:
+    if run.train.eval_tasks and eval_hook is None:
+        raise ConfigError(f"{run.path}: train.eval_tasks needs an evaluation hook (normistral train builds one; "
+                          "from Python, pass run_training(..., eval_hook=...))")
     train_ds, eval_ds = datasets if datasets is not None else open_datasets(run, workdir)
-    if run.train.eval_every and eval_ds is None:
+    if run.train.eval_every and eval_ds is None and not run.train.eval_tasks:
         raise ConfigError(f"{run.where('train.eval_every')}: train.eval_every is set but there is no held-out data "
                           "(data.eval_dir, or data.corpus with held-out documents)")
 
@@ -432,6 +438,11 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption) -> d
                          f"({record['skipped_steps']} skipped so far)")
                 if eval_step is not None and (step % run.train.eval_every == 0 or step == run.train.steps):
                     record["eval_loss"] = _evaluate(eval_step, ts, state["params"], eval_ds, run)
+                if run.train.eval_tasks and (step % run.train.eval_every == 0 or step == run.train.steps):
+                    from flax import nnx
+
+                    scores = eval_hook(nnx.merge(ts.graphdef, state["params"]), step)
+                    record.update({f"eval/{k}": float(v) for k, v in scores.items()})
                 metrics_log.write(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)

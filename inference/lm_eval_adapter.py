@@ -1,0 +1,413 @@
+"""The JAX model as an lm-evaluation-harness model (`lm_eval`, pinned 0.4.13): NorEval and any lm-eval task.
+
+Inside: `NorMistralLM` (registered with lm-eval as `normistral`), `EvalError`, `load_tokenizer`,
+`evaluate(lm, tasks, ...)` (a thin wrapper over `lm_eval.simple_evaluate` that checks the tasks first),
+`check_tasks`, and `main()` (`python -m inference.lm_eval_adapter ...`: lm-eval's own command line with
+this model registered).
+
+Registration: lm-eval 0.4.13 finds models only in its registry (it has no entry-point discovery for
+models), so importing this module registers `normistral` (`@register_model`). Then
+`lm_eval.simple_evaluate(model="normistral", model_args="pretrained=DIR,dtype=float32")` works, and so
+does lm-eval's command line run through this module:
+    python -m inference.lm_eval_adapter run --model normistral --model_args pretrained=DIR --tasks norquad
+(`normistral eval` is the shorter way). An instance works too: `simple_evaluate(model=NorMistralLM(...))`.
+
+Request types, each computed so that the numbers equal lm-eval's `hf` model (HFLM) on the same weights:
+- `loglikelihood`: lm-eval's TemplateLM tokenizes (context, continuation) pairs (trailing spaces of the
+  context move to the continuation); `_loglikelihood_tokens` hands them to `inference.scoring.Scorer`:
+  packed rows with segment ids, one jitted function per shape bucket, greedy flags on device, contexts
+  truncated from the left at `max_length` exactly as HFLM truncates them.
+- `loglikelihood_rolling`: HFLM's windows (`lm_eval.utils.get_rolling_token_windows` with context_len 1,
+  then `make_disjoint_window`), all windows of all documents scored together, summed per document.
+- `generate_until`: `inference.Generator` (greedy unless the task samples). Contexts are encoded as
+  HFLM's batch encoder does and left-truncated to `max_length - max_gen_toks` tokens; the generator stops
+  a row at the first token whose text contains an `until` string or EOS (lm-eval adds EOS to `until`),
+  or after `max_gen_toks` tokens; the text is decoded without special tokens and cut before the first
+  `until` string (lm-eval's `postprocess_generated_text`), as HFLM does. A stop string split across
+  tokens does not stop the row early; the cut at the text still gives HFLM's answer.
+
+Model arguments (`--model_args key=value,...`): pretrained (a Hugging Face or import-hf directory, or a
+training checkpoint step WORKDIR/checkpoints/STEP; passed to `jaxmodel.from_pretrained` as given),
+tokenizer (default: pretrained's own; for a checkpoint step, the run's tokenizer), dtype (bfloat16),
+quantize (int8), batch_size (rows of packed requests per call, and prompts per generation call),
+max_length (default: the config's max_position_embeddings, as HFLM), mesh (DATAxFSDPxTENSOR, e.g. 1x-1x1;
+commas separate model_args), min_row (shortest packed row), max_gen_toks (256), add_bos_token,
+prefix_token_id.
+
+Several processes (multi-host TPU slices, `jax.distributed`): every process runs the same harness on
+the same requests in the same order (lm-eval's request building is deterministic), so every process
+joins each jitted call over the global mesh; the model reports rank 0 / world size 1 to lm-eval so that
+the harness does not split the requests itself. Process 0 is the one that prints and writes
+(`normistral eval`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import lm_eval.models  # noqa: F401  (fills the registry with lm-eval's own models before we add ours)
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs, postprocess_generated_text
+from tqdm.auto import tqdm
+
+from inference.scoring import MIN_ROW, Scorer, ScoreRequest
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as asked (one line naming the culprit)."""
+
+
+# -- model loading ------------------------------------------------------------------------------------
+
+
+def _step_dir_tokenizer(path: str) -> list[str]:
+    """For a training checkpoint step (params/ and meta/, no tokenizer of its own), the tokenizers the run
+    used: model.init_from's directory, then WORKDIR/<data.tokenizer_dir>."""
+    from jaxmodel import storage
+
+    meta_path = storage.join(path, "meta", "metadata")
+    if not storage.isfile(meta_path):
+        return []
+    meta = storage.read_json(meta_path)
+    out = []
+    if meta.get("init_from"):
+        out.append(meta["init_from"])
+    tok_dir = (meta.get("data") or {}).get("tokenizer_dir")
+    ckpt_dir = (meta.get("checkpoint") or {}).get("dir") or "checkpoints"
+    if tok_dir:
+        if os.path.isabs(tok_dir) or storage.is_remote(tok_dir):
+            out.append(tok_dir)
+        else:
+            workdir = storage.parent(path)  # WORKDIR/<checkpoint.dir>/STEP -> WORKDIR
+            if not (os.path.isabs(ckpt_dir) or storage.is_remote(ckpt_dir)):
+                for _ in ckpt_dir.strip("/").split("/"):
+                    workdir = storage.parent(workdir)
+            out.append(storage.join(workdir, tok_dir))
+    return out
+
+
+def load_tokenizer(tokenizer: str | None, pretrained: str | None):
+    """A transformers tokenizer from `tokenizer`, else `pretrained`, else (a checkpoint step) its run's.
+    Never trust_remote_code."""
+    import transformers
+
+    from jaxmodel import storage
+
+    candidates = [tokenizer] if tokenizer else [pretrained, *_step_dir_tokenizer(pretrained)]
+    for path in candidates:
+        if not path or not storage.isfile(storage.join(path, "tokenizer.json")) and not storage.isfile(
+                storage.join(path, "tokenizer_config.json")):
+            continue
+        with storage.local_copy(path) as local:
+            try:
+                return transformers.AutoTokenizer.from_pretrained(local)
+            except (OSError, ValueError) as e:
+                raise EvalError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
+    raise EvalError(f"{tokenizer or pretrained}: no tokenizer found (tokenizer.json); pass tokenizer=DIR")
+
+
+def _mesh(spec):
+    if spec is None or spec == "":
+        return None
+    from jaxmodel.sharding import make_mesh
+
+    if isinstance(spec, str):
+        try:
+            sizes = tuple(int(x) for x in spec.replace(",", "x").split("x"))
+        except ValueError:
+            sizes = ()
+        if len(sizes) != 3:
+            raise EvalError(f"mesh={spec!r}: expected DATAxFSDPxTENSOR sizes, e.g. 1x-1x1")
+        spec = sizes
+    return make_mesh(tuple(spec)) if isinstance(spec, (tuple, list)) else spec
+
+
+def _positive(name: str, value, default=None) -> int:
+    if value is None or value == "auto":
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or str(number) != str(value).strip():
+        raise EvalError(f"{name}={value!r}: expected a positive integer")
+    return number
+
+
+# -- the lm-eval model --------------------------------------------------------------------------------
+
+
+@register_model("normistral")
+class NorMistralLM(TemplateLM):
+    """lm-eval model over the JAX model. Either `pretrained` (a path) or `model` (an nnx model, e.g. the
+    training run's current parameters) with `tokenizer` (a path or a transformers tokenizer)."""
+
+    def __init__(self, pretrained: str | None = None, *, model=None, tokenizer=None, dtype: str = "bfloat16",
+                 quantize: str | None = None, batch_size=8, max_length=None, mesh=None, min_row=MIN_ROW,
+                 max_gen_toks=256, add_bos_token: bool | None = None, prefix_token_id=None,
+                 device=None, max_batch_size=None, progress: bool = True, **unknown):
+        super().__init__()
+        from inference.generator import Generator
+
+        if unknown:
+            raise EvalError(f"unknown model argument(s) for normistral: {', '.join(sorted(unknown))}")
+        if (pretrained is None) == (model is None):
+            raise EvalError("normistral needs pretrained=PATH (or, from Python, model=...)")
+        del device, max_batch_size  # lm-eval passes these to every model; placement follows `mesh`
+        self.batch_size_per_call = _positive("batch_size", batch_size, 8)
+        self._min_row = _positive("min_row", min_row, MIN_ROW)
+        self._max_gen_toks = _positive("max_gen_toks", max_gen_toks, 256)
+        self.add_bos_token = add_bos_token
+        self.custom_prefix_token_id = prefix_token_id
+        self.progress = progress
+        if model is None:
+            import jax.numpy as jnp
+
+            from jaxmodel import storage
+
+            if not storage.isdir(pretrained):
+                raise EvalError(f"{pretrained}: model directory not found")
+            if quantize not in (None, "int8"):
+                raise EvalError(f"quantize={quantize!r}: expected int8")
+            try:
+                jdtype = jnp.dtype(dtype)
+            except TypeError:
+                raise EvalError(f"dtype={dtype!r}: expected float32, bfloat16 or float16") from None
+            tok = load_tokenizer(tokenizer, pretrained)
+            self.generator = Generator.from_pretrained(pretrained, tokenizer=tok, dtype=jdtype, mesh=_mesh(mesh),
+                                                       quantize=quantize, progress=progress)
+            self.pretrained = pretrained
+        else:
+            tok = load_tokenizer(tokenizer, None) if isinstance(tokenizer, str) else tokenizer
+            if tok is None:
+                raise EvalError("model= needs tokenizer= (a directory or a transformers tokenizer)")
+            self.generator = Generator(model, tok)
+            self.pretrained = None
+        self.tokenizer = self.generator.tokenizer
+        self.config = self.generator.config
+        context = self.config.max_position_embeddings
+        self._max_length = _positive("max_length", max_length, context)
+        if self._max_length > context:
+            raise EvalError(f"max_length={self._max_length} exceeds the model's context of {context} tokens")
+        self.scorer = Scorer(self.generator.parts, max_length=self._max_length,
+                             batch_size=self.batch_size_per_call, min_row=self._min_row)
+
+    # lm-eval's properties ----------------------------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        if self.custom_prefix_token_id is not None:
+            return int(self.custom_prefix_token_id)
+        if self.tokenizer.bos_token_id is not None:
+            return self.tokenizer.bos_token_id
+        return self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_call
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def get_model_info(self) -> dict:
+        return {"model_num_parameters": self.config.num_params(), "model_dtype": self.config.dtype,
+                "pretrained": self.pretrained}
+
+    # tokenization (HFLM's rules, so both models see the same tokens) --------------------------------
+
+    def _special(self, add_special_tokens: bool | None) -> dict:
+        if add_special_tokens is not None:
+            return {"add_special_tokens": add_special_tokens}
+        if self.add_bos_token is not None:
+            return {"add_special_tokens": self.add_bos_token}
+        return {}
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None,
+                   **kwargs) -> list[int]:
+        special = self._special(add_special_tokens)
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            special["add_special_tokens"] = False  # the string already starts with BOS
+        encoding = self.tokenizer.encode(string, **special)
+        return encoding[-left_truncate_len:] if left_truncate_len else encoding
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    def _encode_prompt(self, string: str) -> list[int]:
+        """A generation context as HFLM's batch encoder tokenizes it."""
+        if has_bos_prefix(string, getattr(self.tokenizer, "bos_token", None)):
+            special = {"add_special_tokens": False}
+        else:
+            special = self._special(None)
+        return list(self.tokenizer(string, **special)["input_ids"])
+
+    # log-likelihoods ------------------------------------------------------------------------------
+
+    def _bar(self, total: int, desc: str, disable: bool):
+        import jax
+
+        return tqdm(total=total, desc=desc, file=sys.stderr,
+                    disable=disable or not self.progress or jax.process_index() != 0)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        with self._bar(len(requests), "Running loglikelihood requests", disable_tqdm) as bar:
+            results = self.scorer.score([ScoreRequest(ctx, cont) for _, ctx, cont in requests], progress=bar.update)
+        for (key, _, _), answer in zip(requests, results):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owners = [], []
+        for i, (string,) in enumerate(req.args for req in requests):
+            token_windows = lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)
+            for context, continuation in map(lm_utils.make_disjoint_window, token_windows):
+                windows.append((None, context, continuation))
+                owners.append(i)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for i, (logprob, _) in zip(owners, scores):
+            totals[i] += logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # generation -----------------------------------------------------------------------------------
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        results: list = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        with self._bar(len(requests), "Running generate_until requests", disable_tqdm) as bar:
+            for members in groups.values():
+                gen_kwargs = requests[members[0]].args[1]
+                if not isinstance(gen_kwargs, dict):
+                    raise EvalError(f"generation kwargs must be a dict, got {gen_kwargs!r}")
+                kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+                until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+                max_gen = int(kwargs.pop("max_gen_toks"))
+                max_ctx = self.max_length - max_gen
+                if max_ctx <= 0:
+                    raise EvalError(f"max_gen_toks={max_gen} leaves no room for a prompt in max_length="
+                                    f"{self.max_length}")
+                sampling = _sampling(kwargs)
+                stop_ids = self.generator.stop_ids([s for s in until if s])
+                encoded = {i: self._encode_prompt(requests[i].args[0])[-max_ctx:] or [self.prefix_token_id]
+                           for i in members}
+                order = sorted(members, key=lambda i: (-len(encoded[i]), requests[i].args[0]))
+                for start in range(0, len(order), self.batch_size):
+                    chunk = order[start:start + self.batch_size]
+                    new = self.generator.generate_ids([encoded[i] for i in chunk], max_new_tokens=max_gen,
+                                                      stop_ids=stop_ids, **sampling)
+                    for i, ids in zip(chunk, new):
+                        text = postprocess_generated_text(self.tok_decode(ids), until, None)
+                        results[i] = text
+                        self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    bar.update(len(chunk))
+        return results
+
+
+def _sampling(kwargs: dict) -> dict:
+    """lm-eval generation kwargs -> Generator sampling options (greedy when temperature is 0 / unset)."""
+    temperature = float(kwargs.get("temperature", 0.0) or 0.0)
+    do_sample = bool(kwargs.get("do_sample", False)) and temperature > 0
+    out = {"do_sample": do_sample}
+    if do_sample:
+        out.update(temperature=temperature, top_k=int(kwargs.get("top_k", 0) or 0),
+                   top_p=float(kwargs.get("top_p", 1.0) or 1.0), seed=int(kwargs.get("seed", 0) or 0))
+    return out
+
+
+# -- running tasks ------------------------------------------------------------------------------------
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def check_tasks(tasks: Sequence[str], include_path: str | None = None):
+    """(TaskManager, loaded tasks) after checking every task exists and its data loads; EvalError if not.
+    Runs before the model is loaded, so a typo or a missing dataset costs seconds, not a model load."""
+    from lm_eval.tasks import TaskManager
+
+    if not tasks:
+        raise EvalError("no tasks given (--tasks T1,T2)")
+    if include_path is not None and not os.path.isdir(include_path):
+        raise EvalError(f"{include_path}: task directory not found (--include-path)")
+    manager = TaskManager(include_path=include_path)
+    known = set(manager.all_tasks)
+    unknown = [t for t in tasks if t not in known and not os.path.isfile(t)]
+    if unknown:
+        raise EvalError(f"unknown task(s): {', '.join(unknown)} (list them with `lm_eval ls tasks`"
+                        + (f"; --include-path {include_path} was searched too)" if include_path else ")"))
+    try:
+        loaded = manager.load(list(tasks))
+    except Exception as e:  # noqa: BLE001 (datasets raises many types; the user needs the first line)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        hint = " (offline: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)" if _offline() else ""
+        raise EvalError(f"task(s) {', '.join(tasks)}: could not load the data: {type(e).__name__}: "
+                        f"{first}{hint}") from None
+    return manager, loaded
+
+
+def evaluate(lm, tasks: Sequence[str], *, num_fewshot: int | None = None, limit: float | None = None,
+             include_path: str | None = None, log_samples: bool = False, task_manager=None, **kwargs) -> dict:
+    """`lm_eval.simple_evaluate` for an lm-eval model (a NorMistralLM, or any lm-eval LM); returns its
+    results dict. Tasks are checked first (check_tasks) unless a task_manager is given."""
+    import lm_eval
+
+    # lm-eval bootstraps stderrs in a fork()ed process pool, which can deadlock a process running JAX's
+    # threads; this switch (lm-eval's own) makes it bootstrap in-process.
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
+    if task_manager is None:
+        task_manager, _ = check_tasks(tasks, include_path)
+    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                   task_manager=task_manager, log_samples=log_samples, **kwargs)
+
+
+def scores(results: dict) -> dict[str, float]:
+    """Flat {"task/metric": value} of a results dict's numbers (stderr and non-numbers left out)."""
+    out = {}
+    for task, metrics in (results.get("results") or {}).items():
+        for key, value in metrics.items():
+            if "_stderr" in key or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if key in ("sample_len",):
+                continue
+            out[f"{task}/{key.replace(',none', '')}"] = float(value)
+    return out
+
+
+def main(argv=None) -> None:
+    """lm-eval's command line with `normistral` registered (`python -m inference.lm_eval_adapter run ...`)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
