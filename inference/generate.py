@@ -138,11 +138,21 @@ def _choose(logits, step, rows, do_sample: bool, temperature, top_k, top_p, key)
     fold_in(fold_in(key, step), row), so a row's sample does not depend on the batch around it."""
     if not do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    vocab = logits.shape[-1]
+    step_key = jax.random.fold_in(key, step)
+    keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(rows)
+    return sample_rows(logits, keys, temperature, top_k, top_p)
+
+
+def sample_rows(logits, keys, temperature, top_k, top_p):
+    """One sample per row of float32 logits [B, V] with its own key [B]; temperature, top_k (0 = off)
+    and top_p (1 = off) are scalars or per-row vectors [B]."""
+    batch, vocab = logits.shape
+    column = lambda x: jnp.broadcast_to(jnp.asarray(x).reshape(-1, 1), (batch, 1))  # noqa: E731
+    temperature, top_k, top_p = column(temperature), column(top_k), column(top_p)
     logits = logits / jnp.maximum(temperature, 1e-6)
     ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(ordered, jnp.broadcast_to(k - 1, (logits.shape[0], 1)), axis=-1)
+    kth = jnp.take_along_axis(ordered, k - 1, axis=-1)
     ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)
     # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays).
     probs = jax.nn.softmax(ordered, axis=-1)
@@ -150,8 +160,6 @@ def _choose(logits, step, rows, do_sample: bool, temperature, top_k, top_p, key)
     kept = (before < top_p) | (jnp.arange(vocab) == 0)
     threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits >= jnp.maximum(threshold, kth), logits, -jnp.inf)
-    step_key = jax.random.fold_in(key, step)
-    keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(rows)
     return jax.vmap(lambda kk, lg: jax.random.categorical(kk, lg))(keys, logits).astype(jnp.int32)
 
 

@@ -243,7 +243,7 @@ class MistralForCausalLM(nnx.Module):
 
     def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden_states: bool = False,
                  cache: KVCache | None = None, write_index=0, cache_attention: str = "auto",
-                 last_only: bool = False):
+                 last_only: bool = False, logits_at=None):
         """input_ids [B,T] -> float32 logits [B,T,V] (arguments as in `hidden`).
 
         With return_hidden_states, returns (logits, hidden [L+1,B,T,D]): the embeddings, then each
@@ -257,7 +257,8 @@ class MistralForCausalLM(nnx.Module):
         holds nothing the new tokens may see: they attend over themselves with the model's
         attention_impl, splash included), "xla" (the whole cache, masked), "blocked" (key blocks up to
         the last slot written), "auto" (blocked if attention_impl is flash, else xla).
-        last_only: logits of the last position only ([B, 1, V]), all that generation needs."""
+        last_only: logits of the last position only ([B, 1, V]), all that generation needs; logits_at
+        [B]: of that position in each row instead (a right-padded chunk's last real token)."""
         if cache is None:
             h, (x, per_layer) = self.hidden(input_ids, positions, segment_ids, collect=return_hidden_states)
             logits = constrain(self.unembed(h), ("batch", "length", "act_vocab"))
@@ -282,7 +283,9 @@ class MistralForCausalLM(nnx.Module):
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         caches = (cache.k, cache.v, cache.k_scale, cache.v_scale)
         h, _, (k, v, ks, vs) = self.run_layers(x, cos, sin, mask, kv=(caches, write_index, mode))
-        if last_only:
+        if logits_at is not None:
+            h = jnp.take_along_axis(h, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
+        elif last_only:
             h = h[:, -1:]
         logits = constrain(self.unembed(self.norm(h)), ("batch", "length", "act_vocab"))
         return logits, KVCache(k, v, ks, vs, segments, cache.lengths + token_mask.sum(-1))
