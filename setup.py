@@ -19,9 +19,13 @@ CORE = [
     "tqdm==4.70.1",
     "psutil==7.2.2",
     "tensorboardX==2.6.5",  # training curves in WORKDIR/tensorboard (metrics.jsonl has the same values)
+    "fastapi==0.165.0",  # normistral serve (OpenAI-compatible completions)
+    "starlette==1.10.0",
+    "uvicorn==0.54.0",
 ]
 # torch 2.13.0: the CPU build on this machine's disk; a plain `torch` would pull a multi-GB CUDA build.
-TEST = ["pytest==9.2.0", "torch==2.13.0"]
+TEST = ["pytest==9.2.0", "torch==2.13.0",
+        "openai==3.57.0", "httpx==0.28.1"]  # the serve tests talk to a real server with the official client
 
 setup(
     name="normistral-jax",

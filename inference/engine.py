@@ -223,6 +223,7 @@ class Engine:
         # Metrics.
         self.generated_tokens = 0
         self.finished_requests = 0
+        self.aborted_requests = 0
         self._recent_tokens: collections.deque = collections.deque()  # (time, tokens) of the last steps
         self.ttft: collections.deque = collections.deque(maxlen=1000)
         self.decode_steps = 0
@@ -465,6 +466,7 @@ class Engine:
         r.finish_reason = reason
         r.finished_at = time.perf_counter()
         self.finished_requests += 1
+        self.aborted_requests += reason == "abort"
         r.done.set()
         if r.on_update is not None:
             r.on_update(r)
@@ -506,6 +508,7 @@ class Engine:
         return {"queue_depth": self.queue_depth, "active_slots": self.active_slots, "slots": self.slots,
                 "tokens_per_second": round(sum(n for _, n in self._recent_tokens) / 10.0, 2),
                 "generated_tokens_total": self.generated_tokens, "finished_requests_total": self.finished_requests,
+                "aborted_requests_total": self.aborted_requests,
                 "ttft_seconds_p50": pick(0.5), "ttft_seconds_p99": pick(0.99), "decode_steps_total": self.decode_steps,
                 "prefill_calls_total": self.prefill_calls, "max_model_len": self.max_model_len,
                 "kv_cache_bytes": self.cache_bytes}
