@@ -95,6 +95,12 @@ def _compile_check(args):
         step = report["decode_step"]
         print(f"  one decode step (cache donated): {step['device_bytes'] / 1024**3:.3f} GiB per device, "
               f"fits: {'yes' if step['fits'] else 'NO'}")
+    if "engine" in report:  # --mode decode: the continuous-batching engine's steps (normistral serve)
+        eng = report["engine"]
+        print(f"  engine ({eng['slots']} slots x {eng['max_model_len']} tokens): decode step "
+              f"{eng['decode_step']['device_bytes'] / 1024**3:.3f} GiB, prefill step ({eng['prefill_step']['rows']} x "
+              f"{eng['prefill_step']['chunk']} tokens) {eng['prefill_step']['device_bytes'] / 1024**3:.3f} GiB per "
+              f"device, fits: {'yes' if eng['fits'] else 'NO'}")
     if "compiler" in report:
         print(f"  compiler: {report['compiler']}")
 

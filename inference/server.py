@@ -7,7 +7,8 @@ Endpoints:
 - POST /v1/completions: prompt (a string, a list of strings, a list of token ids, or a list of those),
   max_tokens (default 16, 0 allowed with echo), temperature (default 1; 0 = greedy), top_p, top_k (0 or
   -1 = off), seed, stop (a string or up to 4), stream (server-sent events in OpenAI's chunk format,
-  ending with `data: [DONE]`), logprobs (0-5 alternatives), echo, n (only 1). echo + logprobs gives the
+  ending with `data: [DONE]`; stream_options.include_usage adds a usage chunk), logprobs (0-5
+  alternatives), echo, n (only 1). echo + logprobs gives the
   prompt tokens' log-probabilities too (max_tokens=0: only those, what evaluation harnesses ask for).
 - GET /v1/models, GET /health, GET /metrics (Prometheus text: queue depth, active slots, tokens/s, time to
   first token, counters).
@@ -66,6 +67,7 @@ class Completion:
     stream: bool
     logprobs: int | None
     echo: bool
+    include_usage: bool = False
 
 
 def _field(body, name, kinds, default, *, check=None, what=None):
@@ -133,8 +135,14 @@ def parse_completion(raw: bytes, *, tokenizer, model_name: str, max_model_len: i
     if not (isinstance(stop, list) and len(stop) <= MAX_STOP and all(isinstance(s, str) and s for s in stop)):
         raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them",
                        param="stop")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict)
+                                    and isinstance(options.get("include_usage", False), bool)):
+        raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}",
+                       param="stream_options")
+    usage = bool(options and options.get("include_usage"))
     return Completion(prompts, texts, max_tokens, temperature, top_p, max(top_k, 0), seed, tuple(stop), stream,
-                      logprobs, echo)
+                      logprobs, echo, usage)
 
 
 def _prompts(prompt, tokenizer, vocab_size):
@@ -399,6 +407,11 @@ async def _stream(engine: Engine, reqs, updates: asyncio.Queue, c: Completion, t
             if finish is not None:
                 done[i] = True
             yield chunk(i, delta, lp, finish)
+        if c.include_usage:  # OpenAI's stream_options: one more chunk, no choices, the token counts
+            prompt_tokens, completion_tokens = sum(len(r.prompt) for r in reqs), sum(len(r.tokens) for r in reqs)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                     "total_tokens": prompt_tokens + completion_tokens}
+            yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         for r in reqs:
