@@ -217,3 +217,16 @@ def test_generator_on_the_engine_no_special_tokens_and_input_order(tiny_dir, tin
     assert [len(g) for g in groups] == [2, 2, 1]
     assert [x["id"] for g in groups for x in g] == list(range(5))
     assert [x["output"] for g in groups for x in g] == texts
+
+
+def test_engine_on_a_mesh_matches_one_device(tiny_dir, tiny_model):
+    from jaxmodel.sharding import make_mesh
+
+    mesh = make_mesh((2, 1, 4))  # slots over data, heads over tensor
+    model = from_pretrained(tiny_dir, mesh=mesh, progress=False)
+    prompts = random_prompts(tiny_model.config.vocab_size, (4, 40, 9, 23, 70), seed=13)
+    single = Engine(tiny_model, slots=2, max_model_len=128, prefill_chunk=32)
+    sharded = Engine(model, slots=2, max_model_len=128, prefill_chunk=32)
+    expected = [r.tokens for r in single.run([Request(p.tolist(), max_tokens=8) for p in prompts])]
+    assert [r.tokens for r in sharded.run([Request(p.tolist(), max_tokens=8) for p in prompts])] == expected
+    assert sharded.cache.k.sharding.mesh.shape["data"] == 2
