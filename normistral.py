@@ -1,6 +1,6 @@
 """The `normistral` command: a thin dispatcher; every subcommand's logic is an importable function.
 
-Subcommands: import-hf, export-hf, parity, compile-check, build-tokenizer, prepare-data, train, generate, eval,
+Subcommands: import-hf, export-hf, parity, compile-check, build-tokenizer, prepare-data, train, generate, serve, eval,
 demo.
 Errors that a user can cause (a bad path, a checkpoint that does not match its config, ...) print one line
 `normistral: error: ...` and exit with status 2; anything else is a bug and keeps its traceback.
@@ -173,6 +173,12 @@ def _compile_check(args):
         step = report["decode_step"]
         print(f"  one decode step (cache donated): {step['device_bytes'] / 1024**3:.3f} GiB per device, "
               f"fits: {'yes' if step['fits'] else 'NO'}")
+    if "engine" in report:  # --mode decode: the continuous-batching engine's steps (normistral serve)
+        eng = report["engine"]
+        print(f"  engine ({eng['slots']} slots x {eng['max_model_len']} tokens): decode step "
+              f"{eng['decode_step']['device_bytes'] / 1024**3:.3f} GiB, prefill step ({eng['prefill_step']['rows']} x "
+              f"{eng['prefill_step']['chunk']} tokens) {eng['prefill_step']['device_bytes'] / 1024**3:.3f} GiB per "
+              f"device, fits: {'yes' if eng['fits'] else 'NO'}")
     if "compiler" in report:
         print(f"  compiler: {report['compiler']}")
 
@@ -395,6 +401,56 @@ def _eval(args):
         with storage.atomic_file(args.output) as f:
             json.dump(results, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
         print(f"eval: results -> {args.output}")
+def _serve(args):
+    """`normistral serve`: the engine behind an OpenAI-compatible HTTP API (inference/server.py)."""
+    from jaxmodel.config import MistralConfig
+    from jaxmodel.storage import check_input_dir
+
+    check_input_dir(args.model_dir, "model directory")
+    for flag, value, low in (("--slots", args.slots, 1), ("--max-model-len", args.max_model_len, 1),
+                             ("--port", args.port, 0), ("--max-queue", args.max_queue, 1),
+                             ("--prefill-chunk", args.prefill_chunk, 16)):
+        if value is not None and value < low:
+            raise CommandError(f"{flag} {value}: must be >= {low}")
+    if args.port > 65535:
+        raise CommandError(f"--port {args.port}: must be <= 65535")
+    from jaxmodel.convert import config_source
+
+    context = MistralConfig.from_hf(config_source(args.model_dir)).max_position_embeddings  # before the weights
+    if args.max_model_len is not None and args.max_model_len > context:
+        raise CommandError(f"--max-model-len {args.max_model_len}: more than the model's context ({context})")
+    import jax
+    import uvicorn
+
+    from inference.engine import Engine
+    from inference.generator import Generator
+    from inference.server import create_app
+
+    mesh = None
+    if args.mesh:
+        from jaxmodel.sharding import make_mesh
+
+        mesh = make_mesh(_mesh_arg(args.mesh))
+    gen = Generator.from_pretrained(args.model_dir, dtype=args.dtype, quantize=args.quantize, mesh=mesh,
+                                    kv_cache_dtype=args.kv_cache_dtype, progress=True)
+    max_len = args.max_model_len or min(gen.config.max_position_embeddings, 4096)
+    engine = Engine(gen.parts, slots=args.slots, max_model_len=max_len, kv_cache_dtype=args.kv_cache_dtype,
+                    prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, decode=gen.decode)
+    from jaxmodel import storage
+
+    name = args.served_model_name or storage.basename(args.model_dir)
+    if not args.no_warmup:
+        t = time.time()
+        shapes = engine.warmup()
+        print(f"normistral serve: compiled {shapes} step shapes in {time.time() - t:.1f} s", file=sys.stderr)
+    engine.start()
+    print(f"normistral serve: {name} on http://{args.host}:{args.port}/v1 ({args.slots} slots of {max_len} tokens, "
+          f"KV cache {engine.cache_bytes / 2**20:.1f} MiB, {jax.devices()[0].platform})", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(create_app(engine, gen.tokenizer, name), host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=5)
+    finally:
+        engine.stop()
 
 
 def _demo(args):
@@ -513,6 +569,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard the model over a device mesh (default: one device; 1,-1,1 with several processes)")
     _add_distributed_flags(p)
     p.set_defaults(func=_eval)
+    p = sub.add_parser("serve", help="an OpenAI-compatible completions server (continuous batching engine)")
+    p.add_argument("model_dir", help="a Hugging Face (or import-hf) directory with its tokenizer")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--slots", type=int, default=8, help="decode slots (rows decoded together)")
+    p.add_argument("--max-model-len", type=int, help="tokens per slot, prompt + completion (default: the "
+                   "model's context, at most 4096)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per-output-channel scales)")
+    p.add_argument("--kv-cache-dtype", choices=["int8"], help="int8 KV cache (default: the compute dtype)")
+    p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR", help="device mesh (default: one device)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which the server answers 429")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call and row")
+    p.add_argument("--served-model-name", help="the model id clients send (default: MODEL_DIR's name)")
+    p.add_argument("--no-warmup", action="store_true", help="compile step shapes on first use, not at start")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("demo", help="the end-to-end run on a tiny local checkpoint (the Quickstart's main job)")
     p.add_argument("--workdir", default="demo-run", help="created (or a previous demo's, replaced)")

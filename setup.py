@@ -23,12 +23,16 @@ CORE = [
     "gcsfs==2026.10.1",
     "zstandard==0.25.0",  # prepare-data: .jsonl.zst inputs (fsspec decompresses)
     "pyarrow==26.0.1",  # prepare-data: Parquet and save_to_disk (Arrow) inputs
+    "fastapi==0.165.0",  # normistral serve (OpenAI-compatible completions)
+    "starlette==1.10.0",
+    "uvicorn==0.54.0",
 ]
 # torch 2.13.0: the CPU build on this machine's disk; a plain `torch` would pull a multi-GB CUDA build.
 # accelerate: lm-eval's `hf` model (HFLM), the reference the evaluation tests compare against, imports it.
 TEST = ["pytest==9.2.0", "torch==2.13.0", "accelerate==1.15.0",
         "gcp-storage-emulator==2026.7.19",  # the GCS JSON API on localhost (tests/conftest.py starts it)
-        "datasets==5.2.0", "ray==2.60.0"]  # tests write a save_to_disk dataset; run prepare-data on Ray
+        "datasets==5.2.0", "ray==2.60.0",  # tests write a save_to_disk dataset; run prepare-data on Ray
+        "openai==3.57.0", "httpx==0.28.1"]  # the serve tests talk to a real server with the official client
 # lm-evaluation-harness: `normistral eval`, train.eval_tasks and the lm-eval model `normistral`.
 EVAL = ["lm_eval==0.4.13"]
 

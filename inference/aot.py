@@ -15,6 +15,13 @@ What is compiled (both from a CPU-only machine, for the topology's real TPU exec
    Its cache is compiled with the layout the compiler prefers (`Layout.AUTO`), as inside the loop;
    with the default row-major layout a TPU re-lays out the whole cache around every step.
 
+3. The continuous-batching engine's two steps (inference/engine.py) for `batch_size` slots of
+   `max_length` tokens, with the cache donated, reported under "engine": its decode step (one token
+   for every slot, each at its own length) and its largest prefill call (`engine_prefill_rows` rows x
+   `prefill_chunk` tokens, gathered out of the cache and scattered back). Both are compiled with the
+   row-major cache layout the engine keeps between steps (the cache crosses a jit boundary every step),
+   so a layout copy of the cache, if the compiler needs one, is in these figures.
+
 Weights are in the model's param_dtype or int8 (`quantize: int8`); the cache in the compute dtype or
 int8 (`kv_cache_dtype: int8`).
 """
@@ -28,6 +35,7 @@ import jax.numpy as jnp
 from jax.experimental.layout import Format, Layout
 from jax.sharding import NamedSharding, PartitionSpec
 
+from inference.engine import TOP_LOGPROBS, _decode_step, _prefill_step
 from inference.generate import PREFILL_CHUNK, _generate_jit, bucket_length, decode_step
 from inference.kv_cache import KV_DTYPES, abstract_cache
 from inference.quantize import MODES, abstract_quantized_state
@@ -108,9 +116,31 @@ def compile_decode(tree: dict, topology: str) -> dict:
     with jax.set_mesh(mesh):
         step = step.lower(graphdef, state, tokens, cache, index).compile()
 
+    engine = _compile_engine(graphdef, state, cache, mesh, batch, opts, hbm)
     nbytes = lambda tree: sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))  # noqa: E731
     return {"mode": "decode", "topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
             "mesh": dict(mesh.shape), "batch_size": batch, "max_length": opts.max_length, "prompt_length": prompt,
             "new_tokens": width, "prefill_chunk": opts.prefill_chunk, "quantize": opts.quantize,
             "kv_cache_dtype": opts.kv_cache_dtype, "param_bytes_total": nbytes(state),
-            "cache_bytes_total": nbytes(cache), **report, "decode_step": aot.memory_report(step, hbm)}
+            "cache_bytes_total": nbytes(cache), **report, "decode_step": aot.memory_report(step, hbm), "engine": engine}
+
+
+ENGINE_PREFILL_ROWS = 4
+
+
+def _compile_engine(graphdef, state, cache, mesh, slots: int, opts: InferenceOptions, hbm: int) -> dict:
+    """The engine's decode step and its largest prefill call, compiled for the mesh; memory reports."""
+    vec = lambda n, dt: _sds((n,), dt, mesh)  # noqa: E731  (small per-row vectors: replicated)
+    sampling = lambda n: (vec(n, jnp.float32), vec(n, jnp.int32), vec(n, jnp.float32), vec(n, jnp.int32),  # noqa: E731
+                          vec(n, jnp.int32))
+    with jax.set_mesh(mesh):
+        decode = _decode_step.lower(graphdef, False, state, cache, vec(slots, jnp.int32), vec(slots, jnp.bool_),
+                                    *sampling(slots), vec(slots, jnp.int32)).compile()
+        rows = min(ENGINE_PREFILL_ROWS, slots)
+        chunk = _sds((rows, opts.prefill_chunk), jnp.int32, mesh)
+        prefill = _prefill_step.lower(graphdef, False, False, state, cache, vec(rows, jnp.int32), chunk, chunk,
+                                      vec(rows, jnp.int32), chunk, *sampling(rows)).compile()
+    return {"slots": slots, "max_model_len": opts.max_length, "top_logprobs": TOP_LOGPROBS,
+            "decode_step": aot.memory_report(decode, hbm),
+            "prefill_step": {"rows": rows, "chunk": opts.prefill_chunk, **aot.memory_report(prefill, hbm)},
+            "fits": bool(aot.memory_report(decode, hbm)["fits"] and aot.memory_report(prefill, hbm)["fits"])}

@@ -1,9 +1,9 @@
 """Cached forward, prefill and decode steps, and batched generation in one `lax.while_loop`.
 
 Inside:
-- `forward_cached(model, ids, positions, cache, write_index, ...)`: the decoder over new tokens that
-  writes their keys/values into the cache and attends over it; returns (float32 logits, cache).
-- `cached_attention` / `blocked_cached_attention`: attention of new queries over one layer's cache.
+- `forward_cached(model, ids, positions, cache, write_index, ...)`: a call of the model's own forward
+  with a cache (jaxmodel/model.py; the attention over the cache is jaxmodel/kv_cache.py): new tokens
+  write their keys/values and attend over the cache; returns (float32 logits, cache).
 - `prefill` / `decode_step`: the two jitted steps (graphdef static, cache donated).
 - `generate(model, input_ids, attention_mask, *, max_new_tokens, eos_token_ids, pad_token_id, ...)`:
   greedy (or sampled) generation for a batch of prompts of different lengths -> new tokens [B, W].
@@ -51,11 +51,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from inference.kv_cache import KVCache, empty_cache, quantize_kv
-from inference.quantize import QArray
-from jaxmodel.attention import AttentionMask, dot_product_attention
-from jaxmodel.model import ACT_BTD, rope_cos_sin
-from jaxmodel.sharding import auto_mesh, constrain, logical_to_spec
+from inference.kv_cache import KVCache, empty_cache
+from jaxmodel.kv_cache import blocked_cached_attention, cached_attention  # noqa: F401  (re-exported)
+from jaxmodel.sharding import auto_mesh, logical_to_spec
 
 
 class GenerateError(ValueError):
@@ -91,163 +89,17 @@ def _split(model):
     return model
 
 
-def _embed(model, ids):
-    w = model.embed_tokens[...]
-    if isinstance(w, QArray):
-        return w.take(ids, model.config.compute_dtype)
-    return model.embed(ids)
-
-
-def _kv_block(slots: int, largest: int = 512) -> int:
-    """The largest power of two <= `largest` that divides the cache length (cache lengths are sums of
-    buckets, so multiples of 16 at least)."""
-    block = largest
-    while slots % block:
-        block //= 2
-    return block
-
-
-def _layer(cache_k, i):
-    return jax.lax.dynamic_index_in_dim(cache_k, i, 0, keepdims=False)
-
-
-def _write_layer(cache_k, scale, new, i, index):
-    """Writes new [B, T, K, H] at layer i, slots index..index+T-1 (quantizing for an int8 cache)."""
-    new = new.transpose(0, 2, 1, 3)  # [B, K, T, H], the cache's layout
-    start = (i, 0, 0, index, 0)
-    if scale is None:
-        return jax.lax.dynamic_update_slice(cache_k, new[None].astype(cache_k.dtype), start), None
-    q, s = quantize_kv(new)
-    return (jax.lax.dynamic_update_slice(cache_k, q[None], start),
-            jax.lax.dynamic_update_slice(scale, s[None], start[:-1]))
-
-
-def cached_attention(q, k, v, mask: AttentionMask, k_scale=None, v_scale=None):
-    """q [B,T,N,H] over one layer's cache k/v [B,K,S,H] (int8 with scales [B,K,S], or the compute dtype).
-
-    Numerics as `jaxmodel.attention.xla_attention`: float32 scores and softmax, probabilities cast to the
-    value dtype before the value product. An int8 cache enters the matmuls as int8 -> compute dtype; its
-    scales multiply the float32 scores (keys) and the probabilities (values), per slot."""
-    batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    dt = q.dtype
-    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k.astype(dt), preferred_element_type=jnp.float32)
-    scores = scores * head_dim**-0.5
-    if k_scale is not None:
-        scores = scores * k_scale[:, :, None, None, :]
-    scores = jnp.where(mask.dense()[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    if v_scale is not None:
-        probs = probs * v_scale[:, :, None, None, :]
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs.astype(dt), v.astype(dt))
-    return out.reshape(batch, length, heads, head_dim)
-
-
-def blocked_cached_attention(q, k, v, mask: AttentionMask, write_index, k_scale=None, v_scale=None, *,
-                             block: int = 512):
-    """`cached_attention` computed over key blocks of `block` slots with an online softmax, visiting
-    only the blocks up to the last slot written (write_index + T - 1): a read of the cache bounded by
-    its filled length, and [B, K, G, T, block] float32 scores at a time (what chunked prefill needs
-    for long caches). The cache length must be a multiple of `block`."""
-    batch, length, heads, head_dim = q.shape
-    kv_heads, slots = k.shape[1], k.shape[2]
-    dt = q.dtype
-    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    shape = (batch, kv_heads, heads // kv_heads, length)
-
-    def visit(j, carry):
-        m, denom, acc = carry
-        kv_block = lambda x: jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=2)  # noqa: E731
-        ids = lambda x: jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1)  # noqa: E731
-        part = mask._replace(kv_segment_ids=ids(mask.kv_segment_ids), kv_indices=ids(mask.kv_indices))
-        s = jnp.einsum("BTKGH,BKSH->BKGTS", qg, kv_block(k).astype(dt), preferred_element_type=jnp.float32)
-        s = s * head_dim**-0.5
-        if k_scale is not None:
-            s = s * kv_block(k_scale)[:, :, None, None, :]
-        s = jnp.where(part.dense()[:, None, None], s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(-1))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing allowed yet: exp(-inf) = 0
-        p = jnp.exp(s - m_safe[..., None])
-        alpha = jnp.exp(m - m_safe)
-        denom = alpha * denom + p.sum(-1)
-        if v_scale is not None:
-            p = p * kv_block(v_scale)[:, :, None, None, :]
-        pv = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(dt), kv_block(v).astype(dt), preferred_element_type=jnp.float32)
-        return m_new, denom, alpha[..., None] * acc + pv
-
-    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
-            jnp.zeros(shape + (head_dim,), jnp.float32))
-    blocks = jnp.minimum((write_index + length + block - 1) // block, slots // block)
-    _, denom, acc = jax.lax.fori_loop(0, blocks, visit, init)
-    out = acc / jnp.where(denom == 0, 1.0, denom)[..., None]  # [B,K,G,T,H]
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim).astype(dt)
-
-
 def forward_cached(model, ids, positions, cache: KVCache, write_index, *, token_mask=None, fresh: bool = False,
                    last_only: bool = False, attention: str | None = None):
-    """New tokens through the decoder with the cache. Returns (float32 logits, updated cache).
-
-    model: an `nnx.Module` or its (graphdef, state). ids/positions [B, T]; token_mask [B, T] (1 real,
-    0 pad; default all real) becomes the kv segment ids of slots write_index..write_index+T-1, and
-    `lengths` grows by each row's real count. fresh=True promises the cache holds nothing before
-    write_index (= 0): attention then runs over the new tokens alone. last_only: logits of the last
-    position only ([B, 1, V]), which is all generation needs. attention (cache steps only): "xla"
-    (`cached_attention`, the whole cache masked) or "blocked" (`blocked_cached_attention`, bounded by
-    the write slot); default: "blocked" if the model's attention_impl is flash, else "xla"."""
-    graphdef, state = _split(model)
-    m = nnx.merge(graphdef, state)
-    cfg = m.config
-    batch, length = ids.shape
-    if token_mask is None:
-        token_mask = jnp.ones((batch, length), jnp.int32)
-    token_mask = token_mask.astype(jnp.int32)
-    write_index = jnp.asarray(write_index, jnp.int32)
-
-    x = constrain(_embed(m, ids), ACT_BTD)
-    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-    segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, token_mask, (0, write_index))
-    if fresh:
-        mask = AttentionMask.for_sequence(token_mask, causal=True, window=cfg.sliding_window)
-    else:
-        slots = cache.max_length
-        q_idx = jnp.broadcast_to(write_index + jnp.arange(length, dtype=jnp.int32), (batch, length))
-        kv_idx = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32), (batch, slots))
-        mask = AttentionMask(token_mask, segment_ids, q_idx, kv_idx, True, cfg.sliding_window)
-        attention = attention or ("blocked" if cfg.attention_impl == "flash" else "xla")
-        if attention not in ("xla", "blocked"):
-            raise ValueError(f"cached attention {attention!r} is not one of xla, blocked")
-
-    layers_def, layers_state = nnx.split(m.layers)
-    kv = (cache.k, cache.v, cache.k_scale, cache.v_scale)
-
-    def body(carry, xs):
-        h, (ck, cv, cks, cvs) = carry
-        layer_state, i = xs
-        layer = nnx.merge(layers_def, layer_state)
-        q, k, v = layer.self_attn.qkv(layer.input_layernorm(h), cos, sin)
-        ck, cks = _write_layer(ck, cks, k, i, write_index)
-        cv, cvs = _write_layer(cv, cvs, v, i, write_index)
-        if fresh:  # an empty cache before: the prompt attends over its own keys
-            o = dot_product_attention(q, k, v, mask, impl=cfg.attention_impl)
-        elif attention == "blocked":  # blockwise, visiting only key blocks up to the write slot
-            scales = (None, None) if cks is None else (_layer(cks, i), _layer(cvs, i))
-            o = blocked_cached_attention(q, _layer(ck, i), _layer(cv, i), mask, write_index, *scales,
-                                         block=_kv_block(cache.max_length))
-        else:  # the whole preallocated cache, masked (this step's keys included, as stored)
-            scales = (None, None) if cks is None else (_layer(cks, i), _layer(cvs, i))
-            o = cached_attention(q, _layer(ck, i), _layer(cv, i), mask, *scales)
-        h = h + layer.self_attn.out(o)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return (constrain(h, ACT_BTD), (ck, cv, cks, cvs)), None
-
-    layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-    (h, (k, v, ks, vs)), _ = jax.lax.scan(body, (x, kv), (layers_state, layer_ids))
-    if last_only:
-        h = h[:, -1:]
-    logits = constrain(m.unembed(m.norm(h)), ("batch", "length", "act_vocab"))
-    cache = KVCache(k, v, ks, vs, segment_ids, cache.lengths + token_mask.sum(-1))
-    return logits, cache
+    """The model's own forward with a cache (`MistralForCausalLM.__call__(..., cache=...)`): new tokens
+    through the decoder -> (float32 logits, updated cache). model: an `nnx.Module` or its (graphdef,
+    state). token_mask [B, T] (1 real, 0 pad) becomes the kv segment ids of the written slots.
+    fresh=True promises the cache holds nothing before write_index (= 0). attention: "xla", "blocked"
+    or None (the model's default for its attention_impl)."""
+    m = nnx.merge(*_split(model))
+    mode = "fresh" if fresh else (attention or "auto")
+    return m(ids, positions, token_mask, cache=cache, write_index=write_index, cache_attention=mode,
+             last_only=last_only)
 
 
 def prefill_positions(mask):
@@ -286,11 +138,21 @@ def _choose(logits, step, rows, do_sample: bool, temperature, top_k, top_p, key)
     fold_in(fold_in(key, step), row), so a row's sample does not depend on the batch around it."""
     if not do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    vocab = logits.shape[-1]
+    step_key = jax.random.fold_in(key, step)
+    keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(rows)
+    return sample_rows(logits, keys, temperature, top_k, top_p)
+
+
+def sample_rows(logits, keys, temperature, top_k, top_p):
+    """One sample per row of float32 logits [B, V] with its own key [B]; temperature, top_k (0 = off)
+    and top_p (1 = off) are scalars or per-row vectors [B]."""
+    batch, vocab = logits.shape
+    column = lambda x: jnp.broadcast_to(jnp.asarray(x).reshape(-1, 1), (batch, 1))  # noqa: E731
+    temperature, top_k, top_p = column(temperature), column(top_k), column(top_p)
     logits = logits / jnp.maximum(temperature, 1e-6)
     ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(ordered, jnp.broadcast_to(k - 1, (logits.shape[0], 1)), axis=-1)
+    kth = jnp.take_along_axis(ordered, k - 1, axis=-1)
     ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)
     # top-p: keep the smallest prefix whose mass reaches top_p (the first token always stays).
     probs = jax.nn.softmax(ordered, axis=-1)
@@ -298,8 +160,6 @@ def _choose(logits, step, rows, do_sample: bool, temperature, top_k, top_p, key)
     kept = (before < top_p) | (jnp.arange(vocab) == 0)
     threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits >= jnp.maximum(threshold, kth), logits, -jnp.inf)
-    step_key = jax.random.fold_in(key, step)
-    keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(rows)
     return jax.vmap(lambda kk, lg: jax.random.categorical(kk, lg))(keys, logits).astype(jnp.int32)
 
 

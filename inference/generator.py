@@ -1,18 +1,22 @@
-"""`Generator`: text in, text out, around `inference.generate` (model card usage, batched).
+"""`Generator`: text in, text out, on the continuous-batching engine (model card usage, batched).
 
-Inside: `Generator(model, tokenizer)`, `Generator.from_pretrained(path, *, tokenizer, dtype, mesh, quantize)`,
-`.generate(prompts, *, max_new_tokens, stop, template, batch_size, ...) -> list[str]`, `.stop_ids(stop)`,
-`.encode`, `.check_lengths`, `.generate_ids` (the steps `generate` is made of, for the CLI),
-`read_jsonl(path)` (the CLI's input file) and `load_tokenizer(path)`.
+Inside: `Generator(model, tokenizer, *, slots, max_model_len, kv_cache_dtype)`,
+`Generator.from_pretrained(path, *, tokenizer, dtype, mesh, quantize)`,
+`.generate(prompts, *, max_new_tokens, stop, template, ...) -> list[str]`, `.iter_records(records, ...)`
+(the CLI's `generate --input`), `.requests` / `.engine_for` (the pieces), `.stop_ids(stop)` (the card's
+token sets), `.encode`, `.check_lengths`, `.generate_ids`, `read_jsonl(path)` (the CLI's input file) and
+`load_tokenizer(path)`.
 
 Following the model card (norallm/normistral-11b-long):
 - prompts are tokenized with the tokenizer's defaults (its `<s>` included), one prompt per row;
-- `stop="\\n"` stops at any token whose decoded text contains a newline, the set the card builds as
-  `[i for i in range(tok.vocab_size) if "\\n" in tok.decode([i])]`; any other string works the same way,
-  and each set is computed once per Generator (a pass over the vocabulary) and cached;
-- the completion is `tokenizer.decode(new_tokens).strip()`, the stop token included in what is decoded
-  (then stripped, as the card does) and the padding after it excluded.
-The model is split into (graphdef, state) once; every call reuses the jitted step for its bucket.
+- `stop`: None (the tokenizer's EOS), a string (a stop string, checked on the incrementally decoded text
+  as vLLM does, and cut before it: `stop="\n"` ends at the first newline, which is where the card's set
+  of every newline token `[i for i in range(tok.vocab_size) if "\n" in tok.decode([i])]` ends it), a
+  token id, or a sequence of those. EOS always ends a completion;
+- the completion is `tokenizer.decode(new_tokens, skip_special_tokens=True).strip()` (no `</s>` ever).
+All prompts of a call go to one `inference.engine.Engine` (its slots stay full: a finished row is
+replaced by the next prompt at once); results come back in input order. The engine (its cache of
+`slots` rows of `max_model_len` tokens) is kept and reused while it is large enough.
 """
 
 from __future__ import annotations
@@ -25,18 +29,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from inference.generate import GenerateError, generate
+from inference.engine import Engine, Request
+from inference.generate import GenerateError, bucket_length
 from inference.quantize import MODES, quantize_model
 from jaxmodel.checks import check_template, json_problem
 
 
 class Generator:
-    def __init__(self, model: nnx.Module, tokenizer, *, kv_cache_dtype: str | None = None):
+    def __init__(self, model: nnx.Module, tokenizer, *, kv_cache_dtype: str | None = None, slots: int = 8,
+                 max_model_len: int | None = None, prefill_chunk: int = 256):
+        """slots: decode slots of the engine (rows decoded together); max_model_len: tokens per slot
+        (prompt + completion; default: what each call needs, bucketed, grown when a call needs more)."""
         self.model = model
         self.parts = nnx.split(model)
         self.config = model.config
         self.tokenizer = tokenizer
         self.kv_cache_dtype = kv_cache_dtype
+        self.slots, self.max_model_len, self.prefill_chunk = slots, max_model_len, prefill_chunk
+        self.engine: Engine | None = None
         self._stop_sets: dict = {}
 
     @classmethod
@@ -93,6 +103,53 @@ class Generator:
 
     # -- generation ---------------------------------------------------------------------------------
 
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def engine_for(self, longest: int, slots: int | None = None) -> Engine:
+        """The engine, (re)built when absent, too short for `longest` tokens, or of another slot count."""
+        slots = slots or self.slots
+        context = self.config.max_position_embeddings
+        need = self.max_model_len or min(bucket_length(longest), context)
+        e = self.engine
+        if e is None or e.max_model_len < max(need, longest) or e.slots != slots:
+            self.engine = None  # free the old cache first
+            self.engine = Engine(self.parts, slots=slots, max_model_len=max(need, longest), decode=self.decode,
+                                 kv_cache_dtype=self.kv_cache_dtype, prefill_chunk=self.prefill_chunk)
+        return self.engine
+
+    def split_stop(self, stop) -> tuple[frozenset, tuple]:
+        """`stop` -> (token ids, stop strings); EOS is always a stop token."""
+        ids, strings = set(), []
+        items = [] if stop is None else [stop] if isinstance(stop, (str, int, np.integer)) else list(stop)
+        for item in items:
+            if isinstance(item, str):
+                if not item:
+                    raise GenerateError("an empty stop string")
+                strings.append(item)
+            elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+                if not 0 <= int(item) < self.config.vocab_size:
+                    raise GenerateError(f"stop token id {int(item)} is out of range [0, {self.config.vocab_size})")
+                ids.add(int(item))
+            else:
+                raise GenerateError(f"stop items must be strings or token ids, got {item!r}")
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return frozenset(ids), tuple(strings)
+
+    def requests(self, token_lists: Sequence[Sequence[int]], *, max_new_tokens: int = 64, stop=None,
+                 stop_ids: Iterable[int] = (), do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0) -> list[Request]:
+        """Engine requests for token lists (row i samples from stream i of `seed`)."""
+        ids, strings = self.split_stop(stop)
+        ids = ids | frozenset(int(t) for t in stop_ids)
+        temp = float(temperature) if do_sample else 0.0
+        if do_sample and temp <= 0:
+            raise GenerateError(f"temperature must be > 0 when sampling, got {temperature}")
+        return [Request(list(t), max_tokens=max_new_tokens, stop_ids=ids, stop_strings=strings, temperature=temp,
+                        top_k=int(top_k), top_p=float(top_p), seed=int(seed), stream_id=i)
+                for i, t in enumerate(token_lists)]
+
     def encode(self, prompts: Sequence[str], template: str | None = None) -> list[list[int]]:
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -103,7 +160,9 @@ class Generator:
 
     def check_lengths(self, token_lists: Sequence[Sequence[int]], max_new_tokens: int, names=None) -> None:
         """Refuses (GenerateError) an empty prompt or one that leaves no room for max_new_tokens."""
-        context = self.config.max_position_embeddings
+        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise GenerateError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        context = self.max_model_len or self.config.max_position_embeddings
         for b, ids in enumerate(token_lists):
             name = names[b] if names else f"prompt {b}"
             if not ids:
@@ -112,53 +171,54 @@ class Generator:
                 raise GenerateError(f"{name} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that "
                                     f"exceeds the model's context of {context} tokens")
 
+    def _run(self, token_lists, batch_size, **kwargs) -> Iterator[Request]:
+        """Requests through the engine, yielded in input order as soon as each (and those before it) is done."""
+        reqs = self.requests(token_lists, **kwargs)
+        engine = self.engine_for(max(len(t) for t in token_lists) + kwargs.get("max_new_tokens", 64), batch_size)
+        for r in reqs:
+            engine.submit(r, block=True)
+        try:
+            for r in reqs:
+                while not r.finished:
+                    engine.step()
+                yield r
+        finally:  # abandoned midway (an error, a consumer that stopped): free the slots
+            for r in reqs:
+                if not r.finished:
+                    engine.cancel(r)
+            if any(not r.finished for r in reqs):
+                engine.step()
+
     def generate_ids(self, token_lists: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
-                     stop_ids: Iterable[int] = (), **sampling) -> list[list[int]]:
-        """New token ids per prompt, cut after the stop token (no padding)."""
+                     stop_ids: Iterable[int] = (), batch_size: int | None = None, **sampling) -> list[list[int]]:
+        """New token ids per prompt, ending with the stop token if one was produced."""
         if not token_lists:
             raise GenerateError("no prompts given")
-        length = max(len(t) for t in token_lists)
-        ids = np.zeros((len(token_lists), max(length, 1)), np.int64)
-        mask = np.zeros_like(ids)
-        for b, t in enumerate(token_lists):
-            ids[b, length - len(t):] = t
-            mask[b, length - len(t):] = 1
-        stop_ids = list(stop_ids)
-        pad = self.tokenizer.pad_token_id
-        out = generate(self.parts, ids, mask, max_new_tokens=max_new_tokens, eos_token_ids=stop_ids,
-                       pad_token_id=pad, kv_cache_dtype=self.kv_cache_dtype, **sampling)
-        stops = set(stop_ids)
-        result = []
-        for row in out.tolist():
-            end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-            result.append(row[:end])
-        return result
+        self.check_lengths(token_lists, max_new_tokens)
+        return [r.tokens for r in self._run(token_lists, batch_size, max_new_tokens=max_new_tokens,
+                                            stop_ids=stop_ids, **sampling)]
 
     def generate(self, prompts: Sequence[str] | str, *, max_new_tokens: int = 64, stop=None,
                  template: str | None = None, batch_size: int | None = None, **sampling) -> list[str]:
-        """Completions (decoded, stripped) for `prompts`, each formatted with `template` if given
-        (e.g. "Engelsk: {0}\\nBokmål:"). batch_size: prompts per generation call (default: all)."""
+        """Completions (decoded without special tokens, stripped) for `prompts`, each formatted with
+        `template` if given (e.g. "Engelsk: {0}\nBokmål:"), in input order. batch_size: the engine's
+        decode slots (default: the Generator's). sampling: do_sample, temperature, top_k, top_p, seed."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
         if not prompts:
             raise GenerateError("no prompts given")
-        stop_ids = self.stop_ids(stop)
-        size = batch_size or len(prompts)
-        texts = []
-        for start in range(0, len(prompts), size):
-            encoded = self.encode(prompts[start:start + size], template)
-            self.check_lengths(encoded, max_new_tokens, [f"prompt {start + b}" for b in range(len(encoded))])
-            for new in self.generate_ids(encoded, max_new_tokens=max_new_tokens, stop_ids=stop_ids, **sampling):
-                texts.append(self.tokenizer.decode(new).strip())
-        return texts
-
+        encoded = self.encode(prompts, template)
+        self.check_lengths(encoded, max_new_tokens)
+        return [r.text.strip() for r in self._run(encoded, batch_size, max_new_tokens=max_new_tokens, stop=stop,
+                                                  **sampling)]
 
     def iter_records(self, records: Sequence[dict], *, max_new_tokens: int = 64, stop=None,
                      template: str | None = None, batch_size: int = 8, names: Sequence[str] | None = None,
                      **sampling) -> Iterator[list[dict]]:
-        """Completes prompt records ({"text": ..., other fields kept}) batch by batch, in input order;
-        yields each batch's records with an "output" field. Every prompt is checked before any work."""
+        """Completes prompt records ({"text": ..., other fields kept}) through the engine (batch_size
+        decode slots); yields them in input order, in groups of batch_size, each with an "output" field
+        as soon as the group is done. Every prompt is checked before any work."""
         if not records:
             raise GenerateError("no prompts given")
         for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
@@ -167,14 +227,18 @@ class Generator:
         names = names or [f"prompt {i + 1}" for i in range(len(records))]
         encoded = self.encode([r["text"] for r in records], template)
         self.check_lengths(encoded, max_new_tokens, names)
-        stop_ids = self.stop_ids(stop)
+        self.split_stop(stop)
 
         def batches():  # the checks above run now, at the call, not at the first batch
-            for start in range(0, len(records), batch_size):
-                new = self.generate_ids(encoded[start:start + batch_size], max_new_tokens=max_new_tokens,
-                                        stop_ids=stop_ids, **sampling)
-                yield [{**record, "output": self.tokenizer.decode(ids).strip()}
-                       for record, ids in zip(records[start:start + batch_size], new)]
+            done = self._run(encoded, batch_size, max_new_tokens=max_new_tokens, stop=stop, **sampling)
+            group = []
+            for record, r in zip(records, done):
+                group.append({**record, "output": r.text.strip()})
+                if len(group) == batch_size:
+                    yield group
+                    group = []
+            if group:
+                yield group
 
         return batches()
 

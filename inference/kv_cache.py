@@ -1,8 +1,8 @@
 """The KV cache: an explicit pytree passed into each step and returned (donated), never module state.
 (`inference.generate` builds it inside its one jitted program, where the decode loop carries it.)
 
-Inside: `KVCache` (a NamedTuple), `cache_shardings`, `init_cache`, `abstract_cache`, `empty_cache`,
-`quantize_kv` (the int8 cache option).
+Inside: `cache_shardings`, `init_cache`, `abstract_cache`, `empty_cache`; re-exported from
+`jaxmodel.kv_cache` (where the model's one forward reads and writes it): `KVCache`, `quantize_kv`.
 
 Layout (one array per K and V for the whole model, stacked like the parameters):
   k, v          [L, B, K, S, H]  compute dtype (or int8 with `kv_dtype="int8"`)
@@ -36,13 +36,12 @@ Shape letters: L layers, B batch, K kv heads, S cache length, H head_dim.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from jaxmodel.config import MistralConfig
+from jaxmodel.kv_cache import KVCache, quantize_kv  # noqa: F401  (the type and int8 rule live with the model)
 from jaxmodel.sharding import auto_mesh, constrain, logical_to_spec
 
 KV_AXES = ("layers", "cache_batch", "act_kv_heads", "cache_length", "head_dim")
@@ -50,27 +49,6 @@ SCALE_AXES = KV_AXES[:-1]
 SEGMENT_AXES = ("cache_batch", "cache_length")
 LENGTH_AXES = ("cache_batch",)
 KV_DTYPES = (None, "int8")
-
-
-class KVCache(NamedTuple):
-    k: jax.Array  # [L, B, K, S, H]
-    v: jax.Array  # [L, B, K, S, H]
-    k_scale: jax.Array | None  # [L, B, K, S] float32 (int8 cache only)
-    v_scale: jax.Array | None
-    segment_ids: jax.Array  # [B, S] int32
-    lengths: jax.Array  # [B] int32
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def max_length(self) -> int:
-        return self.k.shape[3]
-
-    @property
-    def quantized(self) -> bool:
-        return self.k_scale is not None
 
 
 def _shapes(config: MistralConfig, batch: int, length: int, dtype, kv_dtype) -> KVCache:
@@ -124,13 +102,3 @@ def empty_cache(config: MistralConfig, batch: int, length: int, *, dtype=None, k
     (under a mesh context). Inside one jit the compiler also chooses the cache's memory layout."""
     shapes = _shapes(config, batch, length, dtype or config.compute_dtype, kv_dtype)
     return jax.tree.map(lambda t: constrain(jnp.zeros(t[0], t[1]), t[2]), shapes, is_leaf=_is_triple)
-
-
-def quantize_kv(x):
-    """[..., H] -> (int8 [..., H], float32 scale [...]): symmetric absmax over head_dim."""
-    absmax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)
-    scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
-    q = jnp.clip(jnp.round(x.astype(jnp.float32) / scale[..., None]), -127, 127).astype(jnp.int8)
-    return q, scale
-
-

@@ -3,6 +3,11 @@
 Inside: `RMSNorm`, `rope_cos_sin` / `apply_rope`, `Attention`, `MLP`, `DecoderLayer`,
 `MistralForCausalLM`, and `init_model` / `abstract_model` helpers.
 
+One network: `model(ids, positions, segment_ids)` is the training forward, and the same call with
+`cache=` (a `jaxmodel.kv_cache.KVCache`) and `write_index=` is prefill and decode: each layer writes its
+new keys/values into the cache (carried through the layer scan, updated in place) and attends over it;
+it then returns (logits, cache). There is no second copy of the layer stack anywhere.
+
 Numerics follow transformers' `MistralForCausalLM` (the parity reference):
 - RMSNorm: the input is cast to float32, normalized, cast back to the input dtype, *then* scaled by the
   weight (the reference's order; scaling in float32 would round differently in bfloat16).
@@ -30,6 +35,15 @@ from flax import nnx
 
 from jaxmodel.attention import AttentionMask, dot_product_attention
 from jaxmodel.config import MistralConfig
+from jaxmodel.kv_cache import (
+    KVCache,
+    blocked_cached_attention,
+    cache_mask,
+    cached_attention,
+    kv_block,
+    write_kv,
+    write_segments,
+)
 from jaxmodel.sharding import constrain
 
 _INIT = nnx.initializers.normal(stddev=0.02)  # transformers' initializer_range default
@@ -94,9 +108,27 @@ class Attention(nnx.Module):
     def out(self, o):
         return jnp.einsum("BTNH,NHD->BTD", o, self.o_proj[...].astype(o.dtype))
 
-    def __call__(self, x, cos, sin, mask: AttentionMask, impl: str):
+    def __call__(self, x, cos, sin, mask: AttentionMask, impl: str, kv=None):
+        """Without `kv`: self-attention over x. With `kv` = (layer index, (k, v, k_scale, v_scale) caches,
+        write_index, mode): the new keys/values are written into the cache first; mode "fresh" (the cache
+        held nothing before) attends over the new tokens alone with `impl`, "xla" over the whole cache
+        masked, "blocked" over key blocks up to the last slot written. Returns (out, caches or None)."""
         q, k, v = self.qkv(x, cos, sin)
-        return self.out(dot_product_attention(q, k, v, mask, impl=impl))
+        if kv is None:
+            return self.out(dot_product_attention(q, k, v, mask, impl=impl)), None
+        i, (ck, cv, cks, cvs), write_index, mode = kv
+        ck, cks = write_kv(ck, cks, k, i, write_index)
+        cv, cvs = write_kv(cv, cvs, v, i, write_index)
+        if mode == "fresh":
+            o = dot_product_attention(q, k, v, mask, impl=impl)
+        else:
+            layer = lambda c: None if c is None else jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False)  # noqa: E731
+            args = (q, layer(ck), layer(cv), mask)
+            if mode == "blocked":
+                o = blocked_cached_attention(*args, write_index, layer(cks), layer(cvs), block=kv_block(ck.shape[3]))
+            else:
+                o = cached_attention(*args, layer(cks), layer(cvs))
+        return self.out(o), (ck, cv, cks, cvs)
 
 
 class MLP(nnx.Module):
@@ -120,9 +152,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.weight_dtype, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask: AttentionMask, impl: str):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, impl)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, cos, sin, mask: AttentionMask, impl: str, kv=None):
+        o, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, impl, kv)
+        x = x + o
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 _REMAT_POLICIES = {
@@ -148,7 +181,10 @@ class MistralForCausalLM(nnx.Module):
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.weight_dtype)
 
     def embed(self, input_ids):
-        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.config.compute_dtype)
+        w = self.embed_tokens[...]
+        if not isinstance(w, jax.Array):  # a quantized table (inference's QArray) gathers its own rows
+            return w.take(input_ids, self.config.compute_dtype)
+        return jnp.take(w, input_ids, axis=0).astype(self.config.compute_dtype)
 
     def unembed(self, x):
         """Final hidden states [B,T,D] (already normed) -> float32 logits [B,T,V]."""
@@ -158,26 +194,34 @@ class MistralForCausalLM(nnx.Module):
         w = self.lm_head[...].astype(x.dtype)
         return jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
 
-    def run_layers(self, x, cos, sin, mask: AttentionMask, *, collect: bool = False):
-        """All decoder layers over x [B,T,D]; with `collect`, also each layer's output [L,B,T,D]."""
+    def run_layers(self, x, cos, sin, mask: AttentionMask, *, collect: bool = False, kv=None):
+        """All decoder layers over x [B,T,D]; with `collect`, also each layer's output [L,B,T,D].
+        With `kv` = (caches, write_index, mode) (see `Attention`), the caches ride in the scan's carry
+        (each layer updates its slice in place) and come back as the second output."""
         cfg = self.config
         graphdef, state = nnx.split(self.layers)
         impl = cfg.attention_impl
 
-        def body(h, layer_state):
-            h = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, impl)
+        def body(carry, xs):
+            h, caches = carry
+            layer_state, i = xs
+            layer_kv = None if caches is None else (i, caches, kv[1], kv[2])
+            h, caches = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, impl, layer_kv)
             h = constrain(h, ACT_BTD)  # layer boundary: batch-sharded, model dim whole
-            return h, (h if collect else None)
+            return (h, caches), (h if collect else None)
 
-        if cfg.remat != "none":
+        if cfg.remat != "none" and kv is None:
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
-        if cfg.scan_layers:
-            return jax.lax.scan(body, x, state)
+        layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+        carry = (x, None if kv is None else kv[0])
+        if cfg.scan_layers or kv is not None:  # a cache always scans: the carry is updated in place
+            (x, caches), per_layer = jax.lax.scan(body, carry, (state, layer_ids))
+            return x, per_layer, caches
         outputs = []
         for i in range(cfg.num_hidden_layers):
-            x, y = body(x, jax.tree.map(lambda a, i=i: a[i], state))
+            carry, y = body(carry, (jax.tree.map(lambda a, i=i: a[i], state), layer_ids[i]))
             outputs.append(y)
-        return x, (jnp.stack(outputs) if collect else None)
+        return carry[0], (jnp.stack(outputs) if collect else None), None
 
     def hidden(self, input_ids, positions=None, segment_ids=None, *, causal: bool = True, collect: bool = False):
         """Final normed hidden states [B,T,D], and (embeddings, per-layer outputs) when `collect`.
@@ -194,19 +238,57 @@ class MistralForCausalLM(nnx.Module):
         mask = AttentionMask.for_sequence(segment_ids, causal=causal, window=cfg.sliding_window)
         x = constrain(self.embed(input_ids), ACT_BTD)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        h, per_layer = self.run_layers(x, cos, sin, mask, collect=collect)
+        h, per_layer, _ = self.run_layers(x, cos, sin, mask, collect=collect)
         return self.norm(h), (x, per_layer)
 
-    def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden_states: bool = False):
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden_states: bool = False,
+                 cache: KVCache | None = None, write_index=0, cache_attention: str = "auto",
+                 last_only: bool = False, logits_at=None):
         """input_ids [B,T] -> float32 logits [B,T,V] (arguments as in `hidden`).
 
         With return_hidden_states, returns (logits, hidden [L+1,B,T,D]): the embeddings, then each
-        layer's output, the last one after the final norm (as transformers reports them)."""
-        h, (x, per_layer) = self.hidden(input_ids, positions, segment_ids, collect=return_hidden_states)
-        logits = constrain(self.unembed(h), ("batch", "length", "act_vocab"))
-        if not return_hidden_states:
-            return logits
-        return logits, jnp.concatenate([x[None], per_layer[:-1], h[None]], axis=0)
+        layer's output, the last one after the final norm (as transformers reports them).
+
+        With `cache`, the same network runs over new tokens and returns (logits, updated cache):
+        positions [B,T] are required (RoPE positions of the new tokens); segment_ids [B,T] is the token
+        mask (1 real, 0 padding; default all real), written as the kv segment ids of the slots
+        write_index..write_index+T-1 (write_index: a scalar, or [B] for one slot per row), and
+        `lengths` grows by each row's real count. cache_attention: "fresh" (a promise that the cache
+        holds nothing the new tokens may see: they attend over themselves with the model's
+        attention_impl, splash included), "xla" (the whole cache, masked), "blocked" (key blocks up to
+        the last slot written), "auto" (blocked if attention_impl is flash, else xla).
+        last_only: logits of the last position only ([B, 1, V]), all that generation needs; logits_at
+        [B]: of that position in each row instead (a right-padded chunk's last real token)."""
+        if cache is None:
+            h, (x, per_layer) = self.hidden(input_ids, positions, segment_ids, collect=return_hidden_states)
+            logits = constrain(self.unembed(h), ("batch", "length", "act_vocab"))
+            if not return_hidden_states:
+                return logits
+            return logits, jnp.concatenate([x[None], per_layer[:-1], h[None]], axis=0)
+        cfg = self.config
+        batch, length = input_ids.shape
+        token_mask = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        write_index = jnp.asarray(write_index, jnp.int32)
+        mode = cache_attention
+        if mode == "auto":
+            mode = "blocked" if cfg.attention_impl == "flash" else "xla"
+        if mode not in ("fresh", "xla", "blocked"):
+            raise ValueError(f"cache_attention={cache_attention!r} is not one of auto, fresh, xla, blocked")
+        segments = write_segments(cache.segment_ids, token_mask, write_index)
+        if mode == "fresh":
+            mask = AttentionMask.for_sequence(token_mask, causal=True, window=cfg.sliding_window)
+        else:
+            mask = cache_mask(token_mask, segments, write_index, cfg.sliding_window)
+        x = constrain(self.embed(input_ids), ACT_BTD)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        caches = (cache.k, cache.v, cache.k_scale, cache.v_scale)
+        h, _, (k, v, ks, vs) = self.run_layers(x, cos, sin, mask, kv=(caches, write_index, mode))
+        if logits_at is not None:
+            h = jnp.take_along_axis(h, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
+        elif last_only:
+            h = h[:, -1:]
+        logits = constrain(self.unembed(self.norm(h)), ("batch", "length", "act_vocab"))
+        return logits, KVCache(k, v, ks, vs, segments, cache.lengths + token_mask.sum(-1))
 
 
 def init_model(config: MistralConfig, seed: int = 0) -> MistralForCausalLM:

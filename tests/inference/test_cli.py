@@ -85,6 +85,9 @@ def test_compile_check_decode_for_a_tpu_slice():
     assert report["batch_size"] == 8 and report["prompt_length"] + report["new_tokens"] == report["max_length"]
     assert report["fits"] and report["decode_step"]["fits"]
     assert report["decode_step"]["alias_bytes"] > 0  # the donated cache is updated in place
+    engine = report["engine"]  # the continuous-batching engine's steps, slots = the config's batch size
+    assert engine["slots"] == 8 and engine["max_model_len"] == report["max_length"] and engine["fits"]
+    assert engine["decode_step"]["alias_bytes"] > 0 and engine["prefill_step"]["alias_bytes"] > 0
 
 
 @pytest.mark.parametrize("name", ["v5e-1-int8", "v5e-4", "v6e-1", "gpu-80gb"])

@@ -1,0 +1,279 @@
+"""Serving throughput on the model `normistral demo` trains: four ways to run one translation workload.
+
+Workload: 256 prompts in the model card's template ("Engelsk: {0}\\nBokmål:"), half English sentences the
+demo memorized as translation pairs (their outputs stop at a newline after a few tokens) and half English
+text it never saw as a pair (outputs run long, often to the limit), shuffled; 64 max new tokens, greedy,
+stop at the card's newline token set (every token whose text contains "\\n") or EOS. Output tokens are
+counted up to and including the stop token. float32, same weights everywhere, one run, side by side:
+ (a) transformers' generate in batches of 8 (left-padded, as the card runs it);
+ (b) the static `inference.generate` in batches of --slots (a batch runs until its longest row stops);
+ (c) the engine offline (`inference.engine.Engine`, --slots slots, continuous batching);
+ (d) `normistral serve` (a subprocess, --slots slots) with 32 concurrent streaming clients (the official
+     `openai` client), reporting p50/p99 time to first token and time per output token as clients see them.
+Compilation is excluded from (b) to (d) (a warm-up pass / the server's warm-up).
+
+Also the engine's decode step against this machine's memory-bandwidth floor (as bench/decode.py measures
+it: bytes a step must read / numpy copy bandwidth), all slots active, for the demo model and the 64M
+config: a step reads every weight but the embedding table, and the whole KV cache of every slot (the xla
+cached attention reads all S slots of each row).
+Run: `normistral demo --workdir /tmp/demo && python bench/serve.py --model /tmp/demo/run/hf`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from common import bench_checkpoint, machine, median_seconds  # noqa: E402
+from decode import copy_bandwidth  # noqa: E402
+
+from inference import generate  # noqa: E402
+from inference.engine import Engine, Request, _decode_step  # noqa: E402
+from jaxmodel import from_pretrained  # noqa: E402
+from normistral_demo import CORPUS, TEMPLATE  # noqa: E402
+
+
+def workload(n: int, seed: int = 0) -> list[str]:
+    with open(os.path.join(CORPUS, "translation_pairs.jsonl"), encoding="utf-8") as f:
+        seen = [json.loads(x)["text"].split("\n")[0].removeprefix("Engelsk: ") for x in f if x.strip()]
+    unseen = []
+    for name in ("en.jsonl",):
+        with open(os.path.join(CORPUS, name), encoding="utf-8") as f:
+            for line in f:
+                unseen += [s.strip() + "." for s in json.loads(line)["text"].split(". ") if len(s.split()) > 4]
+    rng = np.random.default_rng(seed)
+    half = n // 2
+    picked = [seen[i % len(seen)] for i in rng.permutation(max(half, len(seen)))[:half]]
+    picked += [unseen[i % len(unseen)] for i in range(n - half)]
+    return [picked[i] for i in rng.permutation(n)]
+
+
+def useful(rows, stops) -> list[list[int]]:
+    out = []
+    for row in rows:
+        row = list(row)
+        end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        out.append(row[:end])
+    return out
+
+
+def left_pad(token_lists, pad):
+    width = max(len(t) for t in token_lists)
+    ids = np.full((len(token_lists), width), pad, np.int64)
+    mask = np.zeros_like(ids)
+    for b, t in enumerate(token_lists):
+        ids[b, width - len(t):], mask[b, width - len(t):] = t, 1
+    return ids, mask
+
+
+def run_transformers(path, encoded, new, stops, pad):
+    model = transformers.MistralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def run(lists):
+        outs = []
+        for i in range(0, len(lists), 8):
+            ids, mask = (torch.as_tensor(x) for x in left_pad(lists[i:i + 8], pad))
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                                     eos_token_id=sorted(stops), pad_token_id=pad)
+            outs += out[:, ids.shape[1]:].tolist()
+        return useful(outs, stops)
+
+    times = {}
+    for threads in sorted({1, os.cpu_count()}):  # OpenMP threads spin on a shared machine: the faster counts
+        torch.set_num_threads(threads)
+        times[threads] = median_seconds(lambda: run(encoded[:16]), warmup=1, repeats=1)
+    torch.set_num_threads(min(times, key=times.get))
+    t = time.perf_counter()
+    outs = run(encoded)
+    return outs, time.perf_counter() - t, min(times, key=times.get)
+
+
+def run_static(model, encoded, new, stops, pad, batch):
+    def run():
+        outs = []
+        for i in range(0, len(encoded), batch):
+            ids, mask = left_pad(encoded[i:i + batch], pad)
+            outs += generate(model, ids, mask, max_new_tokens=new, eos_token_ids=sorted(stops),
+                             pad_token_id=pad).tolist()
+        return useful(outs, stops)
+
+    run()  # compiles every bucket
+    t = time.perf_counter()
+    outs = run()
+    return outs, time.perf_counter() - t
+
+
+def run_engine(model, encoded, new, stops, slots, max_len):
+    engine = Engine(model, slots=slots, max_model_len=max_len, prefill_chunk=64)
+    engine.warmup()
+    engine.run([Request(e, max_tokens=new, stop_ids=frozenset(stops)) for e in encoded[:slots * 2]])
+    reqs = [Request(e, max_tokens=new, stop_ids=frozenset(stops)) for e in encoded]
+    steps0 = engine.decode_steps
+    t = time.perf_counter()
+    engine.run(reqs)
+    return [r.tokens for r in reqs], time.perf_counter() - t, engine.decode_steps - steps0
+
+
+def run_server(path, texts, new, slots, max_len, clients):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "normistral", "serve", path, "--port", str(port), "--slots", str(slots),
+           "--max-model-len", str(max_len), "--dtype", "float32", "--served-model-name", "demo",
+           "--prefill-chunk", "64"]
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import httpx
+    import openai
+
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(log.read()[-2000:])
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+
+        async def main():
+            client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
+            queue = list(enumerate(texts[:16]))
+            results = {}
+
+            async def one(i, text):
+                t0 = time.perf_counter()
+                first, n = None, 0
+                stream = await client.completions.create(model="demo", prompt=text, max_tokens=new, temperature=0,
+                                                         stop=["\n"], stream=True,
+                                                         stream_options={"include_usage": True})
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].text and first is None:
+                        first = time.perf_counter()
+                    if chunk.usage is not None:
+                        n = chunk.usage.completion_tokens
+                end = time.perf_counter()
+                first = first or end
+                results[i] = (first - t0, (end - first) / (n - 1) if n > 1 else None, n)
+
+            async def worker():
+                while queue:
+                    await one(*queue.pop(0))
+
+            await asyncio.gather(*[worker() for _ in range(4)])  # warm the server (untimed)
+            results.clear()
+            queue = list(enumerate(texts))
+            t = time.perf_counter()
+            await asyncio.gather(*[worker() for _ in range(clients)])
+            return results, time.perf_counter() - t
+
+        results, seconds = asyncio.run(main())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    ttft = np.array([r[0] for r in results.values()])
+    tpot = np.array([r[1] for r in results.values() if r[1] is not None])
+    tokens = sum(r[2] for r in results.values())
+    return tokens, seconds, ttft, tpot
+
+
+def decode_floor(model, slots, max_len, bandwidth):
+    """Median decode-step time (all slots active) vs the bytes it must read / bandwidth."""
+    engine = Engine(model, slots=slots, max_model_len=max_len)
+    config = engine.config
+    graphdef, state = engine.graphdef, engine.state
+    tokens = np.zeros(slots, np.int32)
+    active = np.ones(slots, bool)
+    z, zf = np.zeros(slots, np.int32), np.zeros(slots, np.float32)
+    holder = {"cache": engine.cache}
+
+    def step():
+        out = _decode_step(graphdef, False, state, holder["cache"], tokens, active, zf, z, zf + 1, z, z, z)
+        holder["cache"] = out[-1]
+        jax.block_until_ready(out[0])
+
+    # Keep the rows' lengths small and stable: reset the cache lengths every call would cost a copy; the
+    # step's cost does not depend on the lengths (the whole cache is read), so let them grow up to S.
+    seconds = median_seconds(step, warmup=3, repeats=min(31, engine.cache_length - 8))
+    d, v = config.hidden_size, config.vocab_size
+    weights = (config.num_params() - v * d) * 4 + slots * d * 4
+    cache = (2 * config.num_hidden_layers * slots * config.num_key_value_heads * engine.cache_length
+             * config.head_dim * 4)
+    floor = (weights + cache) / bandwidth
+    return {"slots": slots, "cache_length": engine.cache_length, "step_ms": round(seconds * 1e3, 3),
+            "bytes_per_step": int(weights + cache), "floor_ms": round(floor * 1e3, 3),
+            "fraction_of_floor": round(floor / seconds, 3)}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True, help="the demo's exported model (WORKDIR/run/hf)")
+    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--checkpoint-64m", default=os.path.join(tempfile.gettempdir(), "normistral-bench-64m"))
+    args = parser.parse_args()
+
+    tok = transformers.AutoTokenizer.from_pretrained(args.model)
+    texts = [TEMPLATE.format(p) for p in workload(args.prompts)]
+    encoded = [list(x) for x in tok(texts)["input_ids"]]
+    newline = {i for i in range(tok.vocab_size) if "\n" in tok.decode([i])}
+    stops = newline | {tok.eos_token_id}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    max_len = max(len(e) for e in encoded) + args.new
+    model = from_pretrained(args.model, progress=False)
+
+    hf_out, hf_s, hf_threads = run_transformers(args.model, encoded, args.new, stops, pad)
+    static_out, static_s = run_static(model, encoded, args.new, stops, pad, args.slots)
+    engine_out, engine_s, engine_steps = run_engine(model, encoded, args.new, stops, args.slots, max_len)
+    server_tokens, server_s, ttft, tpot = run_server(args.model, texts, args.new, args.slots, max_len, args.clients)
+
+    n_tokens = sum(len(o) for o in engine_out)
+    lengths = np.array([len(o) for o in engine_out])
+    bandwidth = copy_bandwidth()
+    result = {
+        "bench": "serve", "machine": machine(), "prompts": len(texts), "new_tokens": args.new, "slots": args.slots,
+        "output_tokens": n_tokens,
+        "output_lengths_p10_p50_p90": [int(np.percentile(lengths, q)) for q in (10, 50, 90)],
+        "stopped_early_fraction": round(float((lengths < args.new).mean()), 3),
+        "engine_equals_static": engine_out == static_out, "engine_equals_transformers": engine_out == hf_out,
+        "transformers_tokens_per_s": round(sum(map(len, hf_out)) / hf_s, 1), "transformers_threads": hf_threads,
+        "static_tokens_per_s": round(sum(map(len, static_out)) / static_s, 1),
+        "engine_tokens_per_s": round(n_tokens / engine_s, 1), "engine_decode_steps": engine_steps,
+        "server_tokens_per_s": round(server_tokens / server_s, 1), "server_clients": args.clients,
+        "server_ttft_ms_p50": round(float(np.percentile(ttft, 50)) * 1e3, 1),
+        "server_ttft_ms_p99": round(float(np.percentile(ttft, 99)) * 1e3, 1),
+        "server_tpot_ms_p50": round(float(np.percentile(tpot, 50)) * 1e3, 2),
+        "server_tpot_ms_p99": round(float(np.percentile(tpot, 99)) * 1e3, 2),
+        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "decode_floor_demo": decode_floor(model, args.slots, max_len, bandwidth),
+        "decode_floor_64m": decode_floor(from_pretrained(bench_checkpoint(args.checkpoint_64m), progress=False), 8,
+                                         192, bandwidth),
+    }
+    result["engine_vs_static"] = round(result["engine_tokens_per_s"] / result["static_tokens_per_s"], 2)
+    result["engine_vs_transformers"] = round(result["engine_tokens_per_s"] / result["transformers_tokens_per_s"], 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,514 @@
+"""The inference engine: continuous batching over a fixed set of decode slots.
+
+Inside: `Request` (one prompt, its limits and sampling, and what it produced), `Engine` (`submit`,
+`cancel`, `step`, `run`, `start` / `stop` for a background thread, `warmup`, `metrics`), `EngineError`,
+`EngineFull`, and the two jitted device steps `_prefill_step` / `_decode_step`.
+
+How it runs. The engine owns one KV cache of `slots` rows, each a contiguous row of S = max_model_len
+slots (memory: slots x S x layers x 2 x kv heads x head_dim x bytes, accounted by `cache_bytes`). A row
+is free, prefilling, or decoding, and keeps its own length (its write index and RoPE position), so rows
+at different lengths share one step (the model's forward with a per-row `write_index`, ragged). Each
+`step()` is, on the host:
+1. admit: queued requests take free slots (FIFO);
+2. prefill: up to `prefill_rows` prefilling rows send their next chunk (at most `prefill_chunk`
+   tokens; a long prompt goes in over several steps, so it never stalls the decoding rows for its whole
+   prefill) in ONE call: the rows are gathered out of the cache, run through the model (writing at
+   their own offsets, attending over their own filled slots), and scattered back. A row whose prompt
+   is complete gets its first token from that call and starts decoding;
+3. decode: one token for every decoding row in one call (inactive rows write nowhere: their write
+   index is S, past the end, and scatters drop it);
+4. each new token is checked on the host: a stop token id, a stop string in the incrementally decoded
+   text (as vLLM does), max_tokens, or a cancelled request frees the slot in that same step.
+Shapes are bucketed so a running engine does not recompile: decode has one shape ([slots]); prefill has
+(rows in {1, 2, 4, ..} <= prefill_rows) x (chunk length in the `bucket_length` ladder <= prefill_chunk).
+`warmup()` compiles them all up front. Sampling rows and prompt log-probabilities are separate
+(lazily compiled) variants, so a greedy workload never pays for a sort over the vocabulary.
+Completions are decoded with `skip_special_tokens`, so an EOS stop never shows as `</s>`.
+
+Logprobs: every generated token's log-probability under the model (log-softmax of the float32 logits,
+before temperature, as OpenAI and vLLM report it) and the top `top_logprobs` alternatives; with
+`prompt_logprobs`, the same for every prompt token after the first (what evaluation harnesses ask of
+`echo` + `logprobs`).
+
+Threading: `submit` / `cancel` may be called from any thread; `step` from one thread only (the caller's
+for offline use, or the engine's own after `start()`). `Request.on_update` is called from that thread.
+
+Shape letters: B slots, P prefill rows, C chunk length, V vocab, S cache slots per row.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from inference.generate import GenerateError, _batch_split, _mesh_of, _split, bucket_batch, bucket_length, sample_rows
+from inference.kv_cache import KVCache, init_cache
+
+FREE, PREFILL, DECODE = 0, 1, 2
+TOP_LOGPROBS = 5  # alternatives computed per token (OpenAI's completions API allows at most 5)
+
+
+class EngineError(GenerateError):
+    """A request the engine cannot take (the message says why, in one line)."""
+
+
+class EngineFull(EngineError):
+    """The queue is at its bound: try again later (the server answers 429)."""
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: Sequence[int]
+    max_tokens: int = 16
+    stop_ids: frozenset = frozenset()  # token ids that end the completion (kept in it unless special)
+    stop_strings: tuple = ()  # strings that end it (cut before the string)
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stream_id: int = 0  # sampling key = fold_in(fold_in(key(seed), stream_id), token index)
+    logprobs: int = 0  # top alternatives to keep per generated token (chosen-token logprobs: always)
+    prompt_logprobs: bool = False
+    on_update: Callable | None = None  # called after each new token and when finished
+    incremental: bool = False  # keep `text` current after every token (streaming)
+    # results
+    tokens: list = field(default_factory=list)
+    token_logprobs: list = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)  # per token: [(id, logprob), ...]
+    prompt_token_logprobs: list = field(default_factory=list)  # for prompt[1:]
+    prompt_top_logprobs: list = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    cancelled: bool = False
+    submitted_at: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    _prefilled: int = 0
+    _checked: int = 0
+    _cut: bool = False  # text was cut at a stop string
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def stable_text(self) -> str:
+        """The part of `text` that can no longer change: without a trailing incomplete character and,
+        while running with stop strings, without the tail that could still start one."""
+        text = self.text
+        if self.finished:
+            return text
+        text = text.rstrip("\ufffd")
+        hold = max((len(s) for s in self.stop_strings), default=1) - 1
+        return text[: max(len(text) - hold, 0)] if hold else text
+
+
+# -- device steps --------------------------------------------------------------------------------------
+
+
+def _pick(logits, sample: bool, temperature, top_k, top_p, seeds, streams, steps):
+    """Next tokens [B] from float32 logits [B, V], with their log-probabilities and the top alternatives."""
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if sample:
+        keys = jax.vmap(lambda s, r, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), r), t))(
+            seeds, streams, steps)
+        token = jnp.where(temperature > 0, sample_rows(logits, keys, temperature, top_k, top_p), token)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+    return token, chosen, top_lp, top_ids
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _decode_step(graphdef, sample, state, cache: KVCache, tokens, active, temperature, top_k, top_p, seeds,
+                 streams, steps):
+    """One token for every active row [B] at its own slot (its length) -> (token, logprob, top logprobs,
+    top ids, cache). Inactive rows write at slot S: nowhere."""
+    model = nnx.merge(graphdef, state)
+    write = jnp.where(active, cache.lengths, cache.max_length)
+    logits, cache = model(tokens[:, None], cache.lengths[:, None], active[:, None].astype(jnp.int32), cache=cache,
+                          write_index=write, last_only=True)
+    return (*_pick(logits[:, 0], sample, temperature, top_k, top_p, seeds, streams, steps), cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def _prefill_step(graphdef, sample, prompt_lp, state, cache: KVCache, rows, ids, mask, start, targets, temperature,
+                  top_k, top_p, seeds, streams):
+    """Chunks ids [P, C] (right-padded, mask 1 = real) of the rows `rows` [P] (S past the end = a padding
+    row), each written at its own offset `start` [P] (0 = a new request: the row is reset first) ->
+    (first-token outputs as `_decode_step`, prompt logprobs of `targets` [P, C] and their top
+    alternatives (zeros unless prompt_lp), cache)."""
+    model = nnx.merge(graphdef, state)
+    take = lambda x, axis: None if x is None else jnp.take(x, rows, axis=axis, mode="clip")  # noqa: E731
+    fresh = start == 0
+    part = KVCache(take(cache.k, 1), take(cache.v, 1), take(cache.k_scale, 1), take(cache.v_scale, 1),
+                   jnp.where(fresh[:, None], 0, take(cache.segment_ids, 0)),
+                   jnp.where(fresh, 0, take(cache.lengths, 0)))
+    length = ids.shape[1]
+    positions = start[:, None] + jnp.arange(length, dtype=jnp.int32)
+    last = jnp.maximum(mask.sum(-1) - 1, 0)
+    batch = ids.shape[0]
+    if prompt_lp:
+        logits, part = model(ids, positions, mask, cache=part, write_index=start)
+        final = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        target_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        p_top_lp, p_top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+    else:
+        logits, part = model(ids, positions, mask, cache=part, write_index=start, logits_at=last)
+        final = logits[:, 0]
+        target_lp = jnp.zeros((batch, length), jnp.float32)
+        p_top_lp = jnp.zeros((batch, length, TOP_LOGPROBS), jnp.float32)
+        p_top_ids = jnp.zeros((batch, length, TOP_LOGPROBS), jnp.int32)
+    out = _pick(final, sample, temperature, top_k, top_p, seeds, streams, jnp.zeros_like(seeds))
+    put = lambda x, new, axis: None if x is None else x.at[(slice(None),) * axis + (rows,)].set(new, mode="drop")  # noqa: E731
+    cache = KVCache(put(cache.k, part.k, 1), put(cache.v, part.v, 1), put(cache.k_scale, part.k_scale, 1),
+                    put(cache.v_scale, part.v_scale, 1), put(cache.segment_ids, part.segment_ids, 0),
+                    put(cache.lengths, part.lengths, 0))
+    return (*out, target_lp, p_top_lp, p_top_ids, cache)
+
+
+# -- the engine ------------------------------------------------------------------------------------------
+
+
+class Engine:
+    def __init__(self, model, *, slots: int = 8, max_model_len: int | None = None, kv_cache_dtype: str | None = None,
+                 prefill_chunk: int = 256, prefill_rows: int = 4, max_queue: int = 1024,
+                 decode: Callable[[list[int]], str] | None = None):
+        """model: an `nnx.Module` or its (graphdef, state) (int8 `QArray` weights work as they are).
+        decode: token ids -> text (skipping special tokens); needed for stop strings and `text`."""
+        self.graphdef, self.state = _split(model)
+        self.config = nnx.merge(self.graphdef, self.state).config
+        context = self.config.max_position_embeddings
+        self.max_model_len = int(max_model_len or context)
+        if not 1 <= self.max_model_len <= context:
+            raise EngineError(f"max_model_len={max_model_len} must be in [1, {context}] (the model's context)")
+        if slots < 1 or prefill_chunk < 1 or prefill_rows < 1:
+            raise EngineError("slots, prefill_chunk and prefill_rows must be positive")
+        self.mesh = _mesh_of(self.state)
+        split = _batch_split(self.mesh)
+        if slots % split:
+            raise EngineError(f"slots={slots} must be a multiple of the mesh's batch split ({split})")
+        self.slots, self.prefill_chunk = slots, prefill_chunk
+        self.prefill_rows = min(bucket_batch(prefill_rows), bucket_batch(slots))
+        self.max_queue = max_queue
+        self.decode = decode
+        self.kv_cache_dtype = kv_cache_dtype
+        self.cache_length = -(-self.max_model_len // 16) * 16
+        self.cache = self._call(init_cache, self.config, slots, self.cache_length, kv_dtype=kv_cache_dtype,
+                                mesh=self.mesh)
+        self.cache_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(self.cache))
+        # Host state per slot.
+        self.requests: list[Request | None] = [None] * slots
+        self.phase = np.zeros(slots, np.int32)
+        self.last_token = np.zeros(slots, np.int32)
+        self.temperature = np.zeros(slots, np.float32)
+        self.top_k = np.zeros(slots, np.int32)
+        self.top_p = np.ones(slots, np.float32)
+        self.seeds = np.zeros(slots, np.int32)
+        self.streams = np.zeros(slots, np.int32)
+        self.queue: collections.deque[Request] = collections.deque()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        # Metrics.
+        self.generated_tokens = 0
+        self.finished_requests = 0
+        self.aborted_requests = 0
+        self._recent_tokens: collections.deque = collections.deque()  # (time, tokens) of the last steps
+        self.ttft: collections.deque = collections.deque(maxlen=1000)
+        self.decode_steps = 0
+        self.prefill_calls = 0
+
+    # -- requests ---------------------------------------------------------------------------------------
+
+    def check(self, request: Request) -> None:
+        """Refuses (EngineError) what could never be served; called by `submit`."""
+        n, vocab = len(request.prompt), self.config.vocab_size
+        if n == 0:
+            raise EngineError("the prompt is empty")
+        if request.max_tokens < 0:
+            raise EngineError(f"max_tokens must be >= 0, got {request.max_tokens}")
+        if n + request.max_tokens > self.max_model_len:
+            raise EngineError(f"the prompt has {n} tokens; with max_tokens={request.max_tokens} that exceeds "
+                              f"max_model_len={self.max_model_len}")
+        bad = [t for t in request.prompt if not 0 <= int(t) < vocab]
+        if bad:
+            raise EngineError(f"token id {bad[0]} is out of range [0, {vocab})")
+        if (request.stop_strings or request.incremental) and self.decode is None:
+            raise EngineError("stop strings and streaming need the engine's decode function (a tokenizer)")
+
+    def submit(self, request: Request, *, block: bool = False) -> Request:
+        """Queues a request (raises EngineFull above max_queue unless block)."""
+        self.check(request)
+        request.submitted_at = time.perf_counter()
+        with self._lock:
+            if not block and len(self.queue) >= self.max_queue:
+                raise EngineFull(f"the queue is full ({self.max_queue} requests waiting)")
+            self.queue.append(request)
+            self._lock.notify_all()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Marks a request cancelled; the engine frees its slot (or drops it from the queue) next step."""
+        request.cancelled = True
+        with self._lock:
+            self._lock.notify_all()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.queue)
+
+    @property
+    def active_slots(self) -> int:
+        return int((self.phase != FREE).sum())
+
+    def idle(self) -> bool:
+        return not self.queue and self.active_slots == 0
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def run(self, requests: Sequence[Request]) -> list[Request]:
+        """Offline: queues every request (no bound) and steps until all are finished, in this thread."""
+        for r in requests:
+            self.submit(r, block=True)
+        while not all(r.finished for r in requests):
+            self.step()
+        return list(requests)
+
+    def start(self) -> None:
+        """Steps in a background thread whenever there is work (for the server)."""
+        if self._thread is not None:
+            return
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._running = False
+        with self._lock:
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while self._running:
+            with self._lock:
+                while self._running and self.idle():
+                    self._lock.wait(timeout=1.0)
+            if self._running:
+                self.step()
+
+    def step(self) -> None:
+        """One scheduling round: admit, one prefill call, one decode call, host-side stop checks."""
+        with self._lock:
+            for r in [r for r in self.queue if r.cancelled]:
+                self.queue.remove(r)
+                self._finish(r, "abort")
+            for b, r in enumerate(self.requests):
+                if r is not None and r.cancelled:
+                    self._free(b, "abort")
+            for b in np.flatnonzero(self.phase == FREE):
+                if not self.queue:
+                    break
+                self._admit(int(b), self.queue.popleft())
+        if (self.phase == PREFILL).any():
+            self._prefill()
+        if (self.phase == DECODE).any():
+            self._decode()
+
+    def _admit(self, b: int, r: Request) -> None:
+        self.requests[b] = r
+        self.phase[b] = PREFILL
+        r._prefilled = 0
+        self.temperature[b], self.top_k[b], self.top_p[b] = r.temperature, r.top_k, r.top_p
+        self.seeds[b], self.streams[b] = np.int32(r.seed & 0x7FFFFFFF), r.stream_id
+
+    def _call(self, fn, *args, **kwargs):
+        if self.mesh is None:
+            return fn(*args, **kwargs)
+        with jax.set_mesh(self.mesh):
+            return fn(*args, **kwargs)
+
+    def _prefill_group(self) -> list[int]:
+        """The prefilling rows for this step's one prefill call (oldest first, one prompt-logprob kind),
+        as many as fit `prefill_rows` rows and a padded size of `prefill_chunk` tokens (always one)."""
+        candidates = sorted(np.flatnonzero(self.phase == PREFILL), key=lambda b: self.requests[b].submitted_at)
+        kind = self.requests[candidates[0]].prompt_logprobs
+        group: list[int] = []
+        for b in candidates:
+            if self.requests[b].prompt_logprobs != kind:
+                continue
+            trial = group + [int(b)]
+            if len(trial) > self.prefill_rows:
+                break
+            if group and bucket_batch(len(trial)) * self._chunk_bucket(trial) > self.prefill_chunk:
+                break
+            group = trial
+        return group
+
+    def _chunk(self, b: int) -> int:
+        r = self.requests[b]
+        return min(len(r.prompt) - r._prefilled, self.prefill_chunk)
+
+    def _chunk_bucket(self, rows: Sequence[int]) -> int:
+        return min(bucket_length(max(self._chunk(b) for b in rows)), self.prefill_chunk)
+
+    def _prefill(self) -> None:
+        group = self._prefill_group()
+        reqs = [self.requests[b] for b in group]
+        width, height = self._chunk_bucket(group), bucket_batch(len(group))
+        rows = np.full(height, self.slots, np.int32)  # padding rows: past the end (read clipped, writes dropped)
+        ids = np.zeros((height, width), np.int32)
+        mask = np.zeros((height, width), np.int32)
+        start = np.zeros(height, np.int32)
+        targets = np.zeros((height, width), np.int32)
+        sampling = [np.zeros(height, a.dtype) for a in (self.temperature, self.top_k, self.top_p, self.seeds,
+                                                        self.streams)]
+        counts = []
+        for i, (b, r) in enumerate(zip(group, reqs)):
+            n = self._chunk(b)
+            s = r._prefilled
+            prompt = np.asarray(r.prompt, np.int32)
+            rows[i], start[i], counts = b, s, counts + [n]
+            ids[i, :n], mask[i, :n] = prompt[s:s + n], 1
+            nxt = prompt[s + 1:s + n + 1]
+            targets[i, :len(nxt)] = nxt
+            for a, src in zip(sampling, (self.temperature, self.top_k, self.top_p, self.seeds, self.streams)):
+                a[i] = src[b]
+        sample = bool((sampling[0][: len(group)] > 0).any())
+        out = self._call(_prefill_step, self.graphdef, sample, bool(reqs[0].prompt_logprobs), self.state, self.cache,
+                         rows, ids, mask, start, targets, *sampling)
+        self.cache = out[-1]
+        token, lp, top_lp, top_ids, t_lp, pt_lp, pt_ids = (np.asarray(x) for x in out[:-1])
+        self.prefill_calls += 1
+        now = time.perf_counter()
+        for i, (b, r) in enumerate(zip(group, reqs)):
+            n, s = counts[i], r._prefilled
+            if r.prompt_logprobs:
+                real = min(n, len(r.prompt) - 1 - s)  # positions whose target is a prompt token
+                r.prompt_token_logprobs += t_lp[i, :real].tolist()
+                r.prompt_top_logprobs += [list(zip(pt_ids[i, j].tolist(), pt_lp[i, j].tolist())) for j in range(real)]
+            r._prefilled = s + n
+            if r._prefilled < len(r.prompt):
+                continue
+            self.phase[b] = DECODE
+            if r.max_tokens == 0:
+                r.first_token_at = now
+                self._free(b, "length")
+                continue
+            self._accept(b, int(token[i]), float(lp[i]), top_lp[i], top_ids[i], now)
+
+    def _decode(self) -> None:
+        active = self.phase == DECODE
+        steps = np.array([len(r.tokens) if r is not None else 0 for r in self.requests], np.int32)
+        sample = bool((self.temperature[active] > 0).any())
+        out = self._call(_decode_step, self.graphdef, sample, self.state, self.cache, self.last_token, active,
+                         self.temperature, self.top_k, self.top_p, self.seeds, self.streams, steps)
+        self.cache = out[-1]
+        token, lp, top_lp, top_ids = (np.asarray(x) for x in out[:-1])
+        self.decode_steps += 1
+        now = time.perf_counter()
+        for b in np.flatnonzero(active):
+            self._accept(int(b), int(token[b]), float(lp[b]), top_lp[b], top_ids[b], now)
+
+    def _accept(self, b: int, token: int, lp: float, top_lp, top_ids, now: float) -> None:
+        r = self.requests[b]
+        if r.first_token_at is None:
+            r.first_token_at = now
+            self.ttft.append(now - r.submitted_at)
+        r.tokens.append(token)
+        r.token_logprobs.append(lp)
+        if r.logprobs:
+            r.top_logprobs.append(list(zip(top_ids[: r.logprobs].tolist(), top_lp[: r.logprobs].tolist())))
+        self.last_token[b] = token
+        self.generated_tokens += 1
+        self._recent_tokens.append((now, 1))
+        reason = None
+        if token in r.stop_ids:
+            reason = "stop"
+        elif r.stop_strings or r.incremental:
+            r.text = self.decode(r.tokens)
+            if r.stop_strings:
+                longest = max(len(s) for s in r.stop_strings)
+                window = max(r._checked - longest, 0)
+                hits = [p for p in (r.text.find(s, window) for s in r.stop_strings) if p >= 0]
+                r._checked = len(r.text)
+                if hits:
+                    r.text, r._cut = r.text[: min(hits)], True
+                    reason = "stop"
+        if reason is None and len(r.tokens) >= r.max_tokens:
+            reason = "length"
+        if reason is not None:
+            self._free(b, reason)
+        elif r.on_update is not None:
+            r.on_update(r)
+
+    def _free(self, b: int, reason: str) -> None:
+        r = self.requests[b]
+        self.requests[b] = None
+        self.phase[b] = FREE
+        self._finish(r, reason)
+
+    def _finish(self, r: Request, reason: str) -> None:
+        if self.decode is not None and not r._cut:
+            r.text = self.decode(r.tokens)
+        r.finish_reason = reason
+        r.finished_at = time.perf_counter()
+        self.finished_requests += 1
+        self.aborted_requests += reason == "abort"
+        r.done.set()
+        if r.on_update is not None:
+            r.on_update(r)
+
+    # -- warmup and metrics --------------------------------------------------------------------------
+
+    def warmup(self) -> int:
+        """Compiles the greedy decode step and every prefill bucket now; returns how many shapes."""
+        z = lambda n, dt=np.int32: np.zeros(n, dt)  # noqa: E731
+        shapes = 0
+        height = 1
+        while height <= self.prefill_rows:
+            width = 16
+            while True:
+                w = min(width, self.prefill_chunk)
+                rows = np.full(height, self.slots, np.int32)  # writes nowhere
+                out = self._call(_prefill_step, self.graphdef, False, False, self.state, self.cache, rows,
+                                 z((height, w)), z((height, w)), z(height), z((height, w)), z(height, np.float32),
+                                 z(height), np.ones(height, np.float32), z(height), z(height))
+                self.cache = out[-1]
+                shapes += 1
+                if w >= self.prefill_chunk:
+                    break
+                width = bucket_length(width + 1)
+            height *= 2
+        active = np.zeros(self.slots, bool)
+        out = self._call(_decode_step, self.graphdef, False, self.state, self.cache, self.last_token, active,
+                         self.temperature, self.top_k, self.top_p, self.seeds, self.streams, z(self.slots))
+        self.cache = out[-1]
+        jax.block_until_ready(self.cache)
+        return shapes + 1
+
+    def metrics(self) -> dict:
+        now = time.perf_counter()
+        while self._recent_tokens and now - self._recent_tokens[0][0] > 10.0:
+            self._recent_tokens.popleft()
+        ttft = sorted(self.ttft)
+        pick = lambda q: round(ttft[min(int(q * len(ttft)), len(ttft) - 1)], 4) if ttft else None  # noqa: E731
+        return {"queue_depth": self.queue_depth, "active_slots": self.active_slots, "slots": self.slots,
+                "tokens_per_second": round(sum(n for _, n in self._recent_tokens) / 10.0, 2),
+                "generated_tokens_total": self.generated_tokens, "finished_requests_total": self.finished_requests,
+                "aborted_requests_total": self.aborted_requests,
+                "ttft_seconds_p50": pick(0.5), "ttft_seconds_p99": pick(0.99), "decode_steps_total": self.decode_steps,
+                "prefill_calls_total": self.prefill_calls, "max_model_len": self.max_model_len,
+                "kv_cache_bytes": self.cache_bytes}

@@ -1,0 +1,232 @@
+"""The continuous-batching engine: token-for-token parity with transformers' generate on each prompt alone
+under a mixed workload (more requests than slots, arrivals while others decode, chunked prefill, stop
+tokens, stop strings, max tokens), no recompilation in steady state, slots freed the step a row stops,
+int8 weights and int8 KV cache, EOS never in a completion, and Generator on the engine."""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from inference import Generator, generate, quantize_model
+from inference.engine import Engine, EngineError, EngineFull, Request, _decode_step, _prefill_step
+from jaxmodel import from_pretrained
+
+from .conftest import left_pad, random_prompts
+
+N_REQUESTS = 36
+SLOTS = 4
+
+
+def _hf(hf_model, prompt, max_new, eos=None, stop_strings=None, tokenizer=None):
+    ids = torch.as_tensor(np.asarray(prompt)[None])
+    with torch.no_grad():
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+                                eos_token_id=eos, pad_token_id=3, stop_strings=stop_strings, tokenizer=tokenizer)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def workload(tiny_model, hf_model, tokenizer):
+    """36 requests: prompt lengths from 2 to 300 (beyond the 64-token prefill chunk: chunked), 1-24 new
+    tokens, and a third each ending by max_tokens, a stop token set, or a stop string; the expected
+    tokens come from transformers' generate on each prompt alone with the same stop condition."""
+    rng = np.random.default_rng(21)
+    vocab = tiny_model.config.vocab_size
+    lengths = [int(x) for x in rng.choice([2, 5, 9, 17, 33, 60, 64, 65, 130, 300], size=N_REQUESTS)]
+    prompts = random_prompts(vocab, lengths, seed=22)
+    cases = []
+    for i, prompt in enumerate(prompts):
+        max_new = int(rng.integers(1, 25))
+        free = _hf(hf_model, prompt, max_new)
+        kind = ("length", "stop_ids", "stop_string")[i % 3]
+        stop_ids, stop_strings = (), ()
+        if kind == "stop_ids" and len(free) > 2:  # a token the row emits mid-way, plus never-emitted ids
+            stop_ids = (free[len(free) // 2],) + tuple(t for t in range(4, vocab) if t not in free)[:10]
+            expected = _hf(hf_model, prompt, max_new, eos=list(stop_ids))
+        elif kind == "stop_string" and len(free) > 2:  # a piece of the text the row produces
+            text = tokenizer.decode(free[: len(free) // 2 + 1], skip_special_tokens=True)
+            clean = len(text) >= 2 and "\ufffd" not in text  # not inside an unfinished UTF-8 character
+            stop_strings = (text[-2:],) if clean else ()
+            expected = _hf(hf_model, prompt, max_new, stop_strings=list(stop_strings), tokenizer=tokenizer) \
+                if stop_strings else free
+        else:
+            expected = free
+        cases.append(dict(prompt=prompt.tolist(), max_new=max_new, stop_ids=stop_ids, stop_strings=stop_strings,
+                          expected=expected))
+    assert sum(len(c["expected"]) < c["max_new"] for c in cases) >= 8, "the workload should stop early often"
+    return cases
+
+
+def _decode_fn(tokenizer):
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_engine_greedy_matches_transformers_each_prompt_alone(tiny_model, tokenizer, workload):
+    engine = Engine(tiny_model, slots=SLOTS, max_model_len=512, prefill_chunk=64, prefill_rows=2,
+                    decode=_decode_fn(tokenizer))
+    requests = [Request(c["prompt"], max_tokens=c["max_new"], stop_ids=frozenset(c["stop_ids"]),
+                        stop_strings=c["stop_strings"]) for c in workload]
+    for r in requests[:8]:  # more requests than slots from the start
+        engine.submit(r)
+    pending, steps, seen_mixed = requests[8:], 0, False
+    while not all(r.finished for r in requests):
+        engine.step()
+        steps += 1
+        # A row that stopped this step has already given up its slot.
+        assert all(r is None or not r.finished for r in engine.requests)
+        seen_mixed |= bool((engine.phase == 1).any() and (engine.phase == 2).any())
+        if pending and steps % 3 == 0:  # arrivals while others decode
+            for _ in range(2):
+                if pending:
+                    engine.submit(pending.pop(0))
+    assert seen_mixed, "a prompt should have been prefilled in chunks while other rows decoded"
+    for i, (r, c) in enumerate(zip(requests, workload)):
+        assert r.tokens == c["expected"], f"request {i} (prompt {len(c['prompt'])} tokens, stop {c['stop_ids'][:1]}" \
+                                          f" {c['stop_strings']}): {r.tokens} != {c['expected']}"
+        if c["stop_strings"] and len(r.tokens) < c["max_new"]:
+            full = tokenizer.decode(r.tokens, skip_special_tokens=True)
+            assert r.finish_reason == "stop" and r.text == full[: full.find(c["stop_strings"][0])]
+        else:
+            assert r.text == tokenizer.decode(r.tokens, skip_special_tokens=True)
+    assert engine.metrics()["finished_requests_total"] == N_REQUESTS and engine.active_slots == 0
+
+
+@contextlib.contextmanager
+def _count_compiles():
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_no_recompilation_in_steady_state(tiny_model):
+    engine = Engine(tiny_model, slots=SLOTS, max_model_len=512, prefill_chunk=64, prefill_rows=2)
+    shapes = engine.warmup()
+    assert shapes == 2 * 3 + 1  # prefill rows {1, 2} x chunks {16, 32, 64}, and the decode step
+    sizes = _prefill_step._cache_size(), _decode_step._cache_size()
+    rng = np.random.default_rng(5)
+    vocab = tiny_model.config.vocab_size
+    with _count_compiles() as compiles:
+        for wave in range(2):
+            lengths = rng.integers(1, 200, size=10)
+            reqs = [Request(p.tolist(), max_tokens=int(rng.integers(1, 12)), stop_ids=frozenset({int(s)}))
+                    for p, s in zip(random_prompts(vocab, lengths, seed=wave), rng.integers(4, vocab, size=10))]
+            engine.run(reqs)
+    assert (_prefill_step._cache_size(), _decode_step._cache_size()) == sizes
+    assert compiles == [], f"{len(compiles)} compilations after warmup"
+
+
+def test_a_row_that_stops_frees_its_slot_in_the_same_step(tiny_model):
+    engine = Engine(tiny_model, slots=1, max_model_len=64)
+    first, second = Request([5, 6, 7], max_tokens=1), Request([8, 9], max_tokens=3)
+    engine.submit(first)
+    engine.submit(second)
+    engine.step()  # first: prefill gives its one token -> finished, slot free at once
+    assert first.finished and first.finish_reason == "length" and len(first.tokens) == 1
+    assert engine.requests == [None] and engine.queue_depth == 1
+    engine.step()  # second is admitted and prefilled the next step
+    assert engine.requests == [second] and len(second.tokens) == 2  # its first token, then a decode step
+    engine.run([])
+    while not second.finished:
+        engine.step()
+    assert len(second.tokens) == 3
+
+
+def test_cancel_and_queue_bound(tiny_model):
+    engine = Engine(tiny_model, slots=1, max_model_len=64, max_queue=2)
+    a, b = engine.submit(Request([5, 6], max_tokens=30)), engine.submit(Request([7], max_tokens=30))
+    with pytest.raises(EngineFull, match="queue is full"):
+        engine.submit(Request([9], max_tokens=3))
+    engine.step()
+    engine.step()
+    engine.cancel(a)
+    engine.step()  # a's slot goes to b
+    assert a.finish_reason == "abort" and engine.requests == [b]
+    with pytest.raises(EngineError, match="exceeds max_model_len=64"):
+        engine.submit(Request(list(range(4, 60)), max_tokens=10))
+    with pytest.raises(EngineError, match="out of range"):
+        engine.submit(Request([10**6], max_tokens=1))
+
+
+def test_int8_weights_and_int8_cache_in_the_engine(tiny_dir, tiny_model):
+    """int8 weights: the engine gives the static path's tokens. int8 weights and KV cache: the engine's
+    log-probabilities of its own tokens agree with an uncached float forward of the whole sequence."""
+    int8 = quantize_model(from_pretrained(tiny_dir, progress=False))
+    prompts = random_prompts(tiny_model.config.vocab_size, (4, 40, 90, 7, 23), seed=9)
+    static = generate(int8, *left_pad(prompts), max_new_tokens=10).tolist()  # (batched == each alone: test_generate)
+    engine = Engine(int8, slots=2, max_model_len=128, prefill_chunk=32)
+    assert [r.tokens for r in engine.run([Request(p.tolist(), max_tokens=10) for p in prompts])] == static
+
+    engine = Engine(int8, slots=2, max_model_len=128, prefill_chunk=32, kv_cache_dtype="int8")
+    assert engine.cache.k.dtype == np.int8
+    reqs = engine.run([Request(p.tolist(), max_tokens=10) for p in prompts])
+    graphdef, state = nnx.split(int8)
+    worst = 0.0
+    for p, r in zip(prompts, reqs):
+        ids = np.concatenate([p, r.tokens])[None]
+        logp = np.asarray(jax.nn.log_softmax(nnx.merge(graphdef, state)(ids), -1))[0]
+        ref = logp[len(p) - 1 + np.arange(len(r.tokens)), r.tokens]
+        worst = max(worst, float(np.abs(ref - np.asarray(r.token_logprobs)).max()))
+    assert worst <= 2e-2, f"int8 cache: max |dlogprob| {worst:.2e}"
+
+
+def test_generator_on_the_engine_no_special_tokens_and_input_order(tiny_dir, tiny_model, tokenizer):
+    gen = Generator.from_pretrained(tiny_dir, dtype="float32", tokenizer=tokenizer)
+    gen.slots = 2
+    prompts = ["Hei på deg", "Engelsk: I like cheese.\nBokmål:", "Nordavind og sol", "x", "Engelsk: Where"]
+    encoded = gen.encode(prompts)
+    expected = [generate(tiny_model, *left_pad([np.array(e)]), max_new_tokens=6)[0].tolist() for e in encoded]
+    texts = gen.generate(prompts, max_new_tokens=6, stop=[])  # EOS only (never emitted by this model)
+    assert texts == [tokenizer.decode(e, skip_special_tokens=True).strip() for e in expected]
+    # A model whose first choice is EOS: the completion is empty (no "</s>"), and it stops there. The EOS
+    # column of lm_head becomes twice the column of the token the model picks first for this prompt (its
+    # logit is the largest, hence positive, so EOS's is larger still).
+    eos = tokenizer.eos_token_id
+    model = from_pretrained(tiny_dir, progress=False)
+    first = generate(model, np.array([gen.encode(["Hei"])[0]]), max_new_tokens=1)[0, 0]
+    w = np.array(model.lm_head[...])
+    w[:, eos] = 2 * w[:, first]
+    model.lm_head[...] = jnp.asarray(w)
+    eos_gen = Generator(model, tokenizer, slots=2)
+    r = eos_gen.requests(eos_gen.encode(["Hei"]), max_new_tokens=5)[0]
+    eos_gen.engine_for(16).run([r])
+    assert r.tokens == [eos] and r.text == "" and r.finish_reason == "stop"
+    assert eos_gen.generate(["Hei"], max_new_tokens=5) == [""]
+    # iter_records: input order, groups of batch_size.
+    records = [{"text": p, "id": i} for i, p in enumerate(prompts)]
+    groups = list(gen.iter_records(records, max_new_tokens=6, stop=[], batch_size=2))
+    assert [len(g) for g in groups] == [2, 2, 1]
+    assert [x["id"] for g in groups for x in g] == list(range(5))
+    assert [x["output"] for g in groups for x in g] == texts
+
+
+def test_engine_on_a_mesh_matches_one_device(tiny_dir, tiny_model):
+    from jaxmodel.sharding import make_mesh
+
+    mesh = make_mesh((2, 1, 4))  # slots over data, heads over tensor
+    model = from_pretrained(tiny_dir, mesh=mesh, progress=False)
+    prompts = random_prompts(tiny_model.config.vocab_size, (4, 40, 9, 23, 70), seed=13)
+    single = Engine(tiny_model, slots=2, max_model_len=128, prefill_chunk=32)
+    sharded = Engine(model, slots=2, max_model_len=128, prefill_chunk=32)
+    expected = [r.tokens for r in single.run([Request(p.tolist(), max_tokens=8) for p in prompts])]
+    assert [r.tokens for r in sharded.run([Request(p.tolist(), max_tokens=8) for p in prompts])] == expected
+    assert sharded.cache.k.sharding.mesh.shape["data"] == 2
