@@ -99,7 +99,8 @@ def _compile_check(args):
 
 
 def _add_distributed_flags(p) -> None:
-    g = p.add_argument_group("multi-process runs (automatic on multi-host Cloud TPU slices; see docs/multihost.md)")
+    g = p.add_argument_group("multi-process runs (automatic where JAX detects a cluster: TPU pods, Slurm, "
+                             "Open MPI; see docs/multihost.md)")
     g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, on every process")
     g.add_argument("--num-processes", type=int, metavar="N")
     g.add_argument("--process-id", type=int, metavar="I")

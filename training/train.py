@@ -315,6 +315,8 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption) -> d
                     _log(f"preemption notice: saved checkpoint at step {step}; exiting")
                     summary["preempted"] = True
                     break
+                if fault("sigterm_at_step") == step:  # tests: a preemption notice (SIGTERM) after step N
+                    os.kill(os.getpid(), signal.SIGTERM)
                 if fault("kill_at_step") == step:  # tests: die between steps, no save in flight
                     checkpointer.wait()
                     os.kill(os.getpid(), signal.SIGKILL)
