@@ -65,7 +65,7 @@ def _compile_check(args):
     if args.mode == "train":  # training/aot.py reads the run's sections itself (model.init_from included)
         from training.aot import compile_train
 
-        report = compile_train(tree, args.topology)
+        report = compile_train(tree, args.topology, workdir=args.workdir)
         batch, length = report["global_batch_size"], report["seq_len"]
     else:
         config, mesh = run_config.model_config(tree), run_config.mesh_shape(tree)
@@ -94,6 +94,8 @@ def _compile_check(args):
         step = report["decode_step"]
         print(f"  one decode step (cache donated): {step['device_bytes'] / 1024**3:.3f} GiB per device, "
               f"fits: {'yes' if step['fits'] else 'NO'}")
+    if "data" in report:
+        print(f"  data: {report['data']}")
     if "compiler" in report:
         print(f"  compiler: {report['compiler']}")
 
@@ -257,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["train", "prefill", "decode"], default="prefill")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--workdir", help="--mode train: the run's --workdir, so its data is checked as train checks it")
     p.set_defaults(func=_compile_check)
 
     p = sub.add_parser("train", help="train (or resume) per a run config; metrics in WORKDIR/metrics.jsonl")

@@ -8,7 +8,7 @@ On disk (one directory, written to a temporary sibling and renamed at the end, s
 - `shard-NNNNN.{tokens,segment_ids,positions}.npy`: int32 [rows, seq_len] each, opened with
   `np.load(mmap_mode="r")`. int32 for all three: token ids can exceed int16, and one dtype keeps the
   reader simple; positions are stored although derivable, so the reader does no per-row work.
-- `index.json`: format, seq_len, vocab_size, tokenizer (name, path, bos/eos/pad ids), the sources (name,
+- `index.json`: format, seq_len, vocab_size, max_token_id, tokenizer (name, path, bos/eos/pad ids), the sources (name,
   path, weight, documents, tokens, row range [start, stop)), the shards (file names, row counts).
 
 Packing (per source, in document order; rows never mix sources, so weights are exact):
@@ -48,6 +48,7 @@ from collections import OrderedDict
 import numpy as np
 
 from training.documents import DataError, iter_documents
+from training.validate import check_token_ids, check_vocabulary
 
 FORMAT = 1
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64 Mi tokens: 256 MiB per int32 array
@@ -150,8 +151,11 @@ def _check_inputs(inputs, weights, seq_len, tokenizer_dir, output_dir):
 
 def prepare_data(tokenizer_dir: str, inputs: list[str], output_dir: str, seq_len: int, *,
                  weights: list[float] | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, vocab_size: int | None = None) -> dict:
     """Tokenize and pack `inputs` (one source per file) into `output_dir`; return the index.
+
+    `vocab_size` (the model's): a tokenizer with a larger vocabulary, or any token id >= it, is refused
+    (training/validate.py) before anything is written. The largest id is recorded as `max_token_id`.
 
     `weights` (one per input) set the sampling mix; by default each source weighs its number of rows,
     i.e. every row is equally likely. Stored in index.json; `PackedDataset.open` may override them.
@@ -162,6 +166,8 @@ def prepare_data(tokenizer_dir: str, inputs: list[str], output_dir: str, seq_len
     _check_inputs(inputs, weights, seq_len, tokenizer_dir, output_dir)
     seq_len = int(seq_len)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    check_vocabulary(len(tok), vocab_size, f"{tokenizer_dir}: the tokenizer has")
+    max_id = -1
     if tok.eos_token_id is None:
         raise DataError(f"{tokenizer_dir}: the tokenizer has no eos_token; documents could not be delimited")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -181,9 +187,10 @@ def prepare_data(tokenizer_dir: str, inputs: list[str], output_dir: str, seq_len
         for path in inputs:  # (the bar is closed below; on an error tqdm closes it when it is collected)
             start, packer, ndocs, ntokens = writer.num_rows, _Packer(writer), 0, 0
             for texts in _batched(iter_documents(path), _TOKENIZE_BATCH):
-                for ids in tok(texts, split_special_tokens=True, verbose=False)["input_ids"]:
+                for j, ids in enumerate(tok(texts, split_special_tokens=True, verbose=False)["input_ids"]):
                     doc = ([bos_id] if bos_id is not None and (not ids or ids[0] != bos_id) else []) + ids
                     doc.append(tok.eos_token_id)
+                    max_id = max(max_id, check_token_ids(doc, vocab_size, f"{path}: document {ndocs + j + 1}"))
                     packer.add(doc)
                     ntokens += len(doc)
                 ndocs += len(texts)
@@ -201,6 +208,7 @@ def prepare_data(tokenizer_dir: str, inputs: list[str], output_dir: str, seq_len
             source["weight"] = float(w) / float(sum(resolved))
         index = {
             "format": FORMAT, "seq_len": seq_len, "num_rows": writer.num_rows, "vocab_size": len(tok),
+            "max_token_id": max_id,
             "tokenizer": {"name": os.path.basename(os.path.abspath(tokenizer_dir)),
                           "path": os.path.abspath(tokenizer_dir), "bos_id": bos_id, "eos_id": tok.eos_token_id,
                           "pad_id": pad_id},
