@@ -30,7 +30,7 @@ from flax import nnx
 
 from jaxmodel.attention import AttentionMask, dot_product_attention
 from jaxmodel.config import MistralConfig
-from jaxmodel.sharding import constrain
+from jaxmodel.sharding import constrain, under_auto_axes
 
 _INIT = nnx.initializers.normal(stddev=0.02)  # transformers' initializer_range default
 ACT_BTD = ("batch", "length", "act_embed")  # logical axes of the residual stream
@@ -179,6 +179,7 @@ class MistralForCausalLM(nnx.Module):
             outputs.append(y)
         return x, (jnp.stack(outputs) if collect else None)
 
+    @under_auto_axes  # a user's jax.set_mesh(jax.make_mesh(...)) has Explicit axes (sharding.py)
     def hidden(self, input_ids, positions=None, segment_ids=None, *, causal: bool = True, collect: bool = False):
         """Final normed hidden states [B,T,D], and (embeddings, per-layer outputs) when `collect`.
 
@@ -197,6 +198,7 @@ class MistralForCausalLM(nnx.Module):
         h, per_layer = self.run_layers(x, cos, sin, mask, collect=collect)
         return self.norm(h), (x, per_layer)
 
+    @under_auto_axes
     def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden_states: bool = False):
         """input_ids [B,T] -> float32 logits [B,T,V] (arguments as in `hidden`).
 

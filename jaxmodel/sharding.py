@@ -7,6 +7,8 @@ Inside:
   a spec that would put two logical axes on one mesh axis.
 - `param_sharding(var, mesh)`, `model_shardings(model, mesh)`, `shard_model(model, mesh)`.
 - `constrain(x, logical_axes)`: an activation sharding constraint, a no-op outside a mesh context.
+- `under_auto_axes(method)`: lets the model's entry points run under a user's `jax.set_mesh(jax.make_mesh(...))`
+  (Explicit axes) as well as under Auto ones.
 - `REPLICATED_BY_DESIGN` (the deliberate replications, each with why) and `check_divisible(config, mesh,
   batches=...)`: the validation every run does before compiling (below).
 
@@ -14,7 +16,10 @@ Design choices:
 - Meshes are used with `AxisType.Auto` axes: the model is written once, with shardings on parameters and
   a few activation constraints at layer boundaries, and XLA's partitioner places the rest. `jax.make_mesh`
   makes Explicit axes by default in this JAX, whose sharding-in-types would ask every einsum for an
-  output sharding; `auto_mesh` converts (same devices, same names).
+  output sharding; `auto_mesh` converts (same devices, same names). A user need not know: the model's
+  entry points (`under_auto_axes`) run under the Auto twin of an Explicit context mesh, converting
+  explicitly sharded arguments (what `jax.sharding.auto_axes` does), so
+  `with jax.set_mesh(jax.make_mesh(shape, MESH_AXES)): model(ids)` just works.
 - `logical_to_spec` replicates a dimension whose size the mesh axis does not divide instead of failing
   (how a batch of 1 decodes on a data-parallel mesh). Runs do not rely on that silently: before
   compiling, `train` and `compile-check` call `check_divisible`, which refuses every parameter or
@@ -31,6 +36,7 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -178,6 +184,34 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if mesh.empty or not all(t == AxisType.Auto for t in mesh.axis_types):
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
+
+
+def _auto_typed(x):
+    """An array argument whose type carries Explicit mesh axes, resharded into the Auto context (the
+    partitioner then places it, as `jax.sharding.auto_axes` does with its arguments)."""
+    if isinstance(x, (jax.Array, jax.core.Tracer)):
+        mesh = jax.typeof(x).sharding.mesh
+        if not mesh.empty and AxisType.Explicit in mesh.axis_types:
+            return jax.sharding.reshard(x, PartitionSpec(*([None] * x.ndim)))
+    return x
+
+
+def under_auto_axes(method):
+    """Decorates a model entry point `method(self, *arrays, **options)`: under a context mesh with Explicit
+    axes it runs under the same mesh with those axes Auto (see the module docstring); else unchanged."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or AxisType.Explicit not in mesh.axis_types:
+            return method(self, *args, **kwargs)
+        auto = mesh.update_axis_types({a: AxisType.Auto for a, t in zip(mesh.axis_names, mesh.axis_types)
+                                       if t == AxisType.Explicit})
+        with jax.sharding.use_abstract_mesh(auto):
+            args, kwargs = jax.tree.map(_auto_typed, (args, kwargs))
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def describe(model: nnx.Module, mesh: Mesh) -> list[tuple[str, tuple, PartitionSpec]]:
