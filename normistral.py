@@ -29,13 +29,25 @@ def _export_hf(args):
 
 
 def _parity(args):
-    from jaxmodel.parity import compare_logits
+    from jaxmodel.parity import compare_layers, compare_logits
 
-    result = compare_logits(args.hf_dir, args.jax_dir or args.hf_dir, length=args.length, offset=args.offset)
+    if args.whole_model:
+        result = compare_logits(args.hf_dir, args.jax_dir or args.hf_dir, length=args.length, offset=args.offset)
+        print(json.dumps(result))
+        if result["max_abs_logit_diff"] > args.tolerance:
+            raise SystemExit(f"normistral: error: logits differ by {result['max_abs_logit_diff']:.3g} "
+                             f"> {args.tolerance:g}")
+        return
+    result = compare_layers(args.hf_dir, args.jax_dir or args.hf_dir, length=args.length, offset=args.offset,
+                            progress=True)
+    for stage in result["stages"]:  # one line per stage on stderr; the JSON result on stdout
+        print(f"  {stage['stage']:12s} max |difference| {stage['max_abs_diff']:.3g} (values up to "
+              f"{stage['max_abs']:.3g})", file=sys.stderr)
     print(json.dumps(result))
-    if result["max_abs_logit_diff"] > args.tolerance:
-        raise SystemExit(f"normistral: error: logits differ by {result['max_abs_logit_diff']:.3g} "
-                         f"> {args.tolerance:g}")
+    worst = result["worst"]
+    if worst["max_abs_diff"] > args.tolerance:
+        raise SystemExit(f"normistral: error: {worst['stage']} differs by {worst['max_abs_diff']:.3g} > "
+                         f"{args.tolerance:g} (fed the reference's inputs; the other stages are listed above)")
 
 
 class CommandError(ValueError):
@@ -245,12 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor dtype in the output (default: the dtype of the imported checkpoint)")
     p.set_defaults(func=_export_hf)
 
-    p = sub.add_parser("parity", help="compare logits with transformers (float32)")
+    p = sub.add_parser("parity", help="compare with transformers layer by layer (float32; one layer of each at a time)")
     p.add_argument("hf_dir")
     p.add_argument("jax_dir", nargs="?", help="directory our model loads (default: hf_dir)")
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--offset", type=int, default=30000, help="first RoPE position")
     p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--whole-model", action="store_true",
+                   help="load both whole models and compare the logits only (needs both in memory)")
     p.set_defaults(func=_parity)
 
     p = sub.add_parser("compile-check", help="compile a step ahead of time for a TPU topology; report memory")
