@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from jaxmodel.config import ConfigError, MistralConfig
 from jaxmodel.model import MistralForCausalLM, abstract_model
+from jaxmodel.orbax_stream import _trim_malloc, _tune_malloc
 from jaxmodel.safetensors_io import SafetensorsWriter, WeightFileError, WeightFiles, shard_plan
 from jaxmodel.storage import atomic_directory
 from jaxmodel.weights import WEIGHT_RULES, ConvertError, check_files, expected_hf_tensors, param_shapes
@@ -216,6 +217,7 @@ def _write_hf(config: MistralConfig, path: str, read, *, dtype, max_shard_bytes:
                         weight_map[name] = file
                         total += hf.nbytes
                         del hf
+                        _trim_malloc()
                         bar.update(1)
         if primary:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -320,6 +322,7 @@ def tensor_reader(path: str, config: MistralConfig, *, allow_pickle: bool = Fals
     `layer=None` for the others), straight from the files: an `import_hf` directory or a training
     checkpoint step (its Orbax `params/`, sliced reads through TensorStore), or a Hugging Face directory
     (memory-mapped safetensors). Nothing is cached: host memory holds what the caller keeps."""
+    _tune_malloc()  # freed tensors go back to the OS instead of piling up in TensorStore threads' arenas
     params = os.path.join(path, PARAMS_DIR)
     if os.path.isdir(params):
         import tensorstore as ts
