@@ -201,7 +201,9 @@ def _generate(args):
     if args.mesh or jax.process_count() > 1:  # several processes: one mesh over all their devices
         from jaxmodel.sharding import make_mesh
 
-        mesh = make_mesh(_mesh_arg(args.mesh or "1,-1,1"))
+        # Default: tensor-parallel within a host (fast links), data-parallel across hosts, so no weight
+        # is all-gathered across hosts per token (an FSDP mesh would).
+        mesh = make_mesh(_mesh_arg(args.mesh) if args.mesh else (jax.process_count(), 1, jax.local_device_count()))
     tokenizer = None
     if args.tokenizer:
         import transformers
@@ -321,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", metavar="DIR", help="a Hugging Face tokenizer directory (default: MODEL_DIR's)")
     p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
-                   help="shard the model over a device mesh (default: one device; 1,-1,1 with several processes)")
+                   help="shard the model over a mesh (default: one device; several processes: P,1,local devices)")
     _add_distributed_flags(p)
     p.set_defaults(func=_generate)
 
