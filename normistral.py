@@ -31,13 +31,25 @@ def _export_hf(args):
 
 
 def _parity(args):
-    from jaxmodel.parity import compare_logits
+    from jaxmodel.parity import compare_layers, compare_logits
 
-    result = compare_logits(args.hf_dir, args.jax_dir or args.hf_dir, length=args.length, offset=args.offset)
+    if args.whole_model:
+        result = compare_logits(args.hf_dir, args.jax_dir or args.hf_dir, length=args.length, offset=args.offset)
+        print(json.dumps(result))
+        if result["max_abs_logit_diff"] > args.tolerance:
+            raise SystemExit(f"normistral: error: logits differ by {result['max_abs_logit_diff']:.3g} "
+                             f"> {args.tolerance:g}")
+        return
+    result = compare_layers(args.hf_dir, args.jax_dir or args.hf_dir, length=args.length, offset=args.offset,
+                            progress=True)
+    for stage in result["stages"]:  # one line per stage on stderr; the JSON result on stdout
+        print(f"  {stage['stage']:12s} max |difference| {stage['max_abs_diff']:.3g} (values up to "
+              f"{stage['max_abs']:.3g})", file=sys.stderr)
     print(json.dumps(result))
-    if result["max_abs_logit_diff"] > args.tolerance:
-        raise SystemExit(f"normistral: error: logits differ by {result['max_abs_logit_diff']:.3g} "
-                         f"> {args.tolerance:g}")
+    worst = result["worst"]
+    if worst["max_abs_diff"] > args.tolerance:
+        raise SystemExit(f"normistral: error: {worst['stage']} differs by {worst['max_abs_diff']:.3g} > "
+                         f"{args.tolerance:g} (fed the reference's inputs; the other stages are listed above)")
 
 
 class CommandError(ValueError):
@@ -144,7 +156,7 @@ def _compile_check(args):
     if args.mode == "train":  # training/aot.py reads the run's sections itself (model.init_from included)
         from training.aot import compile_train
 
-        report = compile_train(tree, args.topology)
+        report = compile_train(tree, args.topology, workdir=args.workdir)
         batch, length = report["global_batch_size"], report["seq_len"]
     else:
         config, mesh = run_config.model_config(tree), run_config.mesh_shape(tree)
@@ -179,12 +191,15 @@ def _compile_check(args):
               f"{eng['decode_step']['device_bytes'] / 1024**3:.3f} GiB, prefill step ({eng['prefill_step']['rows']} x "
               f"{eng['prefill_step']['chunk']} tokens) {eng['prefill_step']['device_bytes'] / 1024**3:.3f} GiB per "
               f"device, fits: {'yes' if eng['fits'] else 'NO'}")
+    if "data" in report:
+        print(f"  data: {report['data']}")
     if "compiler" in report:
         print(f"  compiler: {report['compiler']}")
 
 
 def _add_distributed_flags(p) -> None:
-    g = p.add_argument_group("multi-process runs (automatic on multi-host Cloud TPU slices; see docs/multihost.md)")
+    g = p.add_argument_group("multi-process runs (automatic where JAX detects a cluster: TPU pods, Slurm, "
+                             "Open MPI; see docs/multihost.md)")
     g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, on every process")
     g.add_argument("--num-processes", type=positive_int, metavar="N")
     g.add_argument("--process-id", type=non_negative_int, metavar="I")
@@ -328,7 +343,9 @@ def _generate(args):
     if args.mesh or jax.process_count() > 1:  # several processes: one mesh over all their devices
         from jaxmodel.sharding import make_mesh
 
-        mesh = make_mesh(_mesh_arg(args.mesh or "1,-1,1"))
+        # Default: tensor-parallel within a host (fast links), data-parallel across hosts, so no weight
+        # is all-gathered across hosts per token (an FSDP mesh would).
+        mesh = make_mesh(_mesh_arg(args.mesh) if args.mesh else (jax.process_count(), 1, jax.local_device_count()))
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     gen = Generator.from_pretrained(args.model_dir, tokenizer=tokenizer, dtype=args.dtype, quantize=args.quantize,
                                     kv_cache_dtype=args.kv_cache_dtype, mesh=mesh)
@@ -480,12 +497,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor dtype in the output (default: the dtype of the imported checkpoint)")
     p.set_defaults(func=_export_hf)
 
-    p = sub.add_parser("parity", help="compare logits with transformers (float32)")
+    p = sub.add_parser("parity", help="compare with transformers layer by layer (float32; one layer of each at a time)")
     p.add_argument("hf_dir")
     p.add_argument("jax_dir", nargs="?", help="directory our model loads (default: hf_dir)")
     p.add_argument("--length", type=positive_int, default=256)
     p.add_argument("--offset", type=non_negative_int, default=30000, help="first RoPE position")
     p.add_argument("--tolerance", type=non_negative_float, default=1e-4)
+    p.add_argument("--whole-model", action="store_true",
+                   help="load both whole models and compare the logits only (needs both in memory)")
     p.set_defaults(func=_parity)
 
     p = sub.add_parser("compile-check", help="compile a step ahead of time for a TPU topology; report memory")
@@ -494,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["train", "prefill", "decode"], default="prefill")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--workdir", help="--mode train: the run's --workdir, so its data is checked as train checks it")
     p.set_defaults(func=_compile_check)
 
     p = sub.add_parser("train", help="train (or resume) per a run config; metrics in WORKDIR/metrics.jsonl")
@@ -548,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=integer, default=0)
     p.add_argument("--tokenizer", metavar="DIR", help="a Hugging Face tokenizer directory (default: MODEL_DIR's)")
     p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
-                   help="shard the model over a device mesh (default: one device; 1,-1,1 with several processes)")
+                   help="shard the model over a mesh (default: one device; several processes: P,1,local devices)")
     _add_distributed_flags(p)
     p.set_defaults(func=_generate)
 

@@ -154,10 +154,11 @@ def compile_prefill(config, mesh_shape, topology: str, *, batch_size: int, seq_l
     from jax.sharding import NamedSharding
 
     from jaxmodel.model import abstract_model
-    from jaxmodel.sharding import logical_to_spec, make_mesh
+    from jaxmodel.sharding import check_divisible, logical_to_spec, make_mesh
 
     devices = tpu_devices(topology)
     mesh = make_mesh(mesh_shape, devices=devices)
+    check_divisible(config, mesh)  # every weight and activation dimension vs the mesh, before compiling
     graphdef, state = abstract_state(abstract_model(config), mesh)
     ids = jax.ShapeDtypeStruct(
         (batch_size, seq_len),

@@ -15,8 +15,9 @@ Streaming. Every check (missing, unexpected, duplicate keys, shapes, dtypes, tru
 headers before any tensor is converted. Arrays are then built per device index: each device receives
 only its own layers (and slices), read from the memory-mapped files, so no full copy of a stacked
 parameter is made in host memory beyond what the device itself holds. Exports stream the other way,
-one tensor per write. Outputs go through `storage.atomic_directory`, so a failure leaves nothing
-half-written.
+one tensor per write (`export_hf` reads each slice straight from the Orbax files with TensorStore;
+`save_pretrained` gathers one slice of a sharded model at a time). Outputs go through
+`storage.atomic_directory`, so a failure leaves nothing half-written.
 
 Paths: every directory here is local or a `gs://` URL (`jaxmodel.storage`; safetensors through range
 reads and streamed uploads, Orbax arrays through TensorStore's own GCS driver). A directory whose write
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 from jaxmodel import storage
 from jaxmodel.config import ConfigError, MistralConfig
 from jaxmodel.model import MistralForCausalLM, abstract_model
+from jaxmodel.orbax_stream import _trim_malloc, _tune_malloc
 from jaxmodel.safetensors_io import SafetensorsWriter, WeightFileError, WeightFiles, shard_plan
 from jaxmodel.storage import atomic_directory
 from jaxmodel.weights import WEIGHT_RULES, ConvertError, check_files, expected_hf_tensors, param_shapes
@@ -182,10 +184,24 @@ def save_pretrained(
     progress: bool = True,
 ) -> None:
     """Writes a Hugging Face directory; tensors are stored in `dtype` (default: the config's torch_dtype,
-    i.e. the dtype the imported checkpoint had, which makes HF -> JAX -> HF bit-exact)."""
-    config = model.config
-    dtype = np.dtype(jnp.dtype(dtype or config.torch_dtype))
+    i.e. the dtype the imported checkpoint had, which makes HF -> JAX -> HF bit-exact).
+
+    From any mesh and any number of processes: each tensor (each layer's slice of a stacked parameter)
+    is gathered to the host on its own, written, and dropped, so host memory holds one tensor, not the
+    model. Every process takes part in each gather (a collective); process 0 writes."""
     arrays = _flat_arrays(model)
+
+    def read(t):
+        value = arrays[t.rule.path]
+        return _to_host(value if t.layer is None else value[t.layer])
+
+    _write_hf(model.config, path, read, dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress)
+
+
+def _write_hf(config: MistralConfig, path: str, read, *, dtype, max_shard_bytes: int, progress: bool) -> None:
+    """The Hugging Face directory writer behind save_pretrained and export_hf: `read(hf tensor)` gives
+    that tensor (a layer's slice for stacked parameters) in JAX layout, one call at a time."""
+    dtype = np.dtype(jnp.dtype(dtype or config.torch_dtype))
     tensors = expected_hf_tensors(config)
     specs = {name: (t.hf_shape, dtype) for name, t in tensors.items()}
     shards = list(shard_plan(specs, max_shard_bytes))
@@ -205,13 +221,13 @@ def save_pretrained(
                 with SafetensorsWriter(storage.join(tmp, file), specs_k) if primary else nullcontext() as writer:
                     for name in names:
                         t = tensors[name]
-                        value = arrays[t.rule.path]
-                        value = value if t.layer is None else value[t.layer]
-                        hf = t.to_hf(_to_host(value)).astype(dtype)
+                        hf = t.to_hf(read(t)).astype(dtype, copy=False)
                         if writer is not None:
                             writer.write(name, hf)
                         weight_map[name] = file
                         total += hf.nbytes
+                        del hf
+                        _trim_malloc()
                         bar.update(1)
         if primary:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -346,15 +362,56 @@ def config_source(path: str):
     return path
 
 
-def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, progress: bool = True) -> None:
-    """An `import_hf` directory or a training checkpoint step (or any directory from_pretrained reads)
-    -> a Hugging Face directory."""
+def tensor_reader(path: str, config: MistralConfig, *, allow_pickle: bool = False):
+    """read(state path, layer) -> one parameter's tensor in JAX layout (layer i's slice of a stacked one,
+    `layer=None` for the others), straight from the files: an `import_hf` directory or a training
+    checkpoint step (its Orbax `params/`, sliced reads through TensorStore), or a Hugging Face directory
+    (memory-mapped safetensors). Nothing is cached: host memory holds what the caller keeps."""
+    _tune_malloc()  # freed tensors go back to the OS instead of piling up in TensorStore threads' arenas
+    params = storage.join(path, PARAMS_DIR)
+    if storage.isdir(params):
+        import tensorstore as ts
+
+        opened: dict = {}
+        url = storage.resolve(params)
+        base = (url if storage.is_remote(url) else f"file://{url}") + "/"
+        ocdbt = storage.exists(storage.join(params, "manifest.ocdbt"))  # object stores: plain zarr (orbax_stream)
+
+        def read(p, layer):
+            if p not in opened:  # Orbax's layout: zarr arrays named by the dotted tree path (in one OCDBT store)
+                name = ".".join(p)
+                kvstore = {"driver": "ocdbt", "base": base, "path": name} if ocdbt else base + name + "/"
+                spec = {"driver": "zarr", "kvstore": kvstore}
+                try:
+                    opened[p] = ts.open(spec, open=True, read=True).result()
+                except ValueError as e:
+                    raise ConvertError(f"{params}: cannot read {'.'.join(p)} ({str(e).splitlines()[0]})") from None
+            array = opened[p] if layer is None else opened[p][layer]
+            return np.asarray(array.read().result())
+
+        return read
+    files, _, by_slot = _open_checked(path, config, allow_pickle)
+
+    def read(p, layer):
+        name, t = by_slot[(tuple(p), layer)]
+        return t.to_jax(files.get(name))
+
+    return read
+
+
+def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, progress: bool = True,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """An `import_hf` directory or a training checkpoint step (or a Hugging Face directory) -> a Hugging
+    Face directory, streamed: each tensor (each layer's slice of a stacked one) is read from the files,
+    converted and written on its own, so host memory holds about one tensor whatever the model's size."""
     ckpt_dir = storage.check_input_dir(ckpt_dir, "checkpoint directory (import-hf output or WORKDIR/checkpoints/STEP)")
     storage.check_output_dir(hf_dir)  # before the weights load: a bad destination fails at once
     config = MistralConfig.from_hf(config_source(ckpt_dir))
-    model = from_pretrained(ckpt_dir, dtype=jnp.dtype(config.torch_dtype), progress=progress)
-    save_pretrained(model, hf_dir, dtype=dtype, progress=progress)
-    copy_tokenizer_files(ckpt_dir, hf_dir)
+    read = tensor_reader(ckpt_dir, config)
+    _write_hf(config, hf_dir, lambda t: read(t.rule.path, t.layer), dtype=dtype, max_shard_bytes=max_shard_bytes,
+              progress=progress)
+    if jax.process_index() == 0:
+        copy_tokenizer_files(ckpt_dir, hf_dir)
 
 
 __all__ = [

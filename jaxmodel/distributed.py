@@ -1,13 +1,17 @@
 """Joining a multi-process JAX run (`jax.distributed`): TPU pods, GPU clusters, and localhost tests.
 
-Inside: `DistributedArgs` (the three CLI flags), `initialize(args)`, `is_primary()`.
+Inside: `DistributedArgs` (the three CLI flags), `detected_cluster()`, `initialize(args)`, `is_primary()`.
 
 When it initializes:
 - explicitly, when `--coordinator HOST:PORT --num-processes N --process-id I` are given (GPU clusters,
-  CPU processes on one machine for tests); on CPU the cross-process collectives use gloo;
-- automatically on a multi-host Cloud TPU slice (libtpu's worker list names more than one host), where
-  `jax.distributed.initialize()` discovers everything itself;
+  CPU processes on one machine for tests);
+- automatically whenever JAX's own cluster detection (`jax._src.clusters`: GCE and GKE TPU VMs, Slurm,
+  Open MPI, Kubernetes, ...) finds an environment of more than one process; then
+  `jax.distributed.initialize()` is called with no arguments and JAX fills in the coordinator, the
+  process count and this process's id itself. `detected_cluster` asks the same `ClusterEnv` classes, in
+  JAX's order, that `initialize()` will ask: nothing of the detection is re-implemented here;
 - never otherwise (one process: nothing to join).
+On the CPU backend the cross-process collectives use gloo (other backends ignore the setting).
 
 It must run before anything touches a JAX backend, so the CLI calls it first.
 
@@ -20,7 +24,6 @@ all processes resumes from the last complete checkpoint (the training loop's job
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 
@@ -50,9 +53,18 @@ class DistributedArgs:
                 f"--process-id {self.process_id} must be in [0, --num-processes {self.num_processes})")
 
 
-def _multi_host_tpu() -> bool:
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return len([h for h in hosts.split(",") if h.strip()]) > 1
+def detected_cluster() -> tuple[str, int] | None:
+    """(name, process count) of the cluster environment JAX's auto-detection would use, or None.
+
+    The first present environment of `ClusterEnv`'s registry that is not opt-in (mpi4py is), the
+    choice `jax.distributed.initialize()` makes when it is given no arguments."""
+    from jax._src import clusters
+
+    for env in clusters.ClusterEnv._cluster_types:
+        if env.opt_in_only_method or not env.is_env_present():
+            continue
+        return env.name, int(env.get_process_count())
+    return None
 
 
 def initialize(args: DistributedArgs | None = None) -> bool:
@@ -67,10 +79,12 @@ def initialize(args: DistributedArgs | None = None) -> bool:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                    heartbeat_timeout_seconds=args.heartbeat_timeout)
         return True
-    if _multi_host_tpu():
-        jax.distributed.initialize(heartbeat_timeout_seconds=args.heartbeat_timeout)
-        return True
-    return False
+    found = detected_cluster()
+    if found is None or found[1] <= 1:
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(heartbeat_timeout_seconds=args.heartbeat_timeout)
+    return True
 
 
 def is_primary() -> bool:

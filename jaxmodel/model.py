@@ -44,7 +44,7 @@ from jaxmodel.kv_cache import (
     write_kv,
     write_segments,
 )
-from jaxmodel.sharding import constrain
+from jaxmodel.sharding import constrain, under_auto_axes
 
 _INIT = nnx.initializers.normal(stddev=0.02)  # transformers' initializer_range default
 ACT_BTD = ("batch", "length", "act_embed")  # logical axes of the residual stream
@@ -223,6 +223,7 @@ class MistralForCausalLM(nnx.Module):
             outputs.append(y)
         return carry[0], (jnp.stack(outputs) if collect else None), None
 
+    @under_auto_axes  # a user's jax.set_mesh(jax.make_mesh(...)) has Explicit axes (sharding.py)
     def hidden(self, input_ids, positions=None, segment_ids=None, *, causal: bool = True, collect: bool = False):
         """Final normed hidden states [B,T,D], and (embeddings, per-layer outputs) when `collect`.
 
@@ -241,6 +242,7 @@ class MistralForCausalLM(nnx.Module):
         h, per_layer, _ = self.run_layers(x, cos, sin, mask, collect=collect)
         return self.norm(h), (x, per_layer)
 
+    @under_auto_axes
     def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden_states: bool = False,
                  cache: KVCache | None = None, write_index=0, cache_attention: str = "auto",
                  last_only: bool = False, logits_at=None):

@@ -6,6 +6,14 @@ Inside:
   nothing can be fetched from a hub here).
 - `compare_logits(hf_dir, jax_dir, ...)`: runs transformers (eager attention, float32) and our model on
   the same random tokens at far-out positions and reports the largest absolute logit difference.
+- `compare_layers(hf_dir, jax_dir, ...)`: the same comparison stage by stage, holding about one layer of
+  each model: the embeddings, then each decoder layer of both models fed the reference's previous hidden
+  states, then the final norm and the head (the logits); reports max |difference| per stage. What
+  `normistral parity` runs: on the real checkpoint it needs a few GB, not two whole float32 models.
+  The reference is transformers' own `MistralDecoderLayer` (eager attention) loaded with one layer's
+  tensors; ours is the model's own layer module (`nnx.merge` of the stacked layers' graphdef with one
+  layer's slice, exactly what `MistralForCausalLM.run_layers` scans), read slice by slice from `jax_dir`
+  (`convert.tensor_reader`). Embedding and head go through `MistralForCausalLM.embed` / `unembed`.
 
 torch and transformers are imported inside the functions: they are test/demo dependencies only.
 """
@@ -71,3 +79,119 @@ def compare_logits(
         "tokens": int(batch * length),
         "position_offset": offset,
     }
+
+
+def _reference_mask(length: int, window: int | None):
+    """transformers' eager attention takes the mask as an additive [1, 1, T, S] tensor: causal, and within
+    the sliding window (key j visible from query i when i - window < j <= i)."""
+    import torch
+
+    i = torch.arange(length)[:, None]
+    j = torch.arange(length)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed &= j > i - window
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]
+
+
+def compare_layers(
+    hf_dir: str, jax_dir: str, *, batch: int = 2, length: int = 256, offset: int = 30000, seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Stage-by-stage max |difference| between transformers on hf_dir and our model read from jax_dir
+    (float32; see the module docstring). Returns {"stages": [{"stage", "max_abs_diff", "end_to_end",
+    "max_abs"}], "worst": the stage with the largest max_abs_diff, "max_abs_logit_diff", ...}.
+
+    max_abs_diff: the stage of both models fed the reference's inputs (it points at the culprit);
+    end_to_end: our own chain of stages (each fed our previous output) against the reference's, so the
+    last one, reported as max_abs_logit_diff, is the figure `compare_logits` gives for the whole models."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+    import transformers
+    from flax import nnx
+    from tqdm.auto import tqdm
+    from transformers.models.mistral import modeling_mistral as hf_mistral
+
+    from jaxmodel.attention import AttentionMask
+    from jaxmodel.convert import tensor_reader
+    from jaxmodel.model import MistralForCausalLM, RMSNorm, abstract_model, rope_cos_sin
+    from jaxmodel.safetensors_io import WeightFiles
+
+    config = MistralConfig.from_hf(hf_dir, param_dtype="float32", dtype="float32")
+    ref_files = WeightFiles.open(hf_dir)
+    ours = tensor_reader(jax_dir, config)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, config.vocab_size, size=(batch, length))
+    positions = np.broadcast_to(np.arange(length) + offset, (batch, length)).copy()
+    stages = []
+
+    def record(stage, mine, reference, own):
+        mine, reference, own = (np.asarray(x, np.float32) for x in (mine, reference, own))
+        stages.append({"stage": stage, "max_abs_diff": float(np.abs(mine - reference).max()),
+                       "end_to_end": float(np.abs(own - reference).max()), "max_abs": float(np.abs(reference).max())})
+
+    def ref_tensor(name):
+        return torch.from_numpy(ref_files.get(name).astype(np.float32, copy=False))
+
+    with torch.no_grad(), jax.default_matmul_precision("highest"):
+        # Embeddings.
+        ref_embed = ref_files.get("model.embed_tokens.weight").astype(np.float32, copy=False)
+        hidden = torch.from_numpy(ref_embed[ids])
+        del ref_embed
+        # The model's own methods on a stand-in `self` holding just the tensor they read.
+        embed = jax.jit(lambda w, i: MistralForCausalLM.embed(types.SimpleNamespace(embed_tokens=w, config=config), i))
+        own = embed(jnp.asarray(ours(("embed_tokens",), None)), ids)  # our own chain, for the end-to-end figure
+        record("embeddings", own, hidden.numpy(), own)
+
+        # Decoder layers: the reference's layer i and ours, both fed the reference's hidden states.
+        hf_config = transformers.MistralConfig.from_pretrained(hf_dir)
+        hf_config._attn_implementation = "eager"
+        rotary = hf_mistral.MistralRotaryEmbedding(hf_config)
+        position_ids = torch.as_tensor(positions)
+        ref_rope = rotary(hidden, position_ids)
+        ref_mask = _reference_mask(length, config.sliding_window)
+        ref_layer = hf_mistral.MistralDecoderLayer(hf_config, layer_idx=0).eval()
+        names = [k for k in ref_layer.state_dict()]
+        layers_def, layers_state = nnx.split(abstract_model(config).layers)
+        flat = nnx.to_flat_state(layers_state)
+        cos, sin = rope_cos_sin(jnp.asarray(positions), config.head_dim, config.rope_theta, jnp.float32)
+        mask = AttentionMask.for_sequence(jnp.ones((batch, length), jnp.int32), causal=True,
+                                          window=config.sliding_window)
+
+        @jax.jit
+        def our_layer(state, h):
+            return nnx.merge(layers_def, state)(h, cos, sin, mask, config.attention_impl)
+
+        for i in tqdm(range(config.num_hidden_layers), desc="comparing layers", unit="layer", disable=not progress):
+            ref_layer.load_state_dict({n: ref_tensor(f"model.layers.{i}.{n}") for n in names})
+            state = nnx.from_flat_state([(path, var.replace(jnp.asarray(ours(("layers", *map(str, path)), i))))
+                                         for path, var in flat])
+            mine = our_layer(state, jnp.asarray(hidden.numpy()))
+            own = our_layer(state, own)
+            out = ref_layer(hidden, attention_mask=ref_mask, position_ids=position_ids, position_embeddings=ref_rope)
+            out = out[0] if isinstance(out, tuple) else out
+            record(f"layer {i}", mine, out.numpy(), own)
+            hidden = out
+            del state, mine
+
+        # Final norm and head, on the reference's last hidden states.
+        ref_norm = hf_mistral.MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        ref_norm.load_state_dict({"weight": ref_tensor("model.norm.weight")})
+        normed = ref_norm(hidden)
+        norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=jnp.float32, rngs=nnx.Rngs(0))
+        norm.weight = nnx.Param(jnp.asarray(ours(("norm", "weight"), None), jnp.float32))
+        apply_norm = jax.jit(lambda n, h: n(h))
+        own = apply_norm(norm, own)
+        record("final norm", apply_norm(norm, jnp.asarray(hidden.numpy())), normed.numpy(), own)
+        head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+        ref_logits = (normed @ ref_tensor(head_name).T).numpy()
+        key = "embed_tokens" if config.tie_word_embeddings else "lm_head"
+        unembed = jax.jit(lambda w, h: MistralForCausalLM.unembed(types.SimpleNamespace(**{key: w}, config=config), h))
+        head = jnp.asarray(ours((key,), None))
+        record("logits", unembed(head, jnp.asarray(normed.numpy())), ref_logits, unembed(head, own))
+    worst = max(stages, key=lambda r: r["max_abs_diff"])
+    return {"stages": stages, "worst": worst, "max_abs_logit_diff": stages[-1]["end_to_end"],
+            "max_abs_logit": stages[-1]["max_abs"], "tokens": int(batch * length), "position_offset": offset}

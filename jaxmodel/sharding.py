@@ -7,16 +7,26 @@ Inside:
   a spec that would put two logical axes on one mesh axis.
 - `param_sharding(var, mesh)`, `model_shardings(model, mesh)`, `shard_model(model, mesh)`.
 - `constrain(x, logical_axes)`: an activation sharding constraint, a no-op outside a mesh context.
+- `under_auto_axes(method)`: lets the model's entry points run under a user's `jax.set_mesh(jax.make_mesh(...))`
+  (Explicit axes) as well as under Auto ones.
+- `REPLICATED_BY_DESIGN` (the deliberate replications, each with why) and `check_divisible(config, mesh,
+  batches=...)`: the validation every run does before compiling (below).
 
 Design choices:
 - Meshes are used with `AxisType.Auto` axes: the model is written once, with shardings on parameters and
   a few activation constraints at layer boundaries, and XLA's partitioner places the rest. `jax.make_mesh`
   makes Explicit axes by default in this JAX, whose sharding-in-types would ask every einsum for an
-  output sharding; `auto_mesh` converts (same devices, same names).
-- A dimension whose size the mesh axis does not divide is replicated instead of failing. That is how
-  GQA with `tensor` larger than the KV heads works (NorMistral has 8 KV heads; with tensor=16 the K/V
-  projections are replicated over `tensor` while the 32 query heads are split), and how a batch of 1
-  runs on a data-parallel mesh. The replication is deliberate and reported by `describe`.
+  output sharding; `auto_mesh` converts (same devices, same names). A user need not know: the model's
+  entry points (`under_auto_axes`) run under the Auto twin of an Explicit context mesh, converting
+  explicitly sharded arguments (what `jax.sharding.auto_axes` does), so
+  `with jax.set_mesh(jax.make_mesh(shape, MESH_AXES)): model(ids)` just works.
+- `logical_to_spec` replicates a dimension whose size the mesh axis does not divide instead of failing
+  (how a batch of 1 decodes on a data-parallel mesh). Runs do not rely on that silently: before
+  compiling, `train` and `compile-check` call `check_divisible`, which refuses every parameter or
+  activation dimension a mesh axis does not divide, and every batch `data x fsdp` does not divide,
+  except the replications listed in `REPLICATED_BY_DESIGN` (GQA with `tensor` larger than the KV heads:
+  NorMistral has 8 KV heads; with tensor=16 the K/V projections are replicated over `tensor` while the
+  32 query heads are split). `describe` reports what the rules decided.
 - `layers` is never sharded: the scan slices one layer at a time, and sharding that axis would make
   every step gather a whole layer onto each device.
 - FSDP shards `embed` (the model dimension every weight has), so each weight is split over `fsdp`;
@@ -26,6 +36,7 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -175,6 +186,34 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
 
 
+def _auto_typed(x):
+    """An array argument whose type carries Explicit mesh axes, resharded into the Auto context (the
+    partitioner then places it, as `jax.sharding.auto_axes` does with its arguments)."""
+    if isinstance(x, (jax.Array, jax.core.Tracer)):
+        mesh = jax.typeof(x).sharding.mesh
+        if not mesh.empty and AxisType.Explicit in mesh.axis_types:
+            return jax.sharding.reshard(x, PartitionSpec(*([None] * x.ndim)))
+    return x
+
+
+def under_auto_axes(method):
+    """Decorates a model entry point `method(self, *arrays, **options)`: under a context mesh with Explicit
+    axes it runs under the same mesh with those axes Auto (see the module docstring); else unchanged."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or AxisType.Explicit not in mesh.axis_types:
+            return method(self, *args, **kwargs)
+        auto = mesh.update_axis_types({a: AxisType.Auto for a, t in zip(mesh.axis_names, mesh.axis_types)
+                                       if t == AxisType.Explicit})
+        with jax.sharding.use_abstract_mesh(auto):
+            args, kwargs = jax.tree.map(_auto_typed, (args, kwargs))
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 def describe(model: nnx.Module, mesh: Mesh) -> list[tuple[str, tuple, PartitionSpec]]:
     """(path, logical axes, spec) for each parameter: what the rules decided, for logs and docs."""
     _, state = nnx.split(model)
@@ -183,3 +222,70 @@ def describe(model: nnx.Module, mesh: Mesh) -> list[tuple[str, tuple, PartitionS
         axes = _axes_of(var)
         out.append(("/".join(map(str, path)), axes, logical_to_spec(axes, var.shape, auto_mesh(mesh))))
     return out
+
+
+# -- validation before compiling ------------------------------------------------------------------------------
+
+# Logical axes that may stay whole on a mesh axis larger than them, and why (anything else must divide).
+REPLICATED_BY_DESIGN: dict[str, str] = {
+    "kv_heads": "GQA: with tensor > KV heads each tensor shard's query heads need their group's whole K/V "
+                "heads, so the K/V projections (a small part of the weights) are replicated over tensor",
+    "act_kv_heads": "the K/V activations of those replicated projections (see kv_heads)",
+}
+
+
+def _mesh_axes_of(name: str, mesh: Mesh, rules: dict) -> tuple[str, ...]:
+    target = rules.get(name)
+    targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    return tuple(t for t in targets if t in mesh.shape and mesh.shape[t] > 1)
+
+
+def _undivided(name: str, size: int, mesh: Mesh, rules: dict) -> tuple[str, int] | None:
+    """(mesh axes as text, their product) when they do not divide `size` and that is not by design."""
+    targets = _mesh_axes_of(name, mesh, rules)
+    n = math.prod(mesh.shape[t] for t in targets)
+    if not targets or size % n == 0:
+        return None
+    if name in REPLICATED_BY_DESIGN and n > size and n % size == 0:
+        return None
+    return " x ".join(f"{t}={mesh.shape[t]}" for t in targets), n
+
+
+def _mesh_text(mesh: Mesh) -> str:
+    return "mesh {" + ", ".join(f"{k}: {v}" for k, v in mesh.shape.items()) + "}"
+
+
+def check_divisible(config, mesh: Mesh, *, batches: Sequence[tuple[str, int]] = (), rules: dict | None = None):
+    """Refuses (ShardingError, one line naming the numbers and the fix) any dimension of the model's
+    parameters or activations, or any of `batches` ((what, size) pairs such as ("train.global_batch_size",
+    64)), that its mesh axes do not divide, except `REPLICATED_BY_DESIGN`. Shapes only: nothing is
+    allocated, so it runs before any compile."""
+    rules = RULES if rules is None else rules
+    for what, size in batches:
+        bad = _undivided("batch", size, mesh, rules)
+        if bad:
+            axes, n = bad
+            raise ShardingError(
+                f"{what}={size} is not divisible by {axes} = {n} ({_mesh_text(mesh)}): the batch would be "
+                f"replicated, every device computing all of it; use a multiple of {n} or change the mesh")
+    from jaxmodel.model import abstract_model  # (model.py imports this module)
+
+    _, state = nnx.split(abstract_model(config))
+    for path, var in nnx.to_flat_state(state):
+        for axis, (name, size) in enumerate(zip(_axes_of(var), var.shape)):
+            bad = name and _undivided(name, size, mesh, rules)
+            if bad:
+                axes, n = bad
+                where = "/".join(map(str, path))
+                raise ShardingError(
+                    f"{where}: dimension {axis} ({name}, {size}) is not divisible by {axes} "
+                    f"({_mesh_text(mesh)}): it would be replicated on every device; choose a {axes.split('=')[0]} "
+                    f"size that divides {size}")
+    heads = {"act_heads": config.num_attention_heads, "act_kv_heads": config.num_key_value_heads,
+             "act_mlp": config.intermediate_size, "act_vocab": config.vocab_size}
+    for name, size in heads.items():
+        bad = _undivided(name, size, mesh, rules)
+        if bad:
+            axes, n = bad
+            raise ShardingError(f"activations: {name} ({size}) is not divisible by {axes} ({_mesh_text(mesh)}); "
+                                f"choose a {axes.split('=')[0]} size that divides {size}")

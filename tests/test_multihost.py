@@ -183,3 +183,84 @@ def test_generation_across_two_processes_equals_one(runs):
     assert len(expected) == len(prompts) and all(r["output"] for r in expected)
     assert results(outs[0][0]) == expected
     assert results(outs[1][0]) == []  # only process 0 reports
+
+
+# -- JAX's own cluster detection (no flags): two processes under Slurm's environment variables ------------------
+
+PROBE = """
+import json, os, sys, time
+import jax
+from jax._src import distributed
+from jax.experimental import multihost_utils
+from jaxmodel.distributed import DistributedArgs, detected_cluster, initialize
+found = detected_cluster()
+joined = initialize(DistributedArgs(heartbeat_timeout=int(sys.argv[1])))
+gathered = multihost_utils.process_allgather(jax.numpy.int32(jax.process_index() + 10))
+print(json.dumps({"found": found, "joined": joined, "count": jax.process_count(), "index": jax.process_index(),
+                  "devices": jax.device_count(), "gathered": gathered.tolist(),
+                  "heartbeats": distributed.global_state.client is not None,
+                  "preemption_service": distributed.global_state.preemption_sync_manager is not None,
+                  "sync_point": bool(multihost_utils.reached_preemption_sync_point(0))}), flush=True)
+if sys.argv[2] == "die" and jax.process_index() == 1:
+    os._exit(0)  # no shutdown: its heartbeats simply stop
+if sys.argv[2] == "die":
+    time.sleep(120)  # JAX must end this process when the other one's heartbeats stop
+"""
+
+
+def _slurm_env(pid: int, port: int, **extra) -> dict:
+    """What `srun --ntasks=2` on one node sets (the variables JAX's SlurmCluster reads), plus the port."""
+    return _env(4, SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+                SLURM_PROCID=str(pid), SLURM_LOCALID=str(pid), JAX_COORDINATOR_PORT=str(port), **extra)
+
+
+def _report(stdout: str) -> dict:
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])  # (gloo chatters too)
+
+
+def _slurm(cmd, *, faults=(None, None)):
+    port = _port()
+    procs = [subprocess.Popen(cmd, env=_slurm_env(pid, port, **({"NORMISTRAL_FAULTS": faults[pid]} if faults[pid]
+                                                                 else {})),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for pid in (0, 1)]
+    return procs, [p.communicate(timeout=300) for p in procs]
+
+
+def test_slurm_environment_is_detected_and_both_processes_join():
+    procs, outs = _slurm([sys.executable, "-c", PROBE, "30", "stay"])
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    reports = [_report(out) for out, _ in outs]
+    for pid, r in enumerate(reports):
+        assert r["found"] == ["slurm", 2] and r["joined"] and r["count"] == 2 and r["index"] == pid
+        assert r["devices"] == 8 and r["gathered"] == [10, 11]  # a collective across the two processes
+        assert r["heartbeats"] and r["preemption_service"] and r["sync_point"] is False
+
+
+def test_a_dead_slurm_process_stops_the_other_by_heartbeat():
+    started = time.time()
+    procs, outs = _slurm([sys.executable, "-c", PROBE, "5", "die"])
+    assert procs[1].returncode == 0 and _report(outs[1][0])["joined"]
+    assert procs[0].returncode != 0  # ended by JAX's distributed service, not by its own sleep(120)
+    assert time.time() - started < 90
+
+
+def test_two_slurm_processes_train_the_same_run_as_one(runs, tmp_path):
+    work = str(tmp_path / "slurm")
+    procs, outs = _slurm(_train_cmd(work, RUN + runs["data"]))  # no --coordinator/--num-processes/--process-id
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:]
+    assert "fsdp': 8" in outs[0][1]  # one mesh over both processes' devices
+    one, two = _losses(runs["one"]), _losses(work)
+    assert sorted(two) == list(range(1, 10))
+    _assert_close(two, one, range(1, 10))
+
+
+def test_sigterm_under_slurm_stops_both_processes_at_one_sync_point(runs, tmp_path):
+    work = str(tmp_path / "slurm-preempted")
+    # Process 1 alone gets the preemption notice (SIGTERM) after step 3; JAX's preemption sync point
+    # makes both save the same step and exit 0.
+    procs, outs = _slurm(_train_cmd(work, RUN + runs["data"]), faults=(None, "sigterm_at_step=3"))
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    stopped = [int(out.split("preempted at step ")[1].split()[0]) for out, _ in outs]
+    assert stopped[0] == stopped[1] and 3 <= stopped[0] < 9
+    assert str(stopped[0]) in os.listdir(os.path.join(work, "checkpoints"))
+    assert max(_losses(work)) == stopped[0]

@@ -46,7 +46,8 @@ def fault(name: str) -> int | None:
     """The step at which the test-only fault `name` fires, from NORMISTRAL_FAULTS="name=step,...".
     Unset in real runs. kill_after_save=N: SIGKILL right after the step-N save was started (the async
     write still in flight); kill_at_step=N: SIGKILL after step N once no save is in flight;
-    nan_at_step=N: step N's loss weights are NaN (training/train.py)."""
+    nan_at_step=N: step N's loss weights are NaN; sigterm_at_step=N: SIGTERM to itself after step N
+    (training/train.py)."""
     for item in os.environ.get("NORMISTRAL_FAULTS", "").split(","):
         key, _, value = item.partition("=")
         if key.strip() == name and value.strip():

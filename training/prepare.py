@@ -560,12 +560,14 @@ def _after_failure(job: dict, work_dir: str, output: str) -> None:
 def prepare_data(tokenizer_dir: str, inputs: list[str], output_dir: str, seq_len: int, *,
                  weights: list[float] | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
                  workers: int | None = None, unit_bytes: int = src.DEFAULT_UNIT_BYTES, text_column: str = "text",
-                 engine: str = "local", progress: bool = True) -> dict:
+                 engine: str = "local", progress: bool = True, vocab_size: int | None = None) -> dict:
     """Tokenize and pack `inputs` (one source each) into `output_dir` (local or gs://); return the index.
 
     `weights` (one per input) set the sampling mix; by default each source weighs its number of rows.
     `workers`: processes on this machine (default: all cores); `engine="ray"` runs the units as Ray tasks
     on the cluster `ray.init()` finds (training.prepare_ray). Rerunning after an interruption resumes.
+    `vocab_size` (the model's): a tokenizer with a larger vocabulary is refused before any work, so no
+    token id can reach past the model's embedding (training/validate.py).
     """
     from tqdm import tqdm
 
@@ -574,6 +576,10 @@ def prepare_data(tokenizer_dir: str, inputs: list[str], output_dir: str, seq_len
     if engine not in ("local", "ray"):
         raise DataError(f"engine must be 'local' or 'ray', got {engine!r}")
     tokenizer = load_tokenizer(tokenizer_dir)
+    if vocab_size is not None:
+        from training.validate import check_vocabulary  # (imports JAX: the parent only, never the workers)
+
+        check_vocabulary(tokenizer["vocab_size"], vocab_size, f"{tokenizer_dir}: the tokenizer has")
     job = plan(tokenizer, inputs, int(seq_len), shard_tokens=shard_tokens, unit_bytes=unit_bytes,
                text_column=text_column)
     output = storage.resolve(output_dir)

@@ -5,10 +5,14 @@ Inside: `run_training(config_path, workdir, overrides)`, `TrainingError`, `NonFi
 `open_datasets`.
 
 What a run does, in order:
-1. reads the YAML (training/config.py), builds the mesh (`mesh:` section over all devices) and the
-   train setup (shardings, optimizer, jitted steps: training/step.py);
+1. reads the YAML (training/config.py), builds the mesh (`mesh:` section over all devices), checks the
+   run's shapes against it (training/validate.py: batch and microbatches vs data x fsdp, every
+   parameter and activation dimension vs its mesh axis), then the train setup (shardings, optimizer,
+   jitted steps: training/step.py);
 2. data: opens `data.dir` (a PackedDataset directory, relative to the workdir); with `data.corpus`, a
-   missing directory is built first (tokenizer + packing), so a tiny run works from a clean clone;
+   missing directory is built first (tokenizer + packing), so a tiny run works from a clean clone; its
+   index is checked against the run (seq_len, vocabulary and largest token id, bos/eos/pad ids) before
+   anything compiles or is written;
 3. state: the newest finalized checkpoint under `<workdir>/<checkpoint.dir>` if there is one (resume;
    restored straight into the current mesh's shardings, whatever mesh saved it), else
    `model.init_from` (a Hugging Face or import-hf directory, loaded shard by shard onto the mesh), else a
@@ -59,6 +63,7 @@ from training import step as steps_lib
 from training.checkpoint import Checkpointer, fault
 from training.config import RunConfig, load
 from training.metrics import MetricsLog, peak_flops, stderr_log, train_flops_per_step
+from training.validate import check_dataset, check_run, check_token_ids
 
 CORPUS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
 BUNDLED_HELDOUT = "heldout.jsonl"
@@ -148,7 +153,8 @@ def ensure_data(run: RunConfig, workdir: str) -> tuple[str, str | None]:
             for k, (out_dir, inputs) in enumerate(todo):
                 _log(f"tokenizing and packing {len(inputs)} files into {run.train.seq_len}-token rows -> {out_dir}")
                 local_out = out_dir if not storage.is_remote(out_dir) else os.path.join(scratch, f"out-{k}")
-                prepare_data(local_tok, inputs, local_out, run.train.seq_len, workers=1, progress=False)
+                prepare_data(local_tok, inputs, local_out, run.train.seq_len, workers=1, progress=False,
+                             vocab_size=run.model.vocab_size)
                 _publish(local_out, out_dir)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -175,13 +181,21 @@ def open_datasets(run: RunConfig, workdir: str):
     from training.data import PackedDataset
 
     data_dir, eval_dir = ensure_data(run, workdir)
+    tokenizer_dir = _resolve(workdir, run.data.tokenizer_dir)
     train = PackedDataset.open(data_dir)
+    check_dataset(data_dir, run, "data.dir", tokenizer_dir=tokenizer_dir)  # before compiling (validate.py)
+    if eval_dir:
+        check_dataset(eval_dir, run, "data.eval_dir", tokenizer_dir=tokenizer_dir)
     return train, (PackedDataset.open(eval_dir) if eval_dir else None)
 
 
 def _host_batch(dataset, index: int, run: RunConfig) -> dict:
-    return dataset.batch(index, global_batch_size=run.train.global_batch_size,
-                         process_index=jax.process_index(), process_count=jax.process_count(), seed=run.data.seed)
+    batch = dataset.batch(index, global_batch_size=run.train.global_batch_size,
+                          process_index=jax.process_index(), process_count=jax.process_count(), seed=run.data.seed)
+    # The index's recorded largest id was checked when the data was opened; this guards the rows themselves
+    # (a shard changed since) for the cost of one max per batch, before the ids reach the embedding lookup.
+    check_token_ids(batch["input_ids"], run.model.vocab_size, f"{dataset.directory}: batch {index}")
+    return batch
 
 
 # -- state ------------------------------------------------------------------------------------------------------
@@ -364,12 +378,13 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption, eval
     if run.train.eval_tasks and eval_hook is None:
         raise ConfigError(f"{run.path}: train.eval_tasks needs an evaluation hook (normistral train builds one; "
                           "from Python, pass run_training(..., eval_hook=...))")
+    mesh = make_mesh(run.mesh)
+    check_run(run, mesh)  # shapes vs the mesh: before data, weights, compiling or any write (validate.py)
     train_ds, eval_ds = datasets if datasets is not None else open_datasets(run, workdir)
     if run.train.eval_every and eval_ds is None and not run.train.eval_tasks:
         raise ConfigError(f"{run.where('train.eval_every')}: train.eval_every is set but there is no held-out data "
                           "(data.eval_dir, or data.corpus with held-out documents)")
 
-    mesh = make_mesh(run.mesh)
     ts = steps_lib.setup(run, mesh)
     checkpointer = Checkpointer(_resolve(workdir, run.checkpoint.dir), run.checkpoint, meta=run.snapshot(),
                                 model_config=run.model.to_hf())
@@ -456,6 +471,8 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption, eval
                     _log(f"preemption notice: saved checkpoint at step {step}; exiting")
                     summary["preempted"] = True
                     break
+                if fault("sigterm_at_step") == step:  # tests: a preemption notice (SIGTERM) after step N
+                    os.kill(os.getpid(), signal.SIGTERM)
                 if fault("kill_at_step") == step:  # tests: die between steps, no save in flight
                     checkpointer.wait()
                     os.kill(os.getpid(), signal.SIGKILL)

@@ -39,6 +39,25 @@ def test_sharded_logits_equal_single_device(reference, shape):
     np.testing.assert_allclose(_logits(model, ids, mesh), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("shape", MESHES)
+def test_the_model_runs_under_jax_set_mesh_of_a_plain_make_mesh(reference, shape):
+    """JAX's own idiom: `jax.make_mesh` (Explicit axes) and `jax.set_mesh`, with no auto_mesh; input ids as
+    NumPy and as an array explicitly sharded over the batch axes. Single-device logits within 1e-5."""
+    path, ids, expected = reference
+    mesh = jax.make_mesh(shape, MESH_AXES)
+    assert all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+    model = from_pretrained(path, mesh=mesh, progress=False)
+    forward = nnx.jit(lambda m, x: m(x))
+    with jax.set_mesh(mesh):
+        plain = np.asarray(forward(model, ids))
+        sharded_ids = jax.device_put(ids, jax.NamedSharding(mesh, P(("data", "fsdp"))))
+        typed = np.asarray(forward(model, sharded_ids))
+        hidden, _ = nnx.jit(lambda m, x: m.hidden(x))(model, ids)
+    np.testing.assert_allclose(plain, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(typed, expected, atol=1e-5, rtol=0)
+    assert hidden.shape == (*ids.shape, 128)
+
+
 def test_fsdp_really_splits_every_weight(reference):
     path, _, _ = reference
     model = from_pretrained(path, mesh=make_mesh((1, 8, 1)), progress=False)
