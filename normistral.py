@@ -176,9 +176,11 @@ def _generate(args):
     from tqdm.auto import tqdm
 
     from inference.generator import Generator, read_jsonl
+    from jaxmodel.hub import resolve_model
     from jaxmodel.storage import atomic_file
 
-    if not os.path.isdir(args.model_dir):
+    model_dir = resolve_model(args.model_dir)  # a hub id -> its snapshot in the local cache
+    if not os.path.isdir(model_dir):
         raise CommandError(f"{args.model_dir}: model directory not found")
     records = read_jsonl(args.input) if args.input else [{"text": t} for t in args.prompt or []]
     names = [f"{args.input}: prompt {i + 1}" if args.input else f"--prompt {i + 1}" for i in range(len(records))]
@@ -191,11 +193,12 @@ def _generate(args):
     if args.tokenizer:
         import transformers
 
-        if not os.path.isdir(args.tokenizer):
+        tokenizer_dir = resolve_model(args.tokenizer)
+        if not os.path.isdir(tokenizer_dir):
             raise CommandError(f"{args.tokenizer}: tokenizer directory not found")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)  # never trust_remote_code
-    gen = Generator.from_pretrained(args.model_dir, tokenizer=tokenizer, dtype=args.dtype, quantize=args.quantize,
-                                    kv_cache_dtype=args.kv_cache_dtype, mesh=mesh)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)  # never trust_remote_code
+    gen = Generator.from_pretrained(model_dir, tokenizer=tokenizer, dtype=args.dtype, quantize=args.quantize,
+                                    group_size=args.group_size, kv_cache_dtype=args.kv_cache_dtype, mesh=mesh)
     batches = gen.iter_records(
         records, max_new_tokens=args.max_new_tokens, stop="\n" if args.stop_at_newline else None,
         template=args.template.replace("\\n", "\n") if args.template else None,  # a typed \n is a newline
@@ -224,12 +227,28 @@ def _demo(args):
     run_demo(args.workdir, steps=args.steps)
 
 
+# Weight quantization choices for every command that loads a model for inference (generate, serve). The
+# same list as inference.quantize.MODES, spelled here because the parser must not import JAX (JAX reads
+# JAX_PLATFORMS when imported, and _default_platform sets it after parsing); a test checks they agree.
+QUANTIZE_CHOICES = ("int8", "int4")
+MODEL_HELP = "a Hugging Face (or import-hf) directory with its tokenizer, or a hub model id org/name[@revision]"
+
+
+def add_quantize_flags(p) -> None:
+    """--quantize and --group-size (generate and serve)."""
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                   help="weight-only int8 (per-output-channel scales) or int4 (per-group scales, packed), "
+                        "quantized tensor by tensor while loading")
+    p.add_argument("--group-size", type=int, default=128, metavar="G",
+                   help="int4: inputs per scale (default 128; the whole axis where G does not divide it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normistral", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("import-hf", help="Hugging Face directory -> Orbax checkpoint directory")
-    p.add_argument("hf_dir")
+    p = sub.add_parser("import-hf", help="Hugging Face directory (or hub id) -> Orbax checkpoint directory")
+    p.add_argument("hf_dir", help="a Hugging Face directory or hub model id org/name[@revision]")
     p.add_argument("ckpt_dir")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pytorch_model*.bin (only through torch.load(weights_only=True))")
@@ -243,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export_hf)
 
     p = sub.add_parser("parity", help="compare logits with transformers (float32)")
-    p.add_argument("hf_dir")
-    p.add_argument("jax_dir", nargs="?", help="directory our model loads (default: hf_dir)")
+    p.add_argument("hf_dir", help="a Hugging Face directory or hub model id org/name[@revision]")
+    p.add_argument("jax_dir", nargs="?", help="directory (or hub id) our model loads (default: hf_dir)")
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--offset", type=int, default=30000, help="first RoPE position")
     p.add_argument("--tolerance", type=float, default=1e-4)
@@ -283,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_prepare_data)
 
     p = sub.add_parser("generate", help="greedy (or sampled) generation from a model directory; JSON lines out")
-    p.add_argument("model_dir", help="a Hugging Face (or import-hf) directory with its tokenizer")
+    p.add_argument("model_dir", help=MODEL_HELP)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", nargs="+", action="extend", metavar="TEXT", help="one or more prompts")
     src.add_argument("--input", metavar="FILE.jsonl", help='one prompt per line: {"text": ...} (other fields kept)')
@@ -294,14 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop a row at any token containing a newline (the model card's stop set)")
     p.add_argument("--output", metavar="FILE.jsonl", help="also write the results here (one JSON object per line)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per-output-channel scales)")
+    add_quantize_flags(p)
     p.add_argument("--kv-cache-dtype", choices=["int8"], help="int8 KV cache (default: the compute dtype)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", metavar="DIR", help="a Hugging Face tokenizer directory (default: MODEL_DIR's)")
+    p.add_argument("--tokenizer", metavar="DIR", 
+                   help="a Hugging Face tokenizer directory or hub id (default: MODEL_DIR's)")
     p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                    help="shard the model over a device mesh (default: one device; 1,-1,1 with several processes)")
     _add_distributed_flags(p)

@@ -1,7 +1,7 @@
 """`Generator`: text in, text out, around `inference.generate` (model card usage, batched).
 
-Inside: `Generator(model, tokenizer)`, `Generator.from_pretrained(path, *, tokenizer, dtype, mesh, quantize)`,
-`.generate(prompts, *, max_new_tokens, stop, template, batch_size, ...) -> list[str]`, `.stop_ids(stop)`,
+Inside: `Generator(model, tokenizer)`, `Generator.from_pretrained(path or hub id, *, tokenizer, dtype, mesh,
+quantize)`, `.generate(prompts, *, max_new_tokens, stop, template, batch_size, ...) -> list[str]`, `.stop_ids(stop)`,
 `.encode`, `.check_lengths`, `.generate_ids` (the steps `generate` is made of, for the CLI), and
 `read_jsonl(path)` (the CLI's input file).
 
@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from inference.generate import GenerateError, generate
-from inference.quantize import MODES, quantize_model
+from inference.quantize import DEFAULT_GROUP_SIZE, MODES, load_transform, quantize_model
 
 
 class Generator:
@@ -40,19 +40,24 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, path: str, *, tokenizer=None, dtype=jnp.bfloat16, mesh=None, quantize: str | None = None,
-                        kv_cache_dtype: str | None = None, progress: bool = False, **options) -> Generator:
-        """Loads a Hugging Face (or `normistral import-hf`) directory and its tokenizer.
+                        group_size: int = DEFAULT_GROUP_SIZE, kv_cache_dtype: str | None = None,
+                        progress: bool = False, revision: str | None = None, **options) -> Generator:
+        """Loads a Hugging Face directory or model id (`org/name[@revision]`, fetched into the hub cache),
+        or a `normistral import-hf` directory, and its tokenizer.
 
-        quantize="int8": weight-only int8 (see quantize.py); the 16-bit weights are loaded into host
-        memory, quantized there, and only int8 arrays are placed on the accelerator / mesh."""
-        from jaxmodel.convert import from_pretrained
+        quantize="int8" | "int4" (see quantize.py; group_size for int4): each tensor of a Hugging Face
+        directory is quantized on the host as it is read and only the integer arrays are placed on the
+        accelerator / mesh (host memory: about one 16-bit layer slice beyond the baseline). An import-hf
+        (Orbax) directory is restored into host memory, quantized there, then placed."""
+        from jaxmodel.convert import PARAMS_DIR, from_pretrained
+        from jaxmodel.hub import resolve_model
         from jaxmodel.sharding import make_mesh
 
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise GenerateError(f"{path}: model directory not found")
         if quantize is not None and quantize not in MODES:
             raise GenerateError(f"quantize={quantize!r} is not one of {MODES}")
+        path = resolve_model(path, revision=revision, allow_pickle=options.get("allow_pickle", False))
+        if not os.path.isdir(path):
+            raise GenerateError(f"{path}: model directory not found")
         if tokenizer is None:
             import transformers
 
@@ -62,12 +67,15 @@ class Generator:
                 raise GenerateError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
         if quantize is None:
             model = from_pretrained(path, dtype=dtype, mesh=mesh, progress=progress, **options)
+        elif not os.path.isdir(os.path.join(path, PARAMS_DIR)):
+            model = from_pretrained(path, dtype=dtype, mesh=mesh, progress=progress,
+                                    transform=load_transform(quantize, group_size), **options)
         else:
             host = _host_device()
             on_host = host is not None and jax.devices()[0].platform != "cpu"
             load_mesh = make_mesh((1, 1, 1), devices=[host]) if on_host else mesh
             model = from_pretrained(path, dtype=dtype, mesh=load_mesh, progress=progress, **options)
-            quantize_model(model, quantize, mesh=mesh, place=on_host)
+            quantize_model(model, quantize, mesh=mesh, place=on_host, group_size=group_size)
         return cls(model, tokenizer, kv_cache_dtype=kv_cache_dtype)
 
     # -- stop tokens ------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Inside:
 - `make_hf_checkpoint(path, config, seed, dtype)`: a randomly initialized transformers
   `MistralForCausalLM` saved as a Hugging Face directory (the stand-in for the downloaded model, since
   nothing can be fetched from a hub here).
-- `compare_logits(hf_dir, jax_dir, ...)`: runs transformers (eager attention, float32) and our model on
+- `compare_logits(hf_dir, jax_dir, ...)` (directories or hub ids): runs transformers (eager attention,
+  float32) and our model on
   the same random tokens at far-out positions and reports the largest absolute logit difference.
 
 torch and transformers are imported inside the functions: they are test/demo dependencies only.
@@ -48,7 +49,9 @@ def compare_logits(
     from flax import nnx
 
     from jaxmodel.convert import from_pretrained
+    from jaxmodel.hub import resolve_model
 
+    hf_dir, jax_dir = resolve_model(hf_dir), resolve_model(jax_dir)  # hub ids -> their cached snapshots
     config = MistralConfig.from_hf(hf_dir)
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, config.vocab_size, size=(batch, length))
