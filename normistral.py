@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", metavar="DIR", 
+    p.add_argument("--tokenizer", metavar="DIR",
                    help="a Hugging Face tokenizer directory or hub id (default: MODEL_DIR's)")
     p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                    help="shard the model over a device mesh (default: one device; 1,-1,1 with several processes)")

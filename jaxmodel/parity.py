@@ -5,8 +5,8 @@ Inside:
   `MistralForCausalLM` saved as a Hugging Face directory (the stand-in for the downloaded model, since
   nothing can be fetched from a hub here).
 - `compare_logits(hf_dir, jax_dir, ...)` (directories or hub ids): runs transformers (eager attention,
-  float32) and our model on
-  the same random tokens at far-out positions and reports the largest absolute logit difference.
+  float32) and our model on the same random tokens at far-out positions and reports the largest
+  absolute logit difference.
 
 torch and transformers are imported inside the functions: they are test/demo dependencies only.
 """
