@@ -236,19 +236,33 @@ def _quantize_jit(in_axes, mode, group_size):
     return jax.jit(lambda w: fn(w))
 
 
-def _host_quantizer(in_axes, mode, group_size):
-    """numpy weight -> (numpy q, numpy scale), computed on the host CPU backend (one jitted program per
-    shape; the accelerator never sees the 16-bit weight)."""
+def _host_quantizer(in_axes, mode, group_size, chunk_elements: int = 1 << 23):
+    """numpy weight -> {"q", "scale"} numpy arrays, computed on the host CPU backend (the accelerator
+    never sees the 16-bit weight). Output channels are independent (int4 groups run along an input
+    axis), so a large tensor (the embedding, lm_head) is quantized in chunks along its longest output
+    axis: the float32 temporaries stay at `chunk_elements` values whatever the tensor's size."""
     try:
         cpu = jax.devices("cpu")[0]
     except RuntimeError:  # JAX_PLATFORMS without cpu: quantize on the default device
         cpu = None
     fn = _quantize_jit(tuple(in_axes), mode, group_size)
 
-    def run(w: np.ndarray):
+    def one(w):
         with jax.default_device(cpu) if cpu is not None else contextlib.nullcontext():
             qa = fn(jnp.asarray(w))
-            return {"q": np.asarray(qa.q), "scale": np.asarray(qa.scale)}
+            return np.asarray(qa.q), np.asarray(qa.scale)
+
+    def run(w: np.ndarray):
+        out_axes = [i for i in range(w.ndim) if i not in in_axes]
+        axis = max(out_axes, key=lambda i: w.shape[i])
+        step = max(1, chunk_elements // (w.size // w.shape[axis]))
+        if step >= w.shape[axis]:
+            q, scale = one(w)
+            return {"q": q, "scale": scale}
+        parts = [one(np.take(w, range(i, min(i + step, w.shape[axis])), axis=axis))
+                 for i in range(0, w.shape[axis], step)]
+        return {"q": np.concatenate([p[0] for p in parts], axis),
+                "scale": np.concatenate([p[1] for p in parts], axis)}
 
     return run
 
