@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_parity)
 
     p = sub.add_parser("compile-check", help="compile a step ahead of time for a TPU topology; report memory")
-    p.add_argument("--config", required=True, help="a run config YAML (configs/)")
+    p.add_argument("--config", required=True, help="a run config YAML, or a bundled config's name")
     p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v5e:2x2, v6e:1x1")
     p.add_argument("--mode", choices=["train", "prefill", "decode"], default="prefill")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compile_check)
 
     p = sub.add_parser("train", help="train (or resume) per a run config; metrics in WORKDIR/metrics.jsonl")
-    p.add_argument("--config", required=True, help="a run config YAML (configs/), e.g. configs/tiny-cpu.yaml")
+    p.add_argument("--config", required=True, help="a run config YAML, or a bundled config's name, e.g. tiny-cpu")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics and prepared data; rerun to resume")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     _add_distributed_flags(p)
