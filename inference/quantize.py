@@ -8,7 +8,7 @@ Inside: `QArray` (integer values + float32 scales, a pytree), `MODES` / `DEFAULT
 How it plugs into the model without changing it: the model reads every weight as
 `self.w[...].astype(x.dtype)` before its einsum. A `QArray` answers `[...]` with itself and `.astype(dt)`
 with the dequantized weight, so the unchanged model code dequantizes inside the expression that feeds the
-matmul; memory holds the integers (XLA fuses the unpack, convert and scale multiply into the dot's
+matmul; memory holds the integers (XLA fuses the convert and scale multiply into the dot's
 operand on TPU and GPU; on CPU one layer's weight is materialized at a time inside the layer scan).
 
 int8: symmetric absmax / 127 per output channel, i.e. reduced over the input axes of each weight
@@ -17,12 +17,20 @@ D for each embedding row [V, D]). The scale keeps the reduced axes with size 1, 
 
 int4 (the model card's 4-bit): symmetric absmax / 7 per group of `group_size` (default 128) consecutive
 inputs along the last input axis (D, H for o_proj, F for down_proj; the whole axis when the group size
-does not divide it), values in [-7, 7], stored two per byte (int8 bytes, low nibble = even index) along
-that axis. The scale has the grouped axis divided by the group size, the other axes as the weight.
-Packing by hand rather than `jnp.int4`: XLA packs int4 on TPU but the CPU backend stores one byte per
-int4 element (measured), and a hand-packed byte is half a byte everywhere. The axis QArray groups along
-is kept as a negative index (static pytree data), so it still names the same axis after the layer scan
-slices the leading `layers` axis off.
+does not divide it), values in [-7, 7], stored as `jnp.int4`: XLA packs it two per byte on TPU, GPU
+and CPU (measured on CPU: 0.5 byte per value), and on TPU the int4 -> bfloat16 convert fuses into the
+dot like int8's. (An earlier version packed nibbles into int8 bytes by hand; the shift-and-interleave
+unpack did not fuse, and the compiler materialized each dequantized weight: +1.5 GiB of temporaries per
+decode step at 11B.) The scale has the grouped axis divided by the group size, the other axes as the
+weight; dequantizing splits that axis into (groups, group) (a bitcast, since it is split in place),
+multiplies and merges back. The axis QArray groups along is kept as a negative index (static pytree
+data), so it still names the same axis after the layer scan slices the leading `layers` axis off.
+
+In int4 mode the embedding and lm_head stay int8 (per row / per output channel), as bitsandbytes' 4-bit
+mode (the card's `load_in_4bit`) keeps lm_head in 16 bits: the output layer is the most sensitive to
+rounding, the two tables are 4.6% of the weights (+0.26 GB at 11B), and the int8 lm_head fuses into the
+logits matmul, while an int4 one was materialized in bfloat16 on TPU (0.5 GiB of temporaries per decode
+step at 11B, measured by compile-check).
 
 Both: the scale broadcasts against the weight and indexes along the layer axis like it (the layer scan
 slices both). Norm weights stay in their dtype. Scales are float32. Embeddings are quantized too (per row
@@ -58,6 +66,12 @@ from jaxmodel.sharding import auto_mesh, logical_to_spec
 MODES = ("int8", "int4")  # normistral.py's QUANTIZE_CHOICES spells the same list (the CLI must not import JAX)
 DEFAULT_GROUP_SIZE = 128
 _QMAX = {"int8": 127, "int4": 7}
+_INT8_IN_INT4_MODE = {("embed_tokens",), ("lm_head",)}  # see the module docstring
+
+
+def mode_for(path: tuple[str, ...], mode: str) -> str:
+    """The mode one parameter is quantized with under `mode` (int4 keeps the embedding and lm_head int8)."""
+    return "int8" if mode == "int4" and tuple(path) in _INT8_IN_INT4_MODE else mode
 
 
 # Parameter path -> input axes (indices into the stored array, layer axis included for `layers/...`).
@@ -78,9 +92,9 @@ QUANTIZED: dict[tuple[str, ...], tuple[int, ...]] = {
 class QArray:
     """Integer weight values `q` and their float32 `scale`.
 
-    int8 (`axis` None): q is the weight's shape in int8; scale is q's shape with the input axes set to 1.
-    int4 (`axis` a negative axis index): q holds two 4-bit values per int8 byte along `axis` (that axis
-    is half the weight's); scale has the weight's shape with `axis` divided by the group size."""
+    int8 (`axis` None): q is the weight in int8; scale is q's shape with the input axes set to 1.
+    int4 (`axis` a negative axis index): q is the weight in jnp.int4; scale has the weight's shape with
+    `axis` divided by the group size."""
 
     def __init__(self, q, scale, axis: int | None = None):
         self.q, self.scale, self.axis = q, scale, axis
@@ -111,12 +125,7 @@ class QArray:
 
     @property
     def shape(self):
-        """The (unpacked) weight's shape."""
-        if self.axis is None:
-            return self.q.shape
-        shape = list(self.q.shape)
-        shape[self.axis] *= 2
-        return tuple(shape)
+        return self.q.shape
 
     @property
     def ndim(self):
@@ -135,35 +144,20 @@ class QArray:
 
 
 def _nbytes(x) -> int:
-    return int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-
-
-def unpack_int4(q, axis: int):
-    """int8 bytes holding two signed 4-bit values -> int8 values, `axis` twice as long (even index = low
-    nibble). Arithmetic shifts sign-extend each nibble."""
-    a = axis % q.ndim
-    low = jnp.right_shift(jnp.left_shift(q, 4), 4)
-    high = jnp.right_shift(q, 4)
-    both = jnp.stack([low, high], axis=a + 1)
-    return both.reshape(q.shape[:a] + (2 * q.shape[a],) + q.shape[a + 1:])
-
-
-def pack_int4(values, axis: int):
-    """int8 values in [-8, 7] -> bytes, two per byte along `axis` (even index in the low nibble)."""
-    a = axis % values.ndim
-    pairs = values.reshape(values.shape[:a] + (values.shape[a] // 2, 2) + values.shape[a + 1:])
-    low, high = jnp.take(pairs, 0, axis=a + 1), jnp.take(pairs, 1, axis=a + 1)
-    return jnp.bitwise_or(jnp.bitwise_and(low, 0x0F), jnp.left_shift(high, 4)).astype(jnp.int8)
+    """Bytes as stored on the device: int4 is packed two per byte (numpy's itemsize says 1)."""
+    dtype = jnp.dtype(x.dtype)
+    if dtype in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)):
+        return (int(np.prod(x.shape)) + 1) // 2
+    return int(np.prod(x.shape)) * dtype.itemsize
 
 
 def dequantize(q, scale, axis: int | None, dtype):
     if axis is None:
         return q.astype(dtype) * scale.astype(dtype)
-    values = unpack_int4(q, axis)
-    a = axis % values.ndim
-    n, groups = values.shape[a], scale.shape[a]
-    grouped = values.astype(dtype).reshape(values.shape[:a] + (groups, n // groups) + values.shape[a + 1:])
-    return (grouped * jnp.expand_dims(scale.astype(dtype), a + 1)).reshape(values.shape)
+    a = axis % q.ndim
+    n, groups = q.shape[a], scale.shape[a]
+    grouped = q.astype(dtype).reshape(q.shape[:a] + (groups, n // groups) + q.shape[a + 1:])
+    return (grouped * jnp.expand_dims(scale.astype(dtype), a + 1)).reshape(q.shape)
 
 
 def group_axis(in_axes) -> int:
@@ -183,14 +177,9 @@ def scale_shape(shape, in_axes, mode: str = "int8", group_size: int = DEFAULT_GR
 
 
 def quantized_shapes(shape, in_axes, mode: str, group_size: int = DEFAULT_GROUP_SIZE):
-    """((q shape, int8), (scale shape, float32)) of a weight of `shape` quantized per `mode`."""
-    q_shape = tuple(shape)
-    if mode == "int4":
-        a = group_axis(in_axes)
-        if shape[a] % 2:
-            raise ValueError(f"int4 packs two values per byte along axis {a}; its size {shape[a]} is odd")
-        q_shape = tuple(n // 2 if i == a else n for i, n in enumerate(shape))
-    return (q_shape, jnp.int8), (scale_shape(shape, in_axes, mode, group_size), jnp.float32)
+    """((q shape, q dtype), (scale shape, float32)) of a weight of `shape` quantized per `mode`."""
+    q_dtype = jnp.int8 if mode == "int8" else jnp.int4
+    return (tuple(shape), q_dtype), (scale_shape(shape, in_axes, mode, group_size), jnp.float32)
 
 
 def quantize_array(w, in_axes, mode: str = "int8", group_size: int = DEFAULT_GROUP_SIZE) -> QArray:
@@ -210,9 +199,9 @@ def quantize_array(w, in_axes, mode: str = "int8", group_size: int = DEFAULT_GRO
     grouped = w32.reshape(w.shape[:a] + (n // g, g) + w.shape[a + 1:])
     absmax = jnp.max(jnp.abs(grouped), axis=a + 1, keepdims=True)
     scale = jnp.where(absmax > 0, absmax / qmax, 1.0)
-    values = jnp.clip(jnp.round(grouped / scale), -qmax, qmax).astype(jnp.int8).reshape(w.shape)
+    values = jnp.clip(jnp.round(grouped / scale), -qmax, qmax).astype(jnp.int4).reshape(w.shape)
     axis = a - w.ndim  # negative: the same axis after the layer axis is sliced off
-    return QArray(pack_int4(values, axis), jnp.squeeze(scale, a + 1), axis)
+    return QArray(values, jnp.squeeze(scale, a + 1), axis)
 
 
 def _path(p) -> tuple[str, ...]:
@@ -279,12 +268,13 @@ def load_transform(mode: str, group_size: int = DEFAULT_GROUP_SIZE):
         in_axes = QUANTIZED.get(path)
         if in_axes is None:
             return None
-        (q_shape, q_dtype), (s_shape, s_dtype) = quantized_shapes(var.shape, in_axes, mode, group_size)
+        m = mode_for(path, mode)
+        (q_shape, q_dtype), (s_shape, s_dtype) = quantized_shapes(var.shape, in_axes, m, group_size)
         stacked = path[0] == "layers"
         slice_axes = tuple(a - 1 for a in in_axes) if stacked else in_axes
-        axis = group_axis(in_axes) - len(var.shape) if mode == "int4" else None
+        axis = group_axis(in_axes) - len(var.shape) if m == "int4" else None
         return TensorTransform(parts={"q": (q_shape, q_dtype), "scale": (s_shape, s_dtype)},
-                               convert=_host_quantizer(slice_axes, mode, group_size),
+                               convert=_host_quantizer(slice_axes, m, group_size),
                                combine=lambda parts: QArray(parts["q"], parts["scale"], axis))
 
     return transform
@@ -311,9 +301,10 @@ def quantize_model(model: nnx.Module, mode: str = "int8", *, mesh=None, place: b
             if place:
                 var.set_value(jax.device_put(w, _placement(var, mesh, var.shape)))
             continue
+        m = mode_for(p, mode)
         if p[0] == "layers":
             # One layer at a time: the float32 temporary is a single layer's matrix.
-            fn = _quantize_jit(tuple(a - 1 for a in in_axes), mode, group_size)
+            fn = _quantize_jit(tuple(a - 1 for a in in_axes), m, group_size)
             parts = [fn(w[i]) for i in range(w.shape[0])]
             stack = np.stack if place else jnp.stack
             conv = np.asarray if place else (lambda x: x)
@@ -321,7 +312,7 @@ def quantize_model(model: nnx.Module, mode: str = "int8", *, mesh=None, place: b
             axis = parts[0].axis
             del parts
         else:
-            qa = _quantize_jit(tuple(in_axes), mode, group_size)(w)
+            qa = _quantize_jit(tuple(in_axes), m, group_size)(w)
             q, s, axis = qa.q, qa.scale, qa.axis
         if place:
             q_sh, s_sh = _placement(var, mesh, q.shape), _placement(var, mesh, s.shape)
@@ -344,8 +335,9 @@ def abstract_quantized_state(state: nnx.State, mesh, mode: str = "int8",
         in_axes = QUANTIZED.get(_path(p))
         if in_axes is None:
             continue
-        (q_shape, q_dtype), (s_shape, s_dtype) = quantized_shapes(var.shape, in_axes, mode, group_size)
-        axis = group_axis(in_axes) - len(var.shape) if mode == "int4" else None
+        m = mode_for(_path(p), mode)
+        (q_shape, q_dtype), (s_shape, s_dtype) = quantized_shapes(var.shape, in_axes, m, group_size)
+        axis = group_axis(in_axes) - len(var.shape) if m == "int4" else None
         var.set_value(QArray(
             jax.ShapeDtypeStruct(q_shape, q_dtype, sharding=_placement(var, mesh, q_shape)),
             jax.ShapeDtypeStruct(s_shape, s_dtype, sharding=_placement(var, mesh, s_shape)), axis))
