@@ -18,19 +18,18 @@ D for each embedding row [V, D]). The scale keeps the reduced axes with size 1, 
 int4 (the model card's 4-bit): symmetric absmax / 7 per group of `group_size` (default 128) consecutive
 inputs along the last input axis (D, H for o_proj, F for down_proj; the whole axis when the group size
 does not divide it), values in [-7, 7], stored as `jnp.int4`: XLA packs it two per byte on TPU, GPU
-and CPU (measured on CPU: 0.5 byte per value), and on TPU the int4 -> bfloat16 convert fuses into the
-dot like int8's. (An earlier version packed nibbles into int8 bytes by hand; the shift-and-interleave
-unpack did not fuse, and the compiler materialized each dequantized weight: +1.5 GiB of temporaries per
-decode step at 11B.) The scale has the grouped axis divided by the group size, the other axes as the
+and CPU (measured on CPU: 0.5 byte per value). Unlike int8, whose convert and scale fuse into the dot
+on TPU (no temporaries in an 11B decode step), the grouped int4 dequantization is materialized one layer
+at a time inside the layer scan: 0.48 GiB of temporaries per 11B decode step (compile-check), about one
+layer's weights in bfloat16. (A first version packed nibbles into int8 bytes by hand; its
+shift-and-interleave unpack cost 1.58 GiB per decode step.) The scale has the grouped axis divided by the group size, the other axes as the
 weight; dequantizing splits that axis into (groups, group) (a bitcast, since it is split in place),
 multiplies and merges back. The axis QArray groups along is kept as a negative index (static pytree
 data), so it still names the same axis after the layer scan slices the leading `layers` axis off.
 
 In int4 mode the embedding and lm_head stay int8 (per row / per output channel), as bitsandbytes' 4-bit
 mode (the card's `load_in_4bit`) keeps lm_head in 16 bits: the output layer is the most sensitive to
-rounding, the two tables are 4.6% of the weights (+0.26 GB at 11B), and the int8 lm_head fuses into the
-logits matmul, while an int4 one was materialized in bfloat16 on TPU (0.5 GiB of temporaries per decode
-step at 11B, measured by compile-check).
+rounding, and the two tables are 4.6% of the weights (+0.26 GB at 11B).
 
 Both: the scale broadcasts against the weight and indexes along the layer axis like it (the layer scan
 slices both). Norm weights stay in their dtype. Scales are float32. Embeddings are quantized too (per row
