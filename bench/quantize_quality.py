@@ -40,8 +40,18 @@ def heldout_rows(tokenizer, length: int, rows: int) -> np.ndarray:
 
 
 def logits_of(model, ids) -> np.ndarray:
+    """Logits at every position through the cached forward (the generation path, QArray-aware)."""
+    from inference import forward_cached
+    from inference.kv_cache import empty_cache
+
     graphdef, state = nnx.split(model)
-    run = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+
+    @jax.jit
+    def run(state, x):
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape)
+        cache = empty_cache(model.config, x.shape[0], x.shape[1])
+        return forward_cached((graphdef, state), x, positions, cache, 0, fresh=True)[0]
+
     return np.concatenate([np.asarray(run(state, ids[i:i + 8])) for i in range(0, len(ids), 8)])
 
 
