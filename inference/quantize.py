@@ -22,8 +22,8 @@ and CPU (measured on CPU: 0.5 byte per value). Unlike int8, whose convert and sc
 on TPU (no temporaries in an 11B decode step), the grouped int4 dequantization is materialized one layer
 at a time inside the layer scan: 0.48 GiB of temporaries per 11B decode step (compile-check), about one
 layer's weights in bfloat16. (A first version packed nibbles into int8 bytes by hand; its
-shift-and-interleave unpack cost 1.58 GiB per decode step.) The scale has the grouped axis divided by the group size, the other axes as the
-weight; dequantizing splits that axis into (groups, group) (a bitcast, since it is split in place),
+shift-and-interleave unpack cost 1.58 GiB per decode step.) The scale has the grouped axis divided by
+the group size, the other axes as the weight; dequantizing splits that axis into (groups, group) (a bitcast, since it is split in place),
 multiplies and merges back. The axis QArray groups along is kept as a negative index (static pytree
 data), so it still names the same axis after the layer scan slices the leading `layers` axis off.
 
