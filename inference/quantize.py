@@ -24,8 +24,9 @@ at a time inside the layer scan: 0.48 GiB of temporaries per 11B decode step (co
 layer's weights in bfloat16. (A first version packed nibbles into int8 bytes by hand; its
 shift-and-interleave unpack cost 1.58 GiB per decode step.) The scale has the grouped axis divided by
 the group size, the other axes as the weight; dequantizing splits that axis into (groups, group) (a
-bitcast, since it is split in place), multiplies and merges back. The axis QArray groups along is kept as a negative index (static pytree
-data), so it still names the same axis after the layer scan slices the leading `layers` axis off.
+bitcast, since it is split in place), multiplies and merges back. The axis QArray groups along is kept
+as a negative index (static pytree data), so it still names the same axis after the layer scan slices
+the leading `layers` axis off.
 
 In int4 mode the embedding and lm_head stay int8 (per row / per output channel), as bitsandbytes' 4-bit
 mode (the card's `load_in_4bit`) keeps lm_head in 16 bits: the output layer is the most sensitive to
