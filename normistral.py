@@ -327,14 +327,16 @@ def _generate(args):
     from jaxmodel.checks import check_template
     from jaxmodel.config import MistralConfig
     from jaxmodel.convert import config_source
+    from jaxmodel.hub import resolve_model
     from jaxmodel.storage import atomic_file
 
     # Every argument is checked before the model loads (seconds to minutes for the 11B one).
     template = args.template.replace("\\n", "\n") if args.template is not None else None  # typed \n: newline
     if template is not None:
         check_template(template, "--template")
-    storage.check_input_dir(args.model_dir, "model directory")
-    MistralConfig.from_hf(config_source(args.model_dir))
+    model_dir = resolve_model(args.model_dir)  # a hub id -> its snapshot in the local cache
+    storage.check_input_dir(model_dir, "model directory")
+    MistralConfig.from_hf(config_source(model_dir))
     if args.output and jax.process_index() == 0:
         storage.check_output_file(args.output)
     records = read_jsonl(args.input) if args.input else [{"text": t} for t in args.prompt or []]
@@ -346,9 +348,9 @@ def _generate(args):
         # Default: tensor-parallel within a host (fast links), data-parallel across hosts, so no weight
         # is all-gathered across hosts per token (an FSDP mesh would).
         mesh = make_mesh(_mesh_arg(args.mesh) if args.mesh else (jax.process_count(), 1, jax.local_device_count()))
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    gen = Generator.from_pretrained(args.model_dir, tokenizer=tokenizer, dtype=args.dtype, quantize=args.quantize,
-                                    kv_cache_dtype=args.kv_cache_dtype, mesh=mesh)
+    tokenizer = load_tokenizer(resolve_model(args.tokenizer)) if args.tokenizer else None
+    gen = Generator.from_pretrained(model_dir, tokenizer=tokenizer, dtype=args.dtype, quantize=args.quantize,
+                                    group_size=args.group_size, kv_cache_dtype=args.kv_cache_dtype, mesh=mesh)
     batches = gen.iter_records(
         records, max_new_tokens=args.max_new_tokens, stop="\n" if args.stop_at_newline else None,
         template=template,
@@ -421,8 +423,10 @@ def _eval(args):
 def _serve(args):
     """`normistral serve`: the engine behind an OpenAI-compatible HTTP API (inference/server.py)."""
     from jaxmodel.config import MistralConfig
+    from jaxmodel.hub import resolve_model
     from jaxmodel.storage import check_input_dir
 
+    requested, args.model_dir = args.model_dir, resolve_model(args.model_dir)  # a hub id -> its cached snapshot
     check_input_dir(args.model_dir, "model directory")
     for flag, value, low in (("--slots", args.slots, 1), ("--max-model-len", args.max_model_len, 1),
                              ("--port", args.port, 0), ("--max-queue", args.max_queue, 1),
@@ -448,14 +452,15 @@ def _serve(args):
         from jaxmodel.sharding import make_mesh
 
         mesh = make_mesh(_mesh_arg(args.mesh))
-    gen = Generator.from_pretrained(args.model_dir, dtype=args.dtype, quantize=args.quantize, mesh=mesh,
+    gen = Generator.from_pretrained(args.model_dir, dtype=args.dtype, quantize=args.quantize,
+                                    group_size=args.group_size, mesh=mesh,
                                     kv_cache_dtype=args.kv_cache_dtype, progress=True)
     max_len = args.max_model_len or min(gen.config.max_position_embeddings, 4096)
     engine = Engine(gen.parts, slots=args.slots, max_model_len=max_len, kv_cache_dtype=args.kv_cache_dtype,
                     prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, decode=gen.decode)
     from jaxmodel import storage
 
-    name = args.served_model_name or storage.basename(args.model_dir)
+    name = args.served_model_name or storage.basename(requested)
     if not args.no_warmup:
         t = time.time()
         shapes = engine.warmup()
@@ -479,12 +484,28 @@ def _demo(args):
     run_demo(args.workdir, steps=args.steps)
 
 
+# Weight quantization choices for every command that loads a model for inference (generate, serve). The
+# same list as inference.quantize.MODES, spelled here because the parser must not import JAX (JAX reads
+# JAX_PLATFORMS when imported, and _default_platform sets it after parsing); a test checks they agree.
+QUANTIZE_CHOICES = ("int8", "int4")
+MODEL_HELP = "a Hugging Face (or import-hf) directory with its tokenizer, or a hub model id org/name[@revision]"
+
+
+def add_quantize_flags(p) -> None:
+    """--quantize and --group-size (generate and serve)."""
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                   help="weight-only int8 (per-output-channel scales) or int4 (per-group scales, packed), "
+                        "quantized tensor by tensor while loading")
+    p.add_argument("--group-size", type=int, default=128, metavar="G",
+                   help="int4: inputs per scale (default 128; the whole axis where G does not divide it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="normistral", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("import-hf", help="Hugging Face directory -> Orbax checkpoint directory")
-    p.add_argument("hf_dir")
+    p = sub.add_parser("import-hf", help="Hugging Face directory (or hub id) -> Orbax checkpoint directory")
+    p.add_argument("hf_dir", help="a Hugging Face directory or hub model id org/name[@revision]")
     p.add_argument("ckpt_dir")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pytorch_model*.bin (only through torch.load(weights_only=True))")
@@ -498,8 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export_hf)
 
     p = sub.add_parser("parity", help="compare with transformers layer by layer (float32; one layer of each at a time)")
-    p.add_argument("hf_dir")
-    p.add_argument("jax_dir", nargs="?", help="directory our model loads (default: hf_dir)")
+    p.add_argument("hf_dir", help="a Hugging Face directory or hub model id org/name[@revision]")
+    p.add_argument("jax_dir", nargs="?", help="directory (or hub id) our model loads (default: hf_dir)")
     p.add_argument("--length", type=positive_int, default=256)
     p.add_argument("--offset", type=non_negative_int, default=30000, help="first RoPE position")
     p.add_argument("--tolerance", type=non_negative_float, default=1e-4)
@@ -508,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_parity)
 
     p = sub.add_parser("compile-check", help="compile a step ahead of time for a TPU topology; report memory")
-    p.add_argument("--config", required=True, help="a run config YAML (configs/)")
+    p.add_argument("--config", required=True, help="a run config YAML, or a bundled config's name")
     p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v5e:2x2, v6e:1x1")
     p.add_argument("--mode", choices=["train", "prefill", "decode"], default="prefill")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
@@ -517,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compile_check)
 
     p = sub.add_parser("train", help="train (or resume) per a run config; metrics in WORKDIR/metrics.jsonl")
-    p.add_argument("--config", required=True, help="a run config YAML (configs/), e.g. configs/tiny-cpu.yaml")
+    p.add_argument("--config", required=True, help="a run config YAML, or a bundled config's name, e.g. tiny-cpu")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics and prepared data; rerun to resume")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     _add_distributed_flags(p)
@@ -548,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_prepare_data)
 
     p = sub.add_parser("generate", help="greedy (or sampled) generation from a model directory; JSON lines out")
-    p.add_argument("model_dir", help="a Hugging Face (or import-hf) directory with its tokenizer")
+    p.add_argument("model_dir", help=MODEL_HELP)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", nargs="+", action="extend", metavar="TEXT", help="one or more prompts")
     src.add_argument("--input", metavar="FILE.jsonl", help='one prompt per line: {"text": ...} (other fields kept)')
@@ -559,14 +580,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop a row at any token containing a newline (the model card's stop set)")
     p.add_argument("--output", metavar="FILE.jsonl", help="also write the results here (one JSON object per line)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per-output-channel scales)")
+    add_quantize_flags(p)
     p.add_argument("--kv-cache-dtype", choices=["int8"], help="int8 KV cache (default: the compute dtype)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=positive_float, default=1.0)
     p.add_argument("--top-k", type=non_negative_int, default=0, help="0: off")
     p.add_argument("--top-p", type=unit_interval, default=1.0, help="1.0: off")
     p.add_argument("--seed", type=integer, default=0)
-    p.add_argument("--tokenizer", metavar="DIR", help="a Hugging Face tokenizer directory (default: MODEL_DIR's)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="a Hugging Face tokenizer directory or hub id (default: MODEL_DIR's)")
     p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                    help="shard the model over a mesh (default: one device; several processes: P,1,local devices)")
     _add_distributed_flags(p)
@@ -590,14 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed_flags(p)
     p.set_defaults(func=_eval)
     p = sub.add_parser("serve", help="an OpenAI-compatible completions server (continuous batching engine)")
-    p.add_argument("model_dir", help="a Hugging Face (or import-hf) directory with its tokenizer")
+    p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--slots", type=int, default=8, help="decode slots (rows decoded together)")
     p.add_argument("--max-model-len", type=int, help="tokens per slot, prompt + completion (default: the "
                    "model's context, at most 4096)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per-output-channel scales)")
+    add_quantize_flags(p)
     p.add_argument("--kv-cache-dtype", choices=["int8"], help="int8 KV cache (default: the compute dtype)")
     p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR", help="device mesh (default: one device)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which the server answers 429")

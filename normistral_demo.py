@@ -19,6 +19,7 @@ and a TPU config the same commands translate anything.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -26,8 +27,9 @@ import time
 
 import numpy as np
 
-CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "training", "corpus")
-CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
+# The bundled corpus (package data of `training`) and config: both work after a plain `pip install`.
+CORPUS = os.path.join(os.path.dirname(importlib.util.find_spec("training").origin), "corpus")
+CONFIG = "demo"  # the bundled configs/demo.yaml (shipped inside the package: works after a plain pip install)
 SOURCES = {"translation_pairs.jsonl": 0.5, "nb.jsonl": 0.3, "nn.jsonl": 0.1, "en.jsonl": 0.05, "se.jsonl": 0.05}
 TEMPLATE = "Engelsk: {0}\nBokmål:"
 

@@ -26,6 +26,7 @@ CORE = [
     "fastapi==0.165.0",  # normistral serve (OpenAI-compatible completions)
     "starlette==1.10.0",
     "uvicorn==0.54.0",
+    "huggingface_hub==2.4.0",  # jaxmodel/hub.py: model ids (org/name) resolved into the standard cache
 ]
 # torch 2.13.0: the CPU build on this machine's disk; a plain `torch` would pull a multi-GB CUDA build.
 # accelerate: lm-eval's `hf` model (HFLM), the reference the evaluation tests compare against, imports it.
@@ -42,7 +43,10 @@ setup(
     description="NorMistral-11b-long (Mistral architecture) in JAX/Flax NNX: model, converter, training, inference",
     python_requires=">=3.10",
     packages=find_packages(include=["jaxmodel", "jaxmodel.*", "training", "training.*",
-                                    "inference", "inference.*"]),
+                                    "inference", "inference.*"]) + ["normistral_configs"],
+    # The run configs ship inside the package (configs/ -> normistral_configs), so `normistral demo` and
+    # `normistral train --config tiny-cpu` work after a plain (non-editable) install, from any directory.
+    package_dir={"normistral_configs": "configs"},
     install_requires=CORE,
     extras_require={
         "test": TEST,
@@ -55,6 +59,6 @@ setup(
     },
     py_modules=["normistral", "normistral_demo"],
     # The bundled corpus (the tiny configs and the demo build their tokenizer and data from it).
-    package_data={"training": ["corpus/*.jsonl", "corpus/README.md"]},
+    package_data={"training": ["corpus/*.jsonl", "corpus/README.md"], "normistral_configs": ["*.yaml"]},
     entry_points={"console_scripts": ["normistral=normistral:main"]},
 )

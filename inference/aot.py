@@ -24,6 +24,10 @@ What is compiled (both from a CPU-only machine, for the topology's real TPU exec
 
 Weights are in the model's param_dtype or int8 (`quantize: int8`); the cache in the compute dtype or
 int8 (`kv_cache_dtype: int8`).
+Weights are in the model's param_dtype, int8 (`quantize: int8`) or packed int4 with a scale per
+`group_size` inputs (`quantize: int4`); the cache in the compute dtype or int8 (`kv_cache_dtype: int8`).
+`memory_gib` (optional) is the accelerator memory the config targets when it is smaller than the
+topology's chip (the model card's "4-bit on an 8 GB card"): `fits` is then judged against it.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from inference.engine import TOP_LOGPROBS, _decode_step, _prefill_step
 from inference.generate import PREFILL_CHUNK, _generate_jit, bucket_length, decode_step
 from inference.kv_cache import KV_DTYPES, abstract_cache
-from inference.quantize import MODES, abstract_quantized_state
+from inference.quantize import DEFAULT_GROUP_SIZE, MODES, _nbytes, abstract_quantized_state
 from jaxmodel import aot, run_config
 from jaxmodel.config import ConfigError
 from jaxmodel.model import abstract_model
@@ -50,17 +54,21 @@ class InferenceOptions:
     batch_size: int = 8
     max_length: int = 4096  # cache slots: prompt + new tokens
     max_new_tokens: int = 64
-    quantize: str | None = None  # None or "int8" (weights)
+    quantize: str | None = None  # None, "int8" or "int4" (weights)
+    group_size: int = DEFAULT_GROUP_SIZE  # int4: inputs per scale
     kv_cache_dtype: str | None = None  # None (compute dtype) or "int8"
     prefill_chunk: int = PREFILL_CHUNK
+    memory_gib: float | None = None  # judge `fits` against this much memory (GiB) instead of the chip's HBM
 
     def __post_init__(self):
-        for name in ("batch_size", "max_length", "max_new_tokens", "prefill_chunk"):
+        for name in ("batch_size", "max_length", "max_new_tokens", "prefill_chunk", "group_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.quantize is not None and self.quantize not in MODES:
             raise ValueError(f"quantize={self.quantize!r} is not one of {MODES} (or null)")
+        if self.memory_gib is not None and not (isinstance(self.memory_gib, (int, float)) and self.memory_gib > 0):
+            raise ValueError(f"memory_gib must be a positive number, got {self.memory_gib!r}")
         if self.kv_cache_dtype not in KV_DTYPES:
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not one of {KV_DTYPES}")
 
@@ -93,7 +101,7 @@ def compile_decode(tree: dict, topology: str) -> dict:
     mesh = make_mesh(shape, devices=devices)
     graphdef, state = aot.abstract_state(abstract_model(config), mesh)
     if opts.quantize:
-        state = abstract_quantized_state(state, mesh)
+        state = abstract_quantized_state(state, mesh, opts.quantize, opts.group_size)
     batch, vocab = opts.batch_size, config.vocab_size
 
     ids = _sds((batch, prompt), jnp.int32, mesh, ("batch", "length"))
@@ -104,6 +112,8 @@ def compile_decode(tree: dict, topology: str) -> dict:
                                       ids, _sds((batch,), jnp.bool_, mesh), _sds((vocab,), jnp.bool_, mesh),
                                       *scalars).compile()
     hbm = aot.hbm_bytes(devices[0])
+    if opts.memory_gib is not None:
+        hbm = min(hbm, int(opts.memory_gib * 1024**3))
     report = aot.memory_report(program, hbm)
 
     cache = abstract_cache(config, batch, opts.max_length, kv_dtype=opts.kv_cache_dtype, mesh=mesh)
@@ -117,10 +127,11 @@ def compile_decode(tree: dict, topology: str) -> dict:
         step = step.lower(graphdef, state, tokens, cache, index).compile()
 
     engine = _compile_engine(graphdef, state, cache, mesh, batch, opts, hbm)
-    nbytes = lambda tree: sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    nbytes = lambda tree: sum(_nbytes(x) for x in jax.tree.leaves(tree))  # noqa: E731 (int4: half a byte)
     return {"mode": "decode", "topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
             "mesh": dict(mesh.shape), "batch_size": batch, "max_length": opts.max_length, "prompt_length": prompt,
             "new_tokens": width, "prefill_chunk": opts.prefill_chunk, "quantize": opts.quantize,
+            "group_size": opts.group_size if opts.quantize == "int4" else None,
             "kv_cache_dtype": opts.kv_cache_dtype, "param_bytes_total": nbytes(state),
             "cache_bytes_total": nbytes(cache), **report, "decode_step": aot.memory_report(step, hbm), "engine": engine}
 

@@ -1,7 +1,7 @@
 """`Generator`: text in, text out, on the continuous-batching engine (model card usage, batched).
 
 Inside: `Generator(model, tokenizer, *, slots, max_model_len, kv_cache_dtype)`,
-`Generator.from_pretrained(path, *, tokenizer, dtype, mesh, quantize)`,
+`Generator.from_pretrained(path or hub id, *, tokenizer, dtype, mesh, quantize, group_size)`,
 `.generate(prompts, *, max_new_tokens, stop, template, ...) -> list[str]`, `.iter_records(records, ...)`
 (the CLI's `generate --input`), `.requests` / `.engine_for` (the pieces), `.stop_ids(stop)` (the card's
 token sets), `.encode`, `.check_lengths`, `.generate_ids`, `read_jsonl(path)` (the CLI's input file) and
@@ -21,7 +21,6 @@ replaced by the next prompt at once); results come back in input order. The engi
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
@@ -31,7 +30,7 @@ from flax import nnx
 
 from inference.engine import Engine, Request
 from inference.generate import GenerateError, bucket_length
-from inference.quantize import MODES, quantize_model
+from inference.quantize import DEFAULT_GROUP_SIZE, MODES, load_transform, quantize_model
 from jaxmodel.checks import check_template, json_problem
 
 
@@ -51,34 +50,42 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, path: str, *, tokenizer=None, dtype=jnp.bfloat16, mesh=None, quantize: str | None = None,
-                        kv_cache_dtype: str | None = None, progress: bool = False, **options) -> Generator:
-        """Loads a Hugging Face (or `normistral import-hf`) directory and its tokenizer.
+                        group_size: int = DEFAULT_GROUP_SIZE, kv_cache_dtype: str | None = None,
+                        progress: bool = False, revision: str | None = None, **options) -> Generator:
+        """Loads a Hugging Face directory or model id (`org/name[@revision]`, fetched into the hub cache),
+        or a `normistral import-hf` directory, and its tokenizer.
 
-        quantize="int8": weight-only int8 (see quantize.py); the 16-bit weights are loaded into host
-        memory, quantized there, and only int8 arrays are placed on the accelerator / mesh."""
+        quantize="int8" | "int4" (see quantize.py; group_size for int4): each tensor of a Hugging Face
+        directory is quantized on the host as it is read and only the integer arrays are placed on the
+        accelerator / mesh (host memory: about one 16-bit layer slice beyond the baseline). An import-hf
+        (Orbax) directory is restored into host memory, quantized there, then placed."""
         from jaxmodel import storage
         from jaxmodel.config import MistralConfig
-        from jaxmodel.convert import config_source, from_pretrained
+        from jaxmodel.convert import PARAMS_DIR, config_source, from_pretrained
+        from jaxmodel.hub import resolve_model
         from jaxmodel.sharding import make_mesh
 
-        path = os.fspath(path)  # a local directory or a gs:// URL
-        if not storage.isdir(path):
+        if quantize is not None and quantize not in MODES:
+            raise GenerateError(f"quantize={quantize!r} is not one of {MODES}")
+        path = resolve_model(path, revision=revision, allow_pickle=options.get("allow_pickle", False))
+        if not storage.isdir(path):  # a local directory or a gs:// URL
             storage.check_bucket(path)
             raise GenerateError(f"{path}: model directory not found")
         storage.require_committed(path, "model directory")
-        if quantize is not None and quantize not in MODES:
-            raise GenerateError(f"quantize={quantize!r} is not one of {MODES}")
         MistralConfig.from_hf(config_source(path))  # a broken config.json is named as such, not as the tokenizer
         if tokenizer is None:
             tokenizer = load_tokenizer(path)
         if quantize is None:
             model = from_pretrained(path, dtype=dtype, mesh=mesh, progress=progress, **options)
+        elif not storage.isdir(storage.join(path, PARAMS_DIR)):
+            model = from_pretrained(path, dtype=dtype, mesh=mesh, progress=progress,
+                                    transform=load_transform(quantize, group_size), **options)
         else:
             host = _host_device()
             on_host = host is not None and jax.devices()[0].platform != "cpu"
             load_mesh = make_mesh((1, 1, 1), devices=[host]) if on_host else mesh
             model = from_pretrained(path, dtype=dtype, mesh=load_mesh, progress=progress, **options)
-            quantize_model(model, quantize, mesh=mesh, place=on_host)
+            quantize_model(model, quantize, mesh=mesh, place=on_host, group_size=group_size)
         return cls(model, tokenizer, kv_cache_dtype=kv_cache_dtype)
 
     # -- stop tokens ------------------------------------------------------------------------------------

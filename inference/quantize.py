@@ -1,29 +1,59 @@
-"""Weight-only int8 quantization: int8 matrices with per-output-channel scales, dequantized in the matmul.
+"""Weight-only quantization: int8 (per output channel) and int4 (per group), dequantized in the matmul.
 
-Inside: `QArray` (int8 values + float32 scales, a pytree), `QUANTIZED` (which parameters, and which of
-their axes are inputs), `quantize_array`, `quantize_model(model, mesh=None)`, `abstract_quantized_state`,
-`param_bytes`.
+Inside: `QArray` (integer values + float32 scales, a pytree), `MODES` / `DEFAULT_GROUP_SIZE`, `QUANTIZED`
+(which parameters, and which of their axes are inputs), `quantize_array`, `quantized_shapes`,
+`load_transform` (streaming quantization while loading), `quantize_model(model, mesh=None)`,
+`abstract_quantized_state`, `param_bytes`.
 
 How it plugs into the model without changing it: the model reads every weight as
 `self.w[...].astype(x.dtype)` before its einsum. A `QArray` answers `[...]` with itself and `.astype(dt)`
-with `q.astype(dt) * scale.astype(dt)`, so the unchanged model code dequantizes inside the expression
-that feeds the matmul; memory holds int8 (XLA fuses the convert and the scale multiply into the dot's
+with the dequantized weight, so the unchanged model code dequantizes inside the expression that feeds the
+matmul; memory holds the integers (XLA fuses the convert and scale multiply into the dot's
 operand on TPU and GPU; on CPU one layer's weight is materialized at a time inside the layer scan).
 
-Scales: symmetric absmax / 127 per output channel, i.e. reduced over the input axes of each weight
+int8: symmetric absmax / 127 per output channel, i.e. reduced over the input axes of each weight
 (D for q/k/v [D, N, H], gate/up [D, F] and lm_head [D, V]; N, H for o [N, H, D]; F for down [F, D];
-D for each embedding row [V, D]). The scale keeps the reduced axes with size 1, so it broadcasts against
-the weight and indexes along the layer axis like it (the layer scan slices both). Norm weights stay in
-their dtype. Scales are float32: 4 bytes per output channel, negligible beside the int8 matrices.
-Embeddings are quantized too (per row; a gather reads the int8 row and its scale).
+D for each embedding row [V, D]). The scale keeps the reduced axes with size 1, so it broadcasts.
 
-Quantizing a loaded model goes parameter by parameter and, for the stacked [L, ...] ones, layer by layer,
-so the transient float32 copy is one layer's matrix. `Generator.from_pretrained(quantize="int8")` loads
-the bfloat16 weights into host memory (the CPU backend), quantizes there and places only int8 arrays on
-the accelerator, so the device never holds the 16-bit model (host RAM needs ~2 bytes per parameter).
+int4 (the model card's 4-bit): symmetric absmax / 7 per group of `group_size` (default 128) consecutive
+inputs along the last input axis (D, H for o_proj, F for down_proj; the whole axis when the group size
+does not divide it), values in [-7, 7], stored as `jnp.int4`: XLA packs it two per byte on TPU, GPU
+and CPU (measured on CPU: 0.5 byte per value). Unlike int8, whose convert and scale fuse into the dot
+on TPU (no temporaries in an 11B decode step), the grouped int4 dequantization is materialized one layer
+at a time inside the layer scan: 0.48 GiB of temporaries per 11B decode step (compile-check), about one
+layer's weights in bfloat16. (A first version packed nibbles into int8 bytes by hand; its
+shift-and-interleave unpack cost 1.58 GiB per decode step.) The scale has the grouped axis divided by
+the group size, the other axes as the weight; dequantizing splits that axis into (groups, group) (a
+bitcast, since it is split in place), multiplies and merges back. The axis QArray groups along is kept
+as a negative index (static pytree data), so it still names the same axis after the layer scan slices
+the leading `layers` axis off.
+
+In int4 mode the embedding and lm_head stay int8 (per row / per output channel), as bitsandbytes' 4-bit
+mode (the card's `load_in_4bit`) keeps lm_head in 16 bits: the output layer is the most sensitive to
+rounding, and the two tables are 4.6% of the weights (+0.26 GB at 11B).
+
+Both: the scale broadcasts against the weight and indexes along the layer axis like it (the layer scan
+slices both). Norm weights stay in their dtype. Scales are float32. Embeddings are quantized too (per row
+or per row group; a gather reads the integer row and its scales).
+
+Why not qwix (Google's JAX quantization library, 0.1.8 installed): its PTQ provider intercepts the
+einsums of NNX modules and recognizes a weight as an einsum operand that is a module parameter, and
+`qwix.quantize_params` quantizes a whole (abstract-model-shaped) parameter tree. Our layers run as
+`lax.scan` over split state with weights cast (`.astype`) before the einsum, and loading must quantize
+each layer slice as it is read from the file, before the stacked parameter exists. A QArray that the
+model reads through its own `[...]` / `.astype` needs neither interception nor a float tree.
+
+Loading: `Generator.from_pretrained(quantize=...)` passes `load_transform(mode)` to
+`jaxmodel.convert.load_hf_state`, which quantizes each tensor (each layer slice of the stacked ones) as it
+is read from the safetensors files (on the host CPU backend) and places only the integer arrays and scales
+on the device or mesh: host memory stays at about one 16-bit layer slice beyond the process's baseline.
+`quantize_model` quantizes a model already in memory (layer by layer), e.g. one restored from Orbax.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +63,16 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from jaxmodel.sharding import auto_mesh, logical_to_spec
 
-MODES = ("int8",)
+MODES = ("int8", "int4")  # normistral.py's QUANTIZE_CHOICES spells the same list (the CLI must not import JAX)
+DEFAULT_GROUP_SIZE = 128
+_QMAX = {"int8": 127, "int4": 7}
+_INT8_IN_INT4_MODE = {("embed_tokens",), ("lm_head",)}  # see the module docstring
+
+
+def mode_for(path: tuple[str, ...], mode: str) -> str:
+    """The mode one parameter is quantized with under `mode` (int4 keeps the embedding and lm_head int8)."""
+    return "int8" if mode == "int4" and tuple(path) in _INT8_IN_INT4_MODE else mode
+
 
 # Parameter path -> input axes (indices into the stored array, layer axis included for `layers/...`).
 QUANTIZED: dict[tuple[str, ...], tuple[int, ...]] = {
@@ -51,30 +90,38 @@ QUANTIZED: dict[tuple[str, ...], tuple[int, ...]] = {
 
 @jax.tree_util.register_pytree_node_class
 class QArray:
-    """An int8 weight `q` and its float32 `scale` (q's shape with the input axes set to 1)."""
+    """Integer weight values `q` and their float32 `scale`.
 
-    def __init__(self, q, scale):
-        self.q, self.scale = q, scale
+    int8 (`axis` None): q is the weight in int8; scale is q's shape with the input axes set to 1.
+    int4 (`axis` a negative axis index): q is the weight in jnp.int4; scale has the weight's shape with
+    `axis` divided by the group size."""
+
+    def __init__(self, q, scale, axis: int | None = None):
+        self.q, self.scale, self.axis = q, scale, axis
 
     def tree_flatten(self):
-        return (self.q, self.scale), None
+        return (self.q, self.scale), self.axis
 
     @classmethod
-    def tree_unflatten(cls, _, children):
-        return cls(*children)
+    def tree_unflatten(cls, axis, children):
+        return cls(*children, axis=axis)
 
     def __getitem__(self, key):
         if key is Ellipsis:
             return self
-        return QArray(self.q[key], self.scale[key])
+        return QArray(self.q[key], self.scale[key], self.axis)
+
+    @property
+    def mode(self) -> str:
+        return "int8" if self.axis is None else "int4"
 
     def astype(self, dtype):
         """The dequantized weight in `dtype` (what the model's einsums consume)."""
-        return self.q.astype(dtype) * self.scale.astype(dtype)
+        return dequantize(self.q, self.scale, self.axis, dtype)
 
     def take(self, ids, dtype):
-        """Rows of an embedding table [V, D] for ids [...]: gathers int8 rows and their scales."""
-        return jnp.take(self.q, ids, axis=0).astype(dtype) * jnp.take(self.scale, ids, axis=0).astype(dtype)
+        """Rows of an embedding table [V, D] for ids [...]: gathers integer rows and their scales."""
+        return dequantize(jnp.take(self.q, ids, axis=0), jnp.take(self.scale, ids, axis=0), self.axis, dtype)
 
     @property
     def shape(self):
@@ -93,49 +140,154 @@ class QArray:
         return _nbytes(self.q) + _nbytes(self.scale)
 
     def __repr__(self):
-        return f"QArray(int8{list(self.q.shape)}, scale{list(self.scale.shape)})"
+        return f"QArray({self.mode}{list(self.shape)}, scale{list(self.scale.shape)})"
 
 
 def _nbytes(x) -> int:
-    return int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+    """Bytes as stored on the device: int4 is packed two per byte (numpy's itemsize says 1)."""
+    dtype = jnp.dtype(x.dtype)
+    if dtype in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)):
+        return (int(np.prod(x.shape)) + 1) // 2
+    return int(np.prod(x.shape)) * dtype.itemsize
 
 
-def scale_shape(shape, in_axes) -> tuple[int, ...]:
-    return tuple(1 if i in in_axes else n for i, n in enumerate(shape))
+def dequantize(q, scale, axis: int | None, dtype):
+    if axis is None:
+        return q.astype(dtype) * scale.astype(dtype)
+    a = axis % q.ndim
+    n, groups = q.shape[a], scale.shape[a]
+    grouped = q.astype(dtype).reshape(q.shape[:a] + (groups, n // groups) + q.shape[a + 1:])
+    return (grouped * jnp.expand_dims(scale.astype(dtype), a + 1)).reshape(q.shape)
 
 
-def quantize_array(w, in_axes) -> QArray:
-    """Symmetric per-output-channel int8: scale = absmax over `in_axes` / 127 (1 for all-zero channels)."""
+def group_axis(in_axes) -> int:
+    """The axis int4 groups along: the last input axis."""
+    return max(in_axes)
+
+
+def effective_group(size: int, group_size: int) -> int:
+    return group_size if size % group_size == 0 else size
+
+
+def scale_shape(shape, in_axes, mode: str = "int8", group_size: int = DEFAULT_GROUP_SIZE) -> tuple[int, ...]:
+    if mode == "int8":
+        return tuple(1 if i in in_axes else n for i, n in enumerate(shape))
+    a = group_axis(in_axes)
+    return tuple(n // effective_group(n, group_size) if i == a else n for i, n in enumerate(shape))
+
+
+def quantized_shapes(shape, in_axes, mode: str, group_size: int = DEFAULT_GROUP_SIZE):
+    """((q shape, q dtype), (scale shape, float32)) of a weight of `shape` quantized per `mode`."""
+    q_dtype = jnp.int8 if mode == "int8" else jnp.int4
+    return (tuple(shape), q_dtype), (scale_shape(shape, in_axes, mode, group_size), jnp.float32)
+
+
+def quantize_array(w, in_axes, mode: str = "int8", group_size: int = DEFAULT_GROUP_SIZE) -> QArray:
+    """Symmetric quantization of one weight: int8 per output channel (scale = absmax over `in_axes` / 127),
+    or int4 per group along the last input axis (absmax over the group / 7); all-zero groups get scale 1."""
+    if mode not in MODES:
+        raise ValueError(f"quantize={mode!r} is not one of {MODES}")
     w32 = w.astype(jnp.float32)
-    absmax = jnp.max(jnp.abs(w32), axis=tuple(in_axes), keepdims=True)
-    scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
-    return QArray(jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8), scale)
+    qmax = _QMAX[mode]
+    if mode == "int8":
+        absmax = jnp.max(jnp.abs(w32), axis=tuple(in_axes), keepdims=True)
+        scale = jnp.where(absmax > 0, absmax / qmax, 1.0)
+        return QArray(jnp.clip(jnp.round(w32 / scale), -qmax, qmax).astype(jnp.int8), scale)
+    a = group_axis(in_axes)
+    n = w.shape[a]
+    g = effective_group(n, group_size)
+    grouped = w32.reshape(w.shape[:a] + (n // g, g) + w.shape[a + 1:])
+    absmax = jnp.max(jnp.abs(grouped), axis=a + 1, keepdims=True)
+    scale = jnp.where(absmax > 0, absmax / qmax, 1.0)
+    values = jnp.clip(jnp.round(grouped / scale), -qmax, qmax).astype(jnp.int4).reshape(w.shape)
+    axis = a - w.ndim  # negative: the same axis after the layer axis is sliced off
+    return QArray(values, jnp.squeeze(scale, a + 1), axis)
 
 
 def _path(p) -> tuple[str, ...]:
     return tuple(str(x) for x in p)
 
 
-def _placement(var, mesh, scale: bool, in_axes):
-    """Where a (possibly quantized) parameter goes: the mesh's rule, or the default device."""
+def _placement(var, mesh, shape):
+    """Where a (possibly quantized) part of a parameter goes: the mesh's rule for the parameter's logical
+    axes applied to the part's shape (dimensions the mesh does not divide are replicated), or the
+    default device when mesh is None."""
     if mesh is None:
         return SingleDeviceSharding(jax.devices()[0])
     axes = tuple(var.get_metadata()["out_sharding"])
-    shape = scale_shape(var.shape, in_axes) if scale else var.shape
     mesh = auto_mesh(mesh)
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
 
 
-_quantize_jit = jax.jit(quantize_array, static_argnums=1)
+@functools.cache
+def _quantize_jit(in_axes, mode, group_size):
+    fn = functools.partial(quantize_array, in_axes=in_axes, mode=mode, group_size=group_size)
+    return jax.jit(lambda w: fn(w))
 
 
-def quantize_model(model: nnx.Module, mode: str = "int8", *, mesh=None, place: bool = False) -> nnx.Module:
+def _host_quantizer(in_axes, mode, group_size, chunk_elements: int = 1 << 23):
+    """numpy weight -> {"q", "scale"} numpy arrays, computed on the host CPU backend (the accelerator
+    never sees the 16-bit weight). Output channels are independent (int4 groups run along an input
+    axis), so a large tensor (the embedding, lm_head) is quantized in chunks along its longest output
+    axis: the float32 temporaries stay at `chunk_elements` values whatever the tensor's size."""
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu: quantize on the default device
+        cpu = None
+    fn = _quantize_jit(tuple(in_axes), mode, group_size)
+
+    def one(w):
+        with jax.default_device(cpu) if cpu is not None else contextlib.nullcontext():
+            qa = fn(jnp.asarray(w))
+            return np.asarray(qa.q), np.asarray(qa.scale)
+
+    def run(w: np.ndarray):
+        out_axes = [i for i in range(w.ndim) if i not in in_axes]
+        axis = max(out_axes, key=lambda i: w.shape[i])
+        step = max(1, chunk_elements // (w.size // w.shape[axis]))
+        if step >= w.shape[axis]:
+            q, scale = one(w)
+            return {"q": q, "scale": scale}
+        parts = [one(np.take(w, range(i, min(i + step, w.shape[axis])), axis=axis))
+                 for i in range(0, w.shape[axis], step)]
+        return {"q": np.concatenate([p[0] for p in parts], axis),
+                "scale": np.concatenate([p[1] for p in parts], axis)}
+
+    return run
+
+
+def load_transform(mode: str, group_size: int = DEFAULT_GROUP_SIZE):
+    """The per-tensor transform `jaxmodel.convert.load_hf_state(transform=...)` applies while reading:
+    each parameter in QUANTIZED becomes a QArray, quantized slice by slice as its tensors are read."""
+    from jaxmodel.convert import TensorTransform
+
+    if mode not in MODES:
+        raise ValueError(f"quantize={mode!r} is not one of {MODES}")
+
+    def transform(path, var):
+        in_axes = QUANTIZED.get(path)
+        if in_axes is None:
+            return None
+        m = mode_for(path, mode)
+        (q_shape, q_dtype), (s_shape, s_dtype) = quantized_shapes(var.shape, in_axes, m, group_size)
+        stacked = path[0] == "layers"
+        slice_axes = tuple(a - 1 for a in in_axes) if stacked else in_axes
+        axis = group_axis(in_axes) - len(var.shape) if m == "int4" else None
+        return TensorTransform(parts={"q": (q_shape, q_dtype), "scale": (s_shape, s_dtype)},
+                               convert=_host_quantizer(slice_axes, m, group_size),
+                               combine=lambda parts: QArray(parts["q"], parts["scale"], axis))
+
+    return transform
+
+
+def quantize_model(model: nnx.Module, mode: str = "int8", *, mesh=None, place: bool = False,
+                   group_size: int = DEFAULT_GROUP_SIZE) -> nnx.Module:
     """Replaces the large matrices of `model` by `QArray`s (in place; also returned).
 
-    Without `place`, each quantized array stays where its parameter was (same sharding, scales
-    replicated along their size-1 axes). With `place`, every parameter (quantized or not) is moved to
-    `mesh` by the rules, or to the default device when mesh is None: the path that quantizes on the
-    host and ships only int8 to the accelerator."""
+    Without `place`, each quantized array stays where its parameter was (same sharding rules applied to
+    the parts' shapes). With `place`, every parameter (quantized or not) is moved to `mesh` by the rules,
+    or to the default device when mesh is None: the path that quantizes on the host and ships only the
+    integers to the accelerator."""
     if mode not in MODES:
         raise ValueError(f"quantize={mode!r} is not one of {MODES}")
     _, state = nnx.split(model)
@@ -147,31 +299,34 @@ def quantize_model(model: nnx.Module, mode: str = "int8", *, mesh=None, place: b
         in_axes = QUANTIZED.get(p)
         if in_axes is None:
             if place:
-                var.set_value(jax.device_put(w, _placement(var, mesh, False, ())))
+                var.set_value(jax.device_put(w, _placement(var, mesh, var.shape)))
             continue
+        m = mode_for(p, mode)
         if p[0] == "layers":
             # One layer at a time: the float32 temporary is a single layer's matrix.
-            layer_axes = tuple(a - 1 for a in in_axes)
-            parts = [_quantize_jit(w[i], layer_axes) for i in range(w.shape[0])]
-            q = np.stack([np.asarray(x.q) for x in parts]) if place else jnp.stack([x.q for x in parts])
-            s = np.stack([np.asarray(x.scale) for x in parts]) if place else jnp.stack([x.scale for x in parts])
+            fn = _quantize_jit(tuple(a - 1 for a in in_axes), m, group_size)
+            parts = [fn(w[i]) for i in range(w.shape[0])]
+            stack = np.stack if place else jnp.stack
+            conv = np.asarray if place else (lambda x: x)
+            q, s = stack([conv(x.q) for x in parts]), stack([conv(x.scale) for x in parts])
+            axis = parts[0].axis
             del parts
         else:
-            qa = _quantize_jit(w, in_axes)
-            q, s = qa.q, qa.scale
+            qa = _quantize_jit(tuple(in_axes), m, group_size)(w)
+            q, s, axis = qa.q, qa.scale, qa.axis
         if place:
-            q_sh, s_sh = _placement(var, mesh, False, in_axes), _placement(var, mesh, True, in_axes)
+            q_sh, s_sh = _placement(var, mesh, q.shape), _placement(var, mesh, s.shape)
+        elif isinstance(w.sharding, NamedSharding):  # stay on the parameter's mesh
+            q_sh, s_sh = _placement(var, w.sharding.mesh, q.shape), _placement(var, w.sharding.mesh, s.shape)
         else:
-            q_sh = w.sharding
-            s_sh = (NamedSharding(w.sharding.mesh, logical_to_spec(
-                tuple(var.get_metadata()["out_sharding"]), scale_shape(w.shape, in_axes), w.sharding.mesh))
-                if isinstance(w.sharding, NamedSharding) else w.sharding)
+            q_sh = s_sh = w.sharding
         del w
-        var.set_value(QArray(jax.device_put(q, q_sh), jax.device_put(s, s_sh)))
+        var.set_value(QArray(jax.device_put(q, q_sh), jax.device_put(s, s_sh), axis))
     return model
 
 
-def abstract_quantized_state(state: nnx.State, mesh) -> nnx.State:
+def abstract_quantized_state(state: nnx.State, mesh, mode: str = "int8",
+                             group_size: int = DEFAULT_GROUP_SIZE) -> nnx.State:
     """An abstract state (ShapeDtypeStructs with shardings, as `jaxmodel.aot.abstract_state` returns)
     with the quantized parameters replaced by abstract QArrays: for ahead-of-time memory checks."""
     mesh = auto_mesh(mesh)
@@ -180,17 +335,16 @@ def abstract_quantized_state(state: nnx.State, mesh) -> nnx.State:
         in_axes = QUANTIZED.get(_path(p))
         if in_axes is None:
             continue
-        axes = tuple(var.get_metadata()["out_sharding"])
-        s_shape = scale_shape(var.shape, in_axes)
+        m = mode_for(_path(p), mode)
+        (q_shape, q_dtype), (s_shape, s_dtype) = quantized_shapes(var.shape, in_axes, m, group_size)
+        axis = group_axis(in_axes) - len(var.shape) if m == "int4" else None
         var.set_value(QArray(
-            jax.ShapeDtypeStruct(var.shape, jnp.int8, sharding=NamedSharding(
-                mesh, logical_to_spec(axes, var.shape, mesh))),
-            jax.ShapeDtypeStruct(s_shape, jnp.float32, sharding=NamedSharding(
-                mesh, logical_to_spec(axes, s_shape, mesh)))))
+            jax.ShapeDtypeStruct(q_shape, q_dtype, sharding=_placement(var, mesh, q_shape)),
+            jax.ShapeDtypeStruct(s_shape, s_dtype, sharding=_placement(var, mesh, s_shape)), axis))
     return nnx.from_flat_state(flat)
 
 
 def param_bytes(model_or_state) -> int:
-    """Bytes of all parameters (int8 values and scales counted for quantized ones)."""
+    """Bytes of all parameters (integer values and scales counted for quantized ones)."""
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.split(model_or_state)[1]
     return sum(_nbytes(x) for x in jax.tree.leaves(state))

@@ -3,7 +3,8 @@
 Inside:
 - `from_pretrained(path, *, dtype, mesh=None)`: a model from a Hugging Face directory (single or sharded
   safetensors; `.bin` only with `allow_pickle=True`) or from a directory written by `import_hf`.
-- `load_hf_state`: the flat model state read from a Hugging Face directory, placed per a mesh.
+- `load_hf_state`: the flat model state read from a Hugging Face directory, placed per a mesh;
+  `TensorTransform`: a per-tensor hook applied while reading (how inference quantizes at load time).
 - `save_pretrained(model, path)`: a Hugging Face directory (config.json, sharded safetensors, index)
   that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 - `import_hf(hf_dir, ckpt_dir)` / `export_hf(ckpt_dir, hf_dir)`: the CLI's conversions (Orbax on our side).
@@ -22,12 +23,26 @@ one tensor per write (`export_hf` reads each slice straight from the Orbax files
 Paths: every directory here is local or a `gs://` URL (`jaxmodel.storage`; safetensors through range
 reads and streamed uploads, Orbax arrays through TensorStore's own GCS driver). A directory whose write
 was interrupted on an object store (`_WRITING` without `_COMMITTED`) is refused by name.
+Every model path may also be a Hugging Face model id (`org/name[@revision]`), resolved by `jaxmodel.hub`
+into the local hub cache.
+
+Transforms (`load_hf_state(transform=...)`). jaxmodel knows nothing of quantization (inference owns it),
+so the loader takes a hook: for each parameter, `transform(path, abstract_var)` returns None (load as is)
+or a `TensorTransform`: the parts the parameter is stored as (e.g. int8 values and float32 scales, with
+their full shapes), `convert` (one source tensor, a layer slice of a stacked parameter, in the load
+dtype -> its parts) and `combine` (the placed parts -> the value the model holds, e.g. a QArray). Each
+part is placed by the parameter's logical axes applied to the part's shape. Stacked parts are built on
+the device: a buffer per part is allocated there and each converted layer slice is written into it in
+place (a donated dynamic-update-slice), so the host holds one source slice and its converted parts at a
+time, never a stacked array, and the device never holds the source dtype.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +52,7 @@ from tqdm.auto import tqdm
 
 from jaxmodel import storage
 from jaxmodel.config import ConfigError, MistralConfig
+from jaxmodel.hub import resolve_model
 from jaxmodel.model import MistralForCausalLM, abstract_model
 from jaxmodel.orbax_stream import _trim_malloc, _tune_malloc
 from jaxmodel.safetensors_io import SafetensorsWriter, WeightFileError, WeightFiles, shard_plan
@@ -100,8 +116,20 @@ def check_hf_weights(path: str, config: MistralConfig, *, allow_pickle: bool = F
     _open_checked(path, config, allow_pickle)
 
 
-def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=False, progress=True):
-    """The model state (flat {path: jax.Array}) read from a Hugging Face directory."""
+
+@dataclasses.dataclass(frozen=True)
+class TensorTransform:
+    """How one parameter is stored once loaded (see the module docstring)."""
+
+    parts: dict[str, tuple[tuple[int, ...], Any]]  # part -> (full shape, layer axis included; dtype)
+    convert: Callable[[np.ndarray], dict[str, np.ndarray]]  # a source slice -> its parts (no layer axis)
+    combine: Callable[[dict[str, jax.Array]], Any]  # placed parts -> the model's value
+
+
+def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=False, progress=True,
+                  transform: Callable[[tuple, Any], TensorTransform | None] | None = None):
+    """The model state (flat {path: jax.Array, or what a transform combines}) read from a Hugging Face
+    directory."""
     files, expected, by_slot = _open_checked(path, config, allow_pickle)
     sharding_of = _sharding_fn(mesh)
     _, abstract = nnx.split(abstract_model(config))
@@ -116,11 +144,45 @@ def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=F
                 bar.update(1)
                 return t.to_jax(files.get(name))
 
-            arrays[p] = _place(
-                var.shape, var.dtype, sharding_of(p, var), read, config.num_hidden_layers if stacked else None
-            )
+            layers = config.num_hidden_layers if stacked else None
+            plan = transform(p, var) if transform is not None else None
+            if plan is None:
+                arrays[p] = _place(var.shape, var.dtype, sharding_of(p, var), read, layers)
+            else:
+                arrays[p] = plan.combine(_place_parts(plan, var, mesh, read, layers))
     files.close()
     return arrays
+
+
+def _part_sharding(var, shape, mesh):
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    from jaxmodel.sharding import auto_mesh, logical_to_spec
+
+    mesh = auto_mesh(mesh)
+    return jax.sharding.NamedSharding(mesh, logical_to_spec(tuple(var.get_metadata()["out_sharding"]), shape, mesh))
+
+
+def _place_parts(plan: TensorTransform, var, mesh, read, layers: int | None) -> dict[str, jax.Array]:
+    """The parts of one transformed parameter, placed; stacked ones written layer by layer on the device."""
+    shardings = {k: _part_sharding(var, shape, mesh) for k, (shape, _) in plan.parts.items()}
+    if layers is None:
+        parts = plan.convert(np.asarray(read(None), dtype=var.dtype))
+        return {k: _place(shape, dtype, shardings[k], lambda _, v=parts[k]: v, None)
+                for k, (shape, dtype) in plan.parts.items()}
+    buffers, writers = {}, {}
+    for k, (shape, dtype) in plan.parts.items():
+        buffers[k] = jax.jit(lambda shape=shape, dtype=dtype: jnp.zeros(shape, dtype), out_shardings=shardings[k])()
+        # Layers are never sharded, so writing slice i touches each device's own buffer only (no traffic).
+        writers[k] = jax.jit(lambda buf, x, i: jax.lax.dynamic_update_slice_in_dim(buf, x, i, 0),
+                             donate_argnums=0, out_shardings=shardings[k])
+    for layer in range(layers):
+        parts = plan.convert(np.asarray(read(layer), dtype=var.dtype))
+        for k, (shape, dtype) in plan.parts.items():
+            one = _place((1, *shape[1:]), dtype, shardings[k], lambda _, v=parts[k]: v[None], None)
+            buffers[k] = writers[k](buffers[k], one, jnp.int32(layer))
+        del parts, one
+    return buffers
 
 
 def _sharding_fn(mesh):
@@ -148,22 +210,29 @@ def from_pretrained(
     mesh=None,
     allow_pickle: bool = False,
     progress: bool = True,
+    revision: str | None = None,
+    transform=None,
     **options,
 ) -> MistralForCausalLM:
-    """Loads a Hugging Face directory, an `import_hf` directory, or a training checkpoint step
-    (`WORKDIR/checkpoints/STEP`) into a `MistralForCausalLM`.
+    """Loads a Hugging Face directory or model id (`org/name`, `org/name@revision`), an `import_hf`
+    directory, or a training checkpoint step (`WORKDIR/checkpoints/STEP`) into a `MistralForCausalLM`.
 
     dtype: parameter dtype; compute_dtype: activation dtype (default: dtype); options: other
-    MistralConfig model options (attention_impl, remat, scan_layers)."""
+    MistralConfig model options (attention_impl, remat, scan_layers). transform: a per-tensor hook
+    (see `load_hf_state`; Hugging Face directories only)."""
+    path = resolve_model(path, revision=revision, allow_pickle=allow_pickle)
     path = storage.check_input_dir(path, "model directory")
     config = MistralConfig.from_hf(
         config_source(path), param_dtype=jnp.dtype(dtype).name, dtype=jnp.dtype(compute_dtype or dtype).name,
         **options
     )
     if storage.isdir(storage.join(path, PARAMS_DIR)):
+        if transform is not None:
+            raise ConvertError(f"{path}: load-time transforms read Hugging Face directories, not Orbax ones")
         arrays = _restore_orbax(storage.join(path, PARAMS_DIR), config, mesh)
     else:
-        arrays = load_hf_state(path, config, mesh=mesh, allow_pickle=allow_pickle, progress=progress)
+        arrays = load_hf_state(path, config, mesh=mesh, allow_pickle=allow_pickle, progress=progress,
+                               transform=transform)
     return _merge(config, arrays)
 
 
@@ -251,6 +320,7 @@ def import_hf(hf_dir: str, ckpt_dir: str, *, allow_pickle: bool = False, progres
     written slice by slice (peak host memory ~ one layer tensor, independent of the layer count)."""
     from jaxmodel.orbax_stream import save_streaming
 
+    hf_dir = resolve_model(hf_dir, allow_pickle=allow_pickle)
     storage.check_input_dir(hf_dir, "Hugging Face model directory")
     storage.check_output_dir(ckpt_dir)  # before any tensor is read
     config = MistralConfig.from_hf(hf_dir)
@@ -404,6 +474,7 @@ def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, progress:
     """An `import_hf` directory or a training checkpoint step (or a Hugging Face directory) -> a Hugging
     Face directory, streamed: each tensor (each layer's slice of a stacked one) is read from the files,
     converted and written on its own, so host memory holds about one tensor whatever the model's size."""
+    ckpt_dir = resolve_model(ckpt_dir)
     ckpt_dir = storage.check_input_dir(ckpt_dir, "checkpoint directory (import-hf output or WORKDIR/checkpoints/STEP)")
     storage.check_output_dir(hf_dir)  # before the weights load: a bad destination fails at once
     config = MistralConfig.from_hf(config_source(ckpt_dir))
@@ -425,4 +496,5 @@ __all__ = [
     "export_hf",
     "load_hf_state",
     "check_hf_weights",
+    "TensorTransform",
 ]

@@ -4,8 +4,9 @@ Inside:
 - `make_hf_checkpoint(path, config, seed, dtype)`: a randomly initialized transformers
   `MistralForCausalLM` saved as a Hugging Face directory (the stand-in for the downloaded model, since
   nothing can be fetched from a hub here).
-- `compare_logits(hf_dir, jax_dir, ...)`: runs transformers (eager attention, float32) and our model on
-  the same random tokens at far-out positions and reports the largest absolute logit difference.
+- `compare_logits(hf_dir, jax_dir, ...)` (directories or hub ids): runs transformers (eager attention,
+  float32) and our model on the same random tokens at far-out positions and reports the largest
+  absolute logit difference.
 - `compare_layers(hf_dir, jax_dir, ...)`: the same comparison stage by stage, holding about one layer of
   each model: the embeddings, then each decoder layer of both models fed the reference's previous hidden
   states, then the final norm and the head (the logits); reports max |difference| per stage. What
@@ -56,7 +57,9 @@ def compare_logits(
     from flax import nnx
 
     from jaxmodel.convert import check_hf_weights, from_pretrained
+    from jaxmodel.hub import resolve_model
 
+    hf_dir, jax_dir = resolve_model(hf_dir), resolve_model(jax_dir)  # hub ids -> their cached snapshots
     config = MistralConfig.from_hf(hf_dir)
     if not 1 <= length <= config.max_position_embeddings:
         raise ConfigError(f"length {length} must lie in [1, {config.max_position_embeddings}] (the model's "
@@ -117,8 +120,11 @@ def compare_layers(
 
     from jaxmodel.attention import AttentionMask
     from jaxmodel.convert import tensor_reader
+    from jaxmodel.hub import resolve_model
     from jaxmodel.model import MistralForCausalLM, RMSNorm, abstract_model, rope_cos_sin
     from jaxmodel.safetensors_io import WeightFiles
+
+    hf_dir, jax_dir = resolve_model(hf_dir), resolve_model(jax_dir)  # hub ids -> their cached snapshots
 
     config = MistralConfig.from_hf(hf_dir, param_dtype="float32", dtype="float32")
     ref_files = WeightFiles.open(hf_dir)

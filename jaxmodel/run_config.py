@@ -2,7 +2,13 @@
 
 Inside: `SECTIONS`, `load_run_config(path, overrides)`, `model_config(tree)`, `mesh_shape(tree)`,
 `from_section(cls, tree, name)`, `where(tree, key)`, `check_types`, and `ConfigError` for every problem: one
-line naming the culprit, `FILE:LINE` for a key from the YAML file, `--set key=value` for an override.
+line naming the culprit, `FILE:LINE` for a key from the YAML file, `--set key=value` for an override;
+`find_config(name_or_path)`, `bundled_config_dir()`, `bundled_configs()`.
+
+A config is named by its file path or by the name of a bundled one (`tiny-cpu` or `tiny-cpu.yaml`): the
+files in the repository's `configs/` ship inside the package (installed as the `normistral_configs`
+package, see setup.py), so `normistral train --config tiny-cpu` works from any directory after a plain
+`pip install`. An existing file wins over a bundled name.
 
 A run config is one YAML file with sections; each package reads its own (`model` and `mesh` here,
 `train`, `data`, `checkpoint` in training/, `inference` in inference/), each into a small frozen
@@ -95,16 +101,43 @@ def _set(tree: dict, dotted: str, value: Any, item: str) -> None:
     tree["_origins"][dotted] = origin
 
 
+def bundled_config_dir() -> str:
+    """Where the bundled configs are: the installed `normistral_configs` package, or the checkout's configs/."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("normistral_configs")
+    if spec is not None and spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def bundled_configs() -> list[str]:
+    """The bundled config names (file names without .yaml)."""
+    folder = bundled_config_dir()
+    return sorted(n[:-5] for n in os.listdir(folder) if n.endswith(".yaml")) if os.path.isdir(folder) else []
+
+
+def find_config(name: str) -> str:
+    """The file for a config path or a bundled config name (with or without .yaml, or configs/NAME.yaml)."""
+    if os.path.isfile(name):
+        return name
+    base = os.path.basename(name)
+    base = base[:-5] if base.endswith(".yaml") else base
+    if os.path.dirname(name) in ("", "configs") and base in bundled_configs():
+        return os.path.join(bundled_config_dir(), base + ".yaml")
+    raise ConfigError(f"{name}: config file not found (bundled configs: {', '.join(bundled_configs())})")
+
+
 def load_run_config(path: str, overrides: list[str] = ()) -> dict:
-    """The parsed YAML with `key.sub=value` overrides applied (values parsed as YAML scalars).
+    """The parsed YAML with `key.sub=value` overrides applied (values parsed as YAML scalars). `path` is
+    a file or a bundled config name (see find_config).
 
     Refuses a top-level key that is not one of SECTIONS (a misspelled `optimiser:` would otherwise drop
     the user's settings silently); errors name the file and line, or the `--set` argument."""
     shown = os.fspath(path)
     if os.path.isdir(path):
         raise ConfigError(f"{shown}: is a directory, expected a YAML run config file")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{shown}: config file not found")
+    path = find_config(path)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

@@ -72,16 +72,17 @@ def test_generate_bad_inputs_exit_2_with_one_line(tiny_dir, tmp_path, capsys, ca
     assert sorted(p.name for p in tmp_path.iterdir()) in (["in.jsonl"], [])  # no output, no temp file left
 
 
-def test_compile_check_decode_for_a_tpu_slice():
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_compile_check_decode_for_a_tpu_slice(quantize):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
     cmd = [sys.executable, "-m", "normistral", "compile-check", "--config", "configs/tiny-tpu-check.yaml",
-           "--topology", "v5e:2x2", "--mode", "decode", "--set", "inference.quantize=int8",
+           "--topology", "v5e:2x2", "--mode", "decode", "--set", f"inference.quantize={quantize}",
            "--set", "inference.kv_cache_dtype=int8", "--json"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["mode"] == "decode" and report["devices"] == 4 and report["device_kind"] == "TPU v5 lite"
-    assert report["quantize"] == "int8" and report["kv_cache_dtype"] == "int8"
+    assert report["quantize"] == quantize and report["kv_cache_dtype"] == "int8"
     assert report["batch_size"] == 8 and report["prompt_length"] + report["new_tokens"] == report["max_length"]
     assert report["fits"] and report["decode_step"]["fits"]
     assert report["decode_step"]["alias_bytes"] > 0  # the donated cache is updated in place
@@ -90,7 +91,7 @@ def test_compile_check_decode_for_a_tpu_slice():
     assert engine["decode_step"]["alias_bytes"] > 0 and engine["prefill_step"]["alias_bytes"] > 0
 
 
-@pytest.mark.parametrize("name", ["v5e-1-int8", "v5e-4", "v6e-1", "gpu-80gb"])
+@pytest.mark.parametrize("name", ["v5e-1-int8", "v5e-4", "v6e-1", "gpu-80gb", "v5e-1-int4", "8gb-int4"])
 def test_inference_configs_parse(name):
     from inference.aot import inference_options
     from jaxmodel import run_config
@@ -99,4 +100,5 @@ def test_inference_configs_parse(name):
     config, opts = run_config.model_config(tree), inference_options(tree)
     assert config.num_hidden_layers == 40 and config.param_dtype == "bfloat16"
     assert opts.max_length <= config.max_position_embeddings
-    assert (opts.quantize == "int8") == (name == "v5e-1-int8")
+    assert opts.quantize == {"v5e-1-int8": "int8", "v5e-1-int4": "int4", "8gb-int4": "int4"}.get(name)
+    assert opts.memory_gib == (8 if name == "8gb-int4" else None)

@@ -104,3 +104,107 @@ def test_generator_from_pretrained_int8(tiny_dir):
     assert isinstance(gen.model.lm_head[...], QArray)
     out = gen.generate(["Hei på deg", "Engelsk: I like cheese."], max_new_tokens=6, stop="\n")
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
+
+
+# -- streaming quantization at load, and int4 -------------------------------------------------------------
+
+
+def _flat(model):
+    return {tuple(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.split(model)[1])}
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_streaming_load_equals_quantizing_after_a_full_load(tiny_dir, mode):
+    from inference.quantize import load_transform
+
+    streamed = from_pretrained(tiny_dir, dtype=jnp.bfloat16, progress=False, transform=load_transform(mode, 32))
+    after = quantize_model(from_pretrained(tiny_dir, dtype=jnp.bfloat16, progress=False), mode, group_size=32)
+    a, b = _flat(streamed), _flat(after)
+    assert a.keys() == b.keys()
+    for key in a:
+        if key in QUANTIZED:
+            want = "int8" if key in (("embed_tokens",), ("lm_head",)) else mode  # int4 keeps the tables int8
+            assert isinstance(a[key], QArray) and a[key].axis == b[key].axis and a[key].mode == want, key
+            np.testing.assert_array_equal(np.asarray(a[key].q), np.asarray(b[key].q))
+            np.testing.assert_array_equal(np.asarray(a[key].scale), np.asarray(b[key].scale))
+        else:
+            np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+
+
+def _int4_reference(w: np.ndarray, axis: int, group: int) -> np.ndarray:
+    """Group-wise symmetric int4 in float64 NumPy: the dequantized weight."""
+    w = np.moveaxis(w.astype(np.float64), axis, -1)
+    g = w.reshape(*w.shape[:-1], w.shape[-1] // group, group)
+    absmax = np.abs(g).max(-1, keepdims=True)
+    scale = np.where(absmax > 0, absmax / 7, 1.0)
+    deq = (np.clip(np.round(g / scale), -7, 7) * scale).reshape(w.shape)
+    return np.moveaxis(deq, -1, axis)
+
+
+def test_int4_groups_match_a_numpy_reference():
+    w = np.asarray(jax.random.normal(jax.random.key(1), (3, 256, 4, 8))) * np.linspace(0.1, 3, 256)[:, None, None]
+    qa = quantize_array(jnp.asarray(w, jnp.float32)[0], (0,), "int4", group_size=64)  # [D=256, N, H], D input
+    assert qa.q.dtype == jnp.int4 and qa.q.shape == (256, 4, 8) and qa.scale.shape == (4, 4, 8)
+    assert qa.axis == -3 and qa.nbytes == 256 * 32 // 2 + 4 * 32 * 4  # half a byte per value
+    np.testing.assert_allclose(np.asarray(qa.astype(jnp.float32)), _int4_reference(w[0], 0, 64), rtol=1e-6,
+                               atol=1e-6)
+    values = np.asarray(qa.q).astype(np.int8)
+    assert np.abs(values).max() == 7
+    np.testing.assert_allclose(values * np.repeat(np.asarray(qa.scale), 64, axis=0),
+                               np.asarray(qa.astype(jnp.float32)), rtol=1e-6)
+    # o_proj layout [L, N, H, D] with inputs (N, H): groups along H; scale keeps N; after the layer axis is
+    # sliced off (as the scan does) the negative axis still names H.
+    o = quantize_array(jnp.asarray(w.reshape(3, 8, 128, 8)), (1, 2), "int4", group_size=32)
+    assert o.q.shape == (3, 8, 128, 8) and o.scale.shape == (3, 8, 4, 8)
+    np.testing.assert_allclose(np.asarray(o[1].astype(jnp.float32)),
+                               _int4_reference(w.reshape(3, 8, 128, 8)[1], 1, 32), rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def int4_model(tiny_dir):
+    return Generator.from_pretrained(tiny_dir, dtype=jnp.bfloat16, quantize="int4", group_size=32).model
+
+
+def test_int4_next_tokens_and_kl_against_bfloat16(tiny_model, bf16_and_int8, int4_model):
+    bf16, int8 = bf16_and_int8
+    ids = np.random.default_rng(0).integers(4, tiny_model.config.vocab_size, size=(8, 48))
+    lb, l8, l4 = _logits(bf16, ids), _logits(int8, ids), _logits(int4_model, ids)
+    agree4, agree8 = float((l4.argmax(-1) == lb.argmax(-1)).mean()), float((l8.argmax(-1) == lb.argmax(-1)).mean())
+    kl4, kl8 = _kl(lb, l4), _kl(lb, l8)
+    print(f"\nvs bf16: int4 (group 32) agreement {agree4:.3f}, KL {kl4:.2e}; int8 agreement {agree8:.3f}, KL {kl8:.2e}")
+    assert kl8 < kl4 <= 1e-2  # 4 bits lose more than 8, and still little on this near-uniform model
+    assert agree4 >= 0.6
+
+
+def test_int4_quarter_memory_and_sharded_generation(tiny_dir, int4_model):
+    bf16 = from_pretrained(tiny_dir, dtype=jnp.bfloat16, progress=False)
+    ratio = param_bytes(int4_model) / param_bytes(bf16)
+    tables = 2 * int4_model.config.vocab_size * int4_model.config.hidden_size / param_bytes(bf16) * 2  # bf16 share
+    # layers: 0.25 + float32 scales per 32 inputs (1/16 of bf16); the int8 tables: 0.5 (+ scales); norms.
+    assert ratio <= 0.33 * (1 - tables) + 0.52 * tables + 0.01, (ratio, tables)
+    prompts = random_prompts(int4_model.config.vocab_size, (4, 30), seed=2)
+    single = generate(int4_model, *left_pad(prompts), max_new_tokens=8)
+    mesh = make_mesh((2, 1, 4))  # streamed straight onto the mesh, each part placed by the rules
+    sharded = Generator.from_pretrained(tiny_dir, dtype=jnp.bfloat16, quantize="int4", group_size=32, mesh=mesh)
+    assert sharded.model.layers.mlp.gate_proj[...].q.sharding.mesh.shape["tensor"] == 4
+    np.testing.assert_array_equal(generate(sharded.model, *left_pad(prompts), max_new_tokens=8), single)
+
+
+def test_int4_11b_arithmetic_on_abstract_shapes():
+    config = MistralConfig.normistral_11b_long(dtype="bfloat16", param_dtype="bfloat16")
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    _, state = abstract_state(abstract_model(config), mesh)
+    int4 = abstract_quantized_state(state, mesh, "int4")
+    from inference.quantize import _nbytes
+
+    total = sum(_nbytes(x) for x in jax.tree.leaves(int4))  # int4 counted at half a byte, as XLA stores it
+    # 10.92e9 layer weights x 0.5 bytes + one float32 scale per 128 of them (0.34 GB) + the embedding and
+    # lm_head in int8 (0.52 GB) + norms.
+    assert 6.3e9 < total < 6.4e9, total
+
+
+def test_cli_quantize_choices_are_the_library_modes():
+    import normistral
+    from inference.quantize import MODES
+
+    assert normistral.QUANTIZE_CHOICES == MODES
