@@ -73,39 +73,21 @@ def integer(text: str) -> int:
     return _number(text, int)
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _ranged(kind, accept, what: str):
+    """An argparse type: `kind` parsed by `_number`, refused unless `accept(value)`, naming `what`."""
+    def parse(text: str):
+        value = _number(text, kind)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must {what}, got {text.strip()}")
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
-    return value
-
-
-def unit_interval(text: str) -> float:
-    value = _number(text, float)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
-    return value
+positive_int = _ranged(int, lambda v: v > 0, "be a positive integer")
+non_negative_int = _ranged(int, lambda v: v >= 0, "be a non-negative integer")
+positive_float = _ranged(float, lambda v: v > 0, "be a positive number")
+non_negative_float = _ranged(float, lambda v: v >= 0, "be a non-negative number")
+unit_interval = _ranged(float, lambda v: 0 < v <= 1, "lie in (0, 1]")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -56,19 +56,12 @@ def compare_logits(
     import jax
     from flax import nnx
 
-    from jaxmodel.convert import check_hf_weights, from_pretrained
+    from jaxmodel.convert import from_pretrained
     from jaxmodel.hub import resolve_model
 
     hf_dir, jax_dir = resolve_model(hf_dir), resolve_model(jax_dir)  # hub ids -> their cached snapshots
     config = MistralConfig.from_hf(hf_dir)
-    if not 1 <= length <= config.max_position_embeddings:
-        raise ConfigError(f"length {length} must lie in [1, {config.max_position_embeddings}] (the model's "
-                          "context)")
-    if offset < 0:
-        raise ConfigError(f"offset {offset} must be non-negative")
-    # Every input is checked before the comparison starts: transformers' own errors on a truncated file or
-    # a config.json that disagrees with the weights are tracebacks, ours are one line naming the file.
-    check_hf_weights(hf_dir, config)
+    _check_inputs(hf_dir, config, length, offset)
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, config.vocab_size, size=(batch, length))
     positions = np.broadcast_to(np.arange(length) + offset, (batch, length)).copy()
@@ -95,6 +88,19 @@ def _reference_mask(length: int, window: int | None):
     if window is not None:
         allowed &= j > i - window
     return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]
+
+
+def _check_inputs(hf_dir: str, config: MistralConfig, length: int, offset: int) -> None:
+    """Every input checked before a comparison starts: transformers' own errors on a truncated file or a
+    config.json that disagrees with the weights are tracebacks, ours are one line naming the file."""
+    from jaxmodel.convert import check_hf_weights
+
+    if not 1 <= length <= config.max_position_embeddings:
+        raise ConfigError(f"length {length} must lie in [1, {config.max_position_embeddings}] (the model's "
+                          "context)")
+    if offset < 0:
+        raise ConfigError(f"offset {offset} must be non-negative")
+    check_hf_weights(hf_dir, config)
 
 
 def compare_layers(
@@ -127,6 +133,7 @@ def compare_layers(
     hf_dir, jax_dir = resolve_model(hf_dir), resolve_model(jax_dir)  # hub ids -> their cached snapshots
 
     config = MistralConfig.from_hf(hf_dir, param_dtype="float32", dtype="float32")
+    _check_inputs(hf_dir, config, length, offset)
     ref_files = WeightFiles.open(hf_dir)
     ours = tensor_reader(jax_dir, config)
     rng = np.random.default_rng(seed)
@@ -169,7 +176,8 @@ def compare_layers(
 
         @jax.jit
         def our_layer(state, h):
-            return nnx.merge(layers_def, state)(h, cos, sin, mask, config.attention_impl)
+            out, _ = nnx.merge(layers_def, state)(h, cos, sin, mask, config.attention_impl)  # (hidden, kv)
+            return out
 
         for i in tqdm(range(config.num_hidden_layers), desc="comparing layers", unit="layer", disable=not progress):
             ref_layer.load_state_dict({n: ref_tensor(f"model.layers.{i}.{n}") for n in names})

@@ -385,9 +385,7 @@ def check_output_dir(path, *, create_parents: bool = True) -> str:
     target = resolve(path)
     shown = os.fspath(path)
     if is_remote(target):
-        b = bucket(target)
-        if not exists(b):
-            raise StorageError(f"{shown}: bucket {b} does not exist")
+        check_bucket(path)
         if exists(join(target, COMMITTED)) or (listdir(target) and not exists(join(target, WRITING))):
             raise StorageError(f"{shown}: output directory already exists and is not empty")
         return target
@@ -404,9 +402,7 @@ def check_output_file(path) -> str:
     target = resolve(path)
     shown = os.fspath(path)
     if is_remote(target):
-        b = bucket(target)
-        if not exists(b):
-            raise StorageError(f"{shown}: bucket {b} does not exist")
+        check_bucket(path)
         if isdir(target):
             raise StorageError(f"{shown}: is a directory, expected a file")
         return target

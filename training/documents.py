@@ -53,14 +53,19 @@ def _jsonl_documents(path: str) -> Iterator[str]:
                 yield text
 
 
-def _text_documents(path: str) -> Iterator[str]:
+def text_blocks(lines) -> Iterator[str]:
+    """Documents of a plain-text file's lines: runs of non-blank lines, split by blank lines."""
     block: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                block.append(line.rstrip("\n"))
-            elif block:
-                yield "\n".join(block)
-                block = []
+    for line in lines:
+        if line.strip():
+            block.append(line.rstrip("\n"))
+        elif block:
+            yield "\n".join(block)
+            block = []
     if block:
         yield "\n".join(block)
+
+
+def _text_documents(path: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        yield from text_blocks(f)

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 
 from jaxmodel import storage
 from jaxmodel.checks import json_problem
-from training.documents import DataError
+from training.documents import DataError, text_blocks
 
 JSONL = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 TEXT = (".txt", ".txt.gz", ".txt.zst")
@@ -257,16 +257,8 @@ def _jsonl(path: str, start: int, stop: int) -> Iterator[str]:
 
 
 def _text(path: str) -> Iterator[str]:
-    block: list[str] = []
     with io.TextIOWrapper(_open_bytes(path), encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                block.append(line.rstrip("\n"))
-            elif block:
-                yield "\n".join(block)
-                block = []
-    if block:
-        yield "\n".join(block)
+        yield from text_blocks(f)
 
 
 def _strings(path: str, values: list, first_row: int, text_column: str) -> Iterator[str]:

@@ -6,6 +6,9 @@ loads NorMistral's. The model's vocabulary is the tokenizer's size, so every gen
 The context (max_position_embeddings) is 512, so "longer than the context" is cheap to build.
 """
 
+import contextlib
+
+import jax
 import numpy as np
 import pytest
 
@@ -78,3 +81,19 @@ def left_pad(prompts, pad: int = 0):
         ids[b, length - len(p):] = p
         mask[b, length - len(p):] = 1
     return ids, mask
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Counts XLA backend compilations inside the block (the list grows as they happen)."""
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

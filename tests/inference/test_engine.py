@@ -3,7 +3,6 @@ under a mixed workload (more requests than slots, arrivals while others decode, 
 tokens, stop strings, max tokens), no recompilation in steady state, slots freed the step a row stops,
 int8 weights and int8 KV cache, EOS never in a completion, and Generator on the engine."""
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ from inference import Generator, generate, quantize_model
 from inference.engine import Engine, EngineError, EngineFull, Request, _decode_step, _prefill_step
 from jaxmodel import from_pretrained
 
-from .conftest import left_pad, random_prompts
+from .conftest import count_compiles, left_pad, random_prompts
 
 N_REQUESTS = 36
 SLOTS = 4
@@ -103,21 +102,6 @@ def test_engine_greedy_matches_transformers_each_prompt_alone(tiny_model, tokeni
     assert engine.metrics()["finished_requests_total"] == N_REQUESTS and engine.active_slots == 0
 
 
-@contextlib.contextmanager
-def _count_compiles():
-    events = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
-
 def test_no_recompilation_in_steady_state(tiny_model):
     engine = Engine(tiny_model, slots=SLOTS, max_model_len=512, prefill_chunk=64, prefill_rows=2)
     shapes = engine.warmup()
@@ -125,7 +109,7 @@ def test_no_recompilation_in_steady_state(tiny_model):
     sizes = _prefill_step._cache_size(), _decode_step._cache_size()
     rng = np.random.default_rng(5)
     vocab = tiny_model.config.vocab_size
-    with _count_compiles() as compiles:
+    with count_compiles() as compiles:
         for wave in range(2):
             lengths = rng.integers(1, 200, size=10)
             reqs = [Request(p.tolist(), max_tokens=int(rng.integers(1, 12)), stop_ids=frozenset({int(s)}))

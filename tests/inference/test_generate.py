@@ -1,6 +1,5 @@
 """Generation: parity with transformers' generate, cached == uncached logits, buckets, errors, sampling, meshes."""
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,7 @@ from inference.kv_cache import empty_cache
 from jaxmodel import from_pretrained
 from jaxmodel.sharding import make_mesh
 
-from .conftest import left_pad, random_prompts
+from .conftest import count_compiles, left_pad, random_prompts
 
 PAD = 3
 LENGTHS = (3, 17, 60)  # very different lengths in one batch (buckets: prompt 64, batch 4)
@@ -149,27 +148,12 @@ def test_buckets():
     assert bucket_batch(1, multiple=2) == 2
 
 
-@contextlib.contextmanager
-def _count_compiles():
-    events = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
-
 def test_no_recompilation_for_new_prompts_in_the_same_bucket(tiny_model):
     vocab = tiny_model.config.vocab_size
     first = left_pad(random_prompts(vocab, (5, 9, 12), seed=1))  # batch bucket 4, prompt bucket 16
     generate(tiny_model, *first, max_new_tokens=10)  # width bucket 16
     size = _generate_jit._cache_size()
-    with _count_compiles() as compiles:
+    with count_compiles() as compiles:
         for seed, lengths, new in ((2, (3, 14, 7, 11), 12), (4, (8, 16, 1), 9)):
             generate(tiny_model, *left_pad(random_prompts(vocab, lengths, seed)), max_new_tokens=new,
                      eos_token_ids=[seed])
