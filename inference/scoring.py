@@ -45,10 +45,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from inference.quantize import QArray
-from jaxmodel.attention import AttentionMask
-from jaxmodel.model import ACT_BTD, rope_cos_sin
-from jaxmodel.sharding import auto_mesh, constrain, logical_to_spec
+from jaxmodel.sharding import auto_mesh, logical_to_spec
 
 MIN_ROW = 512  # default shortest row: short requests are packed several to a row
 MIN_SCORED = 8
@@ -202,16 +199,10 @@ def _layout(rows: list[list[_Host]], row_len: int, n_rows: int, multiple: int) -
 
 
 def _hidden(model, ids, positions, segment_ids):
-    """`model.hidden` (causal, packed segments), with an int8 embedding table read through its QArray
-    (`jnp.take` cannot index one); the layers, norms and RoPE are the model's own."""
-    cfg = model.config
-    table = model.embed_tokens[...]
-    x = table.take(ids, cfg.compute_dtype) if isinstance(table, QArray) else model.embed(ids)
-    x = constrain(x, ACT_BTD)
-    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-    mask = AttentionMask.for_sequence(segment_ids, causal=True, window=cfg.sliding_window)
-    h, _ = model.run_layers(x, cos, sin, mask)
-    return model.norm(h)
+    """Final normed hidden states of packed rows (causal, per segment): the model's own forward (its
+    embedding reads an int8 table through the QArray)."""
+    h, _ = model.hidden(ids, positions, segment_ids)
+    return h
 
 
 def _score(graphdef, state, ids, positions, segment_ids, score_index, targets, slots):

@@ -66,14 +66,14 @@ def test_bad_gcs_paths_exit_2_with_one_line(gcs_model, capsys, case):
     bkt = gcs_model
     model, prompts, out = f"{bkt}/model", f"{bkt}/in.jsonl", f"{bkt}/out.jsonl"
     if case == "missing_model":
-        model, needle = f"{bkt}/nothing", f"{bkt}/nothing: model directory not found"
+        model, needle = f"{bkt}/nothing", f"{bkt}/nothing: no such file or directory"
     elif case == "missing_bucket":
         model, needle = "gs://no-such-bucket-i11/model", "bucket gs://no-such-bucket-i11 does not exist"
     elif case == "uncommitted_model":
         storage.remove(f"{model}/{storage.COMMITTED}")  # as a killed upload leaves it: _WRITING only
         needle = f"{model}: uncommitted model directory"
     elif case == "missing_input":
-        prompts, needle = f"{bkt}/none.jsonl", f"{bkt}/none.jsonl: input file not found"
+        prompts, needle = f"{bkt}/none.jsonl", f"{bkt}/none.jsonl: no such file or directory"
     else:
         out, needle = "gs://no-such-bucket-i11/out.jsonl", "bucket gs://no-such-bucket-i11 does not exist"
     with pytest.raises(SystemExit) as exit_info:
