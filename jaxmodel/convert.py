@@ -347,10 +347,8 @@ def import_hf(hf_dir: str, ckpt_dir: str, *, allow_pickle: bool = False, progres
     files.close()
 
 
-def _restore_orbax(params_dir: str, config: MistralConfig, mesh) -> dict:
-    import orbax.checkpoint as ocp
-
-    sharding_of = _sharding_fn(mesh)
+def _orbax_target(config: MistralConfig, sharding_of=None) -> dict:
+    """The nested tree of abstract arrays an Orbax params/ item restores into (with shardings if given)."""
     _, abstract = nnx.split(abstract_model(config))
     target: dict = {}
     for p, var in nnx.to_flat_state(abstract):
@@ -358,7 +356,15 @@ def _restore_orbax(params_dir: str, config: MistralConfig, mesh) -> dict:
         node = target
         for key in p[:-1]:
             node = node.setdefault(key, {})
-        node[p[-1]] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding_of(p, var))
+        sharding = None if sharding_of is None else sharding_of(p, var)
+        node[p[-1]] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)
+    return target
+
+
+def _restore_orbax(params_dir: str, config: MistralConfig, mesh) -> dict:
+    import orbax.checkpoint as ocp
+
+    target = _orbax_target(config, _sharding_fn(mesh))
     checkpointer = ocp.StandardCheckpointer()
     _check_orbax_metadata(checkpointer, params_dir, target)
     try:
@@ -457,7 +463,12 @@ def tensor_reader(path: str, config: MistralConfig, *, allow_pickle: bool = Fals
                 except ValueError as e:
                     raise ConvertError(f"{params}: cannot read {'.'.join(p)} ({str(e).splitlines()[0]})") from None
             array = opened[p] if layer is None else opened[p][layer]
-            return np.asarray(array.read().result())
+            try:
+                return np.asarray(array.read().result())
+            except Exception as e:  # noqa: BLE001 (TensorStore raises bare Exceptions for unreadable chunks)
+                first = (str(e).splitlines() or [type(e).__name__])[0].split(" See full TensorStore details")[0]
+                raise ConvertError(f"{params}: cannot read {'.'.join(p)}, the Orbax checkpoint's files are "
+                                   f"truncated or corrupt ({first[:300]})") from None
 
         return read
     files, _, by_slot = _open_checked(path, config, allow_pickle)
@@ -478,6 +489,11 @@ def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, progress:
     ckpt_dir = storage.check_input_dir(ckpt_dir, "checkpoint directory (import-hf output or WORKDIR/checkpoints/STEP)")
     storage.check_output_dir(hf_dir)  # before the weights load: a bad destination fails at once
     config = MistralConfig.from_hf(config_source(ckpt_dir))
+    params_dir = storage.join(ckpt_dir, PARAMS_DIR)
+    if storage.isdir(params_dir):  # shapes vs config.json from the metadata, before any array is read
+        import orbax.checkpoint as ocp
+
+        _check_orbax_metadata(ocp.StandardCheckpointer(), params_dir, _orbax_target(config))
     read = tensor_reader(ckpt_dir, config)
     _write_hf(config, hf_dir, lambda t: read(t.rule.path, t.layer), dtype=dtype, max_shard_bytes=max_shard_bytes,
               progress=progress)

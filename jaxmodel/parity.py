@@ -124,6 +124,7 @@ def compare_layers(
     from tqdm.auto import tqdm
     from transformers.models.mistral import modeling_mistral as hf_mistral
 
+    from jaxmodel import storage
     from jaxmodel.attention import AttentionMask
     from jaxmodel.convert import tensor_reader
     from jaxmodel.hub import resolve_model
@@ -131,7 +132,8 @@ def compare_layers(
     from jaxmodel.safetensors_io import WeightFiles
 
     hf_dir, jax_dir = resolve_model(hf_dir), resolve_model(jax_dir)  # hub ids -> their cached snapshots
-
+    storage.check_input_dir(hf_dir, "Hugging Face model directory")
+    storage.check_input_dir(jax_dir, "model directory")
     config = MistralConfig.from_hf(hf_dir, param_dtype="float32", dtype="float32")
     _check_inputs(hf_dir, config, length, offset)
     ref_files = WeightFiles.open(hf_dir)
