@@ -57,6 +57,16 @@ FREE, PREFILL, DECODE = 0, 1, 2
 TOP_LOGPROBS = 5  # alternatives computed per token (OpenAI's completions API allows at most 5)
 
 
+
+def _host(x) -> np.ndarray:
+    """A step output on the host; on a mesh spanning processes (every process runs the same schedule),
+    gathered from all of them."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
 class EngineError(GenerateError):
     """A request the engine cannot take (the message says why, in one line)."""
 
@@ -390,7 +400,7 @@ class Engine:
         out = self._call(_prefill_step, self.graphdef, sample, bool(reqs[0].prompt_logprobs), self.state, self.cache,
                          rows, ids, mask, start, targets, *sampling)
         self.cache = out[-1]
-        token, lp, top_lp, top_ids, t_lp, pt_lp, pt_ids = (np.asarray(x) for x in out[:-1])
+        token, lp, top_lp, top_ids, t_lp, pt_lp, pt_ids = (_host(x) for x in out[:-1])
         self.prefill_calls += 1
         now = time.perf_counter()
         for i, (b, r) in enumerate(zip(group, reqs)):
@@ -416,7 +426,7 @@ class Engine:
         out = self._call(_decode_step, self.graphdef, sample, self.state, self.cache, self.last_token, active,
                          self.temperature, self.top_k, self.top_p, self.seeds, self.streams, steps)
         self.cache = out[-1]
-        token, lp, top_lp, top_ids = (np.asarray(x) for x in out[:-1])
+        token, lp, top_lp, top_ids = (_host(x) for x in out[:-1])
         self.decode_steps += 1
         now = time.perf_counter()
         for b in np.flatnonzero(active):
