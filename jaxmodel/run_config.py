@@ -135,9 +135,12 @@ def load_run_config(path: str, overrides: list[str] = ()) -> dict:
     Refuses a top-level key that is not one of SECTIONS (a misspelled `optimiser:` would otherwise drop
     the user's settings silently); errors name the file and line, or the `--set` argument."""
     shown = os.fspath(path)
-    if os.path.isdir(path):
-        raise ConfigError(f"{shown}: is a directory, expected a YAML run config file")
-    path = find_config(path)
+    try:
+        path = find_config(path)  # a file wins, then a bundled name (a directory of that name does not)
+    except ConfigError:
+        if os.path.isdir(path):
+            raise ConfigError(f"{shown}: is a directory, expected a YAML run config file") from None
+        raise
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

@@ -26,7 +26,7 @@ def data(tmp_path_factory, tokenizer_dir):
     """Prepared directories: the model's 1024-token tokenizer at 128 and at 64 tokens per row, the
     2048-token tokenizer at 128 (a larger vocabulary than the model's), and a copy of the first with one
     token id past the vocabulary (an index without max_token_id, as data from an older prepare-data)."""
-    from training.data import prepare_data
+    from training.prepare import prepare_data
     from training.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("validate")
@@ -35,7 +35,7 @@ def data(tmp_path_factory, tokenizer_dir):
     out = {"tok1024": tok1024, "tok2048": tokenizer_dir}
     for name, tok, seq in (("d128", tok1024, 128), ("d64", tok1024, 64), ("big_vocab", tokenizer_dir, 128)):
         out[name] = str(root / name)
-        prepare_data(tok, SOURCES, out[name], seq, progress=False)
+        prepare_data(tok, SOURCES, out[name], seq, workers=1, progress=False)
     out["bad_id"] = str(root / "bad_id")
     shutil.copytree(out["d128"], out["bad_id"])
     index_path = os.path.join(out["bad_id"], "index.json")
@@ -195,7 +195,7 @@ def test_the_shipped_configs_pass(tmp_path):
 
 
 def test_prepare_data_refuses_a_vocabulary_larger_than_the_model(data, tmp_path):
-    from training.data import prepare_data
+    from training.prepare import prepare_data
 
     out = str(tmp_path / "out")
     with pytest.raises(ValidationError, match="2048-token vocabulary, but the model's vocab_size is 1024"):
