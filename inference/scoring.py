@@ -45,7 +45,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxmodel.sharding import auto_mesh, logical_to_spec
+from inference.generate import _mesh_of
+from jaxmodel.sharding import logical_to_spec
 
 MIN_ROW = 512  # default shortest row: short requests are packed several to a row
 MIN_SCORED = 8
@@ -234,14 +235,6 @@ def _score(graphdef, state, ids, positions, segment_ids, score_index, targets, s
 
 
 _score_jit = jax.jit(_score, static_argnums=0)
-
-
-def _mesh_of(state):
-    for leaf in jax.tree.leaves(state):
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
-            return auto_mesh(sharding.mesh)
-    return None
 
 
 class Scorer:

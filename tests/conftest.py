@@ -126,3 +126,12 @@ def gcs_bucket(gcs_emulator):
     name = f"test-{uuid.uuid4().hex[:8]}"
     fsspec.filesystem("gs", skip_instance_cache=True).mkdir(name)
     return f"gs://{name}"
+
+
+@pytest.fixture(scope="module")
+def repo_cwd():
+    """Runs a test module from the repository root (lm-eval task YAMLs name their data files from there)."""
+    previous = os.getcwd()
+    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    yield
+    os.chdir(previous)

@@ -23,13 +23,7 @@ TASKS = os.path.join(ROOT, "tests", "inference", "eval_tasks")
 ALL_TASKS = "nm_sentiment,nm_perplexity,nm_translate"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _repo_cwd():
-    """The task YAMLs name their data files relative to the repository root."""
-    previous = os.getcwd()
-    os.chdir(ROOT)
-    yield
-    os.chdir(previous)
+pytestmark = pytest.mark.usefixtures("repo_cwd")  # the task YAMLs name data relative to the repo
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,7 @@ CONTEXTS = [
 CONTINUATIONS = [" Bare bra, takk.", " positiv", "Jeg liker ost.", "x"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _repo_cwd():
-    """The task YAMLs name their data files relative to the repository root."""
-    previous = os.getcwd()
-    os.chdir(REPO)
-    yield
-    os.chdir(previous)
+pytestmark = pytest.mark.usefixtures("repo_cwd")  # the task YAMLs name data relative to the repo
 
 
 @pytest.fixture(scope="module")
