@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -206,15 +207,16 @@ class _Shards:
         self.segments = np.zeros((rows, self.seq_len), np.int32)
         self.used = 0
 
-    def add_row(self, tokens: list[int], segments: list[int]) -> None:
+    def open_row(self) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, segments) views of the next row (pad and 0 until written); `commit_row` keeps it."""
         if self.used == len(self.tokens):  # grow (doubling, up to a shard)
             old_t, old_s = self.tokens, self.segments
             self._new_buffer(min(2 * len(old_t), self.rows_per_shard))
             self.tokens[:len(old_t)], self.segments[:len(old_s)] = old_t, old_s
             self.used = len(old_t)
-        n = len(tokens)
-        self.tokens[self.used, :n] = tokens
-        self.segments[self.used, :n] = segments
+        return self.tokens[self.used], self.segments[self.used]
+
+    def commit_row(self) -> None:
         self.used += 1
         if self.used == self.rows_per_shard:
             self.flush()
@@ -272,34 +274,42 @@ def _write_json(path: str, value) -> None:
 
 
 class _Packer:
-    """Greedy packing of one unit's documents into rows (see the module docstring)."""
+    """Greedy packing of one unit's documents into rows (see the module docstring), written straight into
+    the shard buffers (numpy slices: no per-token Python work)."""
 
     def __init__(self, out: _Shards):
         self.out, self.seq_len = out, out.seq_len
-        self.tokens: list[int] = []
-        self.segments: list[int] = []
+        self.row: tuple[np.ndarray, np.ndarray] | None = None
+        self.fill = 0
+        self.segment = 0
 
-    def add(self, doc: list[int]) -> None:
+    def add(self, doc: np.ndarray) -> None:
         t = self.seq_len
         if len(doc) > t:
             self.close_row()
             full = len(doc) - len(doc) % t
-            ones = [1] * t
             for start in range(0, full, t):
-                self.out.add_row(doc[start:start + t], ones)
+                tokens, segments = self.out.open_row()
+                tokens[:] = doc[start:start + t]
+                segments[:] = 1
+                self.out.commit_row()
             doc = doc[full:]
-            if not doc:
+            if not len(doc):
                 return
-        if len(self.tokens) + len(doc) > t:
+        if self.fill + len(doc) > t:
             self.close_row()
-        segment = (self.segments[-1] + 1) if self.segments else 1
-        self.tokens += doc
-        self.segments += [segment] * len(doc)
+        if self.row is None:
+            self.row, self.fill, self.segment = self.out.open_row(), 0, 0
+        self.segment += 1
+        tokens, segments = self.row
+        tokens[self.fill:self.fill + len(doc)] = doc
+        segments[self.fill:self.fill + len(doc)] = self.segment
+        self.fill += len(doc)
 
     def close_row(self) -> None:
-        if self.tokens:
-            self.out.add_row(self.tokens, self.segments)
-            self.tokens, self.segments = [], []
+        if self.row is not None:
+            self.out.commit_row()
+            self.row, self.fill = None, 0
 
 
 def run_unit(job: dict, i: int, work_dir: str) -> dict:
@@ -315,13 +325,21 @@ def run_unit(job: dict, i: int, work_dir: str) -> dict:
 
     def encode(texts):
         nonlocal tokens, max_id
+        docs = []
         for enc in tok.encode_batch_fast(texts, add_special_tokens=True):
             ids = enc.ids
-            doc = ([bos] if bos is not None and (not ids or ids[0] != bos) else []) + ids
-            doc.append(eos)
-            max_id = max(max_id, max(doc))
-            packer.add(doc)
-            tokens += len(doc)
+            if bos is not None and (not ids or ids[0] != bos):
+                ids.insert(0, bos)
+            ids.append(eos)
+            docs.append(ids)
+        lengths = [len(d) for d in docs]
+        flat = np.fromiter(itertools.chain.from_iterable(docs), np.int64, sum(lengths))
+        max_id = max(max_id, int(flat.max()))
+        start = 0
+        for n in lengths:
+            packer.add(flat[start:start + n])
+            start += n
+        tokens += start
 
     for text in src.unit_documents(unit, settings["text_column"]):
         batch.append(text)
