@@ -18,9 +18,10 @@ What is compiled (both from a CPU-only machine, for the topology's real TPU exec
 3. The continuous-batching engine's two steps (inference/engine.py) for `batch_size` slots of
    `max_length` tokens, with the cache donated, reported under "engine": its decode step (one token
    for every slot, each at its own length) and its largest prefill call (`engine_prefill_rows` rows x
-   `prefill_chunk` tokens, gathered out of the cache and scattered back). Both are compiled with the
-   row-major cache layout the engine keeps between steps (the cache crosses a jit boundary every step),
-   so a layout copy of the cache, if the compiler needs one, is in these figures.
+   `prefill_chunk` tokens, gathered out of the cache and scattered back). Both are compiled exactly as
+   the engine compiles them (`engine.cache_format`, `engine.engine_steps`): the cache in the format the
+   decode step prefers, fixed in and out of both steps, so it stays in the compiler's layout between
+   steps (the cache crosses a jit boundary every step; a row-major cache would be copied around each).
 
 Weights are in the model's param_dtype or int8 (`quantize: int8`); the cache in the compute dtype or
 int8 (`kv_cache_dtype: int8`).
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental.layout import Format, Layout
 from jax.sharding import NamedSharding, PartitionSpec
 
-from inference.engine import TOP_LOGPROBS, _decode_step, _prefill_step
+from inference.engine import TOP_LOGPROBS, cache_format, engine_steps
 from inference.generate import PREFILL_CHUNK, _generate_jit, bucket_length, decode_step
 from inference.kv_cache import KV_DTYPES, abstract_cache
 from inference.quantize import DEFAULT_GROUP_SIZE, MODES, _nbytes, abstract_quantized_state
@@ -145,13 +146,15 @@ def _compile_engine(graphdef, state, cache, mesh, slots: int, opts: InferenceOpt
     sampling = lambda n: (vec(n, jnp.float32), vec(n, jnp.int32), vec(n, jnp.float32), vec(n, jnp.int32),  # noqa: E731
                           vec(n, jnp.int32))
     with jax.set_mesh(mesh):
-        decode = _decode_step.lower(graphdef, False, state, cache, vec(slots, jnp.int32), vec(slots, jnp.bool_),
-                                    *sampling(slots), vec(slots, jnp.int32)).compile()
+        formats = cache_format(graphdef, state, cache, slots)
+        decode_step, prefill_step = engine_steps(formats)
+        decode = aot.compile_and_report(decode_step, (state, cache, vec(slots, jnp.int32), vec(slots, jnp.bool_),
+                                                      *sampling(slots), vec(slots, jnp.int32)), hbm, (graphdef, False))
         rows = min(ENGINE_PREFILL_ROWS, slots)
         chunk = _sds((rows, opts.prefill_chunk), jnp.int32, mesh)
-        prefill = _prefill_step.lower(graphdef, False, False, state, cache, vec(rows, jnp.int32), chunk, chunk,
-                                      vec(rows, jnp.int32), chunk, *sampling(rows)).compile()
+        prefill = aot.compile_and_report(prefill_step, (state, cache, vec(rows, jnp.int32), chunk, chunk,
+                                                        vec(rows, jnp.int32), chunk, *sampling(rows)),
+                                         hbm, (graphdef, False, False))
     return {"slots": slots, "max_model_len": opts.max_length, "top_logprobs": TOP_LOGPROBS,
-            "decode_step": aot.memory_report(decode, hbm),
-            "prefill_step": {"rows": rows, "chunk": opts.prefill_chunk, **aot.memory_report(prefill, hbm)},
-            "fits": bool(aot.memory_report(decode, hbm)["fits"] and aot.memory_report(prefill, hbm)["fits"])}
+            "decode_step": decode, "prefill_step": {"rows": rows, "chunk": opts.prefill_chunk, **prefill},
+            "fits": bool(decode["fits"] and prefill["fits"])}

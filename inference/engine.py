@@ -2,7 +2,9 @@
 
 Inside: `Request` (one prompt, its limits and sampling, and what it produced), `Engine` (`submit`,
 `cancel`, `step`, `run`, `start` / `stop` for a background thread, `warmup`, `metrics`), `EngineError`,
-`EngineFull`, and the two jitted device steps `_prefill_step` / `_decode_step`.
+`EngineFull`, the two device steps `_prefill_step` / `_decode_step` (pure functions), `cache_format`
+and `engine_steps` (their jitted forms with the cache in one fixed format, what the engine runs and what
+`compile-check` compiles).
 
 How it runs. The engine owns one KV cache of `slots` rows, each a contiguous row of S = max_model_len
 slots (memory: slots x S x layers x 2 x kv heads x head_dim x bytes, accounted by `cache_bytes`). A row
@@ -12,9 +14,12 @@ at different lengths share one step (the model's forward with a per-row `write_i
 1. admit: queued requests take free slots (FIFO);
 2. prefill: up to `prefill_rows` prefilling rows send their next chunk (at most `prefill_chunk`
    tokens; a long prompt goes in over several steps, so it never stalls the decoding rows for its whole
-   prefill) in ONE call: the rows are gathered out of the cache, run through the model (writing at
-   their own offsets, attending over their own filled slots), and scattered back. A row whose prompt
-   is complete gets its first token from that call and starts decoding;
+   prefill) in ONE call: the rows run through the model over the whole cache (the forward's
+   `cache_rows`: each writes its own cache row at its own offset and attends over that row's filled
+   slots; no copy of the rows' cache is made). A row whose prompt
+   is complete gets its first token from that call and starts decoding. While other rows decode and
+   more requests queue, the call waits (at most `max_prefill_wait` steps) until `prefill_batch` rows are
+   ready: one call for several rows costs about what one call for one row costs;
 3. decode: one token for every decoding row in one call (inactive rows write nowhere: their write
    index is S, past the end, and scatters drop it);
 4. each new token is checked on the host: a stop token id, a stop string in the incrementally decoded
@@ -24,6 +29,14 @@ Shapes are bucketed so a running engine does not recompile: decode has one shape
 `warmup()` compiles them all up front. Sampling rows and prompt log-probabilities are separate
 (lazily compiled) variants, so a greedy workload never pays for a sort over the vocabulary.
 Completions are decoded with `skip_special_tokens`, so an EOS stop never shows as `</s>`.
+
+The cache's memory layout: it crosses the jit boundary at every step (a serving loop cannot live inside
+one program), and on TPU the compiler keeps a cache in its own tiled layout, not row-major. A cache in
+the default layout would be copied whole around every step (+1 cache of temporaries, measured by
+compile-check). So the engine asks the compiler once which format the decode step wants for the cache
+(`cache_format`: the step compiled with `Layout.AUTO` for it), puts the cache in that format, and
+compiles both steps with that format fixed for the cache in and out (`engine_steps`): the donated cache
+stays in place, in the compiler's layout, from step to step. On CPU the chosen layout is the default.
 
 Logprobs: every generated token's log-probability under the model (log-softmax of the float32 logits,
 before temperature, as OpenAI and vLLM report it) and the top `top_logprobs` alternatives; with
@@ -49,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental.layout import Format, Layout
 
 from inference.generate import GenerateError, _batch_split, _mesh_of, _split, bucket_batch, bucket_length, sample_rows
 from inference.kv_cache import KVCache, init_cache
@@ -138,7 +152,6 @@ def _pick(logits, sample: bool, temperature, top_k, top_p, seeds, streams, steps
     return token, chosen, top_lp, top_ids
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
 def _decode_step(graphdef, sample, state, cache: KVCache, tokens, active, temperature, top_k, top_p, seeds,
                  streams, steps):
     """One token for every active row [B] at its own slot (its length) -> (token, logprob, top logprobs,
@@ -150,41 +163,76 @@ def _decode_step(graphdef, sample, state, cache: KVCache, tokens, active, temper
     return (*_pick(logits[:, 0], sample, temperature, top_k, top_p, seeds, streams, steps), cache)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
 def _prefill_step(graphdef, sample, prompt_lp, state, cache: KVCache, rows, ids, mask, start, targets, temperature,
                   top_k, top_p, seeds, streams):
-    """Chunks ids [P, C] (right-padded, mask 1 = real) of the rows `rows` [P] (S past the end = a padding
-    row), each written at its own offset `start` [P] (0 = a new request: the row is reset first) ->
+    """Chunks ids [P, C] (right-padded, mask 1 = real) of the rows `rows` [P] (B past the end = a padding
+    row), each written at its own offset `start` [P] (0 = a new request: the row is reset first), in
+    place in the whole cache (the model's `cache_rows`: no gathered copy of the rows' cache) ->
     (first-token outputs as `_decode_step`, prompt logprobs of `targets` [P, C] and their top
     alternatives (zeros unless prompt_lp), cache)."""
     model = nnx.merge(graphdef, state)
-    take = lambda x, axis: None if x is None else jnp.take(x, rows, axis=axis, mode="clip")  # noqa: E731
-    fresh = start == 0
-    part = KVCache(take(cache.k, 1), take(cache.v, 1), take(cache.k_scale, 1), take(cache.v_scale, 1),
-                   jnp.where(fresh[:, None], 0, take(cache.segment_ids, 0)),
-                   jnp.where(fresh, 0, take(cache.lengths, 0)))
+    fresh = start == 0  # a new request: its row's segment ids and length are reset first
+    reset = lambda x, fill: x.at[rows].set(jnp.where(fresh.reshape((-1,) + (1,) * (x.ndim - 1)), fill,  # noqa: E731
+                                                     jnp.take(x, rows, axis=0, mode="clip")), mode="drop")
+    cache = cache._replace(segment_ids=reset(cache.segment_ids, 0), lengths=reset(cache.lengths, 0))
     length = ids.shape[1]
     positions = start[:, None] + jnp.arange(length, dtype=jnp.int32)
     last = jnp.maximum(mask.sum(-1) - 1, 0)
     batch = ids.shape[0]
     if prompt_lp:
-        logits, part = model(ids, positions, mask, cache=part, write_index=start)
+        logits, cache = model(ids, positions, mask, cache=cache, write_index=start, cache_rows=rows)
         final = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
         logp = jax.nn.log_softmax(logits, axis=-1)
         target_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         p_top_lp, p_top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
     else:
-        logits, part = model(ids, positions, mask, cache=part, write_index=start, logits_at=last)
+        logits, cache = model(ids, positions, mask, cache=cache, write_index=start, cache_rows=rows, logits_at=last)
         final = logits[:, 0]
         target_lp = jnp.zeros((batch, length), jnp.float32)
         p_top_lp = jnp.zeros((batch, length, TOP_LOGPROBS), jnp.float32)
         p_top_ids = jnp.zeros((batch, length, TOP_LOGPROBS), jnp.int32)
     out = _pick(final, sample, temperature, top_k, top_p, seeds, streams, jnp.zeros_like(seeds))
-    put = lambda x, new, axis: None if x is None else x.at[(slice(None),) * axis + (rows,)].set(new, mode="drop")  # noqa: E731
-    cache = KVCache(put(cache.k, part.k, 1), put(cache.v, part.v, 1), put(cache.k_scale, part.k_scale, 1),
-                    put(cache.v_scale, part.v_scale, 1), put(cache.segment_ids, part.segment_ids, 0),
-                    put(cache.lengths, part.lengths, 0))
     return (*out, target_lp, p_top_lp, p_top_ids, cache)
+
+
+DECODE_STATIC, DECODE_DYNAMIC, DECODE_OUTPUTS = 2, 10, 4  # (graphdef, sample); state, cache, 8 vectors
+PREFILL_STATIC, PREFILL_DYNAMIC, PREFILL_OUTPUTS = 3, 12, 7  # (graphdef, sample, prompt_lp); state, cache, 10
+_FORMATS: dict = {}
+
+
+def _abstract(tree):
+    return tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(tree))
+
+
+def cache_format(graphdef, state, cache: KVCache, slots: int) -> KVCache:
+    """The format (layout + sharding) per cache leaf that the decode step prefers: the step compiled once
+    with `Layout.AUTO` for the cache in and out (remembered per model and cache shape). `state` and
+    `cache` may be arrays or `jax.ShapeDtypeStruct`s with shardings (AOT)."""
+    key = (graphdef, _abstract(state), _abstract(cache), slots)
+    if key not in _FORMATS:
+        auto = jax.tree.map(lambda x: Format(Layout.AUTO, x.sharding), cache)
+        cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), cache)
+        step = jax.jit(_decode_step, static_argnums=(0, 1), donate_argnums=(3,),
+                       in_shardings=(None, auto) + (None,) * (DECODE_DYNAMIC - 2),
+                       out_shardings=Format(Layout.AUTO))  # all AUTO: donation pairs buffers by shape
+        vec = lambda dt: jax.ShapeDtypeStruct((slots,), dt)  # noqa: E731
+        exe = step.lower(graphdef, False, state, cache, vec(jnp.int32), vec(jnp.bool_), vec(jnp.float32),
+                         vec(jnp.int32), vec(jnp.float32), vec(jnp.int32), vec(jnp.int32), vec(jnp.int32)).compile()
+        _FORMATS[key] = exe.input_formats[0][1]
+    return _FORMATS[key]
+
+
+@functools.lru_cache(maxsize=16)
+def engine_steps(formats: KVCache) -> tuple[Callable, Callable]:
+    """(decode, prefill): `_decode_step` / `_prefill_step` jitted with the cache donated and in `formats`
+    in and out (so it is never re-laid out between steps)."""
+    decode = jax.jit(_decode_step, static_argnums=tuple(range(DECODE_STATIC)), donate_argnums=(3,),
+                     in_shardings=(None, formats) + (None,) * (DECODE_DYNAMIC - 2),
+                     out_shardings=(None,) * DECODE_OUTPUTS + (formats,))
+    prefill = jax.jit(_prefill_step, static_argnums=tuple(range(PREFILL_STATIC)), donate_argnums=(4,),
+                      in_shardings=(None, formats) + (None,) * (PREFILL_DYNAMIC - 2),
+                      out_shardings=(None,) * PREFILL_OUTPUTS + (formats,))
+    return decode, prefill
 
 
 # -- the engine ------------------------------------------------------------------------------------------
@@ -192,9 +240,13 @@ def _prefill_step(graphdef, sample, prompt_lp, state, cache: KVCache, rows, ids,
 
 class Engine:
     def __init__(self, model, *, slots: int = 8, max_model_len: int | None = None, kv_cache_dtype: str | None = None,
-                 prefill_chunk: int = 256, prefill_rows: int = 4, max_queue: int = 1024,
-                 decode: Callable[[list[int]], str] | None = None):
+                 prefill_chunk: int = 256, prefill_rows: int = 4, prefill_batch: int | None = None,
+                 max_prefill_wait: int = 4, max_queue: int = 1024, decode: Callable[[list[int]], str] | None = None):
         """model: an `nnx.Module` or its (graphdef, state) (int8 `QArray` weights work as they are).
+        prefill_batch / max_prefill_wait: while other rows decode and more requests are queued, a prefill
+        call waits until `prefill_batch` rows (default: a quarter of the slots, at most `prefill_rows`) are
+        ready to prefill, for at most `max_prefill_wait` steps (one call for several new rows instead of
+        one per step; with an empty queue a new row is prefilled at once).
         decode: token ids -> text (skipping special tokens); needed for stop strings and `text`."""
         self.graphdef, self.state = _split(model)
         self.config = nnx.merge(self.graphdef, self.state).config
@@ -202,20 +254,27 @@ class Engine:
         self.max_model_len = int(max_model_len or context)
         if not 1 <= self.max_model_len <= context:
             raise EngineError(f"max_model_len={max_model_len} must be in [1, {context}] (the model's context)")
-        if slots < 1 or prefill_chunk < 1 or prefill_rows < 1:
-            raise EngineError("slots, prefill_chunk and prefill_rows must be positive")
+        if slots < 1 or prefill_chunk < 1 or prefill_rows < 1 or (prefill_batch is not None and prefill_batch < 1):
+            raise EngineError("slots, prefill_chunk, prefill_rows and prefill_batch must be positive")
+        if max_prefill_wait < 0:
+            raise EngineError(f"max_prefill_wait={max_prefill_wait} must be >= 0")
         self.mesh = _mesh_of(self.state)
         split = _batch_split(self.mesh)
         if slots % split:
             raise EngineError(f"slots={slots} must be a multiple of the mesh's batch split ({split})")
         self.slots, self.prefill_chunk = slots, prefill_chunk
         self.prefill_rows = min(bucket_batch(prefill_rows), bucket_batch(slots))
+        self.prefill_batch = min(prefill_batch or max(1, slots // 4), self.prefill_rows)
+        self.max_prefill_wait = max_prefill_wait
+        self._prefill_waited = 0
         self.max_queue = max_queue
         self.decode = decode
         self.kv_cache_dtype = kv_cache_dtype
         self.cache_length = -(-self.max_model_len // 16) * 16
-        self.cache = self._call(init_cache, self.config, slots, self.cache_length, kv_dtype=kv_cache_dtype,
-                                mesh=self.mesh)
+        cache = self._call(init_cache, self.config, slots, self.cache_length, kv_dtype=kv_cache_dtype, mesh=self.mesh)
+        self.cache_formats = self._call(cache_format, self.graphdef, self.state, cache, slots)
+        self.cache = jax.device_put(cache, self.cache_formats, donate=True)
+        self._decode_step, self._prefill_step = engine_steps(self.cache_formats)
         self.cache_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(self.cache))
         # Host state per slot.
         self.requests: list[Request | None] = [None] * slots
@@ -332,10 +391,24 @@ class Engine:
                 if not self.queue:
                     break
                 self._admit(int(b), self.queue.popleft())
-        if (self.phase == PREFILL).any():
+        if self._prefill_due():
+            self._prefill_waited = 0
             self._prefill()
+        elif (self.phase == PREFILL).any():
+            self._prefill_waited += 1
         if (self.phase == DECODE).any():
             self._decode()
+
+    def _prefill_due(self) -> bool:
+        """Whether this step makes a prefill call (see `prefill_batch`)."""
+        waiting = np.flatnonzero(self.phase == PREFILL)
+        if not len(waiting):
+            return False
+        with self._lock:
+            queued = bool(self.queue)
+        return (len(waiting) >= self.prefill_batch or not queued or not (self.phase == DECODE).any()
+                or self._prefill_waited >= self.max_prefill_wait
+                or any(self.requests[b]._prefilled > 0 for b in waiting))  # a long prompt's next chunk
 
     def _admit(self, b: int, r: Request) -> None:
         self.requests[b] = r
@@ -397,7 +470,7 @@ class Engine:
             for a, src in zip(sampling, (self.temperature, self.top_k, self.top_p, self.seeds, self.streams)):
                 a[i] = src[b]
         sample = bool((sampling[0][: len(group)] > 0).any())
-        out = self._call(_prefill_step, self.graphdef, sample, bool(reqs[0].prompt_logprobs), self.state, self.cache,
+        out = self._call(self._prefill_step, self.graphdef, sample, bool(reqs[0].prompt_logprobs), self.state, self.cache,
                          rows, ids, mask, start, targets, *sampling)
         self.cache = out[-1]
         token, lp, top_lp, top_ids, t_lp, pt_lp, pt_ids = (_host(x) for x in out[:-1])
@@ -423,7 +496,7 @@ class Engine:
         active = self.phase == DECODE
         steps = np.array([len(r.tokens) if r is not None else 0 for r in self.requests], np.int32)
         sample = bool((self.temperature[active] > 0).any())
-        out = self._call(_decode_step, self.graphdef, sample, self.state, self.cache, self.last_token, active,
+        out = self._call(self._decode_step, self.graphdef, sample, self.state, self.cache, self.last_token, active,
                          self.temperature, self.top_k, self.top_p, self.seeds, self.streams, steps)
         self.cache = out[-1]
         token, lp, top_lp, top_ids = (_host(x) for x in out[:-1])
@@ -493,7 +566,7 @@ class Engine:
             while True:
                 w = min(width, self.prefill_chunk)
                 rows = np.full(height, self.slots, np.int32)  # writes nowhere
-                out = self._call(_prefill_step, self.graphdef, False, False, self.state, self.cache, rows,
+                out = self._call(self._prefill_step, self.graphdef, False, False, self.state, self.cache, rows,
                                  z((height, w)), z((height, w)), z(height), z((height, w)), z(height, np.float32),
                                  z(height), np.ones(height, np.float32), z(height), z(height))
                 self.cache = out[-1]
@@ -503,7 +576,7 @@ class Engine:
                 width = bucket_length(width + 1)
             height *= 2
         active = np.zeros(self.slots, bool)
-        out = self._call(_decode_step, self.graphdef, False, self.state, self.cache, self.last_token, active,
+        out = self._call(self._decode_step, self.graphdef, False, self.state, self.cache, self.last_token, active,
                          self.temperature, self.top_k, self.top_p, self.seeds, self.streams, z(self.slots))
         self.cache = out[-1]
         jax.block_until_ready(self.cache)

@@ -127,13 +127,14 @@ def _argument_bytes(args) -> int:
     return total
 
 
-def compile_and_report(jitted, args, hbm: int) -> dict:
-    """Compiles `jitted` for `args` (sharded ShapeDtypeStructs) and returns the memory report.
+def compile_and_report(jitted, args, hbm: int, static=()) -> dict:
+    """Compiles `jitted` for `static` (its leading static arguments) and `args` (sharded
+    ShapeDtypeStructs) and returns the memory report.
 
     When the program cannot fit, libtpu refuses to compile it (RESOURCE_EXHAUSTED) and states the
     temporaries it would need; that figure plus the argument bytes is reported with `fits: false`."""
     try:
-        compiled = jitted.lower(*args).compile()
+        compiled = jitted.lower(*static, *args).compile()
     except Exception as e:  # JaxRuntimeError; its class moved between JAX versions
         message = str(e)
         found = re.search(r"HLO temporaries \(([0-9.]+)([KMGT])\)", message)

@@ -3,7 +3,8 @@ with a cache (`MistralForCausalLM.__call__(..., cache=...)`). Building, sharding
 inference's business (inference/kv_cache.py); this module only reads and writes one.
 
 Inside: `KVCache` (a NamedTuple pytree), `quantize_kv`, `write_kv` (one layer's new keys/values into the
-cache, at one shared slot or at a slot per row), `cache_mask`, `cached_attention` (the whole cache,
+cache, at one shared slot or at a slot per row, optionally into chosen cache rows), `write_segments`,
+`take_rows`, `cache_mask`, `cached_attention` (the whole cache,
 masked), `blocked_cached_attention` (blocks up to the last slot written, online softmax), `kv_block`.
 
 Layout (one array per K and V for the whole model, stacked like the parameters):
@@ -14,7 +15,9 @@ Layout (one array per K and V for the whole model, stacked like the parameters):
 `write_index` addresses the slots a call writes: a scalar (every row writes slots i..i+T-1: the static
 batch, whose prompts are left-padded to one length) or a vector [B] (row b writes slots i_b..i_b+T-1:
 the engine's ragged slots, each row at its own length). Per-row writes are scatters that drop slots
-past the end (a finished row can be addressed at S and writes nothing).
+past the end (a finished row can be addressed at S and writes nothing). `cache_rows` [B] lets B new rows
+address B' >= B cache rows (the engine's prefill of a few slots): row b reads and writes cache row
+cache_rows[b], and only one layer's rows are gathered at a time for attention (no copy of the cache).
 
 Attention of T new queries over a cache: query t of row b sits at slot write_index_b + t and may see
 slot s iff s is filled with the same segment id (1) and s <= that slot (and within the sliding window):
@@ -70,22 +73,32 @@ def _slots(write_index, length: int):
     return write_index[:, None] + jnp.arange(length, dtype=jnp.int32)
 
 
-def write_kv(cache_k, scale, new, i, write_index):
-    """Writes new [B, T, K, H] into layer i of cache_k [L, B, K, S, H] (quantizing for an int8 cache,
-    whose scales [L, B, K, S] come along) at slots write_index.. (scalar or [B]). Returns (k, scale)."""
+def _rows(rows, batch: int, length: int):
+    """[B, T] cache row numbers: row b of the new tokens goes to cache row rows[b] (default b)."""
+    rows = jnp.arange(batch, dtype=jnp.int32) if rows is None else rows
+    return jnp.broadcast_to(rows[:, None], (batch, length))
+
+
+def write_kv(cache_k, scale, new, i, write_index, rows=None):
+    """Writes new [B, T, K, H] into layer i of cache_k [L, B', K, S, H] (quantizing for an int8 cache,
+    whose scales [L, B', K, S] come along) at slots write_index.. (scalar or [B]); with `rows` [B] (a
+    vector write_index only), row b goes to cache row rows[b] (a row past the end writes nothing).
+    Returns (k, scale)."""
     store = None
     if scale is None:
         values = new.astype(cache_k.dtype)
     else:
         values, store = quantize_kv(new)
     if jnp.ndim(write_index) == 0:
+        if rows is not None:
+            raise ValueError("cache rows need a per-row write_index")
         start = (i, 0, 0, write_index, 0)
         cache_k = jax.lax.dynamic_update_slice(cache_k, values.transpose(0, 2, 1, 3)[None], start)
         if scale is not None:
             scale = jax.lax.dynamic_update_slice(scale, store.transpose(0, 2, 1)[None], start[:-1])
         return cache_k, scale
     batch, length = new.shape[:2]
-    rows = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], (batch, length))
+    rows = _rows(rows, batch, length)
     slots = _slots(write_index, length)
     # Advanced indices around a slice: the indexed shape is [B, T, K, H], the layout `new` already has.
     cache_k = cache_k.at[i, rows, :, slots, :].set(values, mode="drop")
@@ -94,13 +107,18 @@ def write_kv(cache_k, scale, new, i, write_index):
     return cache_k, scale
 
 
-def write_segments(segment_ids, token_mask, write_index):
-    """The cache's segment ids [B, S] with the new tokens' mask [B, T] written at their slots."""
-    if jnp.ndim(write_index) == 0:
+def write_segments(segment_ids, token_mask, write_index, rows=None):
+    """The cache's segment ids [B', S] with the new tokens' mask [B, T] written at their slots (of cache
+    rows `rows` [B] when given)."""
+    if jnp.ndim(write_index) == 0 and rows is None:
         return jax.lax.dynamic_update_slice(segment_ids, token_mask, (0, write_index))
     batch, length = token_mask.shape
-    rows = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], (batch, length))
-    return segment_ids.at[rows, _slots(write_index, length)].set(token_mask, mode="drop")
+    return segment_ids.at[_rows(rows, batch, length), _slots(write_index, length)].set(token_mask, mode="drop")
+
+
+def take_rows(x, rows):
+    """x [B', ...] -> [B, ...]: the cache rows `rows` (None: all); a row past the end reads the last."""
+    return x if rows is None or x is None else jnp.take(x, rows, axis=0, mode="clip")
 
 
 def cache_mask(token_mask, segment_ids, write_index, window) -> AttentionMask:

@@ -40,6 +40,7 @@ from jaxmodel.kv_cache import (
     blocked_cached_attention,
     cache_mask,
     cached_attention,
+    take_rows,
     kv_block,
     write_kv,
     write_segments,
@@ -110,19 +111,20 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, mask: AttentionMask, impl: str, kv=None):
         """Without `kv`: self-attention over x. With `kv` = (layer index, (k, v, k_scale, v_scale) caches,
-        write_index, mode): the new keys/values are written into the cache first; mode "fresh" (the cache
+        write_index, mode, cache rows or None): the new keys/values are written into the cache first; mode "fresh" (the cache
         held nothing before) attends over the new tokens alone with `impl`, "xla" over the whole cache
         masked, "blocked" over key blocks up to the last slot written. Returns (out, caches or None)."""
         q, k, v = self.qkv(x, cos, sin)
         if kv is None:
             return self.out(dot_product_attention(q, k, v, mask, impl=impl)), None
-        i, (ck, cv, cks, cvs), write_index, mode = kv
-        ck, cks = write_kv(ck, cks, k, i, write_index)
-        cv, cvs = write_kv(cv, cvs, v, i, write_index)
+        i, (ck, cv, cks, cvs), write_index, mode, rows = kv
+        ck, cks = write_kv(ck, cks, k, i, write_index, rows)
+        cv, cvs = write_kv(cv, cvs, v, i, write_index, rows)
         if mode == "fresh":
             o = dot_product_attention(q, k, v, mask, impl=impl)
         else:
-            layer = lambda c: None if c is None else jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False)  # noqa: E731
+            layer = lambda c: None if c is None else take_rows(  # noqa: E731  (this layer; its rows)
+                jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False), rows)
             args = (q, layer(ck), layer(cv), mask)
             if mode == "blocked":
                 o = blocked_cached_attention(*args, write_index, layer(cks), layer(cvs), block=kv_block(ck.shape[3]))
@@ -196,7 +198,7 @@ class MistralForCausalLM(nnx.Module):
 
     def run_layers(self, x, cos, sin, mask: AttentionMask, *, collect: bool = False, kv=None):
         """All decoder layers over x [B,T,D]; with `collect`, also each layer's output [L,B,T,D].
-        With `kv` = (caches, write_index, mode) (see `Attention`), the caches ride in the scan's carry
+        With `kv` = (caches, write_index, mode, cache rows) (see `Attention`), the caches ride in the scan's carry
         (each layer updates its slice in place) and come back as the second output."""
         cfg = self.config
         graphdef, state = nnx.split(self.layers)
@@ -205,7 +207,7 @@ class MistralForCausalLM(nnx.Module):
         def body(carry, xs):
             h, caches = carry
             layer_state, i = xs
-            layer_kv = None if caches is None else (i, caches, kv[1], kv[2])
+            layer_kv = None if caches is None else (i, caches, *kv[1:])
             h, caches = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, impl, layer_kv)
             h = constrain(h, ACT_BTD)  # layer boundary: batch-sharded, model dim whole
             return (h, caches), (h if collect else None)
@@ -244,7 +246,7 @@ class MistralForCausalLM(nnx.Module):
 
     @under_auto_axes
     def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden_states: bool = False,
-                 cache: KVCache | None = None, write_index=0, cache_attention: str = "auto",
+                 cache: KVCache | None = None, write_index=0, cache_rows=None, cache_attention: str = "auto",
                  last_only: bool = False, logits_at=None):
         """input_ids [B,T] -> float32 logits [B,T,V] (arguments as in `hidden`).
 
@@ -255,7 +257,9 @@ class MistralForCausalLM(nnx.Module):
         positions [B,T] are required (RoPE positions of the new tokens); segment_ids [B,T] is the token
         mask (1 real, 0 padding; default all real), written as the kv segment ids of the slots
         write_index..write_index+T-1 (write_index: a scalar, or [B] for one slot per row), and
-        `lengths` grows by each row's real count. cache_attention: "fresh" (a promise that the cache
+        `lengths` grows by each row's real count. cache_rows [B] (with a [B] write_index): row b of the
+        new tokens is cache row cache_rows[b] of a cache with more rows (one past the end: a padding row
+        that reads clipped and writes nothing); the other cache rows are untouched. cache_attention: "fresh" (a promise that the cache
         holds nothing the new tokens may see: they attend over themselves with the model's
         attention_impl, splash included), "xla" (the whole cache, masked), "blocked" (key blocks up to
         the last slot written), "auto" (blocked if attention_impl is flash, else xla).
@@ -276,21 +280,24 @@ class MistralForCausalLM(nnx.Module):
             mode = "blocked" if cfg.attention_impl == "flash" else "xla"
         if mode not in ("fresh", "xla", "blocked"):
             raise ValueError(f"cache_attention={cache_attention!r} is not one of auto, fresh, xla, blocked")
-        segments = write_segments(cache.segment_ids, token_mask, write_index)
+        rows = None if cache_rows is None else jnp.asarray(cache_rows, jnp.int32)
+        segments = write_segments(cache.segment_ids, token_mask, write_index, rows)
         if mode == "fresh":
             mask = AttentionMask.for_sequence(token_mask, causal=True, window=cfg.sliding_window)
         else:
-            mask = cache_mask(token_mask, segments, write_index, cfg.sliding_window)
+            mask = cache_mask(token_mask, take_rows(segments, rows), write_index, cfg.sliding_window)
         x = constrain(self.embed(input_ids), ACT_BTD)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         caches = (cache.k, cache.v, cache.k_scale, cache.v_scale)
-        h, _, (k, v, ks, vs) = self.run_layers(x, cos, sin, mask, kv=(caches, write_index, mode))
+        h, _, (k, v, ks, vs) = self.run_layers(x, cos, sin, mask, kv=(caches, write_index, mode, rows))
         if logits_at is not None:
             h = jnp.take_along_axis(h, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
         elif last_only:
             h = h[:, -1:]
         logits = constrain(self.unembed(self.norm(h)), ("batch", "length", "act_vocab"))
-        return logits, KVCache(k, v, ks, vs, segments, cache.lengths + token_mask.sum(-1))
+        counts = token_mask.sum(-1)
+        lengths = cache.lengths + counts if rows is None else cache.lengths.at[rows].add(counts, mode="drop")
+        return logits, KVCache(k, v, ks, vs, segments, lengths)
 
 
 def init_model(config: MistralConfig, seed: int = 0) -> MistralForCausalLM:

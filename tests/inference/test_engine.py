@@ -12,7 +12,7 @@ import torch
 from flax import nnx
 
 from inference import Generator, generate, quantize_model
-from inference.engine import Engine, EngineError, EngineFull, Request, _decode_step, _prefill_step
+from inference.engine import Engine, EngineError, EngineFull, Request
 from jaxmodel import from_pretrained
 
 from .conftest import count_compiles, left_pad, random_prompts
@@ -106,7 +106,7 @@ def test_no_recompilation_in_steady_state(tiny_model):
     engine = Engine(tiny_model, slots=SLOTS, max_model_len=512, prefill_chunk=64, prefill_rows=2)
     shapes = engine.warmup()
     assert shapes == 2 * 3 + 1  # prefill rows {1, 2} x chunks {16, 32, 64}, and the decode step
-    sizes = _prefill_step._cache_size(), _decode_step._cache_size()
+    sizes = engine._prefill_step._cache_size(), engine._decode_step._cache_size()
     rng = np.random.default_rng(5)
     vocab = tiny_model.config.vocab_size
     with count_compiles() as compiles:
@@ -115,7 +115,7 @@ def test_no_recompilation_in_steady_state(tiny_model):
             reqs = [Request(p.tolist(), max_tokens=int(rng.integers(1, 12)), stop_ids=frozenset({int(s)}))
                     for p, s in zip(random_prompts(vocab, lengths, seed=wave), rng.integers(4, vocab, size=10))]
             engine.run(reqs)
-    assert (_prefill_step._cache_size(), _decode_step._cache_size()) == sizes
+    assert (engine._prefill_step._cache_size(), engine._decode_step._cache_size()) == sizes
     assert compiles == [], f"{len(compiles)} compilations after warmup"
 
 

@@ -203,3 +203,37 @@ def test_sharded_generation_matches_single_device(tiny_dir, prompts, reference):
     assert model.layers.self_attn.q_proj[...].sharding.mesh.shape["tensor"] == 4
     ids, mask = left_pad(prompts)
     np.testing.assert_array_equal(generate(model, ids, mask, max_new_tokens=NEW, pad_token_id=PAD), reference)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_cache_rows_write_and_read_only_their_rows(tiny_model, kv_dtype):
+    """The forward's `cache_rows`: two new rows go to cache rows 2 and 0 of a 4-row cache (a third, past
+    the end, is padding): logits equal the forward over a 2-row cache of just those rows, their cache
+    rows equal that cache's rows, and rows 1 and 3 (and everything for the padding row) are untouched."""
+    config = tiny_model.config
+    prompts = random_prompts(config.vocab_size, (7, 12, 5), seed=11)
+    ids, mask = np.zeros((3, 12), np.int32), np.zeros((3, 12), np.int32)
+    for b, p in enumerate(prompts):  # right-padded, as the engine sends a chunk
+        ids[b, :len(p)], mask[b, :len(p)] = p, 1
+    positions = np.broadcast_to(np.arange(12, dtype=np.int32), (3, 12))
+    start = np.zeros(3, np.int32)
+    graphdef, state = nnx.split(tiny_model)
+    run = jax.jit(lambda s, c, i, m, p, w, r: nnx.merge(graphdef, s)(i, p, m, cache=c, write_index=w, cache_rows=r))
+    big = jax.tree.map(lambda x: x + 1 if x.dtype == jnp.int8 else x, init_cache(config, 4, 16, kv_dtype=kv_dtype))
+    logits, after = run(state, big, ids, mask, positions, start, np.array([2, 0, 4], np.int32))
+    small_run = jax.jit(lambda s, c, i, m, p, w: nnx.merge(graphdef, s)(i, p, m, cache=c, write_index=w))
+    ref_logits, ref = small_run(state, init_cache(config, 2, 16, kv_dtype=kv_dtype), ids[:2], mask[:2],
+                                positions[:2], start[:2])
+    np.testing.assert_allclose(np.asarray(logits)[:2], np.asarray(ref_logits), atol=1e-5)
+    for name in ("k", "v", "k_scale", "v_scale"):
+        new, old, want = getattr(after, name), getattr(big, name), getattr(ref, name)
+        if new is None:
+            continue
+        new, old, want = np.asarray(new), np.asarray(old), np.asarray(want)
+        filled = np.pad(np.asarray(mask[:2], bool), ((0, 0), (0, 4)))  # slots written (of 16)
+        for b, row in ((0, 2), (1, 0)):
+            np.testing.assert_allclose(new[:, row][:, :, filled[b]], want[:, b][:, :, filled[b]], atol=1e-6)
+        np.testing.assert_array_equal(new[:, [1, 3]], old[:, [1, 3]])
+    np.testing.assert_array_equal(np.asarray(after.segment_ids)[[2, 0]], np.asarray(ref.segment_ids))
+    np.testing.assert_array_equal(np.asarray(after.segment_ids)[[1, 3]], 0)
+    assert np.asarray(after.lengths).tolist() == [12, 0, 7, 0]
