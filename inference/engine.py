@@ -167,7 +167,9 @@ def _prefill_step(graphdef, sample, prompt_lp, state, cache: KVCache, rows, ids,
                   top_k, top_p, seeds, streams):
     """Chunks ids [P, C] (right-padded, mask 1 = real) of the rows `rows` [P] (B past the end = a padding
     row), each written at its own offset `start` [P] (0 = a new request: the row is reset first), in
-    place in the whole cache (the model's `cache_rows`: no gathered copy of the rows' cache) ->
+    place in the whole cache (the model's `cache_rows`: no gathered copy of the rows' cache), attending
+    over key blocks up to the last filled slot (online softmax: [P, K, G, C, block] scores at a time, not
+    [P, K, G, C, S]) ->
     (first-token outputs as `_decode_step`, prompt logprobs of `targets` [P, C] and their top
     alternatives (zeros unless prompt_lp), cache)."""
     model = nnx.merge(graphdef, state)
@@ -180,13 +182,15 @@ def _prefill_step(graphdef, sample, prompt_lp, state, cache: KVCache, rows, ids,
     last = jnp.maximum(mask.sum(-1) - 1, 0)
     batch = ids.shape[0]
     if prompt_lp:
-        logits, cache = model(ids, positions, mask, cache=cache, write_index=start, cache_rows=rows)
+        logits, cache = model(ids, positions, mask, cache=cache, write_index=start, cache_rows=rows,
+                              cache_attention="blocked")
         final = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
         logp = jax.nn.log_softmax(logits, axis=-1)
         target_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         p_top_lp, p_top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
     else:
-        logits, cache = model(ids, positions, mask, cache=cache, write_index=start, cache_rows=rows, logits_at=last)
+        logits, cache = model(ids, positions, mask, cache=cache, write_index=start, cache_rows=rows, logits_at=last,
+                              cache_attention="blocked")
         final = logits[:, 0]
         target_lp = jnp.zeros((batch, length), jnp.float32)
         p_top_lp = jnp.zeros((batch, length, TOP_LOGPROBS), jnp.float32)
