@@ -13,9 +13,13 @@ The key table and per-tensor layout changes live in `jaxmodel/weights.py`; paths
 outputs in `jaxmodel/storage.py`.
 
 Streaming. Every check (missing, unexpected, duplicate keys, shapes, dtypes, truncation) runs on the
-headers before any tensor is converted. Arrays are then built per device index: each device receives
-only its own layers (and slices), read from the memory-mapped files, so no full copy of a stacked
-parameter is made in host memory beyond what the device itself holds. Exports stream the other way,
+headers before any tensor is converted. Arrays are then built in their sharding from each process's
+own slices (`_place`): a process reads only the region of each tensor its devices hold (for a stacked
+parameter, that region of every layer's tensor), as sliced reads of the safetensors files
+(`HFTensor.read_box` maps the JAX box through the transpose/reshape to the HF rows and columns), so on
+a pod each host reads about its share of the checkpoint, not all of it; one process reads everything,
+through the same code. Host memory: this process's share of one parameter. Load-time transforms
+(below) convert whole tensors, so they read each tensor whole on every process. Exports stream the other way,
 one tensor per write (`export_hf` reads each slice straight from the Orbax files with TensorStore;
 `save_pretrained` gathers one slice of a sharded model at a time). Outputs go through
 `storage.atomic_directory`, so a failure leaves nothing half-written.
@@ -67,35 +71,44 @@ MODEL_CONFIG_ITEM = "model_config"  # an Orbax JSON item holding config.json's d
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
-def _place(shape, dtype, sharding, read: Callable[[int | None], np.ndarray], layers: int | None) -> jax.Array:
-    """Builds one parameter directly in its sharding, reading each source tensor once.
+def _bounds(index, shape) -> tuple[tuple[int, int], ...]:
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
-    read(i) returns layer i's tensor in JAX layout (read(None) the whole parameter when it has no
-    layer axis). Each device (of this process) gets only its own index; devices that hold the same
-    index (replicas) share one host buffer. Host memory: one source tensor plus this process's shards
-    of the parameter being built, never the whole model."""
-    index_map = sharding.addressable_devices_indices_map(shape)
-    groups: dict[tuple, tuple[tuple, list]] = {}
-    for device, index in index_map.items():
-        key = tuple((s.start, s.stop) for s in index)
-        groups.setdefault(key, (index, []))[1].append(device)
-    if layers is None:
-        full = read(None)
-        buffers = {key: np.asarray(full[index], dtype=dtype) for key, (index, _) in groups.items()}
-        del full
-    else:
-        buffers = {
-            key: np.empty([len(range(*s.indices(n))) for s, n in zip(index, shape)], dtype)
-            for key, (index, _) in groups.items()
-        }
-        for layer in range(layers):
-            tensor = read(layer)
-            for key, (index, _) in groups.items():
-                first, stop, _ = index[0].indices(layers)
-                if first <= layer < stop:
-                    buffers[key][layer - first] = tensor[index[1:]]
-    shards = [jax.device_put(buffers[key], d) for key, (_, devices) in groups.items() for d in devices]
-    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+def _regions(boxes: set, shape) -> list[tuple[tuple[int, int], ...]]:
+    """What this process reads of one parameter: the bounding box of its devices' (distinct, disjoint)
+    boxes when they tile it exactly (one read; the whole parameter on one process), else each box."""
+    boxes = sorted(boxes)
+    bbox = tuple((min(b[k][0] for b in boxes), max(b[k][1] for b in boxes)) for k in range(len(shape)))
+    volume = lambda box: int(np.prod([b - a for a, b in box], dtype=np.int64))
+    return [bbox] if volume(bbox) == sum(map(volume, boxes)) else boxes
+
+
+def _place(shape, dtype, sharding, read: Callable[[int | None, tuple], np.ndarray], layers: int | None) -> jax.Array:
+    """Builds one parameter directly in its sharding, reading only this process's slices of the files.
+
+    read(layer, box) returns a box [(start, stop) per dim] of layer i's tensor in JAX layout (layer None:
+    a parameter without a layer axis). This process reads the region its devices hold (`_regions`), layer
+    by layer for stacked parameters; each device then takes its index of that region
+    (`jax.make_array_from_callback`), so replicas share one read. Host memory: this process's share of
+    the parameter being built, never the whole model; bytes read: that share (all of it on one process)."""
+    regions = _regions({_bounds(i, shape) for i in sharding.addressable_devices_indices_map(shape).values()}, shape)
+    data = {}
+    for region in regions:
+        if layers is None:
+            data[region] = np.asarray(read(None, region), dtype=dtype)
+            continue
+        (first, stop), rest = region[0], region[1:]
+        data[region] = np.empty([b - a for a, b in region], dtype)
+        for layer in range(first, stop):
+            data[region][layer - first] = read(layer, rest)
+
+    def shard(index):
+        box = _bounds(index, shape)
+        region = next(r for r in regions if all(a <= x and y <= b for (a, b), (x, y) in zip(r, box)))
+        return data[region][tuple(slice(x - a, y - a) for (a, _), (x, y) in zip(region, box))]
+
+    return jax.make_array_from_callback(shape, sharding, shard, dtype=dtype)
 
 
 def _open_checked(path: str, config: MistralConfig, allow_pickle: bool):
@@ -139,17 +152,19 @@ def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=F
             p = tuple(str(x) for x in p)
             stacked = p[0] == "layers"
 
-            def read(layer, p=p):
+            def read(layer, box, p=p):
                 name, t = by_slot[(p, layer)]
-                bar.update(1)
-                return t.to_jax(files.get(name))
+                return t.read_box(lambda index: files.get_slice(name, index), box)
 
             layers = config.num_hidden_layers if stacked else None
             plan = transform(p, var) if transform is not None else None
             if plan is None:
                 arrays[p] = _place(var.shape, var.dtype, sharding_of(p, var), read, layers)
-            else:
-                arrays[p] = plan.combine(_place_parts(plan, var, mesh, read, layers))
+            else:  # a transform converts whole tensors (a layer's slice of stacked ones): read whole
+                whole = tuple((0, n) for n in var.shape[1 if stacked else 0:])
+                arrays[p] = plan.combine(_place_parts(plan, var, mesh, lambda layer, r=read, w=whole: r(layer, w),
+                                                      layers))
+            bar.update(layers or 1)
     files.close()
     return arrays
 
@@ -168,7 +183,7 @@ def _place_parts(plan: TensorTransform, var, mesh, read, layers: int | None) -> 
     shardings = {k: _part_sharding(var, shape, mesh) for k, (shape, _) in plan.parts.items()}
     if layers is None:
         parts = plan.convert(np.asarray(read(None), dtype=var.dtype))
-        return {k: _place(shape, dtype, shardings[k], lambda _, v=parts[k]: v, None)
+        return {k: _place(shape, dtype, shardings[k], lambda _, box, v=parts[k]: _cut(v, box), None)
                 for k, (shape, dtype) in plan.parts.items()}
     buffers, writers = {}, {}
     for k, (shape, dtype) in plan.parts.items():
@@ -179,10 +194,14 @@ def _place_parts(plan: TensorTransform, var, mesh, read, layers: int | None) -> 
     for layer in range(layers):
         parts = plan.convert(np.asarray(read(layer), dtype=var.dtype))
         for k, (shape, dtype) in plan.parts.items():
-            one = _place((1, *shape[1:]), dtype, shardings[k], lambda _, v=parts[k]: v[None], None)
+            one = _place((1, *shape[1:]), dtype, shardings[k], lambda _, box, v=parts[k]: _cut(v[None], box), None)
             buffers[k] = writers[k](buffers[k], one, jnp.int32(layer))
         del parts, one
     return buffers
+
+
+def _cut(value: np.ndarray, box) -> np.ndarray:
+    return value[tuple(slice(a, b) for a, b in box)]
 
 
 def _sharding_fn(mesh):
