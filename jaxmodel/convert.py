@@ -20,7 +20,8 @@ parameter, that region of every layer's tensor), as sliced reads of the safetens
 a pod each host reads about its share of the checkpoint, not all of it; one process reads everything,
 through the same code. Host memory: this process's share of one parameter. Load-time transforms
 (below) convert whole tensors, so they read each tensor whole on every process. Exports stream the other way,
-one tensor per write (`export_hf` reads each slice straight from the Orbax files with TensorStore;
+one tensor per write (`export_hf` reads each slice straight from the Orbax files with TensorStore, the
+largest in blocks of HF rows, so the embedding and head are never whole in host memory;
 `save_pretrained` gathers one slice of a sharded model at a time). Outputs go through
 `storage.atomic_directory`, so a failure leaves nothing half-written.
 
@@ -69,6 +70,7 @@ from jaxmodel.weights import WEIGHT_RULES, ConvertError, check_files, expected_h
 PARAMS_DIR = "params"  # the Orbax checkpoint inside an import_hf directory or a training checkpoint step
 MODEL_CONFIG_ITEM = "model_config"  # an Orbax JSON item holding config.json's dict (training checkpoint steps)
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+EXPORT_BLOCK_BYTES = 16 * 2**20  # export-hf reads and writes each tensor in HF row blocks of about this size
 
 
 def _bounds(index, shape) -> tuple[tuple[int, int], ...]:
@@ -279,16 +281,29 @@ def save_pretrained(
     model. Every process takes part in each gather (a collective); process 0 writes."""
     arrays = _flat_arrays(model)
 
-    def read(t):
+    def read(t, box):  # whole tensors (box None): one gather each
         value = arrays[t.rule.path]
         return _to_host(value if t.layer is None else value[t.layer])
 
     _write_hf(model.config, path, read, dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress)
 
 
-def _write_hf(config: MistralConfig, path: str, read, *, dtype, max_shard_bytes: int, progress: bool) -> None:
-    """The Hugging Face directory writer behind save_pretrained and export_hf: `read(hf tensor)` gives
-    that tensor (a layer's slice for stacked parameters) in JAX layout, one call at a time."""
+def _row_blocks(t, block_bytes: int | None):
+    """[start, stop) ranges of HF rows, whole `row_unit`s of at most ~block_bytes (float32) each."""
+    rows = t.hf_shape[0] if t.hf_shape else 1
+    if block_bytes is None or len(t.hf_shape) < 2:
+        return [(0, rows)]
+    unit = t.row_unit
+    step = unit * max(1, block_bytes // (4 * int(np.prod(t.hf_shape[1:])) * unit))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def _write_hf(config: MistralConfig, path: str, read, *, dtype, max_shard_bytes: int, progress: bool,
+              block_bytes: int | None = None) -> None:
+    """The Hugging Face directory writer behind save_pretrained and export_hf: `read(hf tensor, box)` gives
+    that tensor (a layer's slice for stacked parameters) in JAX layout, one call at a time: whole (box
+    None) or, with block_bytes, one block of its HF rows at a time (`HFTensor.rows_box`), so the largest
+    tensors (embedding, lm_head) never sit whole in host memory."""
     dtype = np.dtype(jnp.dtype(dtype or config.torch_dtype))
     tensors = expected_hf_tensors(config)
     specs = {name: (t.hf_shape, dtype) for name, t in tensors.items()}
@@ -309,13 +324,15 @@ def _write_hf(config: MistralConfig, path: str, read, *, dtype, max_shard_bytes:
                 with SafetensorsWriter(storage.join(tmp, file), specs_k) if primary else nullcontext() as writer:
                     for name in names:
                         t = tensors[name]
-                        hf = t.to_hf(read(t)).astype(dtype, copy=False)
-                        if writer is not None:
-                            writer.write(name, hf)
+                        for start, stop in _row_blocks(t, block_bytes):
+                            hf = t.to_hf(read(t, None if block_bytes is None else t.rows_box(start, stop)))
+                            hf = hf.astype(dtype, copy=False)
+                            if writer is not None:
+                                writer.write_rows(name, hf)
+                            total += hf.nbytes
+                            del hf
+                            _trim_malloc()
                         weight_map[name] = file
-                        total += hf.nbytes
-                        del hf
-                        _trim_malloc()
                         bar.update(1)
         if primary:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -458,8 +475,9 @@ def config_source(path: str):
 
 
 def tensor_reader(path: str, config: MistralConfig, *, allow_pickle: bool = False):
-    """read(state path, layer) -> one parameter's tensor in JAX layout (layer i's slice of a stacked one,
-    `layer=None` for the others), straight from the files: an `import_hf` directory or a training
+    """read(state path, layer, box=None) -> one parameter's tensor in JAX layout (layer i's slice of a
+    stacked one, `layer=None` for the others; only the box [(start, stop) per dim] of it when given),
+    straight from the files: an `import_hf` directory or a training
     checkpoint step (its Orbax `params/`, sliced reads through TensorStore), or a Hugging Face directory
     (memory-mapped safetensors). Nothing is cached: host memory holds what the caller keeps."""
     _tune_malloc()  # freed tensors go back to the OS instead of piling up in TensorStore threads' arenas
@@ -472,7 +490,7 @@ def tensor_reader(path: str, config: MistralConfig, *, allow_pickle: bool = Fals
         base = (url if storage.is_remote(url) else f"file://{url}") + "/"
         ocdbt = storage.exists(storage.join(params, "manifest.ocdbt"))  # object stores: plain zarr (orbax_stream)
 
-        def read(p, layer):
+        def read(p, layer, box=None):
             if p not in opened:  # Orbax's layout: zarr arrays named by the dotted tree path (in one OCDBT store)
                 name = ".".join(p)
                 kvstore = {"driver": "ocdbt", "base": base, "path": name} if ocdbt else base + name + "/"
@@ -482,6 +500,8 @@ def tensor_reader(path: str, config: MistralConfig, *, allow_pickle: bool = Fals
                 except ValueError as e:
                     raise ConvertError(f"{params}: cannot read {'.'.join(p)} ({str(e).splitlines()[0]})") from None
             array = opened[p] if layer is None else opened[p][layer]
+            if box is not None:
+                array = array[tuple(slice(a, b) for a, b in box)]
             try:
                 return np.asarray(array.read().result())
             except Exception as e:  # noqa: BLE001 (TensorStore raises bare Exceptions for unreadable chunks)
@@ -492,18 +512,21 @@ def tensor_reader(path: str, config: MistralConfig, *, allow_pickle: bool = Fals
         return read
     files, _, by_slot = _open_checked(path, config, allow_pickle)
 
-    def read(p, layer):
+    def read(p, layer, box=None):
         name, t = by_slot[(tuple(p), layer)]
-        return t.to_jax(files.get(name))
+        if box is None:
+            return t.to_jax(files.get(name))
+        return t.read_box(lambda index: files.get_slice(name, index), box)
 
     return read
 
 
 def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, progress: bool = True,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, block_bytes: int = EXPORT_BLOCK_BYTES) -> None:
     """An `import_hf` directory or a training checkpoint step (or a Hugging Face directory) -> a Hugging
     Face directory, streamed: each tensor (each layer's slice of a stacked one) is read from the files,
-    converted and written on its own, so host memory holds about one tensor whatever the model's size."""
+    converted and written on its own (in HF row blocks of about block_bytes), so host memory holds about one
+    block whatever the model's size."""
     ckpt_dir = resolve_model(ckpt_dir)
     ckpt_dir = storage.check_input_dir(ckpt_dir, "checkpoint directory (import-hf output or WORKDIR/checkpoints/STEP)")
     storage.check_output_dir(hf_dir)  # before the weights load: a bad destination fails at once
@@ -514,8 +537,8 @@ def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, progress:
 
         _check_orbax_metadata(ocp.StandardCheckpointer(), params_dir, _orbax_target(config))
     read = tensor_reader(ckpt_dir, config)
-    _write_hf(config, hf_dir, lambda t: read(t.rule.path, t.layer), dtype=dtype, max_shard_bytes=max_shard_bytes,
-              progress=progress)
+    _write_hf(config, hf_dir, lambda t, box: read(t.rule.path, t.layer, box), dtype=dtype,
+              max_shard_bytes=max_shard_bytes, progress=progress, block_bytes=block_bytes)
     if jax.process_index() == 0:
         copy_tokenizer_files(ckpt_dir, hf_dir)
 

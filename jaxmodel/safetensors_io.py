@@ -6,8 +6,8 @@ Inside:
   lazily by name, whole (`get`) or one box of it (`get_slice`: only that box's bytes are read).
 - `bytes_read()`: the tensor bytes this process has requested from storage so far (what a sharded load
   is measured by: each host should read about its own share).
-- `SafetensorsWriter`: writes a `.safetensors` file tensor by tensor (the header is computed from shapes
-  first, so no tensor needs to wait in memory for the others).
+- `SafetensorsWriter`: writes a `.safetensors` file tensor by tensor, or row block by row block
+  (`write_rows`; the header is computed from shapes first, so no tensor needs to wait in memory).
 - `WeightFileError`: every problem, as one line naming the file and the tensor.
 
 Why not `safetensors.safe_open(framework="numpy")`: NumPy has no bfloat16, and that is the dtype of the
@@ -301,18 +301,32 @@ class SafetensorsWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
         self._specs, self._order, self._next, self._path = specs, list(specs), 0, path
+        self._rows = 0  # rows of the current tensor written so far
         self._f = storage.open(path, "wb")
         self._f.write(struct.pack("<Q", len(blob)) + blob)
 
     def write(self, name: str, array: np.ndarray) -> None:
-        expected = self._order[self._next]
-        shape, dtype = self._specs[expected]
-        if name != expected or tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
+        """Writes the next tensor whole."""
+        self.write_rows(name, array)
+        if self._rows:
+            raise WeightFileError(f"{self._path}: tensor {name} is {array.shape}, expected {self._specs[name][0]}")
+
+    def write_rows(self, name: str, block: np.ndarray) -> None:
+        """Writes the next rows of the next tensor (blocks in order; the tensor is done when its rows are)."""
+        expected = self._order[self._next] if self._next < len(self._order) else None
+        shape, dtype = self._specs[expected] if expected else ((), None)
+        rows = shape[0] if shape else 1
+        block_rows = (block.shape[0] if block.ndim else 1) if shape else 1
+        if (name != expected or block.dtype != np.dtype(dtype) or tuple(block.shape[1:]) != tuple(shape[1:])
+                or block.ndim != len(shape) or self._rows + block_rows > rows):
             raise WeightFileError(
-                f"{self._path}: expected tensor {expected} {shape} {dtype}, got {name} {array.shape} {array.dtype}"
+                f"{self._path}: expected rows {self._rows}.. of tensor {expected} {shape} {dtype}, got {name} "
+                f"{block.shape} {block.dtype}"
             )
-        self._f.write(np.ascontiguousarray(array).tobytes())
-        self._next += 1
+        self._f.write(np.ascontiguousarray(block).tobytes())
+        self._rows += block_rows
+        if self._rows == rows:
+            self._next, self._rows = self._next + 1, 0
 
     def close(self) -> None:
         self._f.close()

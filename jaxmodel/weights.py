@@ -93,10 +93,30 @@ class HFTensor:
         return w.T.reshape(in_wide + out_wide)[in_rel + out_rel]
 
     def to_hf(self, w: np.ndarray) -> np.ndarray:
+        """The HF layout of the tensor, or of a block of its HF rows (a `rows_box` of the JAX layout)."""
         if self.rule.in_dims is None:
             return w
-        out_dim, in_dim = self.hf_shape
-        return w.reshape(in_dim, out_dim).T
+        _, in_dim = self.hf_shape
+        return w.reshape(in_dim, -1).T
+
+    @property
+    def row_unit(self) -> int:
+        """HF rows come in blocks of this many for `rows_box` (the rows of one index of the first output dim)."""
+        k = self.rule.in_dims
+        if k is None:
+            return 1
+        return int(np.prod(self.jax_shape[k + 1:], dtype=np.int64))
+
+    def rows_box(self, start: int, stop: int) -> tuple[tuple[int, int], ...]:
+        """The JAX-layout box holding HF rows [start, stop) (multiples of `row_unit`, or the end)."""
+        k = 0 if self.rule.in_dims is None else self.rule.in_dims
+        unit = self.row_unit
+        if start % unit or (stop % unit and stop != self.hf_shape[0]):
+            raise ValueError(f"rows [{start}, {stop}) of {self.rule.hf} are not whole blocks of {unit}")
+        box = [(0, n) for n in self.jax_shape]
+        if box:
+            box[k] = (start // unit, -(-stop // unit))
+        return tuple(box)
 
 
 def _flat_cover(shape, box):
