@@ -135,6 +135,7 @@ def compare_layers(
     from jaxmodel.convert import tensor_reader
     from jaxmodel.hub import resolve_model
     from jaxmodel.model import MistralForCausalLM, RMSNorm, abstract_model, rope_cos_sin
+    from jaxmodel.orbax_stream import _trim_malloc
     from jaxmodel.safetensors_io import WeightFiles
 
     hf_dir, jax_dir = resolve_model(hf_dir), resolve_model(jax_dir)  # hub ids -> their cached snapshots
@@ -222,6 +223,7 @@ def compare_layers(
             record(f"layer {i}", mine, out.numpy(), own)
             hidden = out
             del state, mine
+            _trim_malloc()  # freed layer buffers back to the OS, not left in the arenas of XLA's threads
         del ref_layer, ref_params
 
         # Final norm and head, on the reference's last hidden states; the logits one vocabulary block at a
