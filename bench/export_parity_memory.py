@@ -2,7 +2,9 @@
 checkpoints of growing depth.
 
 The checkpoints are bench/convert_memory.py's (float32, hidden 1024, MLP 4096, 16/4 heads, vocab 32000;
-61 MB per layer), at 8 and 32 layers (0.75 GB and 2.2 GB). Each is imported once (`import-hf`, not
+61 MB per layer), at 8, 32 and 64 layers (0.75, 2.2 and 4.2 GB: parity's fixed cost, the torch +
+transformers + JAX imports and about one layer of each model, is near a quarter of 2.2 GB by itself, so
+the quarter is tested at 4.2 GB too). Each is imported once (`import-hf`, not
 measured), then the real CLI runs in a child process whose peak RSS (VmHWM, polled) is read, as
 bench/convert_memory.py does:
 - `export-hf ORBAX_DIR OUT`: streamed from the Orbax files, tensor by tensor;
@@ -29,7 +31,7 @@ from convert_memory import peak_rss_of, write_synthetic  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--layers", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="normistral-export-bench-")

@@ -13,10 +13,15 @@ The key table and per-tensor layout changes live in `jaxmodel/weights.py`; paths
 outputs in `jaxmodel/storage.py`.
 
 Streaming. Every check (missing, unexpected, duplicate keys, shapes, dtypes, truncation) runs on the
-headers before any tensor is converted. Arrays are then built per device index: each device receives
-only its own layers (and slices), read from the memory-mapped files, so no full copy of a stacked
-parameter is made in host memory beyond what the device itself holds. Exports stream the other way,
-one tensor per write (`export_hf` reads each slice straight from the Orbax files with TensorStore;
+headers before any tensor is converted. Arrays are then built in their sharding from each process's
+own slices (`_place`): a process reads only the region of each tensor its devices hold (for a stacked
+parameter, that region of every layer's tensor), as sliced reads of the safetensors files
+(`HFTensor.read_box` maps the JAX box through the transpose/reshape to the HF rows and columns), so on
+a pod each host reads about its share of the checkpoint, not all of it; one process reads everything,
+through the same code. Host memory: this process's share of one parameter. Load-time transforms
+(below) convert whole tensors, so they read each tensor whole on every process. Exports stream the other way,
+one tensor per write (`export_hf` reads each slice straight from the Orbax files with TensorStore, the
+largest in blocks of HF rows, so the embedding and head are never whole in host memory;
 `save_pretrained` gathers one slice of a sharded model at a time). Outputs go through
 `storage.atomic_directory`, so a failure leaves nothing half-written.
 
@@ -65,37 +70,47 @@ from jaxmodel.weights import WEIGHT_RULES, ConvertError, check_files, expected_h
 PARAMS_DIR = "params"  # the Orbax checkpoint inside an import_hf directory or a training checkpoint step
 MODEL_CONFIG_ITEM = "model_config"  # an Orbax JSON item holding config.json's dict (training checkpoint steps)
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+EXPORT_BLOCK_BYTES = 16 * 2**20  # export-hf reads and writes each tensor in HF row blocks of about this size
 
 
-def _place(shape, dtype, sharding, read: Callable[[int | None], np.ndarray], layers: int | None) -> jax.Array:
-    """Builds one parameter directly in its sharding, reading each source tensor once.
+def _bounds(index, shape) -> tuple[tuple[int, int], ...]:
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
-    read(i) returns layer i's tensor in JAX layout (read(None) the whole parameter when it has no
-    layer axis). Each device (of this process) gets only its own index; devices that hold the same
-    index (replicas) share one host buffer. Host memory: one source tensor plus this process's shards
-    of the parameter being built, never the whole model."""
-    index_map = sharding.addressable_devices_indices_map(shape)
-    groups: dict[tuple, tuple[tuple, list]] = {}
-    for device, index in index_map.items():
-        key = tuple((s.start, s.stop) for s in index)
-        groups.setdefault(key, (index, []))[1].append(device)
-    if layers is None:
-        full = read(None)
-        buffers = {key: np.asarray(full[index], dtype=dtype) for key, (index, _) in groups.items()}
-        del full
-    else:
-        buffers = {
-            key: np.empty([len(range(*s.indices(n))) for s, n in zip(index, shape)], dtype)
-            for key, (index, _) in groups.items()
-        }
-        for layer in range(layers):
-            tensor = read(layer)
-            for key, (index, _) in groups.items():
-                first, stop, _ = index[0].indices(layers)
-                if first <= layer < stop:
-                    buffers[key][layer - first] = tensor[index[1:]]
-    shards = [jax.device_put(buffers[key], d) for key, (_, devices) in groups.items() for d in devices]
-    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+def _regions(boxes: set, shape) -> list[tuple[tuple[int, int], ...]]:
+    """What this process reads of one parameter: the bounding box of its devices' (distinct, disjoint)
+    boxes when they tile it exactly (one read; the whole parameter on one process), else each box."""
+    boxes = sorted(boxes)
+    bbox = tuple((min(b[k][0] for b in boxes), max(b[k][1] for b in boxes)) for k in range(len(shape)))
+    volume = lambda box: int(np.prod([b - a for a, b in box], dtype=np.int64))
+    return [bbox] if volume(bbox) == sum(map(volume, boxes)) else boxes
+
+
+def _place(shape, dtype, sharding, read: Callable[[int | None, tuple], np.ndarray], layers: int | None) -> jax.Array:
+    """Builds one parameter directly in its sharding, reading only this process's slices of the files.
+
+    read(layer, box) returns a box [(start, stop) per dim] of layer i's tensor in JAX layout (layer None:
+    a parameter without a layer axis). This process reads the region its devices hold (`_regions`), layer
+    by layer for stacked parameters; each device then takes its index of that region
+    (`jax.make_array_from_callback`), so replicas share one read. Host memory: this process's share of
+    the parameter being built, never the whole model; bytes read: that share (all of it on one process)."""
+    regions = _regions({_bounds(i, shape) for i in sharding.addressable_devices_indices_map(shape).values()}, shape)
+    data = {}
+    for region in regions:
+        if layers is None:
+            data[region] = np.asarray(read(None, region), dtype=dtype)
+            continue
+        (first, stop), rest = region[0], region[1:]
+        data[region] = np.empty([b - a for a, b in region], dtype)
+        for layer in range(first, stop):
+            data[region][layer - first] = read(layer, rest)
+
+    def shard(index):
+        box = _bounds(index, shape)
+        region = next(r for r in regions if all(a <= x and y <= b for (a, b), (x, y) in zip(r, box)))
+        return data[region][tuple(slice(x - a, y - a) for (a, _), (x, y) in zip(region, box))]
+
+    return jax.make_array_from_callback(shape, sharding, shard, dtype=dtype)
 
 
 def _open_checked(path: str, config: MistralConfig, allow_pickle: bool):
@@ -139,17 +154,19 @@ def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=F
             p = tuple(str(x) for x in p)
             stacked = p[0] == "layers"
 
-            def read(layer, p=p):
+            def read(layer, box, p=p):
                 name, t = by_slot[(p, layer)]
-                bar.update(1)
-                return t.to_jax(files.get(name))
+                return t.read_box(lambda index: files.get_slice(name, index), box)
 
             layers = config.num_hidden_layers if stacked else None
             plan = transform(p, var) if transform is not None else None
             if plan is None:
                 arrays[p] = _place(var.shape, var.dtype, sharding_of(p, var), read, layers)
-            else:
-                arrays[p] = plan.combine(_place_parts(plan, var, mesh, read, layers))
+            else:  # a transform converts whole tensors (a layer's slice of stacked ones): read whole
+                whole = tuple((0, n) for n in var.shape[1 if stacked else 0:])
+                arrays[p] = plan.combine(_place_parts(plan, var, mesh, lambda layer, r=read, w=whole: r(layer, w),
+                                                      layers))
+            bar.update(layers or 1)
     files.close()
     return arrays
 
@@ -168,7 +185,7 @@ def _place_parts(plan: TensorTransform, var, mesh, read, layers: int | None) -> 
     shardings = {k: _part_sharding(var, shape, mesh) for k, (shape, _) in plan.parts.items()}
     if layers is None:
         parts = plan.convert(np.asarray(read(None), dtype=var.dtype))
-        return {k: _place(shape, dtype, shardings[k], lambda _, v=parts[k]: v, None)
+        return {k: _place(shape, dtype, shardings[k], lambda _, box, v=parts[k]: _cut(v, box), None)
                 for k, (shape, dtype) in plan.parts.items()}
     buffers, writers = {}, {}
     for k, (shape, dtype) in plan.parts.items():
@@ -179,10 +196,14 @@ def _place_parts(plan: TensorTransform, var, mesh, read, layers: int | None) -> 
     for layer in range(layers):
         parts = plan.convert(np.asarray(read(layer), dtype=var.dtype))
         for k, (shape, dtype) in plan.parts.items():
-            one = _place((1, *shape[1:]), dtype, shardings[k], lambda _, v=parts[k]: v[None], None)
+            one = _place((1, *shape[1:]), dtype, shardings[k], lambda _, box, v=parts[k]: _cut(v[None], box), None)
             buffers[k] = writers[k](buffers[k], one, jnp.int32(layer))
         del parts, one
     return buffers
+
+
+def _cut(value: np.ndarray, box) -> np.ndarray:
+    return value[tuple(slice(a, b) for a, b in box)]
 
 
 def _sharding_fn(mesh):
@@ -260,16 +281,29 @@ def save_pretrained(
     model. Every process takes part in each gather (a collective); process 0 writes."""
     arrays = _flat_arrays(model)
 
-    def read(t):
+    def read(t, box):  # whole tensors (box None): one gather each
         value = arrays[t.rule.path]
         return _to_host(value if t.layer is None else value[t.layer])
 
     _write_hf(model.config, path, read, dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress)
 
 
-def _write_hf(config: MistralConfig, path: str, read, *, dtype, max_shard_bytes: int, progress: bool) -> None:
-    """The Hugging Face directory writer behind save_pretrained and export_hf: `read(hf tensor)` gives
-    that tensor (a layer's slice for stacked parameters) in JAX layout, one call at a time."""
+def _row_blocks(t, block_bytes: int | None):
+    """[start, stop) ranges of HF rows, whole `row_unit`s of at most ~block_bytes (float32) each."""
+    rows = t.hf_shape[0] if t.hf_shape else 1
+    if block_bytes is None or len(t.hf_shape) < 2:
+        return [(0, rows)]
+    unit = t.row_unit
+    step = unit * max(1, block_bytes // (4 * int(np.prod(t.hf_shape[1:])) * unit))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def _write_hf(config: MistralConfig, path: str, read, *, dtype, max_shard_bytes: int, progress: bool,
+              block_bytes: int | None = None) -> None:
+    """The Hugging Face directory writer behind save_pretrained and export_hf: `read(hf tensor, box)` gives
+    that tensor (a layer's slice for stacked parameters) in JAX layout, one call at a time: whole (box
+    None) or, with block_bytes, one block of its HF rows at a time (`HFTensor.rows_box`), so the largest
+    tensors (embedding, lm_head) never sit whole in host memory."""
     dtype = np.dtype(jnp.dtype(dtype or config.torch_dtype))
     tensors = expected_hf_tensors(config)
     specs = {name: (t.hf_shape, dtype) for name, t in tensors.items()}
@@ -290,13 +324,15 @@ def _write_hf(config: MistralConfig, path: str, read, *, dtype, max_shard_bytes:
                 with SafetensorsWriter(storage.join(tmp, file), specs_k) if primary else nullcontext() as writer:
                     for name in names:
                         t = tensors[name]
-                        hf = t.to_hf(read(t)).astype(dtype, copy=False)
-                        if writer is not None:
-                            writer.write(name, hf)
+                        for start, stop in _row_blocks(t, block_bytes):
+                            hf = t.to_hf(read(t, None if block_bytes is None else t.rows_box(start, stop)))
+                            hf = hf.astype(dtype, copy=False)
+                            if writer is not None:
+                                writer.write_rows(name, hf)
+                            total += hf.nbytes
+                            del hf
+                            _trim_malloc()
                         weight_map[name] = file
-                        total += hf.nbytes
-                        del hf
-                        _trim_malloc()
                         bar.update(1)
         if primary:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -439,8 +475,9 @@ def config_source(path: str):
 
 
 def tensor_reader(path: str, config: MistralConfig, *, allow_pickle: bool = False):
-    """read(state path, layer) -> one parameter's tensor in JAX layout (layer i's slice of a stacked one,
-    `layer=None` for the others), straight from the files: an `import_hf` directory or a training
+    """read(state path, layer, box=None) -> one parameter's tensor in JAX layout (layer i's slice of a
+    stacked one, `layer=None` for the others; only the box [(start, stop) per dim] of it when given),
+    straight from the files: an `import_hf` directory or a training
     checkpoint step (its Orbax `params/`, sliced reads through TensorStore), or a Hugging Face directory
     (memory-mapped safetensors). Nothing is cached: host memory holds what the caller keeps."""
     _tune_malloc()  # freed tensors go back to the OS instead of piling up in TensorStore threads' arenas
@@ -453,7 +490,7 @@ def tensor_reader(path: str, config: MistralConfig, *, allow_pickle: bool = Fals
         base = (url if storage.is_remote(url) else f"file://{url}") + "/"
         ocdbt = storage.exists(storage.join(params, "manifest.ocdbt"))  # object stores: plain zarr (orbax_stream)
 
-        def read(p, layer):
+        def read(p, layer, box=None):
             if p not in opened:  # Orbax's layout: zarr arrays named by the dotted tree path (in one OCDBT store)
                 name = ".".join(p)
                 kvstore = {"driver": "ocdbt", "base": base, "path": name} if ocdbt else base + name + "/"
@@ -463,6 +500,8 @@ def tensor_reader(path: str, config: MistralConfig, *, allow_pickle: bool = Fals
                 except ValueError as e:
                     raise ConvertError(f"{params}: cannot read {'.'.join(p)} ({str(e).splitlines()[0]})") from None
             array = opened[p] if layer is None else opened[p][layer]
+            if box is not None:
+                array = array[tuple(slice(a, b) for a, b in box)]
             try:
                 return np.asarray(array.read().result())
             except Exception as e:  # noqa: BLE001 (TensorStore raises bare Exceptions for unreadable chunks)
@@ -473,18 +512,21 @@ def tensor_reader(path: str, config: MistralConfig, *, allow_pickle: bool = Fals
         return read
     files, _, by_slot = _open_checked(path, config, allow_pickle)
 
-    def read(p, layer):
+    def read(p, layer, box=None):
         name, t = by_slot[(tuple(p), layer)]
-        return t.to_jax(files.get(name))
+        if box is None:
+            return t.to_jax(files.get(name))
+        return t.read_box(lambda index: files.get_slice(name, index), box)
 
     return read
 
 
 def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, progress: bool = True,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, block_bytes: int = EXPORT_BLOCK_BYTES) -> None:
     """An `import_hf` directory or a training checkpoint step (or a Hugging Face directory) -> a Hugging
     Face directory, streamed: each tensor (each layer's slice of a stacked one) is read from the files,
-    converted and written on its own, so host memory holds about one tensor whatever the model's size."""
+    converted and written on its own (in HF row blocks of about block_bytes), so host memory holds about one
+    block whatever the model's size."""
     ckpt_dir = resolve_model(ckpt_dir)
     ckpt_dir = storage.check_input_dir(ckpt_dir, "checkpoint directory (import-hf output or WORKDIR/checkpoints/STEP)")
     storage.check_output_dir(hf_dir)  # before the weights load: a bad destination fails at once
@@ -495,8 +537,8 @@ def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, progress:
 
         _check_orbax_metadata(ocp.StandardCheckpointer(), params_dir, _orbax_target(config))
     read = tensor_reader(ckpt_dir, config)
-    _write_hf(config, hf_dir, lambda t: read(t.rule.path, t.layer), dtype=dtype, max_shard_bytes=max_shard_bytes,
-              progress=progress)
+    _write_hf(config, hf_dir, lambda t, box: read(t.rule.path, t.layer, box), dtype=dtype,
+              max_shard_bytes=max_shard_bytes, progress=progress, block_bytes=block_bytes)
     if jax.process_index() == 0:
         copy_tokenizer_files(ckpt_dir, hf_dir)
 

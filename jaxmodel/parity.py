@@ -15,6 +15,10 @@ Inside:
   tensors; ours is the model's own layer module (`nnx.merge` of the stacked layers' graphdef with one
   layer's slice, exactly what `MistralForCausalLM.run_layers` scans), read slice by slice from `jax_dir`
   (`convert.tensor_reader`). Embedding and head go through `MistralForCausalLM.embed` / `unembed`.
+  Memory: the embedding is read in row blocks keeping only the rows the ids use, the head and the logits
+  go one vocabulary block at a time on both sides (`BLOCK_BYTES`), and each layer's tensors are copied
+  into the one reference layer a tensor at a time; so host memory is the imports, about one layer of
+  each model and a few blocks, whatever the depth or the vocabulary.
 
 torch and transformers are imported inside the functions: they are test/demo dependencies only.
 """
@@ -24,6 +28,8 @@ from __future__ import annotations
 import numpy as np
 
 from jaxmodel.config import ConfigError, MistralConfig
+
+BLOCK_BYTES = 16 * 2**20  # compare_layers reads the embedding and head, and makes logits, in blocks of ~this
 
 
 def make_hf_checkpoint(path: str, config: MistralConfig, *, seed: int = 0, dtype: str = "float32") -> None:
@@ -105,7 +111,7 @@ def _check_inputs(hf_dir: str, config: MistralConfig, length: int, offset: int) 
 
 def compare_layers(
     hf_dir: str, jax_dir: str, *, batch: int = 2, length: int = 256, offset: int = 30000, seed: int = 0,
-    progress: bool = False,
+    progress: bool = False, block_bytes: int = BLOCK_BYTES,
 ) -> dict:
     """Stage-by-stage max |difference| between transformers on hf_dir and our model read from jax_dir
     (float32; see the module docstring). Returns {"stages": [{"stage", "max_abs_diff", "end_to_end",
@@ -129,6 +135,7 @@ def compare_layers(
     from jaxmodel.convert import tensor_reader
     from jaxmodel.hub import resolve_model
     from jaxmodel.model import MistralForCausalLM, RMSNorm, abstract_model, rope_cos_sin
+    from jaxmodel.orbax_stream import _trim_malloc
     from jaxmodel.safetensors_io import WeightFiles
 
     hf_dir, jax_dir = resolve_model(hf_dir), resolve_model(jax_dir)  # hub ids -> their cached snapshots
@@ -148,18 +155,41 @@ def compare_layers(
         stages.append({"stage": stage, "max_abs_diff": float(np.abs(mine - reference).max()),
                        "end_to_end": float(np.abs(own - reference).max()), "max_abs": float(np.abs(reference).max())})
 
+    def record_blocks(stage, blocks):
+        """record() over blocks of one stage's outputs (mine, reference, own): the max of each figure."""
+        diff = e2e = top = 0.0
+        for mine, reference, own in blocks:
+            mine, reference, own = (np.asarray(x, np.float32) for x in (mine, reference, own))
+            diff = max(diff, float(np.abs(mine - reference).max()))
+            e2e = max(e2e, float(np.abs(own - reference).max()))
+            top = max(top, float(np.abs(reference).max()))
+        stages.append({"stage": stage, "max_abs_diff": diff, "end_to_end": e2e, "max_abs": top})
+
     def ref_tensor(name):
         return torch.from_numpy(ref_files.get(name).astype(np.float32, copy=False))
 
+    # Embedding rows and head columns are read in blocks of ~block_bytes (the real vocabulary's tables are
+    # 0.5 GB each in bfloat16, 1 GB in float32): only the rows the ids name are kept.
+    d, vocab = config.hidden_size, config.vocab_size
+    step = max(1, block_bytes // (4 * max(d, batch * length)))
+    blocks = [(a, min(a + step, vocab)) for a in range(0, vocab, step)]
     with torch.no_grad(), jax.default_matmul_precision("highest"):
-        # Embeddings.
-        ref_embed = ref_files.get("model.embed_tokens.weight").astype(np.float32, copy=False)
-        hidden = torch.from_numpy(ref_embed[ids])
-        del ref_embed
+        # Embeddings: each side's rows for the ids present, gathered block by block into a small table
+        # that the model's own embed() indexes with the ids renumbered.
+        used, renumbered = np.unique(ids, return_inverse=True)
+        renumbered = renumbered.reshape(ids.shape)
+        ref_rows, our_rows = np.empty((len(used), d), np.float32), np.empty((len(used), d), np.float32)
+        for a, b in blocks:
+            inside = (used >= a) & (used < b)
+            if inside.any():
+                ref_rows[inside] = ref_files.get_slice("model.embed_tokens.weight", (slice(a, b),))[used[inside] - a]
+                our_rows[inside] = ours(("embed_tokens",), None, ((a, b), (0, d)))[used[inside] - a]
+        hidden = torch.from_numpy(ref_rows[renumbered])
         # The model's own methods on a stand-in `self` holding just the tensor they read.
         embed = jax.jit(lambda w, i: MistralForCausalLM.embed(types.SimpleNamespace(embed_tokens=w, config=config), i))
-        own = embed(jnp.asarray(ours(("embed_tokens",), None)), ids)  # our own chain, for the end-to-end figure
+        own = embed(jnp.asarray(our_rows), renumbered)  # our own chain, for the end-to-end figure
         record("embeddings", own, hidden.numpy(), own)
+        del ref_rows, our_rows
 
         # Decoder layers: the reference's layer i and ours, both fed the reference's hidden states.
         hf_config = transformers.MistralConfig.from_pretrained(hf_dir)
@@ -169,7 +199,7 @@ def compare_layers(
         ref_rope = rotary(hidden, position_ids)
         ref_mask = _reference_mask(length, config.sliding_window)
         ref_layer = hf_mistral.MistralDecoderLayer(hf_config, layer_idx=0).eval()
-        names = [k for k in ref_layer.state_dict()]
+        ref_params = dict(ref_layer.named_parameters())
         layers_def, layers_state = nnx.split(abstract_model(config).layers)
         flat = nnx.to_flat_state(layers_state)
         cos, sin = rope_cos_sin(jnp.asarray(positions), config.head_dim, config.rope_theta, jnp.float32)
@@ -182,7 +212,8 @@ def compare_layers(
             return out
 
         for i in tqdm(range(config.num_hidden_layers), desc="comparing layers", unit="layer", disable=not progress):
-            ref_layer.load_state_dict({n: ref_tensor(f"model.layers.{i}.{n}") for n in names})
+            for n, param in ref_params.items():  # one tensor at a time into the one reference layer
+                param.copy_(ref_tensor(f"model.layers.{i}.{n}"))
             state = nnx.from_flat_state([(path, var.replace(jnp.asarray(ours(("layers", *map(str, path)), i))))
                                          for path, var in flat])
             mine = our_layer(state, jnp.asarray(hidden.numpy()))
@@ -192,8 +223,11 @@ def compare_layers(
             record(f"layer {i}", mine, out.numpy(), own)
             hidden = out
             del state, mine
+            _trim_malloc()  # freed layer buffers back to the OS, not left in the arenas of XLA's threads
+        del ref_layer, ref_params
 
-        # Final norm and head, on the reference's last hidden states.
+        # Final norm and head, on the reference's last hidden states; the logits one vocabulary block at a
+        # time on both sides (never [B, T, V] whole).
         ref_norm = hf_mistral.MistralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         ref_norm.load_state_dict({"weight": ref_tensor("model.norm.weight")})
         normed = ref_norm(hidden)
@@ -202,12 +236,19 @@ def compare_layers(
         apply_norm = jax.jit(lambda n, h: n(h))
         own = apply_norm(norm, own)
         record("final norm", apply_norm(norm, jnp.asarray(hidden.numpy())), normed.numpy(), own)
-        head_name = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-        ref_logits = (normed @ ref_tensor(head_name).T).numpy()
-        key = "embed_tokens" if config.tie_word_embeddings else "lm_head"
+        tied = config.tie_word_embeddings
+        head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        key = "embed_tokens" if tied else "lm_head"
         unembed = jax.jit(lambda w, h: MistralForCausalLM.unembed(types.SimpleNamespace(**{key: w}, config=config), h))
-        head = jnp.asarray(ours((key,), None))
-        record("logits", unembed(head, jnp.asarray(normed.numpy())), ref_logits, unembed(head, own))
+        normed_ours = jnp.asarray(normed.numpy())
+
+        def head_blocks():
+            for a, b in blocks:
+                ref_w = torch.from_numpy(ref_files.get_slice(head_name, (slice(a, b),)).astype(np.float32, copy=False))
+                head = jnp.asarray(ours((key,), None, ((a, b), (0, d)) if tied else ((0, d), (a, b))))
+                yield unembed(head, normed_ours), (normed @ ref_w.T).numpy(), unembed(head, own)
+
+        record_blocks("logits", head_blocks())
     worst = max(stages, key=lambda r: r["max_abs_diff"])
     return {"stages": stages, "worst": worst, "max_abs_logit_diff": stages[-1]["end_to_end"],
             "max_abs_logit": stages[-1]["max_abs"], "tokens": int(batch * length), "position_offset": offset}

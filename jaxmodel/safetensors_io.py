@@ -3,9 +3,11 @@
 Inside:
 - `WeightFiles.open(directory, allow_pickle=False)`: the tensors of a checkpoint directory (single or
   sharded `.safetensors` with their index; `pytorch_model*.bin` only when explicitly allowed), each read
-  lazily by name.
-- `SafetensorsWriter`: writes a `.safetensors` file tensor by tensor (the header is computed from shapes
-  first, so no tensor needs to wait in memory for the others).
+  lazily by name, whole (`get`) or one box of it (`get_slice`: only that box's bytes are read).
+- `bytes_read()`: the tensor bytes this process has requested from storage so far (what a sharded load
+  is measured by: each host should read about its own share).
+- `SafetensorsWriter`: writes a `.safetensors` file tensor by tensor, or row block by row block
+  (`write_rows`; the header is computed from shapes first, so no tensor needs to wait in memory).
 - `WeightFileError`: every problem, as one line naming the file and the tensor.
 
 Why not `safetensors.safe_open(framework="numpy")`: NumPy has no bfloat16, and that is the dtype of the
@@ -19,6 +21,11 @@ front, so a truncated download is reported before any conversion starts.
 Local or `gs://` (through `jaxmodel.storage`, one code path): each file is opened once and every tensor is
 one positioned (range) read of its own bytes, so a checkpoint in a bucket is streamed tensor by tensor,
 never downloaded whole; the writer streams its file the same way (a resumable upload on object stores).
+
+Sliced reads (`get_slice(name, index)`, 1-D and 2-D tensors: every Hugging Face Mistral tensor). A
+row range with full rows is one contiguous read; a column range is one read per row (the row's
+segment), straight into the output array for local files, and on object stores all in flight together
+(`storage.read_ranges`, in batches). The bytes requested are the box's bytes, nothing more.
 
 `.bin` files are pickles: reading one can run arbitrary code. They are read only on explicit request and
 then only through `torch.load(weights_only=True)`, which refuses anything but tensors.
@@ -51,6 +58,14 @@ DTYPES = {
 }
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+_RANGE_BATCH = 4096  # row segments per concurrent batch of range requests (object stores)
+_BYTES_READ = [0]  # tensor bytes requested from storage by this process (headers excluded)
+
+
+def bytes_read() -> int:
+    """Tensor bytes this process has requested from storage through WeightFiles so far (tensors of
+    pickled `.bin` files are not counted: torch reads them)."""
+    return _BYTES_READ[0]
 
 
 class WeightFileError(ValueError):
@@ -154,17 +169,58 @@ class WeightFiles:
 
     def get(self, name: str) -> np.ndarray:
         """The tensor as a NumPy array (read now; nothing of it is cached)."""
+        return self.get_slice(name, ())
+
+    def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """A box of the tensor (one unit-step slice per leading dimension; missing ones are whole), reading
+        only the box's bytes (see the module docstring)."""
         if name in self._torch_files:
-            return _torch_to_numpy(self._torch_tensor(name))
+            return _torch_to_numpy(self._torch_tensor(name))[index]
         e = self._entries[name]
-        out = np.empty(e.shape, DTYPES[e.dtype])
+        if len(e.shape) > 2 or len(index) > len(e.shape):
+            raise WeightFileError(f"{e.file}: tensor {name}: sliced reads take 1-D or 2-D tensors, "
+                                  f"not shape {e.shape} with index {index}")
+        box = []
+        for k, n in enumerate(e.shape):
+            start, stop, step = (index[k] if k < len(index) else slice(None)).indices(n)
+            if step != 1:
+                raise WeightFileError(f"{e.file}: tensor {name}: sliced reads take unit steps, got {index}")
+            box.append((start, max(start, stop)))
+        dtype = DTYPES[e.dtype]
+        out = np.empty([b - a for a, b in box], dtype)
+        if out.size == 0:
+            return out
+        rows, cols = (box[0], box[1]) if len(box) == 2 else ((0, 1), box[0]) if box else ((0, 1), (0, 1))
+        width = e.shape[-1] if e.shape else 1
+        row_bytes, item = width * dtype.itemsize, dtype.itemsize
+        flat = out.reshape(rows[1] - rows[0], cols[1] - cols[0])
+        if cols == (0, width) or rows[1] - rows[0] == 1:  # one contiguous range
+            start = e.start + rows[0] * row_bytes + cols[0] * item
+            self._read_into(e, name, start, memoryview(flat.reshape(-1).view(np.uint8)))
+        else:
+            starts = [e.start + r * row_bytes + cols[0] * item for r in range(*rows)]
+            seg = (cols[1] - cols[0]) * item
+            if storage.is_remote(e.file):
+                for k in range(0, len(starts), _RANGE_BATCH):
+                    chunk = starts[k:k + _RANGE_BATCH]
+                    for j, blob in enumerate(storage.read_ranges(e.file, chunk, [s + seg for s in chunk])):
+                        if len(blob) != seg:
+                            raise WeightFileError(f"{e.file}: truncated safetensors file while reading tensor {name}")
+                        flat[k + j] = np.frombuffer(blob, dtype)
+                _BYTES_READ[0] += seg * len(starts)
+            else:
+                for j, start in enumerate(starts):
+                    self._read_into(e, name, start, memoryview(flat[j].view(np.uint8)))
+        return out
+
+    def _read_into(self, e: _Entry, name: str, start: int, buffer: memoryview) -> None:
         f = self._handles.get(e.file)
         if f is None:
             f = self._handles[e.file] = storage.open(e.file, "rb")
-        f.seek(e.start)
-        if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != e.end - e.start:
+        f.seek(start)
+        if f.readinto(buffer) != len(buffer):
             raise WeightFileError(f"{e.file}: truncated safetensors file while reading tensor {name}")
-        return out
+        _BYTES_READ[0] += len(buffer)
 
     def close(self) -> None:
         for f in self._handles.values():
@@ -245,18 +301,32 @@ class SafetensorsWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
         self._specs, self._order, self._next, self._path = specs, list(specs), 0, path
+        self._rows = 0  # rows of the current tensor written so far
         self._f = storage.open(path, "wb")
         self._f.write(struct.pack("<Q", len(blob)) + blob)
 
     def write(self, name: str, array: np.ndarray) -> None:
-        expected = self._order[self._next]
-        shape, dtype = self._specs[expected]
-        if name != expected or tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
+        """Writes the next tensor whole."""
+        self.write_rows(name, array)
+        if self._rows:
+            raise WeightFileError(f"{self._path}: tensor {name} is {array.shape}, expected {self._specs[name][0]}")
+
+    def write_rows(self, name: str, block: np.ndarray) -> None:
+        """Writes the next rows of the next tensor (blocks in order; the tensor is done when its rows are)."""
+        expected = self._order[self._next] if self._next < len(self._order) else None
+        shape, dtype = self._specs[expected] if expected else ((), None)
+        rows = shape[0] if shape else 1
+        block_rows = (block.shape[0] if block.ndim else 1) if shape else 1
+        if (name != expected or block.dtype != np.dtype(dtype) or tuple(block.shape[1:]) != tuple(shape[1:])
+                or block.ndim != len(shape) or self._rows + block_rows > rows):
             raise WeightFileError(
-                f"{self._path}: expected tensor {expected} {shape} {dtype}, got {name} {array.shape} {array.dtype}"
+                f"{self._path}: expected rows {self._rows}.. of tensor {expected} {shape} {dtype}, got {name} "
+                f"{block.shape} {block.dtype}"
             )
-        self._f.write(np.ascontiguousarray(array).tobytes())
-        self._next += 1
+        self._f.write(np.ascontiguousarray(block).tobytes())
+        self._rows += block_rows
+        if self._rows == rows:
+            self._next, self._rows = self._next + 1, 0
 
     def close(self) -> None:
         self._f.close()

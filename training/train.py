@@ -207,13 +207,18 @@ def _initial_state(ts: steps_lib.TrainSetup, run: RunConfig) -> dict:
         return steps_lib.init_state(ts)
     from flax import nnx
 
+    from jaxmodel import safetensors_io
     from jaxmodel.convert import from_pretrained
 
     _check_init_from(run)
     _log(f"loading {run.init_from} onto mesh {dict(ts.mesh.shape)}")
+    before = safetensors_io.bytes_read()
     model = from_pretrained(run.init_from, dtype=run.model.weight_dtype, compute_dtype=run.model.compute_dtype,
                             mesh=ts.mesh, attention_impl=run.model.attention_impl, remat=run.model.remat,
                             scan_layers=run.model.scan_layers, progress=jax.process_index() == 0)
+    if safetensors_io.bytes_read() > before:  # a Hugging Face directory: each process reads only its slices
+        _log(f"read {(safetensors_io.bytes_read() - before) / 1e6:,.1f} MB of tensors on process 0 "
+             f"(of {jax.process_count()})")
     params = nnx.to_pure_dict(nnx.split(model)[1])
     return steps_lib.state_from_params(ts, params)
 

@@ -59,15 +59,23 @@ def test_hf_to_jax_to_hf_is_bit_exact_and_loads_in_transformers(hf_bf16_checkpoi
     np.testing.assert_array_equal(_hf_logits(out, ids), _hf_logits(hf_bf16_checkpoint, ids))
 
 
-@pytest.mark.parametrize("name", ["normistral_gqa", "tied"])
-def test_import_export_through_orbax_is_bit_exact(hf_checkpoints, tmp_path, name):
+@pytest.mark.parametrize("name, block_bytes", [("normistral_gqa", None), ("tied", None), ("normistral_gqa", 3000)])
+def test_import_export_through_orbax_is_bit_exact(hf_checkpoints, tmp_path, name, block_bytes):
+    # block_bytes 3000: every matrix is read and written in several HF row blocks (5 rows of the embedding,
+    # one head of q/k/v, ...), as export-hf does for the real model's 0.5 GB embedding and head.
     ckpt, back = str(tmp_path / "orbax"), str(tmp_path / "back")
     import_hf(hf_checkpoints[name], ckpt, progress=False)
     assert os.path.isdir(os.path.join(ckpt, "params"))
-    export_hf(ckpt, back, progress=False)
+    export_hf(ckpt, back, progress=False, **({} if block_bytes is None else {"block_bytes": block_bytes}))
     _assert_bit_exact(hf_checkpoints[name], back)
     ids = np.random.default_rng(1).integers(0, 1024, size=(1, 33))
     np.testing.assert_array_equal(_hf_logits(back, ids), _hf_logits(hf_checkpoints[name], ids))
+
+
+def test_export_from_a_hugging_face_directory_in_row_blocks_is_bit_exact(hf_bf16_checkpoint, tmp_path):
+    back = str(tmp_path / "back")
+    export_hf(hf_bf16_checkpoint, back, progress=False, block_bytes=3000)  # sliced safetensors reads
+    _assert_bit_exact(hf_bf16_checkpoint, back)
 
 
 def test_from_pretrained_reads_the_orbax_directory(hf_checkpoints, tmp_path):

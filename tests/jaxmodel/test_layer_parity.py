@@ -33,6 +33,20 @@ def test_layer_by_layer_agrees_with_the_whole_model_compare(hf_checkpoints, name
     assert abs(layers["max_abs_logit_diff"] - whole["max_abs_logit_diff"]) <= 1.5e-6
 
 
+@pytest.mark.parametrize("name", ["normistral_gqa", "tied"])
+def test_blocked_embedding_and_head_give_the_same_report(hf_checkpoints, name):
+    """20 kB blocks: the embedding is read and the logits made in 54 blocks of 19 vocabulary entries (the
+    default block holds this vocabulary whole): the same figures, the embedding gather exactly."""
+    path = hf_checkpoints[name]
+    whole = compare_layers(path, path, length=128)
+    blocked = compare_layers(path, path, length=128, block_bytes=20_000)
+    assert [s["stage"] for s in blocked["stages"]] == [s["stage"] for s in whole["stages"]]
+    assert blocked["stages"][0] == whole["stages"][0]
+    for a, b in zip(blocked["stages"], whole["stages"]):
+        for k in ("max_abs_diff", "end_to_end", "max_abs"):
+            assert abs(a[k] - b[k]) <= 1e-6, (a, b)
+
+
 def _corrupt(src, dst, tensor):
     shutil.copytree(src, dst)
     file = os.path.join(dst, "model.safetensors")
