@@ -14,7 +14,8 @@ Rules (one place, used by `jaxmodel.from_pretrained`, `import_hf`, `export_hf`, 
   safetensors. Tokens come from the environment (`HF_TOKEN`) or `huggingface-cli login`, as
   huggingface_hub finds them.
 - The environment is read at call time (not when huggingface_hub was imported): `HF_HUB_OFFLINE=1` (or
-  `TRANSFORMERS_OFFLINE=1`) uses the cache only; `HF_HOME` / `HF_HUB_CACHE` choose the cache.
+  `TRANSFORMERS_OFFLINE=1`) uses the cache only; `HF_HOME` / `HF_HUB_CACHE` choose the cache; `HF_ENDPOINT`
+  the hub (a mirror; the tests' local server).
 - Every failure is one `HubError` line naming the id and the reason: not found (or private), gated,
   unknown revision, offline and not cached, or the hub unreachable. `HubError` is a `StorageError`, so the
   CLI prints it as `normistral: error: ...` with exit status 2.
@@ -78,6 +79,11 @@ def resolve_model(path, *, revision: str | None = None, allow_pickle: bool = Fal
     return folder
 
 
+def endpoint() -> str:
+    """The hub's address as the environment names it now (`HF_ENDPOINT`, default https://huggingface.co)."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
 def _snapshot(repo: str, revision: str | None, shown: str, patterns) -> str:
     import huggingface_hub
     from huggingface_hub import errors
@@ -86,9 +92,9 @@ def _snapshot(repo: str, revision: str | None, shown: str, patterns) -> str:
     try:
         return huggingface_hub.snapshot_download(
             repo, revision=revision, cache_dir=cache_dir(), local_files_only=offline(),
-            allow_patterns=list(patterns))
-    except errors.GatedRepoError:
-        raise HubError(f"{where}: gated repository; accept its terms on huggingface.co and set HF_TOKEN "
+            allow_patterns=list(patterns), endpoint=endpoint())
+    except errors.GatedRepoError:  # a subclass of RepositoryNotFoundError: first
+        raise HubError(f"{where}: gated repository; accept its license at {endpoint()}/{repo} and set HF_TOKEN "
                        "(or run `huggingface-cli login`)") from None
     except errors.RepositoryNotFoundError:
         raise HubError(f"{where}: not found on the hub (no such repository, or private and no valid token "
