@@ -4,7 +4,8 @@ Inside: `HubError`, `is_hub_id(text)`, `resolve_model(path, *, revision=None, al
 directory, a `gs://` URL, or a hub id -> what the loaders read), `WEIGHT_PATTERNS`, `TOKENIZER_PATTERNS`.
 
 Rules (one place, used by `jaxmodel.from_pretrained`, `import_hf`, `export_hf`, `parity`,
-`inference.Generator.from_pretrained` and the CLI commands that take a model directory):
+`inference.Generator.from_pretrained`, a run config's `model.init_from` and the CLI commands that take a
+model directory):
 - An existing local directory wins over a hub id of the same spelling; a `gs://` (or other remote) URL is
   returned unchanged for `jaxmodel.storage`; anything else shaped `org/name[@revision]` is a hub id.
 - A hub id is fetched with `huggingface_hub.snapshot_download` into the standard cache (`HF_HUB_CACHE`, or
@@ -63,16 +64,20 @@ def cache_dir() -> str:
     return os.path.join(os.path.expanduser(home), "hub")
 
 
-def resolve_model(path, *, revision: str | None = None, allow_pickle: bool = False) -> str:
+def resolve_model(path, *, revision: str | None = None, allow_pickle: bool = False,
+                  config_only: bool = False) -> str:
     """What the loaders should read for `path`: itself (a local directory or a URL), or the local
     snapshot directory of a hub id (downloaded if needed and allowed). A path that is neither an
-    existing directory nor shaped like a hub id is returned unchanged: the caller reports it missing."""
+    existing directory nor shaped like a hub id is returned unchanged: the caller reports it missing.
+    `config_only`: fetch just config.json (what a run config needs for the architecture)."""
     path = os.fspath(path)
     if not is_hub_id(path):
         return path
     match = _HUB_ID.fullmatch(path)
     repo, revision = match["repo"], revision or match["revision"]
     shown = repo + (f"@{revision}" if revision else "")
+    if config_only:
+        return _snapshot(repo, revision, shown, ("config.json",))
     folder = _snapshot(repo, revision, shown, (*WEIGHT_PATTERNS, *TOKENIZER_PATTERNS))
     if allow_pickle and not any(n.endswith(".safetensors") for n in os.listdir(folder)):
         folder = _snapshot(repo, revision, shown, (*WEIGHT_PATTERNS, *TOKENIZER_PATTERNS, *PICKLE_PATTERNS))
