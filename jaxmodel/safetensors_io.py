@@ -157,12 +157,26 @@ class WeightFiles:
         if name in self._torch_files:
             return _torch_to_numpy(self._torch_tensor(name))
         e = self._entries[name]
-        out = np.empty(e.shape, DTYPES[e.dtype])
+        return self._read(name, e, e.start, np.empty(e.shape, DTYPES[e.dtype]))
+
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the tensor (along its first axis): one range read of just their bytes, so
+        a large tensor can be read in pieces (how quantization at load bounds its host memory)."""
+        if name in self._torch_files:
+            return self.get(name)[start:stop]
+        e = self._entries[name]
+        if not 0 <= start <= stop <= e.shape[0]:
+            raise WeightFileError(f"{e.file}: rows {start}:{stop} of tensor {name} are outside its {e.shape[0]}")
+        dtype = DTYPES[e.dtype]
+        row_bytes = int(np.prod(e.shape[1:], dtype=np.int64)) * dtype.itemsize
+        return self._read(name, e, e.start + start * row_bytes, np.empty((stop - start, *e.shape[1:]), dtype))
+
+    def _read(self, name: str, e: _Entry, offset: int, out: np.ndarray) -> np.ndarray:
         f = self._handles.get(e.file)
         if f is None:
             f = self._handles[e.file] = storage.open(e.file, "rb")
-        f.seek(e.start)
-        if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != e.end - e.start:
+        f.seek(offset)
+        if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
             raise WeightFileError(f"{e.file}: truncated safetensors file while reading tensor {name}")
         return out
 
