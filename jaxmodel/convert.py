@@ -139,6 +139,10 @@ def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=F
     """The model state (flat {path: jax.Array, or what a transform combines}) read from a Hugging Face
     directory."""
     files, expected, by_slot = _open_checked(path, config, allow_pickle)
+    if transform is not None:
+        # Freed pieces and slices go back to the OS instead of raising glibc's dynamic mmap threshold and
+        # piling up in the heap (as in tensor_reader); measured in BENCHMARKS.md's streaming-quantization rows.
+        _tune_malloc()
     sharding_of = _sharding_fn(mesh)
     _, abstract = nnx.split(abstract_model(config))
     arrays = {}
@@ -165,6 +169,7 @@ def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=F
                 rule = by_slot[(p, 0 if stacked else None)][1].rule
                 axis = rule.in_dims or 0  # the first output axis of a slice (see _pieces)
                 arrays[p] = plan.combine(_place_parts(plan, var, mesh, pieces, layers, axis))
+                _trim_malloc()
     files.close()
     return arrays
 
