@@ -135,6 +135,24 @@ def test_streaming_load_equals_quantizing_after_a_full_load(tiny_dir, mode, chun
             np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_streaming_pieces_onto_a_mesh_equal_the_single_device_values(tiny_dir, mode):
+    from inference.quantize import load_transform
+
+    # Pieces of 1000 values (7 embedding rows, one q head, ...) do not divide the tensor axis of 4: each is
+    # placed replicated and the update writes each device's share into its shard of the part's buffer.
+    mesh = make_mesh((2, 1, 4))
+    sharded = from_pretrained(tiny_dir, dtype=jnp.bfloat16, progress=False, mesh=mesh,
+                              transform=load_transform(mode, 32, chunk_elements=1000))
+    after = quantize_model(from_pretrained(tiny_dir, dtype=jnp.bfloat16, progress=False), mode, group_size=32)
+    a, b = _flat(sharded), _flat(after)
+    for key in (("layers", "self_attn", "q_proj"), ("layers", "mlp", "gate_proj")):  # heads, MLP width on tensor
+        assert not a[key].q.sharding.is_fully_replicated, key  # the buffer is sharded, its pieces were not
+    for key in QUANTIZED:
+        np.testing.assert_array_equal(np.asarray(a[key].q), np.asarray(b[key].q))
+        np.testing.assert_array_equal(np.asarray(a[key].scale), np.asarray(b[key].scale))
+
+
 @pytest.mark.parametrize("mode, in_axes, shape, group", [
     ("int8", (1,), (300, 96), 128), ("int8", (0,), (96, 300), 128), ("int8", (0, 1), (4, 32, 80), 128),
     ("int4", (1,), (50, 256), 128), ("int4", (0, 1), (4, 64, 40), 32), ("int4", (0,), (96, 70), 64)])
