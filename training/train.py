@@ -57,7 +57,7 @@ import numpy as np
 
 from jaxmodel import storage
 from jaxmodel.config import ARCHITECTURE_FIELDS, ConfigError
-from jaxmodel.hub import resolve_model
+from jaxmodel.hub import HubError, resolve_model
 from jaxmodel.run_config import load_run_config
 from jaxmodel.sharding import make_mesh
 from training import step as steps_lib
@@ -343,7 +343,10 @@ def _check_init_from(run: RunConfig) -> None:
     from jaxmodel.convert import config_source
 
     where = run.where("model.init_from")
-    init_from = resolve_model(run.init_from)  # a hub id: its snapshot, fetched now if not cached
+    try:
+        init_from = resolve_model(run.init_from)  # a hub id: its snapshot, fetched now if not cached
+    except HubError as e:
+        raise HubError(f"{where}: model.init_from {e}") from None
     if not storage.isdir(init_from):
         storage.check_bucket(init_from)
         what = "is a file" if storage.exists(init_from) else "does not exist"

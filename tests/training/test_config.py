@@ -80,5 +80,5 @@ def test_init_from_id_not_cached_offline_is_one_line(offline_hub, tmp_path):
     # trainer's check before building data names the id.
     run = train_config.load(_tree(tmp_path, "test-org/absent", preset="tiny"))
     assert run.init_from == "test-org/absent"
-    with pytest.raises(HubError, match=r"^test-org/absent \(.*\): not in the local cache"):
+    with pytest.raises(HubError, match=r"run\.yaml.*: model\.init_from test-org/absent \(.*\): not in the local cache"):
         _check_init_from(run)
