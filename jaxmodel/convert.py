@@ -220,8 +220,8 @@ def _place_parts(plan: TensorTransform, var, mesh, pieces, layers: int | None, a
 
     A stacked parameter's pieces are assembled on the host into one layer slice per part (the converted
     slice, e.g. int8 values: half a bfloat16 slice or less), then written as one update per layer: XLA's
-    CPU backend updates sub-byte (int4) buffers out of place, at the cost of a pass over the whole buffer,
-    so one write per layer, not per piece. An unstacked parameter's pieces (the embedding, lm_head: larger
+    CPU backend updates a sub-byte (int4) buffer in place but with a pass over the whole buffer, so one
+    write per layer, not per piece. An unstacked parameter's pieces (the embedding, lm_head: larger
     than a layer) go straight into the device buffer, one update each."""
     shardings = {k: _part_sharding(var, shape, mesh) for k, (shape, _) in plan.parts.items()}
     buffers = {k: _zeros(tuple(shape), np.dtype(dtype), shardings[k])() for k, (shape, dtype) in plan.parts.items()}
