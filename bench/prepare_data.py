@@ -2,7 +2,8 @@
 
 The corpus: the bundled training/corpus documents repeated to >= 50 MB of .jsonl, cut into 4 files (a
 realistic source is many files), cut further into 2 MiB units here: at 50B tokens there are thousands of
-32 MiB units per run, so units far outnumber workers; a 50 MB corpus needs small units for the same balance. The tokenizer: a
+32 MiB units per run, so units far outnumber workers; a 50 MB corpus needs small units for the same balance. The
+tokenizer: a
 NorMistral-pipeline byte-level BPE trained on the bundled corpus (8192 tokens; the real one has 51,200).
 - ceiling: `tokenizers.Tokenizer.encode_batch_fast` on the same documents, already in memory, batches of
   256, on one core (TOKENIZERS_PARALLELISM=false), i.e. what one worker could at best do; and the same in
@@ -10,7 +11,8 @@ NorMistral-pipeline byte-level BPE trained on the bundled corpus (8192 tokens; t
 - prepare-data with 1 worker (in-process) and with 2 worker processes, through the real API, from the
   files on disk to the committed index.json (planning, reading, JSON parsing, packing, writing).
 Targets: one worker >= 0.8 of the ceiling; 2 workers >= 1.7x one worker.
-Each figure is the best of `--repeat` runs (default 2). Run: `python bench/prepare_data.py [--mb 50]`. Prints one JSON object with the figures and projections.
+Each figure is the best of `--repeat` runs (default 2). Run: `python bench/prepare_data.py [--mb 50]`. Prints one
+JSON object with the figures and projections.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ def ceiling_two_processes(tokenizer_dir: str, docs: list[str]) -> float:
     half = len(docs) // 2
     with multiprocessing.get_context("spawn").Pool(2) as pool:
         start_at = time.time() + 5.0
-        parts = pool.map(_ceiling_part, [(tokenizer_dir, docs[:half], start_at), (tokenizer_dir, docs[half:], start_at)])
+        halves = [(tokenizer_dir, docs[:half], start_at), (tokenizer_dir, docs[half:], start_at)]
+        parts = pool.map(_ceiling_part, halves)
     return sum(p[0] for p in parts) / (max(p[2] for p in parts) - min(p[1] for p in parts))
 
 

@@ -474,8 +474,8 @@ class Engine:
             for a, src in zip(sampling, (self.temperature, self.top_k, self.top_p, self.seeds, self.streams)):
                 a[i] = src[b]
         sample = bool((sampling[0][: len(group)] > 0).any())
-        out = self._call(self._prefill_step, self.graphdef, sample, bool(reqs[0].prompt_logprobs), self.state, self.cache,
-                         rows, ids, mask, start, targets, *sampling)
+        out = self._call(self._prefill_step, self.graphdef, sample, bool(reqs[0].prompt_logprobs), self.state,
+                         self.cache, rows, ids, mask, start, targets, *sampling)
         self.cache = out[-1]
         token, lp, top_lp, top_ids, t_lp, pt_lp, pt_ids = (_host(x) for x in out[:-1])
         self.prefill_calls += 1

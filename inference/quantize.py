@@ -1,8 +1,8 @@
 """Weight-only quantization: int8 (per output channel) and int4 (per group), dequantized in the matmul.
 
 Inside: `QArray` (integer values + float32 scales, a pytree), `MODES` / `DEFAULT_GROUP_SIZE`, `QUANTIZED`
-(which parameters, and which of their axes are inputs), `quantize_array`, `quantized_shapes`,
-`load_transform` (streaming quantization while loading), `quantize_model(model, mesh=None)`,
+(which parameters, and which of their axes are inputs), `quantize_array`, `quantize_numpy` (the same on the
+host), `quantized_shapes`, `load_transform` (streaming quantization while loading), `quantize_model`,
 `abstract_quantized_state`, `param_bytes`.
 
 How it plugs into the model without changing it: the model reads every weight as
@@ -44,19 +44,23 @@ each layer slice as it is read from the file, before the stacked parameter exist
 model reads through its own `[...]` / `.astype` needs neither interception nor a float tree.
 
 Loading: `Generator.from_pretrained(quantize=...)` passes `load_transform(mode)` to
-`jaxmodel.convert.load_hf_state`, which quantizes each tensor (each layer slice of the stacked ones) as it
-is read from the safetensors files (on the host CPU backend) and places only the integer arrays and scales
-on the device or mesh: host memory stays at about one 16-bit layer slice beyond the process's baseline.
+`jaxmodel.convert.load_hf_state`, which reads every quantized tensor in pieces of at most
+`LOAD_CHUNK_ELEMENTS` values (row ranges of the file, i.e. output channels), quantizes each piece on the host
+in NumPy (`quantize_numpy`: bit-identical to `quantize_array` on XLA's CPU backend, and no XLA compile per
+tensor shape) and places only the integer arrays and scales on the device or mesh: host memory stays at
+about one 16-bit layer slice beyond the process's baseline, the embedding and lm_head (each larger than a
+layer) included.
+
 `quantize_model` quantizes a model already in memory (layer by layer), e.g. one restored from Orbax.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, SingleDeviceSharding
@@ -225,40 +229,54 @@ def _quantize_jit(in_axes, mode, group_size):
     return jax.jit(lambda w: fn(w))
 
 
-def _host_quantizer(in_axes, mode, group_size, chunk_elements: int = 1 << 23):
-    """numpy weight -> {"q", "scale"} numpy arrays, computed on the host CPU backend (the accelerator
-    never sees the 16-bit weight). Output channels are independent (int4 groups run along an input
-    axis), so a large tensor (the embedding, lm_head) is quantized in chunks along its longest output
-    axis: the float32 temporaries stay at `chunk_elements` values whatever the tensor's size."""
-    try:
-        cpu = jax.devices("cpu")[0]
-    except RuntimeError:  # JAX_PLATFORMS without cpu: quantize on the default device
-        cpu = None
-    fn = _quantize_jit(tuple(in_axes), mode, group_size)
+def quantize_numpy(w: np.ndarray, in_axes, mode: str = "int8", group_size: int = DEFAULT_GROUP_SIZE):
+    """`quantize_array` on the host in NumPy: (q, scale) as NumPy arrays (q in int8, or ml_dtypes.int4),
+    bit-identical to the XLA version: the same float32 operations in the order XLA's CPU compile runs
+    them (absmax, scale = absmax * (1/qmax), w * (1/scale), round half to even, clip; checked against it
+    in tests/inference/test_quantize.py). What loading uses: no XLA compile
+    per tensor shape, and one float32 copy of `w` as the only large temporary (every step runs in place;
+    absmax is max(max, -min), which needs no |w| copy)."""
+    qmax = np.float32(_QMAX[mode])
+    w32 = np.array(w, dtype=np.float32, order="C")  # a fresh contiguous copy, modified in place below
+    if mode == "int8":
+        axes, grouped, a = tuple(in_axes), w32, None
+    else:
+        a = group_axis(in_axes)
+        n = w.shape[a]
+        g = effective_group(n, group_size)
+        grouped = w32.reshape(w.shape[:a] + (n // g, g) + w.shape[a + 1:])  # a view: w32 is contiguous
+        axes = (a + 1,)
+    absmax = np.maximum(grouped.max(axis=axes, keepdims=True), -grouped.min(axis=axes, keepdims=True))
+    # XLA rewrites the division by the constant qmax as a multiplication by its float32 reciprocal: so do we.
+    scale = np.where(absmax > 0, absmax * (np.float32(1.0) / qmax), np.float32(1.0)).astype(np.float32)
+    # And w / scale (scale broadcast) as w * (1 / scale), the reciprocal once per scale: so do we.
+    np.multiply(grouped, np.float32(1.0) / scale, out=grouped)
+    np.rint(grouped, out=grouped)
+    np.clip(grouped, -qmax, qmax, out=grouped)
+    if mode == "int8":
+        return w32.astype(np.int8), scale
+    return w32.astype(ml_dtypes.int4), np.squeeze(scale, a + 1)
 
-    def one(w):
-        with jax.default_device(cpu) if cpu is not None else contextlib.nullcontext():
-            qa = fn(jnp.asarray(w))
-            return np.asarray(qa.q), np.asarray(qa.scale)
+
+# Pieces of at most this many values per source tensor while loading (16 MiB of float32 temporaries).
+LOAD_CHUNK_ELEMENTS = 1 << 22
+
+
+def _host_quantizer(in_axes, mode, group_size):
+    """numpy weight (or a piece of one along an output axis) -> {"q", "scale"} numpy arrays, on the host
+    (the accelerator never sees the 16-bit weight)."""
 
     def run(w: np.ndarray):
-        out_axes = [i for i in range(w.ndim) if i not in in_axes]
-        axis = max(out_axes, key=lambda i: w.shape[i])
-        step = max(1, chunk_elements // (w.size // w.shape[axis]))
-        if step >= w.shape[axis]:
-            q, scale = one(w)
-            return {"q": q, "scale": scale}
-        parts = [one(np.take(w, range(i, min(i + step, w.shape[axis])), axis=axis))
-                 for i in range(0, w.shape[axis], step)]
-        return {"q": np.concatenate([p[0] for p in parts], axis),
-                "scale": np.concatenate([p[1] for p in parts], axis)}
+        q, scale = quantize_numpy(w, in_axes, mode, group_size)
+        return {"q": q, "scale": scale}
 
     return run
 
 
-def load_transform(mode: str, group_size: int = DEFAULT_GROUP_SIZE):
+def load_transform(mode: str, group_size: int = DEFAULT_GROUP_SIZE, chunk_elements: int = LOAD_CHUNK_ELEMENTS):
     """The per-tensor transform `jaxmodel.convert.load_hf_state(transform=...)` applies while reading:
-    each parameter in QUANTIZED becomes a QArray, quantized slice by slice as its tensors are read."""
+    each parameter in QUANTIZED becomes a QArray, quantized piece by piece (at most `chunk_elements` values,
+    along an output axis) as its tensors are read."""
     from jaxmodel.convert import TensorTransform
 
     if mode not in MODES:
@@ -275,7 +293,8 @@ def load_transform(mode: str, group_size: int = DEFAULT_GROUP_SIZE):
         axis = group_axis(in_axes) - len(var.shape) if m == "int4" else None
         return TensorTransform(parts={"q": (q_shape, q_dtype), "scale": (s_shape, s_dtype)},
                                convert=_host_quantizer(slice_axes, m, group_size),
-                               combine=lambda parts: QArray(parts["q"], parts["scale"], axis))
+                               combine=lambda parts: QArray(parts["q"], parts["scale"], axis),
+                               chunk_elements=chunk_elements)
 
     return transform
 

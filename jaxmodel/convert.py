@@ -39,12 +39,19 @@ dtype -> its parts) and `combine` (the placed parts -> the value the model holds
 part is placed by the parameter's logical axes applied to the part's shape. Stacked parts are built on
 the device: a buffer per part is allocated there and each converted layer slice is written into it in
 place (a donated dynamic-update-slice), so the host holds one source slice and its converted parts at a
-time, never a stacked array, and the device never holds the source dtype.
+time, never a stacked array, and the device never holds the source dtype. With `chunk_elements` set, the
+source itself is read in pieces of at most that many values (row ranges of the file's tensor, i.e. index
+ranges of its first output axis: axis `in_dims` of a Linear's JAX layout, axis 0 of an embedding), each
+converted and written into the part buffers on its own: the host then holds one piece, not one tensor
+(the embedding and lm_head are each larger than a layer). `convert` must then treat pieces along that
+axis independently and return parts split along the same axis (true of per-output-channel and per-group
+quantization, whose reductions run over input axes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -139,6 +146,7 @@ class TensorTransform:
     parts: dict[str, tuple[tuple[int, ...], Any]]  # part -> (full shape, layer axis included; dtype)
     convert: Callable[[np.ndarray], dict[str, np.ndarray]]  # a source slice -> its parts (no layer axis)
     combine: Callable[[dict[str, jax.Array]], Any]  # placed parts -> the model's value
+    chunk_elements: int | None = None  # read and convert the source in pieces of at most this many values
 
 
 def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=False, progress=True,
@@ -146,6 +154,10 @@ def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=F
     """The model state (flat {path: jax.Array, or what a transform combines}) read from a Hugging Face
     directory."""
     files, expected, by_slot = _open_checked(path, config, allow_pickle)
+    if transform is not None:
+        # Freed pieces and slices go back to the OS instead of raising glibc's dynamic mmap threshold and
+        # piling up in the heap (as in tensor_reader); measured in BENCHMARKS.md's streaming-quantization rows.
+        _tune_malloc()
     sharding_of = _sharding_fn(mesh)
     _, abstract = nnx.split(abstract_model(config))
     arrays = {}
@@ -158,14 +170,19 @@ def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=F
                 name, t = by_slot[(p, layer)]
                 return t.read_box(lambda index: files.get_slice(name, index), box)
 
+            def pieces(layer, max_elements, p=p):
+                name, t = by_slot[(p, layer)]
+                return _pieces(files, name, t, max_elements)
+
             layers = config.num_hidden_layers if stacked else None
             plan = transform(p, var) if transform is not None else None
             if plan is None:
                 arrays[p] = _place(var.shape, var.dtype, sharding_of(p, var), read, layers)
-            else:  # a transform converts whole tensors (a layer's slice of stacked ones): read whole
-                whole = tuple((0, n) for n in var.shape[1 if stacked else 0:])
-                arrays[p] = plan.combine(_place_parts(plan, var, mesh, lambda layer, r=read, w=whole: r(layer, w),
-                                                      layers))
+            else:  # a transform converts whole tensors, read in pieces of rows (see _pieces)
+                rule = by_slot[(p, 0 if stacked else None)][1].rule
+                axis = rule.in_dims or 0  # the first output axis of a slice (see _pieces)
+                arrays[p] = plan.combine(_place_parts(plan, var, mesh, pieces, layers, axis))
+                _trim_malloc()
             bar.update(layers or 1)
     files.close()
     return arrays
@@ -180,25 +197,79 @@ def _part_sharding(var, shape, mesh):
     return jax.sharding.NamedSharding(mesh, logical_to_spec(tuple(var.get_metadata()["out_sharding"]), shape, mesh))
 
 
-def _place_parts(plan: TensorTransform, var, mesh, read, layers: int | None) -> dict[str, jax.Array]:
-    """The parts of one transformed parameter, placed; stacked ones written layer by layer on the device."""
+def _pieces(files: WeightFiles, name: str, t, max_elements: int | None):
+    """(start, piece) pairs covering tensor `name` in JAX layout, split along its first output axis (axis
+    `in_dims` of a Linear, whose file rows are its flattened outputs; axis 0 otherwise) into pieces of at
+    most `max_elements` values (at least one index each); one piece, the whole tensor, when it fits or
+    `max_elements` is None. Each piece is one range read of its rows."""
+    shape, k = t.jax_shape, t.rule.in_dims
+    axis = k or 0
+    n = shape[axis]
+    step = n if max_elements is None else max(1, max_elements // (int(np.prod(shape)) // n))
+    if step >= n:
+        yield 0, t.to_jax(files.get(name))
+        return
+    rows_per_index = 1 if k is None else int(np.prod(shape[axis + 1:]))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        rows = files.get_rows(name, start * rows_per_index, stop * rows_per_index)
+        yield start, rows if k is None else rows.T.reshape(shape[:k] + (stop - start,) + shape[k + 1:])
+        del rows
+
+
+@functools.cache
+def _zeros(shape, dtype, sharding):
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+@functools.cache
+def _writer(sharding):
+    """buffer, piece, start indices -> the buffer with the piece written there (donated: in place)."""
+    return jax.jit(lambda buf, x, starts: jax.lax.dynamic_update_slice(buf, x, starts), donate_argnums=0,
+                   out_shardings=sharding)
+
+
+def _place_parts(plan: TensorTransform, var, mesh, pieces, layers: int | None, axis: int) -> dict[str, jax.Array]:
+    """The parts of one transformed parameter, built on the device: a buffer per part, written in place.
+
+    A stacked parameter's pieces are assembled on the host into one layer slice per part (the converted
+    slice, e.g. int8 values: half a bfloat16 slice or less), then written as one update per layer: XLA's
+    CPU backend updates a sub-byte (int4) buffer in place but with a pass over the whole buffer, so one
+    write per layer, not per piece. An unstacked parameter's pieces (the embedding, lm_head: larger
+    than a layer) go straight into the device buffer, one update each."""
     shardings = {k: _part_sharding(var, shape, mesh) for k, (shape, _) in plan.parts.items()}
+    buffers = {k: _zeros(tuple(shape), np.dtype(dtype), shardings[k])() for k, (shape, dtype) in plan.parts.items()}
+
+    def write(k, value, starts):
+        # Placed by the part's rules applied to the value's shape (the layer axis is never sharded, so a
+        # whole slice lands as before; a smaller piece is replicated where the mesh does not divide it, and
+        # the update writes each device's share into its own shard).
+        one = _place(value.shape, value.dtype, _part_sharding(var, value.shape, mesh),
+                     lambda _, box: _cut(value, box), None)
+        buffers[k] = _writer(shardings[k])(buffers[k], one, tuple(jnp.int32(i) for i in starts))
+
     if layers is None:
-        parts = plan.convert(np.asarray(read(None), dtype=var.dtype))
-        return {k: _place(shape, dtype, shardings[k], lambda _, box, v=parts[k]: _cut(v, box), None)
-                for k, (shape, dtype) in plan.parts.items()}
-    buffers, writers = {}, {}
-    for k, (shape, dtype) in plan.parts.items():
-        buffers[k] = jax.jit(lambda shape=shape, dtype=dtype: jnp.zeros(shape, dtype), out_shardings=shardings[k])()
-        # Layers are never sharded, so writing slice i touches each device's own buffer only (no traffic).
-        writers[k] = jax.jit(lambda buf, x, i: jax.lax.dynamic_update_slice_in_dim(buf, x, i, 0),
-                             donate_argnums=0, out_shardings=shardings[k])
+        for start, piece in pieces(None, plan.chunk_elements):
+            parts = plan.convert(np.asarray(piece, dtype=var.dtype))
+            del piece
+            for k in plan.parts:
+                starts = [0] * parts[k].ndim
+                starts[axis] = start
+                write(k, np.asarray(parts[k], dtype=plan.parts[k][1]), starts)
+            del parts
+        return buffers
     for layer in range(layers):
-        parts = plan.convert(np.asarray(read(layer), dtype=var.dtype))
-        for k, (shape, dtype) in plan.parts.items():
-            one = _place((1, *shape[1:]), dtype, shardings[k], lambda _, box, v=parts[k]: _cut(v[None], box), None)
-            buffers[k] = writers[k](buffers[k], one, jnp.int32(layer))
-        del parts, one
+        slices = {k: np.empty(shape[1:], dtype) for k, (shape, dtype) in plan.parts.items()}
+        for start, piece in pieces(layer, plan.chunk_elements):
+            parts = plan.convert(np.asarray(piece, dtype=var.dtype))
+            for k, value in parts.items():
+                index = [slice(None)] * value.ndim
+                index[axis] = slice(start, start + value.shape[axis])
+                slices[k][tuple(index)] = value
+            del piece, parts
+        for k, value in slices.items():
+            write(k, value[None], [layer] + [0] * value.ndim)
+        del slices
     return buffers
 
 

@@ -4,7 +4,8 @@ Inside: `HubError`, `is_hub_id(text)`, `resolve_model(path, *, revision=None, al
 directory, a `gs://` URL, or a hub id -> what the loaders read), `WEIGHT_PATTERNS`, `TOKENIZER_PATTERNS`.
 
 Rules (one place, used by `jaxmodel.from_pretrained`, `import_hf`, `export_hf`, `parity`,
-`inference.Generator.from_pretrained` and the CLI commands that take a model directory):
+`inference.Generator.from_pretrained`, a run config's `model.init_from` and the CLI commands that take a
+model directory):
 - An existing local directory wins over a hub id of the same spelling; a `gs://` (or other remote) URL is
   returned unchanged for `jaxmodel.storage`; anything else shaped `org/name[@revision]` is a hub id.
 - A hub id is fetched with `huggingface_hub.snapshot_download` into the standard cache (`HF_HUB_CACHE`, or
@@ -14,7 +15,8 @@ Rules (one place, used by `jaxmodel.from_pretrained`, `import_hf`, `export_hf`, 
   safetensors. Tokens come from the environment (`HF_TOKEN`) or `huggingface-cli login`, as
   huggingface_hub finds them.
 - The environment is read at call time (not when huggingface_hub was imported): `HF_HUB_OFFLINE=1` (or
-  `TRANSFORMERS_OFFLINE=1`) uses the cache only; `HF_HOME` / `HF_HUB_CACHE` choose the cache.
+  `TRANSFORMERS_OFFLINE=1`) uses the cache only; `HF_HOME` / `HF_HUB_CACHE` choose the cache; `HF_ENDPOINT`
+  the hub (a mirror; the tests' local server).
 - Every failure is one `HubError` line naming the id and the reason: not found (or private), gated,
   unknown revision, offline and not cached, or the hub unreachable. `HubError` is a `StorageError`, so the
   CLI prints it as `normistral: error: ...` with exit status 2.
@@ -62,20 +64,29 @@ def cache_dir() -> str:
     return os.path.join(os.path.expanduser(home), "hub")
 
 
-def resolve_model(path, *, revision: str | None = None, allow_pickle: bool = False) -> str:
+def resolve_model(path, *, revision: str | None = None, allow_pickle: bool = False,
+                  config_only: bool = False) -> str:
     """What the loaders should read for `path`: itself (a local directory or a URL), or the local
     snapshot directory of a hub id (downloaded if needed and allowed). A path that is neither an
-    existing directory nor shaped like a hub id is returned unchanged: the caller reports it missing."""
+    existing directory nor shaped like a hub id is returned unchanged: the caller reports it missing.
+    `config_only`: fetch just config.json (what a run config needs for the architecture)."""
     path = os.fspath(path)
     if not is_hub_id(path):
         return path
     match = _HUB_ID.fullmatch(path)
     repo, revision = match["repo"], revision or match["revision"]
     shown = repo + (f"@{revision}" if revision else "")
+    if config_only:
+        return _snapshot(repo, revision, shown, ("config.json",))
     folder = _snapshot(repo, revision, shown, (*WEIGHT_PATTERNS, *TOKENIZER_PATTERNS))
     if allow_pickle and not any(n.endswith(".safetensors") for n in os.listdir(folder)):
         folder = _snapshot(repo, revision, shown, (*WEIGHT_PATTERNS, *TOKENIZER_PATTERNS, *PICKLE_PATTERNS))
     return folder
+
+
+def endpoint() -> str:
+    """The hub's address as the environment names it now (`HF_ENDPOINT`, default https://huggingface.co)."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
 
 def _snapshot(repo: str, revision: str | None, shown: str, patterns) -> str:
@@ -86,9 +97,9 @@ def _snapshot(repo: str, revision: str | None, shown: str, patterns) -> str:
     try:
         return huggingface_hub.snapshot_download(
             repo, revision=revision, cache_dir=cache_dir(), local_files_only=offline(),
-            allow_patterns=list(patterns))
-    except errors.GatedRepoError:
-        raise HubError(f"{where}: gated repository; accept its terms on huggingface.co and set HF_TOKEN "
+            allow_patterns=list(patterns), endpoint=endpoint())
+    except errors.GatedRepoError:  # a subclass of RepositoryNotFoundError: first
+        raise HubError(f"{where}: gated repository; accept its license at {endpoint()}/{repo} and set HF_TOKEN "
                        "(or run `huggingface-cli login`)") from None
     except errors.RepositoryNotFoundError:
         raise HubError(f"{where}: not found on the hub (no such repository, or private and no valid token "

@@ -213,6 +213,14 @@ class WeightFiles:
                     self._read_into(e, name, start, memoryview(flat[j].view(np.uint8)))
         return out
 
+    def get_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the tensor (along its first axis): one range read of just their bytes, so
+        a large tensor can be read in pieces (how quantization at load bounds its host memory)."""
+        shape = self.shape(name)
+        if not 0 <= start <= stop <= shape[0]:
+            raise WeightFileError(f"{name}: rows {start}:{stop} are outside its {shape[0]}")
+        return self.get_slice(name, (slice(start, stop),))
+
     def _read_into(self, e: _Entry, name: str, start: int, buffer: memoryview) -> None:
         f = self._handles.get(e.file)
         if f is None:

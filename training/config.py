@@ -12,7 +12,10 @@ Design choices:
   when it names one (the big recipes do, so that `compile-check` works without the weights on disk), the
   trainer checks the two agree before loading.
 - Relative paths: `model.init_from` is relative to the YAML file (like `hf_config`); data, checkpoint and
-  export paths are relative to the run's `--workdir`.
+  export paths are relative to the run's `--workdir`. A relative `init_from` shaped `org/name[@revision]`
+  with no directory of that name beside the YAML is a Hugging Face model id (`jaxmodel.hub`): kept as the
+  id, fetched when the trainer loads it (so `compile-check`, which never opens the weights, downloads
+  nothing), and only its config.json fetched here when the architecture must come from it.
 - Every value is validated when the section is read; an unknown key is an error naming it.
 """
 
@@ -22,6 +25,7 @@ import copy
 import dataclasses
 import os
 
+from jaxmodel import hub
 from jaxmodel.config import ConfigError, MistralConfig
 from jaxmodel.run_config import from_section, mesh_shape, model_config, section, where
 from jaxmodel.sharding import MeshShape
@@ -212,10 +216,13 @@ def load(tree: dict) -> RunConfig:
         if not isinstance(init_from, str) or not init_from:
             raise ConfigError(f"{where(tree, 'model.init_from')}: model.init_from must be a directory path, "
                               f"got {init_from!r}")
+        hub_id = False
         if not os.path.isabs(init_from) and "://" not in init_from:  # a gs:// URL is taken as it is
-            init_from = os.path.join(os.path.dirname(path), init_from)
+            beside = os.path.join(os.path.dirname(path), init_from)
+            hub_id = not os.path.isdir(beside) and hub.is_hub_id(init_from)
+            init_from = init_from if hub_id else beside
         if "preset" not in model and "hf_config" not in model:
-            model["hf_config"] = init_from
+            model["hf_config"] = hub.resolve_model(init_from, config_only=True) if hub_id else init_from
     tree["model"] = model
     return RunConfig(model=model_config(tree), init_from=init_from, mesh=mesh_shape(tree),
                      train=from_section(TrainConfig, tree, "train"), data=from_section(DataConfig, tree, "data"),

@@ -57,6 +57,7 @@ import numpy as np
 
 from jaxmodel import storage
 from jaxmodel.config import ARCHITECTURE_FIELDS, ConfigError
+from jaxmodel.hub import HubError, resolve_model
 from jaxmodel.run_config import load_run_config
 from jaxmodel.sharding import make_mesh
 from training import step as steps_lib
@@ -347,12 +348,16 @@ def _check_init_from(run: RunConfig) -> None:
     from jaxmodel.convert import config_source
 
     where = run.where("model.init_from")
-    if not storage.isdir(run.init_from):
-        storage.check_bucket(run.init_from)
-        what = "is a file" if storage.exists(run.init_from) else "does not exist"
+    try:
+        init_from = resolve_model(run.init_from)  # a hub id: its snapshot, fetched now if not cached
+    except HubError as e:
+        raise HubError(f"{where}: model.init_from {e}") from None
+    if not storage.isdir(init_from):
+        storage.check_bucket(init_from)
+        what = "is a file" if storage.exists(init_from) else "does not exist"
         raise storage.StorageError(f"{where}: model.init_from {run.init_from} {what}; expected a Hugging Face or "
                                    "import-hf model directory")
-    found = MistralConfig.from_hf(config_source(run.init_from))
+    found = MistralConfig.from_hf(config_source(init_from))
     diff = [f"{k}: {getattr(found, k)} != {getattr(run.model, k)}" for k in ARCHITECTURE_FIELDS
             if getattr(found, k) != getattr(run.model, k)]
     if diff:
@@ -520,4 +525,4 @@ def _export(ts, state, path: str, run: RunConfig) -> None:
                     progress=False)
     # The starting directory's tokenizer goes along, so the export is a complete model directory.
     if run.init_from and jax.process_index() == 0:
-        copy_tokenizer_files(run.init_from, path)
+        copy_tokenizer_files(resolve_model(run.init_from), path)

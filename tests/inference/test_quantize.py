@@ -113,11 +113,15 @@ def _flat(model):
     return {tuple(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.split(model)[1])}
 
 
+@pytest.mark.parametrize("chunk_elements", [None, 1000], ids=["whole-tensors", "pieces-of-1000"])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_streaming_load_equals_quantizing_after_a_full_load(tiny_dir, mode):
+def test_streaming_load_equals_quantizing_after_a_full_load(tiny_dir, mode, chunk_elements):
     from inference.quantize import load_transform
 
-    streamed = from_pretrained(tiny_dir, dtype=jnp.bfloat16, progress=False, transform=load_transform(mode, 32))
+    # Pieces of 1000 values split every matrix of the tiny model (rows of the embedding, heads of q/k/v,
+    # output columns of the rest) into several range reads: each piece is quantized on its own.
+    transform = load_transform(mode, 32, chunk_elements=chunk_elements)
+    streamed = from_pretrained(tiny_dir, dtype=jnp.bfloat16, progress=False, transform=transform)
     after = quantize_model(from_pretrained(tiny_dir, dtype=jnp.bfloat16, progress=False), mode, group_size=32)
     a, b = _flat(streamed), _flat(after)
     assert a.keys() == b.keys()
@@ -129,6 +133,41 @@ def test_streaming_load_equals_quantizing_after_a_full_load(tiny_dir, mode):
             np.testing.assert_array_equal(np.asarray(a[key].scale), np.asarray(b[key].scale))
         else:
             np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_streaming_pieces_onto_a_mesh_equal_the_single_device_values(tiny_dir, mode):
+    from inference.quantize import load_transform
+
+    # Pieces of 1000 values (7 embedding rows, one q head, ...) do not divide the tensor axis of 4: each is
+    # placed replicated and the update writes each device's share into its shard of the part's buffer.
+    mesh = make_mesh((2, 1, 4))
+    sharded = from_pretrained(tiny_dir, dtype=jnp.bfloat16, progress=False, mesh=mesh,
+                              transform=load_transform(mode, 32, chunk_elements=1000))
+    after = quantize_model(from_pretrained(tiny_dir, dtype=jnp.bfloat16, progress=False), mode, group_size=32)
+    a, b = _flat(sharded), _flat(after)
+    for key in (("layers", "self_attn", "q_proj"), ("layers", "mlp", "gate_proj")):  # heads, MLP width on tensor
+        assert not a[key].q.sharding.is_fully_replicated, key  # the buffer is sharded, its pieces were not
+    for key in QUANTIZED:
+        np.testing.assert_array_equal(np.asarray(a[key].q), np.asarray(b[key].q))
+        np.testing.assert_array_equal(np.asarray(a[key].scale), np.asarray(b[key].scale))
+
+
+@pytest.mark.parametrize("mode, in_axes, shape, group", [
+    ("int8", (1,), (300, 96), 128), ("int8", (0,), (96, 300), 128), ("int8", (0, 1), (4, 32, 80), 128),
+    ("int4", (1,), (50, 256), 128), ("int4", (0, 1), (4, 64, 40), 32), ("int4", (0,), (96, 70), 64)])
+def test_host_quantizer_is_bit_identical_to_the_xla_one(mode, in_axes, shape, group):
+    from inference.quantize import quantize_numpy
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal(shape) * rng.uniform(0.01, 3, shape[-1])).astype(jnp.bfloat16)
+    w[0] = 0  # an all-zero channel or group (scale 1)
+    w.reshape(-1)[5:40] = (np.arange(35) - 17) * 0.5  # ties at .5 (round half to even), exact absmax
+    q, scale = quantize_numpy(w, in_axes, mode, group)
+    ref = quantize_array(jnp.asarray(w), in_axes, mode, group)  # XLA on the CPU, as loading did before
+    assert q.dtype == ref.q.dtype and scale.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(scale), np.asarray(ref.scale))
+    np.testing.assert_array_equal(q.astype(np.int8), np.asarray(ref.q).astype(np.int8))
 
 
 def _int4_reference(w: np.ndarray, axis: int, group: int) -> np.ndarray:
