@@ -112,8 +112,8 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, mask: AttentionMask, impl: str, kv=None):
         """Without `kv`: self-attention over x. With `kv` = (layer index, (k, v, k_scale, v_scale) caches,
         write_index, mode, cache rows or None): the new keys/values are written into the cache first;
-        mode "fresh" (the cache held nothing before) attends over the new tokens alone with `impl`, "xla" over the whole cache
-        masked, "blocked" over key blocks up to the last slot written. Returns (out, caches or None)."""
+        mode "fresh" (the cache held nothing before) attends over the new tokens alone with `impl`, "xla"
+        over the whole cache masked, "blocked" over key blocks up to the last slot written. Returns (out, caches or None)."""
         q, k, v = self.qkv(x, cos, sin)
         if kv is None:
             return self.out(dot_product_attention(q, k, v, mask, impl=impl)), None
@@ -260,8 +260,8 @@ class MistralForCausalLM(nnx.Module):
         `lengths` grows by each row's real count. cache_rows [B] (with a [B] write_index): row b of the
         new tokens is cache row cache_rows[b] of a cache with more rows (one past the end: a padding row
         that reads clipped and writes nothing); the other cache rows are untouched.
-        cache_attention: "fresh" (a promise that the cache holds nothing the new tokens may see: they attend over themselves with the model's
-        attention_impl, splash included), "xla" (the whole cache, masked), "blocked" (key blocks up to
+        cache_attention: "fresh" (a promise that the cache holds nothing the new tokens may see: they
+        attend over themselves with the model's attention_impl, splash included), "xla" (the whole cache, masked), "blocked" (key blocks up to
         the last slot written), "auto" (blocked if attention_impl is flash, else xla).
         last_only: logits of the last position only ([B, 1, V]), all that generation needs; logits_at
         [B]: of that position in each row instead (a right-padded chunk's last real token)."""
