@@ -113,7 +113,8 @@ class Attention(nnx.Module):
         """Without `kv`: self-attention over x. With `kv` = (layer index, (k, v, k_scale, v_scale) caches,
         write_index, mode, cache rows or None): the new keys/values are written into the cache first;
         mode "fresh" (the cache held nothing before) attends over the new tokens alone with `impl`, "xla"
-        over the whole cache masked, "blocked" over key blocks up to the last slot written. Returns (out, caches or None)."""
+        over the whole cache masked, "blocked" over key blocks up to the last slot written. Returns
+        (out, caches or None)."""
         q, k, v = self.qkv(x, cos, sin)
         if kv is None:
             return self.out(dot_product_attention(q, k, v, mask, impl=impl)), None
@@ -261,8 +262,8 @@ class MistralForCausalLM(nnx.Module):
         new tokens is cache row cache_rows[b] of a cache with more rows (one past the end: a padding row
         that reads clipped and writes nothing); the other cache rows are untouched.
         cache_attention: "fresh" (a promise that the cache holds nothing the new tokens may see: they
-        attend over themselves with the model's attention_impl, splash included), "xla" (the whole cache, masked), "blocked" (key blocks up to
-        the last slot written), "auto" (blocked if attention_impl is flash, else xla).
+        attend over themselves with the model's attention_impl, splash included), "xla" (the whole
+        cache, masked), "blocked" (key blocks up to the last slot written), "auto" (blocked if attention_impl is flash, else xla).
         last_only: logits of the last position only ([B, 1, V]), all that generation needs; logits_at
         [B]: of that position in each row instead (a right-padded chunk's last real token)."""
         if cache is None:
