@@ -263,7 +263,8 @@ class MistralForCausalLM(nnx.Module):
         that reads clipped and writes nothing); the other cache rows are untouched.
         cache_attention: "fresh" (a promise that the cache holds nothing the new tokens may see: they
         attend over themselves with the model's attention_impl, splash included), "xla" (the whole
-        cache, masked), "blocked" (key blocks up to the last slot written), "auto" (blocked if attention_impl is flash, else xla).
+        cache, masked), "blocked" (key blocks up to the last slot written), "auto" (blocked if
+        attention_impl is flash, else xla).
         last_only: logits of the last position only ([B, 1, V]), all that generation needs; logits_at
         [B]: of that position in each row instead (a right-padded chunk's last real token)."""
         if cache is None:
