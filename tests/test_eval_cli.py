@@ -10,12 +10,9 @@ fails with one line.
 import json
 import os
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
+import pytest
 
-import pytest  # noqa: E402
-
-import normistral  # noqa: E402
+import normistral
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
@@ -24,6 +21,22 @@ ALL_TASKS = "nm_sentiment,nm_perplexity,nm_translate"
 
 
 pytestmark = pytest.mark.usefixtures("repo_cwd")  # the task YAMLs name data relative to the repo
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """Offline for this module's tests only (set at import time, it would leak into every later test).
+    huggingface_hub and datasets read these variables once, at their import: their flags are set too."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        mp.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import shutil
 import threading
 import urllib.parse
 
+import huggingface_hub
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -162,6 +163,8 @@ def online_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # empty cache, no stored token
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
         monkeypatch.delenv(name, raising=False)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: online for this test whatever it was then.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     yield url
     server.shutdown()
     server.server_close()

@@ -87,21 +87,25 @@ def test_tensor_parallel_replicates_kv_heads_beyond_their_count(reference):
 
 
 def test_loading_places_only_shards_never_a_whole_parameter(reference, monkeypatch):
-    """Every host buffer handed to a device is that device's shard, not the full parameter."""
+    """Every host buffer handed to a device (`make_array_from_callback`'s callback) is that device's
+    shard, not the full parameter."""
     path, _, _ = reference
     placed = []
-    real_put = jax.device_put
+    real_make = jax.make_array_from_callback
 
-    def recording_put(x, device=None, *a, **k):
-        placed.append(np.shape(x))
-        return real_put(x, device, *a, **k)
+    def recording_make(shape, sharding, callback, *a, **k):
+        def recording_callback(index):
+            out = callback(index)
+            placed.append(np.shape(out))
+            return out
+        return real_make(shape, sharding, recording_callback, *a, **k)
 
-    monkeypatch.setattr(convert.jax, "device_put", recording_put)
+    monkeypatch.setattr(convert.jax, "make_array_from_callback", recording_make)
     model = from_pretrained(path, mesh=make_mesh((1, 8, 1)), progress=False)
     _, state = nnx.split(model)
     full_shapes = {tuple(v.shape) for _, v in nnx.to_flat_state(state) if "embed" in v.get_metadata()["out_sharding"]}
     assert placed and not full_shapes & set(placed)
-    assert len(placed) == 8 * len(list(nnx.to_flat_state(state)))
+    assert len(placed) >= len(list(nnx.to_flat_state(state)))  # every parameter placed this way
 
 
 def test_orbax_checkpoint_restores_onto_other_meshes(hf_checkpoints, reference, tmp_path):
