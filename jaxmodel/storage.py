@@ -6,7 +6,7 @@ Inside:
 - Queries and plain I/O: `exists`, `isdir`, `isfile`, `listdir`, `glob`, `size`, `makedirs`, `remove`,
   `open`, `read_ranges`, `read_text` / `write_text`, `read_json` / `write_json`, `copy_file`, `copy_dir`,
   `local_copy`, `upload_dir`.
-- Outputs that are never half-written: `atomic_directory`, `atomic_file`, `check_output_dir`,
+- Outputs that are never half-written: `atomic_directory`, `atomic_file` / `atomic_write`, `check_output_dir`,
   `check_output_file`, `is_committed`, `require_committed`, `check_bucket`; inputs: `check_input_file`,
   `check_input_dir`.
 
@@ -447,18 +447,32 @@ def atomic_directory(path, *, create_parents: bool = True):
 @contextlib.contextmanager
 def atomic_file(path, mode: str = "w"):
     """Yields a file open for writing that becomes `path` only if the block succeeds (None: yields None,
-    writes nothing). Local: a temporary sibling renamed into place; remote: a local temporary uploaded
-    once at the end (an object appears only when its upload completes)."""
+    writes nothing), after checking that `path` can be an output and removing stale temporaries of it
+    (see `atomic_write`)."""
     if path is None:
         yield None
         return
     target = check_output_file(path)
+    if not is_remote(target):
+        _clean_stale_temporaries(target)
+    with atomic_write(target, mode) as f:
+        yield f
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "w"):
+    """Yields a file open for writing that becomes `path` only if the block succeeds; no checks first
+    (for the many files of a job that checked its output once). Local: a temporary sibling
+    (`.NAME.tmp-PID-*`, created with the umask's permissions) renamed into place; remote: a local
+    temporary uploaded once at the end (an object appears only when its upload completes; a streamed
+    upload would be committed by its close even after an error)."""
+    target = resolve(path)
     if is_remote(target):
         fd, tmp = tempfile.mkstemp(prefix="normistral-upload-")
     else:
-        _clean_stale_temporaries(target)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}{_TMP_INFIX}{os.getpid()}-",
-                                   dir=os.path.dirname(target))
+        tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}{_TMP_INFIX}{os.getpid()}-"
+                                                    f"{uuid.uuid4().hex[:8]}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with builtins.open(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f

@@ -46,7 +46,6 @@ import math
 import os
 import signal
 import sys
-import uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -241,36 +240,14 @@ class _Shards:
 
 
 def _write_npy(path: str, arr: np.ndarray) -> None:
-    """An .npy file that appears only complete (local: temporary + rename; remote: one upload)."""
-    if storage.is_remote(path):
-        with storage.open(path, "wb") as f:
-            np.save(f, arr)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """An .npy file that appears only complete."""
+    with storage.atomic_write(path, "wb") as f:
+        np.save(f, arr)
 
 
 def _write_json(path: str, value) -> None:
-    text = json.dumps(value, indent=1, ensure_ascii=False)
-    if storage.is_remote(path):
-        storage.write_text(path, text)
-        return
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with storage.atomic_write(path) as f:
+        f.write(json.dumps(value, indent=1, ensure_ascii=False))
 
 
 class _Packer:
