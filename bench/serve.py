@@ -10,8 +10,11 @@ counted up to and including the stop token. float32, same weights everywhere, on
  (c) the engine offline (`inference.engine.Engine`, --slots slots, continuous batching);
  (d) `normistral serve` (a subprocess, --slots slots) with 32 concurrent streaming clients (the official
      `openai` client), reporting p50/p99 time to first token and time per output token as clients see them.
-Compilation is excluded from (b) to (d) (a warm-up pass / the server's warm-up). (b) and (c) run
---repeat times, interleaved, and the best pass of each counts (each pass's ratio is printed too).
+Every JAX path runs the model as `normistral serve` / `Generator` load it on CPU: its layer stack split
+into one module per layer (`jaxmodel.model.unstack_layers`; XLA CPU would copy each layer's weights out
+of the stack in every call). Compilation is excluded from (b) to (d) (a warm-up pass / the server's
+warm-up). (b) and (c) run --repeat times, interleaved, and the best pass of each counts (each pass's
+ratio is printed too).
 
 Also the engine's decode step against this machine's memory-bandwidth floor (as bench/decode.py measures
 it: bytes a step must read / numpy copy bandwidth), all slots active, for the demo model and the 64M
@@ -45,6 +48,7 @@ from decode import copy_bandwidth  # noqa: E402
 from inference import generate  # noqa: E402
 from inference.engine import Engine, Request  # noqa: E402
 from jaxmodel import from_pretrained  # noqa: E402
+from jaxmodel.model import unstack_layers  # noqa: E402
 from normistral_demo import CORPUS, TEMPLATE  # noqa: E402
 
 
@@ -210,14 +214,15 @@ def decode_floor(model, slots, max_len, bandwidth):
     """Median decode-step time (all slots active) vs the bytes it must read / bandwidth."""
     engine = Engine(model, slots=slots, max_model_len=max_len)
     config = engine.config
-    graphdef, state = engine.graphdef, engine.state
     tokens = np.zeros(slots, np.int32)
     active = np.ones(slots, bool)
     z, zf = np.zeros(slots, np.int32), np.zeros(slots, np.float32)
     holder = {"cache": engine.cache}
 
     def step():
-        out = engine._decode_step(graphdef, False, state, holder["cache"], tokens, active, zf, z, zf + 1, z, z, z)
+        out = engine._decode_step(False, engine.leaves, holder["cache"], tokens, tokens, ~active, active, zf, z,
+                                  zf + 1, z, z, z,
+                                  np.bool_(False))
         holder["cache"] = out[-1]
         jax.block_until_ready(out[0])
 
@@ -252,7 +257,7 @@ def main():
     stops = newline | {tok.eos_token_id}
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     max_len = max(len(e) for e in encoded) + args.new
-    model = from_pretrained(args.model, progress=False)
+    model = unstack_layers(from_pretrained(args.model, progress=False))  # as Generator loads on CPU
 
     hf_out, hf_s, hf_threads = run_transformers(args.model, encoded, args.new, stops, pad)
     static, engine = (static_runner(model, encoded, args.new, stops, pad, args.slots),
@@ -286,8 +291,8 @@ def main():
         "server_tpot_ms_p99": round(float(np.percentile(tpot, 99)) * 1e3, 2),
         "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
         "decode_floor_demo": decode_floor(model, args.slots, max_len, bandwidth),
-        "decode_floor_64m": decode_floor(from_pretrained(bench_checkpoint(args.checkpoint_64m), progress=False), 8,
-                                         192, bandwidth),
+        "decode_floor_64m": decode_floor(unstack_layers(from_pretrained(bench_checkpoint(args.checkpoint_64m),
+                                                                        progress=False)), 8, 192, bandwidth),
     }
     result["engine_vs_static"] = round(result["engine_tokens_per_s"] / result["static_tokens_per_s"], 2)
     result["engine_vs_transformers"] = round(result["engine_tokens_per_s"] / result["transformers_tokens_per_s"], 2)

@@ -147,14 +147,18 @@ def _compile_engine(graphdef, state, cache, mesh, slots: int, opts: InferenceOpt
                           vec(n, jnp.int32))
     with jax.set_mesh(mesh):
         formats = cache_format(graphdef, state, cache, slots)
-        decode_step, prefill_step = engine_steps(formats)
-        decode = aot.compile_and_report(decode_step, (state, cache, vec(slots, jnp.int32), vec(slots, jnp.bool_),
-                                                      *sampling(slots), vec(slots, jnp.int32)), hbm, (graphdef, False))
+        leaves, treedef = jax.tree.flatten(state)
+        decode_step, prefill_step = engine_steps(formats, graphdef, treedef)
+        decode = aot.compile_and_report(decode_step, (leaves, cache, vec(slots, jnp.int32), vec(slots, jnp.int32),
+                                                      vec(slots, jnp.bool_), vec(slots, jnp.bool_),
+                                                      *sampling(slots), vec(slots, jnp.int32),
+                                                      _sds((), jnp.bool_, mesh)), hbm, (False,))
         rows = min(ENGINE_PREFILL_ROWS, slots)
         chunk = _sds((rows, opts.prefill_chunk), jnp.int32, mesh)
-        prefill = aot.compile_and_report(prefill_step, (state, cache, vec(rows, jnp.int32), chunk, chunk,
-                                                        vec(rows, jnp.int32), chunk, *sampling(rows)),
-                                         hbm, (graphdef, False, False))
+        prefill = aot.compile_and_report(prefill_step, (leaves, cache, vec(rows, jnp.int32), chunk, chunk,
+                                                        vec(rows, jnp.int32), chunk, *sampling(rows),
+                                                        _sds((), jnp.bool_, mesh)),
+                                         hbm, (False, False))
     return {"slots": slots, "max_model_len": opts.max_length, "top_logprobs": TOP_LOGPROBS,
             "decode_step": decode, "prefill_step": {"rows": rows, "chunk": opts.prefill_chunk, **prefill},
             "fits": bool(decode["fits"] and prefill["fits"])}

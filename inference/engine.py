@@ -15,19 +15,34 @@ at different lengths share one step (the model's forward with a per-row `write_i
 2. prefill: up to `prefill_rows` prefilling rows send their next chunk (at most `prefill_chunk`
    tokens; a long prompt goes in over several steps, so it never stalls the decoding rows for its whole
    prefill) in ONE call: the rows run through the model over the whole cache (the forward's
-   `cache_rows`: each writes its own cache row at its own offset and attends over that row's filled
-   slots; no copy of the rows' cache is made). A row whose prompt
-   is complete gets its first token from that call and starts decoding. While other rows decode and
-   more requests queue, the call waits (at most `max_prefill_wait` steps) until `prefill_batch` rows are
-   ready: one call for several rows costs about what one call for one row costs;
-3. decode: one token for every decoding row in one call (inactive rows write nowhere: their write
-   index is S, past the end, and scatters drop it);
-4. each new token is checked on the host: a stop token id, a stop string in the incrementally decoded
-   text (as vLLM does), max_tokens, or a cancelled request frees the slot in that same step.
+   `cache_rows`: each writes its own cache row at its own offset; no copy of the rows' cache is made).
+   Attention is the forward's "chunk" mode: over the chunk alone when every row starts a new prompt,
+   else over key blocks of each row's filled slots (decided on the device). The rows of one call share
+   a padded width (the `prefill_width` ladder: 16, 24, 32, 48, 64, ...), so a call takes the oldest
+   row, the rows of its width, then shorter ones (`_prefill_group`). A row whose prompt is complete
+   gets its first token from that call. While other rows decode and more requests queue, the call
+   waits (at most `max_prefill_wait` steps) until `prefill_batch` rows are ready: one call for several
+   rows costs about what one call for one row costs;
+3. decode: one token for every decoding row in one call, the rows this prefill completes included (fed
+   their first token on the device); inactive rows write nowhere (their write index is S, past the
+   end, and scatters drop it), and no row is computed past its max_tokens;
+4. read: with `overlap` (the default), the PREVIOUS decode call's tokens are read now, while the device
+   runs this step's calls, then this prefill's: the host's reading, stop checks, streaming callbacks
+   and the next step's admission and call building overlap the device's work, which always has the
+   next decode queued. Each token is checked on the host: a stop token id, a stop string in the
+   incrementally decoded text (as vLLM does), max_tokens, or a cancel frees the slot in the step that
+   reads it. The price of reading one step late: a row that stops on a stop token or string has one
+   more token computed (discarded) and its slot refilled a step later. `overlap=False` reads each
+   decode call in its own step (host and device alternate).
 Shapes are bucketed so a running engine does not recompile: decode has one shape ([slots]); prefill has
-(rows in {1, 2, 4, ..} <= prefill_rows) x (chunk length in the `bucket_length` ladder <= prefill_chunk).
+(rows in {1, 2, 4, ..} <= prefill_rows) x (chunk length in the `prefill_width` ladder <= prefill_chunk).
 `warmup()` compiles them all up front. Sampling rows and prompt log-probabilities are separate
-(lazily compiled) variants, so a greedy workload never pays for a sort over the vocabulary.
+(lazily compiled) variants, so a greedy workload never pays for sampling; the sort for top-logprob
+alternatives runs only in calls where a row asks for them (a run-time flag, no second program). The
+steps take the graphdef closed over and the state as its flat list of leaves (`_bound`): per call, jit
+hashes a few flags instead of a model graph. On CPU, give the engine a model whose layer stack is split
+(`jaxmodel.model.unstack_layers`, as `Generator` loads it there): XLA CPU copies a stacked layer's
+weights out of the stack in every call.
 Completions are decoded with `skip_special_tokens`, so an EOS stop never shows as `</s>`.
 
 The cache's memory layout: it crosses the jit boundary at every step (a serving loop cannot live inside
@@ -64,7 +79,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental.layout import Format, Layout
 
-from inference.generate import GenerateError, _batch_split, _mesh_of, _split, bucket_batch, bucket_length, sample_rows
+from inference.generate import GenerateError, _batch_split, _mesh_of, _split, bucket_batch, sample_rows
 from inference.kv_cache import KVCache, init_cache
 
 FREE, PREFILL, DECODE = 0, 1, 2
@@ -136,11 +151,29 @@ class Request:
         return text[: max(len(text) - hold, 0)] if hold else text
 
 
+def prefill_width(n: int, chunk: int) -> int:
+    """The padded width of a prefill chunk of n tokens: 16, 24, 32, 48, 64, 96, 128, ... (2^k and
+    1.5 x 2^k: a row is at most a third padding, where powers of two alone allow half), at most `chunk`."""
+    if n <= 16:
+        return min(16, chunk)
+    power = 1 << (n - 1).bit_length()
+    return min(power * 3 // 4 if power * 3 // 4 >= n else power, chunk)
+
+
 # -- device steps --------------------------------------------------------------------------------------
 
 
-def _pick(logits, sample: bool, temperature, top_k, top_p, seeds, streams, steps):
-    """Next tokens [B] from float32 logits [B, V], with their log-probabilities and the top alternatives."""
+def _top(logp, want):
+    """The TOP_LOGPROBS best (logprobs, ids) along the last axis, or zeros unless `want` (a run-time
+    flag: the sort over the vocabulary runs only for calls where a row asks for alternatives)."""
+    shape = logp.shape[:-1] + (TOP_LOGPROBS,)
+    return jax.lax.cond(want, lambda: tuple(jax.lax.top_k(logp, TOP_LOGPROBS)),
+                        lambda: (jnp.zeros(shape, logp.dtype), jnp.zeros(shape, jnp.int32)))
+
+
+def _pick(logits, sample: bool, temperature, top_k, top_p, seeds, streams, steps, want_top):
+    """Next tokens [B] from float32 logits [B, V], with their log-probabilities and the top alternatives
+    (zeros unless want_top)."""
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if sample:
         keys = jax.vmap(lambda s, r, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), r), t))(
@@ -148,30 +181,34 @@ def _pick(logits, sample: bool, temperature, top_k, top_p, seeds, streams, steps
         token = jnp.where(temperature > 0, sample_rows(logits, keys, temperature, top_k, top_p), token)
     logp = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
-    return token, chosen, top_lp, top_ids
+    return token, chosen, *_top(logp, want_top)
 
 
-def _decode_step(graphdef, sample, state, cache: KVCache, tokens, active, temperature, top_k, top_p, seeds,
-                 streams, steps):
+def _decode_step(graphdef, sample, state, cache: KVCache, tokens, fresh_tokens, fresh, active, temperature, top_k,
+                 top_p, seeds, streams, steps, want_top):
     """One token for every active row [B] at its own slot (its length) -> (token, logprob, top logprobs,
-    top ids, cache). Inactive rows write at slot S: nowhere."""
+    top ids (zeros unless want_top), cache). The input token of row b is fresh_tokens[b] where fresh[b]
+    (a row whose prompt the prefill call just before completed: its first token, still on the device),
+    else tokens[b] (the previous decode call's output, still on the device). Inactive rows write at
+    slot S: nowhere."""
     model = nnx.merge(graphdef, state)
+    tokens = jnp.where(fresh, fresh_tokens, tokens)
     write = jnp.where(active, cache.lengths, cache.max_length)
     logits, cache = model(tokens[:, None], cache.lengths[:, None], active[:, None].astype(jnp.int32), cache=cache,
                           write_index=write, last_only=True)
-    return (*_pick(logits[:, 0], sample, temperature, top_k, top_p, seeds, streams, steps), cache)
+    return (*_pick(logits[:, 0], sample, temperature, top_k, top_p, seeds, streams, steps, want_top), cache)
 
 
 def _prefill_step(graphdef, sample, prompt_lp, state, cache: KVCache, rows, ids, mask, start, targets, temperature,
-                  top_k, top_p, seeds, streams):
+                  top_k, top_p, seeds, streams, want_top):
     """Chunks ids [P, C] (right-padded, mask 1 = real) of the rows `rows` [P] (B past the end = a padding
     row), each written at its own offset `start` [P] (0 = a new request: the row is reset first), in
     place in the whole cache (the model's `cache_rows`: no gathered copy of the rows' cache), attending
     over key blocks up to the last filled slot (online softmax: [P, K, G, C, block] scores at a time, not
     [P, K, G, C, S]) ->
     (first-token outputs as `_decode_step`, prompt logprobs of `targets` [P, C] and their top
-    alternatives (zeros unless prompt_lp), cache)."""
+    alternatives (zeros unless prompt_lp), the first tokens per cache row [B] (what the next decode call
+    reads for these rows), cache)."""
     model = nnx.merge(graphdef, state)
     fresh = start == 0  # a new request: its row's segment ids and length are reset first
     reset = lambda x, fill: x.at[rows].set(jnp.where(fresh.reshape((-1,) + (1,) * (x.ndim - 1)), fill,  # noqa: E731
@@ -183,24 +220,25 @@ def _prefill_step(graphdef, sample, prompt_lp, state, cache: KVCache, rows, ids,
     batch = ids.shape[0]
     if prompt_lp:
         logits, cache = model(ids, positions, mask, cache=cache, write_index=start, cache_rows=rows,
-                              cache_attention="blocked")
+                              cache_attention="chunk")
         final = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
         logp = jax.nn.log_softmax(logits, axis=-1)
         target_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        p_top_lp, p_top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+        p_top_lp, p_top_ids = _top(logp, want_top)
     else:
         logits, cache = model(ids, positions, mask, cache=cache, write_index=start, cache_rows=rows, logits_at=last,
-                              cache_attention="blocked")
+                              cache_attention="chunk")
         final = logits[:, 0]
         target_lp = jnp.zeros((batch, length), jnp.float32)
         p_top_lp = jnp.zeros((batch, length, TOP_LOGPROBS), jnp.float32)
         p_top_ids = jnp.zeros((batch, length, TOP_LOGPROBS), jnp.int32)
-    out = _pick(final, sample, temperature, top_k, top_p, seeds, streams, jnp.zeros_like(seeds))
-    return (*out, target_lp, p_top_lp, p_top_ids, cache)
+    out = _pick(final, sample, temperature, top_k, top_p, seeds, streams, jnp.zeros_like(seeds), want_top)
+    first = jnp.zeros((cache.batch_size,), jnp.int32).at[rows].set(out[0], mode="drop")  # per cache row
+    return (*out, target_lp, p_top_lp, p_top_ids, first, cache)
 
 
-DECODE_STATIC, DECODE_DYNAMIC, DECODE_OUTPUTS = 2, 10, 4  # (graphdef, sample); state, cache, 8 vectors
-PREFILL_STATIC, PREFILL_DYNAMIC, PREFILL_OUTPUTS = 3, 12, 7  # (graphdef, sample, prompt_lp); state, cache, 10
+DECODE_STATIC, DECODE_DYNAMIC, DECODE_OUTPUTS = 2, 13, 4  # (graphdef, sample); state, cache, 10 vectors, want_top
+PREFILL_STATIC, PREFILL_DYNAMIC, PREFILL_OUTPUTS = 3, 13, 8  # (graphdef, sample, prompt_lp); state, cache, 10, want_top
 _FORMATS: dict = {}
 
 
@@ -220,21 +258,37 @@ def cache_format(graphdef, state, cache: KVCache, slots: int) -> KVCache:
                        in_shardings=(None, auto) + (None,) * (DECODE_DYNAMIC - 2),
                        out_shardings=Format(Layout.AUTO))  # all AUTO: donation pairs buffers by shape
         vec = lambda dt: jax.ShapeDtypeStruct((slots,), dt)  # noqa: E731
-        exe = step.lower(graphdef, False, state, cache, vec(jnp.int32), vec(jnp.bool_), vec(jnp.float32),
-                         vec(jnp.int32), vec(jnp.float32), vec(jnp.int32), vec(jnp.int32), vec(jnp.int32)).compile()
+        exe = step.lower(graphdef, False, state, cache, vec(jnp.int32), vec(jnp.int32), vec(jnp.bool_),
+                         vec(jnp.bool_), vec(jnp.float32),
+                         vec(jnp.int32), vec(jnp.float32), vec(jnp.int32), vec(jnp.int32), vec(jnp.int32),
+                         jax.ShapeDtypeStruct((), jnp.bool_)).compile()
         _FORMATS[key] = exe.input_formats[0][1]
     return _FORMATS[key]
 
 
+def _bound(fn, graphdef, treedef, flags: int):
+    """fn(graphdef, *flags, state, ...) as step(*flags, leaves, ...): the graphdef closed over and the
+    state passed as its flat list of leaves. Per call, jit then hashes a few booleans and flattens a list
+    in C++, instead of hashing a graphdef and flattening an `nnx.State` in Python (~2 ms a call here: a
+    tiny model's whole decode step costs a few ms)."""
+    def step(*args):
+        return fn(graphdef, *args[:flags], jax.tree.unflatten(treedef, args[flags]), *args[flags + 1:])
+    step.__name__ = fn.__name__
+    return step
+
+
 @functools.lru_cache(maxsize=16)
-def engine_steps(formats: KVCache) -> tuple[Callable, Callable]:
-    """(decode, prefill): `_decode_step` / `_prefill_step` jitted with the cache donated and in `formats`
-    in and out (so it is never re-laid out between steps)."""
-    decode = jax.jit(_decode_step, static_argnums=tuple(range(DECODE_STATIC)), donate_argnums=(3,),
-                     in_shardings=(None, formats) + (None,) * (DECODE_DYNAMIC - 2),
+def engine_steps(formats: KVCache, graphdef, treedef) -> tuple[Callable, Callable]:
+    """(decode, prefill): `_decode_step` / `_prefill_step` for the model `graphdef` and a state of
+    structure `treedef`, jitted with the flags static, the state as its leaves (`_bound`), and the cache
+    donated and in `formats` in and out (so it is never re-laid out between steps). Called as
+    decode(sample, leaves, cache, ...) and prefill(sample, prompt_lp, leaves, cache, ...)."""
+    d_flags, p_flags = DECODE_STATIC - 1, PREFILL_STATIC - 1
+    decode = jax.jit(_bound(_decode_step, graphdef, treedef, d_flags), static_argnums=tuple(range(d_flags)),
+                     donate_argnums=(d_flags + 1,), in_shardings=(None, formats) + (None,) * (DECODE_DYNAMIC - 2),
                      out_shardings=(None,) * DECODE_OUTPUTS + (formats,))
-    prefill = jax.jit(_prefill_step, static_argnums=tuple(range(PREFILL_STATIC)), donate_argnums=(4,),
-                      in_shardings=(None, formats) + (None,) * (PREFILL_DYNAMIC - 2),
+    prefill = jax.jit(_bound(_prefill_step, graphdef, treedef, p_flags), static_argnums=tuple(range(p_flags)),
+                      donate_argnums=(p_flags + 1,), in_shardings=(None, formats) + (None,) * (PREFILL_DYNAMIC - 2),
                       out_shardings=(None,) * PREFILL_OUTPUTS + (formats,))
     return decode, prefill
 
@@ -245,7 +299,8 @@ def engine_steps(formats: KVCache) -> tuple[Callable, Callable]:
 class Engine:
     def __init__(self, model, *, slots: int = 8, max_model_len: int | None = None, kv_cache_dtype: str | None = None,
                  prefill_chunk: int = 256, prefill_rows: int = 4, prefill_batch: int | None = None,
-                 max_prefill_wait: int = 4, max_queue: int = 1024, decode: Callable[[list[int]], str] | None = None):
+                 max_prefill_wait: int = 4, max_queue: int = 1024, decode: Callable[[list[int]], str] | None = None,
+                 overlap: bool = True):
         """model: an `nnx.Module` or its (graphdef, state) (int8 `QArray` weights work as they are).
         prefill_batch / max_prefill_wait: while other rows decode and more requests are queued, a prefill
         call waits until `prefill_batch` rows (default: a quarter of the slots, at most `prefill_rows`) are
@@ -273,17 +328,21 @@ class Engine:
         self._prefill_waited = 0
         self.max_queue = max_queue
         self.decode = decode
+        self.overlap = overlap
         self.kv_cache_dtype = kv_cache_dtype
         self.cache_length = -(-self.max_model_len // 16) * 16
         cache = self._call(init_cache, self.config, slots, self.cache_length, kv_dtype=kv_cache_dtype, mesh=self.mesh)
         self.cache_formats = self._call(cache_format, self.graphdef, self.state, cache, slots)
         self.cache = jax.device_put(cache, self.cache_formats, donate=True)
-        self._decode_step, self._prefill_step = engine_steps(self.cache_formats)
+        self.leaves, treedef = jax.tree.flatten(self.state)
+        self._decode_step, self._prefill_step = engine_steps(self.cache_formats, self.graphdef, treedef)
         self.cache_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(self.cache))
         # Host state per slot.
         self.requests: list[Request | None] = [None] * slots
         self.phase = np.zeros(slots, np.int32)
-        self.last_token = np.zeros(slots, np.int32)
+        self.dispatched = np.zeros(slots, np.int32)  # tokens per row produced or in flight
+        self._tokens = np.zeros(slots, np.int32)  # the last decode call's tokens (on the device after the first)
+        self._inflight = None  # (outputs, [(row, request)]) of the decode call whose results are unread
         self.temperature = np.zeros(slots, np.float32)
         self.top_k = np.zeros(slots, np.int32)
         self.top_p = np.ones(slots, np.float32)
@@ -346,7 +405,7 @@ class Engine:
         return int((self.phase != FREE).sum())
 
     def idle(self) -> bool:
-        return not self.queue and self.active_slots == 0
+        return not self.queue and self.active_slots == 0 and self._inflight is None
 
     # -- the loop -------------------------------------------------------------------------------------
 
@@ -383,7 +442,14 @@ class Engine:
                 self.step()
 
     def step(self) -> None:
-        """One scheduling round: admit, one prefill call, one decode call, host-side stop checks."""
+        """One scheduling round: admit; dispatch one prefill call and one decode call; then, while the
+        device runs them, read the previous decode call's tokens and this prefill's (stop checks free
+        slots at once). Decode results are read one step late so that the host's work (reading,
+        stop checks, streaming, admitting, building the next call) overlaps the device's instead of
+        alternating with it: the device always has the next decode queued. The decode call includes
+        the rows this prefill completes, fed their first token on the device. The price: a row that
+        stops on a stop token or string computes one more (discarded) token, and its slot is refilled
+        a step later; rows that reach max_tokens are never computed past it."""
         with self._lock:
             for r in [r for r in self.queue if r.cancelled]:
                 self.queue.remove(r)
@@ -395,13 +461,27 @@ class Engine:
                 if not self.queue:
                     break
                 self._admit(int(b), self.queue.popleft())
+        prefill = None
         if self._prefill_due():
             self._prefill_waited = 0
-            self._prefill()
+            prefill = self._dispatch_prefill()
         elif (self.phase == PREFILL).any():
             self._prefill_waited += 1
-        if (self.phase == DECODE).any():
-            self._decode()
+        fresh = np.zeros(self.slots, bool)
+        if prefill is not None:
+            fresh[prefill["fresh"]] = True
+        limits = np.array([r.max_tokens if r is not None else 0 for r in self.requests])
+        active = ((self.phase == DECODE) | fresh) & (self.dispatched < limits)
+        previous, self._inflight = self._inflight, None
+        if active.any():
+            self._inflight = self._dispatch_decode(active, fresh, prefill)
+        if previous is not None:
+            self._finish_decode(*previous)
+        if prefill is not None:
+            self._finish_prefill(prefill)
+        if not self.overlap and self._inflight is not None:
+            previous, self._inflight = self._inflight, None
+            self._finish_decode(*previous)
 
     def _prefill_due(self) -> bool:
         """Whether this step makes a prefill call (see `prefill_batch`)."""
@@ -417,6 +497,7 @@ class Engine:
     def _admit(self, b: int, r: Request) -> None:
         self.requests[b] = r
         self.phase[b] = PREFILL
+        self.dispatched[b] = 0
         r._prefilled = 0
         self.temperature[b], self.top_k[b], self.top_p[b] = r.temperature, r.top_k, r.top_p
         self.seeds[b], self.streams[b] = np.int32(r.seed & 0x7FFFFFFF), r.stream_id
@@ -428,30 +509,31 @@ class Engine:
             return fn(*args, **kwargs)
 
     def _prefill_group(self) -> list[int]:
-        """The prefilling rows for this step's one prefill call (oldest first, one prompt-logprob kind),
-        as many as fit `prefill_rows` rows and a padded size of `prefill_chunk` tokens (always one)."""
+        """The prefilling rows for this step's one prefill call: the oldest row, the rows (of its
+        prompt-logprob kind, oldest first) whose chunk has its length bucket, then shorter rows up to the
+        next power of two of rows (the call's padded height: they ride for free); at most `prefill_rows`
+        rows and `prefill_chunk` padded tokens (always one row). A call costs its padded size, and rows
+        of one call share one width, so a short prompt beside a long one would be mostly padding; a row
+        left out is older next time, so it is never passed over for long."""
         candidates = sorted(np.flatnonzero(self.phase == PREFILL), key=lambda b: self.requests[b].submitted_at)
-        kind = self.requests[candidates[0]].prompt_logprobs
-        group: list[int] = []
-        for b in candidates:
-            if self.requests[b].prompt_logprobs != kind:
-                continue
-            trial = group + [int(b)]
-            if len(trial) > self.prefill_rows:
-                break
-            if group and bucket_batch(len(trial)) * self._chunk_bucket(trial) > self.prefill_chunk:
-                break
-            group = trial
-        return group
+        first = int(candidates[0])
+        kind = self.requests[first].prompt_logprobs
+        width = self._chunk_bucket([first])
+        rows = min(self.prefill_rows, max(1, self.prefill_chunk // width))
+        others = [int(b) for b in candidates[1:] if self.requests[b].prompt_logprobs == kind]
+        group = [first] + [b for b in others if self._chunk_bucket([b]) == width][: rows - 1]
+        shorter = sorted((b for b in others if self._chunk_bucket([b]) < width), key=self._chunk, reverse=True)
+        return group + shorter[: min(bucket_batch(len(group)), rows) - len(group)]
 
     def _chunk(self, b: int) -> int:
         r = self.requests[b]
         return min(len(r.prompt) - r._prefilled, self.prefill_chunk)
 
     def _chunk_bucket(self, rows: Sequence[int]) -> int:
-        return min(bucket_length(max(self._chunk(b) for b in rows)), self.prefill_chunk)
+        return prefill_width(max(self._chunk(b) for b in rows), self.prefill_chunk)
 
-    def _prefill(self) -> None:
+    def _dispatch_prefill(self) -> dict:
+        """Sends one prefill call (see `_prefill_group`); returns what `_finish_prefill` needs."""
         group = self._prefill_group()
         reqs = [self.requests[b] for b in group]
         width, height = self._chunk_bucket(group), bucket_batch(len(group))
@@ -462,7 +544,7 @@ class Engine:
         targets = np.zeros((height, width), np.int32)
         sampling = [np.zeros(height, a.dtype) for a in (self.temperature, self.top_k, self.top_p, self.seeds,
                                                         self.streams)]
-        counts = []
+        counts, fresh = [], []
         for i, (b, r) in enumerate(zip(group, reqs)):
             n = self._chunk(b)
             s = r._prefilled
@@ -473,15 +555,27 @@ class Engine:
             targets[i, :len(nxt)] = nxt
             for a, src in zip(sampling, (self.temperature, self.top_k, self.top_p, self.seeds, self.streams)):
                 a[i] = src[b]
+            if s + n == len(r.prompt) and r.max_tokens > 0:
+                self.dispatched[b] = 1  # its first token comes from this call
+                fresh.append(b)
         sample = bool((sampling[0][: len(group)] > 0).any())
-        out = self._call(self._prefill_step, self.graphdef, sample, bool(reqs[0].prompt_logprobs), self.state,
-                         self.cache, rows, ids, mask, start, targets, *sampling)
+        want_top = any(r.logprobs for r in reqs) or reqs[0].prompt_logprobs
+        out = self._call(self._prefill_step, sample, bool(reqs[0].prompt_logprobs), self.leaves,
+                         self.cache, rows, ids, mask, start, targets, *sampling, np.bool_(want_top))
         self.cache = out[-1]
-        token, lp, top_lp, top_ids, t_lp, pt_lp, pt_ids = (_host(x) for x in out[:-1])
         self.prefill_calls += 1
+        return {"group": group, "requests": reqs, "counts": counts, "fresh": fresh, "out": out[:-2],
+                "first": out[-2]}
+
+    def _finish_prefill(self, p: dict) -> None:
+        want_top = any(r.logprobs for r in p["requests"])
+        wanted = (True, True, want_top, want_top) + (p["requests"][0].prompt_logprobs,) * 3
+        token, lp, top_lp, top_ids, t_lp, pt_lp, pt_ids = (_host(x) if w else None for x, w in zip(p["out"], wanted))
         now = time.perf_counter()
-        for i, (b, r) in enumerate(zip(group, reqs)):
-            n, s = counts[i], r._prefilled
+        for i, (b, r, n) in enumerate(zip(p["group"], p["requests"], p["counts"])):
+            if self.requests[b] is not r:  # cancelled meanwhile
+                continue
+            s = r._prefilled
             if r.prompt_logprobs:
                 real = min(n, len(r.prompt) - 1 - s)  # positions whose target is a prompt token
                 r.prompt_token_logprobs += t_lp[i, :real].tolist()
@@ -494,22 +588,31 @@ class Engine:
                 r.first_token_at = now
                 self._free(b, "length")
                 continue
-            self._accept(b, int(token[i]), float(lp[i]), top_lp[i], top_ids[i], now)
+            self._accept(b, int(token[i]), float(lp[i]), top_lp, top_ids, now, i)
 
-    def _decode(self) -> None:
-        active = self.phase == DECODE
-        steps = np.array([len(r.tokens) if r is not None else 0 for r in self.requests], np.int32)
+    def _dispatch_decode(self, active, fresh, prefill: dict | None):
+        """Sends one decode call for the `active` rows; returns what `_finish_decode` needs."""
         sample = bool((self.temperature[active] > 0).any())
-        out = self._call(self._decode_step, self.graphdef, sample, self.state, self.cache, self.last_token, active,
-                         self.temperature, self.top_k, self.top_p, self.seeds, self.streams, steps)
-        self.cache = out[-1]
-        token, lp, top_lp, top_ids = (_host(x) for x in out[:-1])
+        want_top = any(self.requests[b].logprobs for b in np.flatnonzero(active))
+        first = self._tokens if prefill is None else prefill["first"]
+        out = self._call(self._decode_step, sample, self.leaves, self.cache, self._tokens, first, fresh, active,
+                         self.temperature, self.top_k, self.top_p, self.seeds, self.streams, self.dispatched.copy(),
+                         np.bool_(want_top))
+        self.cache, self._tokens = out[-1], out[0]
+        self.dispatched[active] += 1
         self.decode_steps += 1
-        now = time.perf_counter()
-        for b in np.flatnonzero(active):
-            self._accept(int(b), int(token[b]), float(lp[b]), top_lp[b], top_ids[b], now)
+        return out[:-1], [(int(b), self.requests[b]) for b in np.flatnonzero(active)]
 
-    def _accept(self, b: int, token: int, lp: float, top_lp, top_ids, now: float) -> None:
+    def _finish_decode(self, out, rows) -> None:
+        want_top = any(r.logprobs for _, r in rows)
+        token, lp, top_lp, top_ids = (_host(x) if i < 2 or want_top else None for i, x in enumerate(out))
+        now = time.perf_counter()
+        for b, r in rows:
+            if self.requests[b] is r:  # not freed since (a stop seen in the call before, a cancel)
+                self._accept(b, int(token[b]), float(lp[b]), top_lp, top_ids, now, b)
+
+    def _accept(self, b: int, token: int, lp: float, top_lp, top_ids, now: float, i: int) -> None:
+        """Row b's new token (its alternatives: row i of top_lp / top_ids, read only if it asked)."""
         r = self.requests[b]
         if r.first_token_at is None:
             r.first_token_at = now
@@ -517,8 +620,7 @@ class Engine:
         r.tokens.append(token)
         r.token_logprobs.append(lp)
         if r.logprobs:
-            r.top_logprobs.append(list(zip(top_ids[: r.logprobs].tolist(), top_lp[: r.logprobs].tolist())))
-        self.last_token[b] = token
+            r.top_logprobs.append(list(zip(top_ids[i, : r.logprobs].tolist(), top_lp[i, : r.logprobs].tolist())))
         self.generated_tokens += 1
         self._recent_tokens.append((now, 1))
         reason = None
@@ -568,20 +670,22 @@ class Engine:
         while height <= self.prefill_rows:
             width = 16
             while True:
-                w = min(width, self.prefill_chunk)
+                w = prefill_width(width, self.prefill_chunk)
                 rows = np.full(height, self.slots, np.int32)  # writes nowhere
-                out = self._call(self._prefill_step, self.graphdef, False, False, self.state, self.cache, rows,
+                out = self._call(self._prefill_step, False, False, self.leaves, self.cache, rows,
                                  z((height, w)), z((height, w)), z(height), z((height, w)), z(height, np.float32),
-                                 z(height), np.ones(height, np.float32), z(height), z(height))
+                                 z(height), np.ones(height, np.float32), z(height), z(height), np.bool_(False))
                 self.cache = out[-1]
                 shapes += 1
                 if w >= self.prefill_chunk:
                     break
-                width = bucket_length(width + 1)
+                width = w + 1
             height *= 2
         active = np.zeros(self.slots, bool)
-        out = self._call(self._decode_step, self.graphdef, False, self.state, self.cache, self.last_token, active,
-                         self.temperature, self.top_k, self.top_p, self.seeds, self.streams, z(self.slots))
+        out = self._call(self._decode_step, False, self.leaves, self.cache, self._tokens, self._tokens,
+                         np.zeros(self.slots, bool), active,
+                         self.temperature, self.top_k, self.top_p, self.seeds, self.streams, z(self.slots),
+                         np.bool_(False))
         self.cache = out[-1]
         jax.block_until_ready(self.cache)
         return shapes + 1

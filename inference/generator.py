@@ -32,6 +32,7 @@ from inference.engine import Engine, Request
 from inference.generate import GenerateError, bucket_length
 from inference.quantize import DEFAULT_GROUP_SIZE, MODES, load_transform, quantize_model
 from jaxmodel.checks import check_template, json_problem
+from jaxmodel.model import unstack_layers
 
 
 class Generator:
@@ -58,7 +59,8 @@ class Generator:
         quantize="int8" | "int4" (see quantize.py; group_size for int4): each tensor of a Hugging Face
         directory is quantized on the host as it is read and only the integer arrays are placed on the
         accelerator / mesh (host memory: about one 16-bit layer slice beyond the baseline). An import-hf
-        (Orbax) directory is restored into host memory, quantized there, then placed."""
+        (Orbax) directory is restored into host memory, quantized there, then placed. On CPU the layer
+        stack is then split into one module per layer (`jaxmodel.model.unstack_layers`)."""
         from jaxmodel import storage
         from jaxmodel.config import MistralConfig
         from jaxmodel.convert import PARAMS_DIR, config_source, from_pretrained
@@ -86,6 +88,8 @@ class Generator:
             load_mesh = make_mesh((1, 1, 1), devices=[host]) if on_host else mesh
             model = from_pretrained(path, dtype=dtype, mesh=load_mesh, progress=progress, **options)
             quantize_model(model, quantize, mesh=mesh, place=on_host, group_size=group_size)
+        if jax.tree.leaves(nnx.state(model))[0].devices().pop().platform == "cpu":
+            unstack_layers(model)  # XLA CPU would copy every layer's weights out of the stack per call
         return cls(model, tokenizer, kv_cache_dtype=kv_cache_dtype)
 
     # -- stop tokens ------------------------------------------------------------------------------------

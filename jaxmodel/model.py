@@ -1,7 +1,8 @@
 """The Mistral decoder (Flax NNX): NorMistral-11b-long and any config.json-described Mistral.
 
 Inside: `RMSNorm`, `rope_cos_sin` / `apply_rope`, `Attention`, `MLP`, `DecoderLayer`,
-`MistralForCausalLM`, and `init_model` / `abstract_model` helpers.
+`MistralForCausalLM`, `unstack_layers` (the stack as one module per layer, for inference on CPU), and
+`init_model` / `abstract_model` helpers.
 
 One network: `model(ids, positions, segment_ids)` is the training forward, and the same call with
 `cache=` (a `jaxmodel.kv_cache.KVCache`) and `write_index=` is prefill and decode: each layer writes its
@@ -32,6 +33,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxmodel.attention import AttentionMask, dot_product_attention
 from jaxmodel.config import MistralConfig
@@ -113,8 +115,9 @@ class Attention(nnx.Module):
         """Without `kv`: self-attention over x. With `kv` = (layer index, (k, v, k_scale, v_scale) caches,
         write_index, mode, cache rows or None): the new keys/values are written into the cache first;
         mode "fresh" (the cache held nothing before) attends over the new tokens alone with `impl`, "xla"
-        over the whole cache masked, "blocked" over key blocks up to the last slot written. Returns
-        (out, caches or None)."""
+        over the whole cache masked, "blocked" over key blocks up to the last slot written, "chunk" (a
+        prompt chunk; `mask` = (fresh mask, cache mask)) as "fresh" when every row writes from slot 0 and
+        as "blocked" otherwise, chosen at run time. Returns (out, caches or None)."""
         q, k, v = self.qkv(x, cos, sin)
         if kv is None:
             return self.out(dot_product_attention(q, k, v, mask, impl=impl)), None
@@ -123,15 +126,24 @@ class Attention(nnx.Module):
         cv, cvs = write_kv(cv, cvs, v, i, write_index, rows)
         if mode == "fresh":
             o = dot_product_attention(q, k, v, mask, impl=impl)
+        elif mode == "chunk":  # at run time: "fresh" when every row starts at slot 0, else "blocked"
+            fresh_mask, mask = mask
+            o = jax.lax.cond(
+                jnp.all(write_index == 0), lambda: dot_product_attention(q, k, v, fresh_mask, impl=impl),
+                lambda: self._cached(q, ck, cv, cks, cvs, mask, i, write_index, "blocked", rows))
         else:
-            layer = lambda c: None if c is None else take_rows(  # noqa: E731  (this layer; its rows)
-                jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False), rows)
-            args = (q, layer(ck), layer(cv), mask)
-            if mode == "blocked":
-                o = blocked_cached_attention(*args, write_index, layer(cks), layer(cvs), block=kv_block(ck.shape[3]))
-            else:
-                o = cached_attention(*args, layer(cks), layer(cvs))
+            o = self._cached(q, ck, cv, cks, cvs, mask, i, write_index, mode, rows)
         return self.out(o), (ck, cv, cks, cvs)
+
+    @staticmethod
+    def _cached(q, ck, cv, cks, cvs, mask, i, write_index, mode, rows):
+        """q over layer i of the cache (its rows `rows`): "blocked" or "xla" (see `__call__`)."""
+        layer = lambda c: None if c is None else take_rows(  # noqa: E731  (this layer; its rows)
+            jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False), rows)
+        args = (q, layer(ck), layer(cv), mask)
+        if mode == "blocked":
+            return blocked_cached_attention(*args, write_index, layer(cks), layer(cvs), block=kv_block(ck.shape[3]))
+        return cached_attention(*args, layer(cks), layer(cvs))
 
 
 class MLP(nnx.Module):
@@ -202,21 +214,31 @@ class MistralForCausalLM(nnx.Module):
         With `kv` = (caches, write_index, mode, cache rows) (see `Attention`), the caches ride in the scan's carry
         (each layer updates its slice in place) and come back as the second output."""
         cfg = self.config
-        graphdef, state = nnx.split(self.layers)
         impl = cfg.attention_impl
 
-        def body(carry, xs):
+        def layer_step(layer, carry, i):
             h, caches = carry
-            layer_state, i = xs
             layer_kv = None if caches is None else (i, caches, *kv[1:])
-            h, caches = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, impl, layer_kv)
-            h = constrain(h, ACT_BTD)  # layer boundary: batch-sharded, model dim whole
-            return (h, caches), (h if collect else None)
+            h, caches = layer(h, cos, sin, mask, impl, layer_kv)
+            return constrain(h, ACT_BTD), caches  # layer boundary: batch-sharded, model dim whole
+
+        carry = (x, None if kv is None else kv[0])
+        if isinstance(self.layers, nnx.List):  # unstacked (`unstack_layers`): each layer its own arrays
+            outputs = []
+            for i, layer in enumerate(self.layers):
+                carry = layer_step(layer, carry, i)
+                outputs.append(carry[0])
+            return carry[0], (jnp.stack(outputs) if collect else None), carry[1]
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, xs):
+            layer_state, i = xs
+            carry = layer_step(nnx.merge(graphdef, layer_state), carry, i)
+            return carry, (carry[0] if collect else None)
 
         if cfg.remat != "none" and kv is None:
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
         layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-        carry = (x, None if kv is None else kv[0])
         if cfg.scan_layers or kv is not None:  # a cache always scans: the carry is updated in place
             (x, caches), per_layer = jax.lax.scan(body, carry, (state, layer_ids))
             return x, per_layer, caches
@@ -263,8 +285,9 @@ class MistralForCausalLM(nnx.Module):
         that reads clipped and writes nothing); the other cache rows are untouched.
         cache_attention: "fresh" (a promise that the cache holds nothing the new tokens may see: they
         attend over themselves with the model's attention_impl, splash included), "xla" (the whole
-        cache, masked), "blocked" (key blocks up to the last slot written), "auto" (blocked if
-        attention_impl is flash, else xla).
+        cache, masked), "blocked" (key blocks up to the last slot written), "chunk" (a prompt chunk:
+        "fresh" if every row's write_index is 0, else "blocked", decided at run time; what the engine's
+        prefill uses), "auto" (blocked if attention_impl is flash, else xla).
         last_only: logits of the last position only ([B, 1, V]), all that generation needs; logits_at
         [B]: of that position in each row instead (a right-padded chunk's last real token)."""
         if cache is None:
@@ -280,14 +303,13 @@ class MistralForCausalLM(nnx.Module):
         mode = cache_attention
         if mode == "auto":
             mode = "blocked" if cfg.attention_impl == "flash" else "xla"
-        if mode not in ("fresh", "xla", "blocked"):
-            raise ValueError(f"cache_attention={cache_attention!r} is not one of auto, fresh, xla, blocked")
+        if mode not in ("fresh", "xla", "blocked", "chunk"):
+            raise ValueError(f"cache_attention={cache_attention!r} is not one of auto, fresh, xla, blocked, chunk")
         rows = None if cache_rows is None else jnp.asarray(cache_rows, jnp.int32)
         segments = write_segments(cache.segment_ids, token_mask, write_index, rows)
-        if mode == "fresh":
-            mask = AttentionMask.for_sequence(token_mask, causal=True, window=cfg.sliding_window)
-        else:
-            mask = cache_mask(token_mask, take_rows(segments, rows), write_index, cfg.sliding_window)
+        fresh_mask = lambda: AttentionMask.for_sequence(token_mask, causal=True, window=cfg.sliding_window)  # noqa: E731
+        cached_mask = lambda: cache_mask(token_mask, take_rows(segments, rows), write_index, cfg.sliding_window)  # noqa: E731
+        mask = {"fresh": fresh_mask, "chunk": lambda: (fresh_mask(), cached_mask())}.get(mode, cached_mask)()
         x = constrain(self.embed(input_ids), ACT_BTD)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         caches = (cache.k, cache.v, cache.k_scale, cache.v_scale)
@@ -300,6 +322,39 @@ class MistralForCausalLM(nnx.Module):
         counts = token_mask.sum(-1)
         lengths = cache.lengths + counts if rows is None else cache.lengths.at[rows].add(counts, mode="drop")
         return logits, KVCache(k, v, ks, vs, segments, lengths)
+
+
+def _layer_of(stacked: jax.Array, i: int) -> jax.Array:
+    """stacked[i], keeping the stack's sharding of the remaining axes."""
+    sharding = getattr(stacked, "sharding", None)
+    part = stacked[i]
+    if isinstance(sharding, NamedSharding):
+        part = jax.device_put(part, NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:])))
+    return part
+
+
+def unstack_layers(model: MistralForCausalLM) -> MistralForCausalLM:
+    """In place (and returned): the layer stack becomes an `nnx.List` of L `DecoderLayer`s, each holding
+    its own arrays (their logical axes without "layers"; int8/int4 `QArray`s sliced alike); the forward
+    is the same code (`run_layers` loops over the list). For inference where a stacked weight's per-layer
+    slice is a copy made on every call: XLA CPU copies each layer's weights out of the stack in every
+    step, scanned or unrolled (measured: a third of the tiny demo model's decode step), as MaxText serves
+    from unscanned checkpoints; TPU fuses the slice into the matmul and needs none of this. Quantize
+    first (quantization addresses the stack). Each stacked parameter is released once sliced, so the
+    peak is one parameter's stack above the model."""
+    if isinstance(model.layers, nnx.List):
+        return model
+    cfg = model.config
+    layers = [nnx.eval_shape(lambda: DecoderLayer(cfg, rngs=nnx.Rngs(0))) for _ in range(cfg.num_hidden_layers)]
+    targets = [dict(nnx.to_flat_state(nnx.state(layer))) for layer in layers]
+    for path, var in nnx.to_flat_state(nnx.state(model.layers)):
+        stacked = var.get_value()
+        for i, target in enumerate(targets):
+            target[path].set_value(jax.tree.map(lambda a, i=i: _layer_of(a, i), stacked))
+        del stacked
+        var.set_value(jnp.zeros((), jnp.int8))  # the stack's last reference
+    model.layers = nnx.List(layers)
+    return model
 
 
 def init_model(config: MistralConfig, seed: int = 0) -> MistralForCausalLM:

@@ -14,6 +14,7 @@ from flax import nnx
 from inference import Generator, generate, quantize_model
 from inference.engine import Engine, EngineError, EngineFull, Request
 from jaxmodel import from_pretrained
+from jaxmodel.model import unstack_layers
 
 from .conftest import count_compiles, left_pad, random_prompts
 
@@ -105,7 +106,7 @@ def test_engine_greedy_matches_transformers_each_prompt_alone(tiny_model, tokeni
 def test_no_recompilation_in_steady_state(tiny_model):
     engine = Engine(tiny_model, slots=SLOTS, max_model_len=512, prefill_chunk=64, prefill_rows=2)
     shapes = engine.warmup()
-    assert shapes == 2 * 3 + 1  # prefill rows {1, 2} x chunks {16, 32, 64}, and the decode step
+    assert shapes == 2 * 5 + 1  # prefill rows {1, 2} x chunks {16, 24, 32, 48, 64}, and the decode step
     sizes = engine._prefill_step._cache_size(), engine._decode_step._cache_size()
     rng = np.random.default_rng(5)
     vocab = tiny_model.config.vocab_size
@@ -127,12 +128,15 @@ def test_a_row_that_stops_frees_its_slot_in_the_same_step(tiny_model):
     engine.step()  # first: prefill gives its one token -> finished, slot free at once
     assert first.finished and first.finish_reason == "length" and len(first.tokens) == 1
     assert engine.requests == [None] and engine.queue_depth == 1
-    engine.step()  # second is admitted and prefilled the next step
-    assert engine.requests == [second] and len(second.tokens) == 2  # its first token, then a decode step
-    engine.run([])
+    engine.step()  # second is admitted and prefilled the next step; its first decode call goes out with it
+    assert engine.requests == [second] and len(second.tokens) == 1
+    engine.step()  # that call's token is read while the next call runs (results are read one step late)
+    assert len(second.tokens) == 2
     while not second.finished:
         engine.step()
-    assert len(second.tokens) == 3
+    # max_tokens: no row is computed past it (one call per token after the first), and first (max_tokens=1)
+    # never needed a decode call at all
+    assert len(second.tokens) == 3 and engine.decode_steps == 2 and engine.idle()
 
 
 def test_cancel_and_queue_bound(tiny_model):
@@ -207,7 +211,9 @@ def test_engine_on_a_mesh_matches_one_device(tiny_dir, tiny_model):
     from jaxmodel.sharding import make_mesh
 
     mesh = make_mesh((2, 1, 4))  # slots over data, heads over tensor
-    model = from_pretrained(tiny_dir, mesh=mesh, progress=False)
+    model = unstack_layers(from_pretrained(tiny_dir, mesh=mesh, progress=False))  # as Generator runs on CPU
+    q_proj = model.layers[0].self_attn.q_proj[...]
+    assert q_proj.sharding.mesh.shape["tensor"] == 4 and q_proj.sharding.spec[1] == "tensor"  # heads, kept
     prompts = random_prompts(tiny_model.config.vocab_size, (4, 40, 9, 23, 70), seed=13)
     single = Engine(tiny_model, slots=2, max_model_len=128, prefill_chunk=32)
     sharded = Engine(model, slots=2, max_model_len=128, prefill_chunk=32)

@@ -237,3 +237,31 @@ def test_cache_rows_write_and_read_only_their_rows(tiny_model, kv_dtype):
     np.testing.assert_array_equal(np.asarray(after.segment_ids)[[2, 0]], np.asarray(ref.segment_ids))
     np.testing.assert_array_equal(np.asarray(after.segment_ids)[[1, 3]], 0)
     assert np.asarray(after.lengths).tolist() == [12, 0, 7, 0]
+
+
+def test_unstacked_layers_generate_what_the_stack_does(tiny_dir, tiny_model, prompts):
+    """`unstack_layers` (what Generator does on CPU): one module per layer holding its own slices of the
+    stack (logical axes without "layers", the stack released), the same forward: logits within float32
+    rounding and the same greedy tokens, float and int8 (QArray slices)."""
+    from inference.quantize import QArray, quantize_model
+    from jaxmodel.model import unstack_layers
+
+    flat = unstack_layers(from_pretrained(tiny_dir, progress=False))
+    layers = tiny_model.config.num_hidden_layers
+    assert isinstance(flat.layers, nnx.List) and len(flat.layers) == layers
+    for i, layer in enumerate(flat.layers):
+        np.testing.assert_array_equal(np.asarray(layer.mlp.down_proj[...]),
+                                      np.asarray(tiny_model.layers.mlp.down_proj[...][i]))
+    for path, var in nnx.to_flat_state(nnx.state(flat)):
+        axes = var.get_metadata()["out_sharding"]
+        assert "layers" not in axes and len(axes) == len(var.shape), (path, axes)
+    ids = np.asarray(prompts[1])[None]
+    forward = nnx.jit(lambda m, x: m(x))
+    np.testing.assert_allclose(np.asarray(forward(flat, ids)), np.asarray(forward(tiny_model, ids)), atol=2e-5, rtol=0)
+    batch = left_pad(prompts)
+    assert generate(flat, *batch, max_new_tokens=8).tolist() == generate(tiny_model, *batch, max_new_tokens=8).tolist()
+    int8 = quantize_model(from_pretrained(tiny_dir, progress=False))
+    expected = generate(int8, *batch, max_new_tokens=8).tolist()
+    unstack_layers(int8)
+    assert isinstance(int8.layers[0].mlp.up_proj[...], QArray) and len(int8.layers) == layers
+    assert generate(int8, *batch, max_new_tokens=8).tolist() == expected
