@@ -155,10 +155,12 @@ def _compile_engine(graphdef, state, cache, mesh, slots: int, opts: InferenceOpt
                                                       _sds((), jnp.bool_, mesh)), hbm, (False,))
         rows = min(ENGINE_PREFILL_ROWS, slots)
         chunk = _sds((rows, opts.prefill_chunk), jnp.int32, mesh)
-        prefill = aot.compile_and_report(prefill_step, (leaves, cache, vec(rows, jnp.int32), chunk, chunk,
-                                                        vec(rows, jnp.int32), chunk, *sampling(rows),
-                                                        _sds((), jnp.bool_, mesh)),
-                                         hbm, (False, False))
+        args = (leaves, cache, vec(rows, jnp.int32), chunk, chunk, vec(rows, jnp.int32), chunk, *sampling(rows),
+                _sds((), jnp.bool_, mesh))
+        # A prompt's first chunk (attends over itself) and a later chunk (over the filled cache blocks).
+        first = aot.compile_and_report(prefill_step, args, hbm, (False, False, True))
+        prefill = aot.compile_and_report(prefill_step, args, hbm, (False, False, False))
     return {"slots": slots, "max_model_len": opts.max_length, "top_logprobs": TOP_LOGPROBS,
             "decode_step": decode, "prefill_step": {"rows": rows, "chunk": opts.prefill_chunk, **prefill},
-            "fits": bool(decode["fits"] and prefill["fits"])}
+            "prefill_step_first_chunk": {"rows": rows, "chunk": opts.prefill_chunk, **first},
+            "fits": bool(decode["fits"] and prefill["fits"] and first["fits"])}

@@ -83,6 +83,9 @@ from inference.generate import GenerateError, _batch_split, _mesh_of, _split, bu
 from inference.kv_cache import KVCache, init_cache
 
 FREE, PREFILL, DECODE = 0, 1, 2
+# A call's fixed cost in token slots of padded work (on this project's 2-core CPU a demo-model prefill call
+# costs ~1.4 ms + 0.066 ms per padded token: ~21 tokens; an accelerator's fixed share is larger).
+PREFILL_CALL_SLOTS = 32
 TOP_LOGPROBS = 5  # alternatives computed per token (OpenAI's completions API allows at most 5)
 
 
@@ -199,17 +202,20 @@ def _decode_step(graphdef, sample, state, cache: KVCache, tokens, fresh_tokens, 
     return (*_pick(logits[:, 0], sample, temperature, top_k, top_p, seeds, streams, steps, want_top), cache)
 
 
-def _prefill_step(graphdef, sample, prompt_lp, state, cache: KVCache, rows, ids, mask, start, targets, temperature,
-                  top_k, top_p, seeds, streams, want_top):
+def _prefill_step(graphdef, sample, prompt_lp, fresh, state, cache: KVCache, rows, ids, mask, start, targets,
+                  temperature, top_k, top_p, seeds, streams, want_top):
     """Chunks ids [P, C] (right-padded, mask 1 = real) of the rows `rows` [P] (B past the end = a padding
     row), each written at its own offset `start` [P] (0 = a new request: the row is reset first), in
-    place in the whole cache (the model's `cache_rows`: no gathered copy of the rows' cache), attending
-    over key blocks up to the last filled slot (online softmax: [P, K, G, C, block] scores at a time, not
+    place in the whole cache (the model's `cache_rows`: no gathered copy of the rows' cache). fresh (a
+    static flag): every row is a prompt's first chunk, which attends over the chunk alone (the forward's
+    "fresh" mode: nothing else in its row may be seen); else (a long prompt's later chunks) over key
+    blocks up to the last filled slot (online softmax: [P, K, G, C, block] scores at a time, not
     [P, K, G, C, S]) ->
     (first-token outputs as `_decode_step`, prompt logprobs of `targets` [P, C] and their top
     alternatives (zeros unless prompt_lp), the first tokens per cache row [B] (what the next decode call
     reads for these rows), cache)."""
     model = nnx.merge(graphdef, state)
+    attention = "fresh" if fresh else "blocked"
     fresh = start == 0  # a new request: its row's segment ids and length are reset first
     reset = lambda x, fill: x.at[rows].set(jnp.where(fresh.reshape((-1,) + (1,) * (x.ndim - 1)), fill,  # noqa: E731
                                                      jnp.take(x, rows, axis=0, mode="clip")), mode="drop")
@@ -220,14 +226,14 @@ def _prefill_step(graphdef, sample, prompt_lp, state, cache: KVCache, rows, ids,
     batch = ids.shape[0]
     if prompt_lp:
         logits, cache = model(ids, positions, mask, cache=cache, write_index=start, cache_rows=rows,
-                              cache_attention="chunk")
+                              cache_attention=attention)
         final = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
         logp = jax.nn.log_softmax(logits, axis=-1)
         target_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         p_top_lp, p_top_ids = _top(logp, want_top)
     else:
         logits, cache = model(ids, positions, mask, cache=cache, write_index=start, cache_rows=rows, logits_at=last,
-                              cache_attention="chunk")
+                              cache_attention=attention)
         final = logits[:, 0]
         target_lp = jnp.zeros((batch, length), jnp.float32)
         p_top_lp = jnp.zeros((batch, length, TOP_LOGPROBS), jnp.float32)
@@ -238,7 +244,7 @@ def _prefill_step(graphdef, sample, prompt_lp, state, cache: KVCache, rows, ids,
 
 
 DECODE_STATIC, DECODE_DYNAMIC, DECODE_OUTPUTS = 2, 13, 4  # (graphdef, sample); state, cache, 10 vectors, want_top
-PREFILL_STATIC, PREFILL_DYNAMIC, PREFILL_OUTPUTS = 3, 13, 8  # (graphdef, sample, prompt_lp); state, cache, 10, want_top
+PREFILL_STATIC, PREFILL_DYNAMIC, PREFILL_OUTPUTS = 4, 13, 8  # (graphdef, sample, prompt_lp, fresh); state, cache, ...
 _FORMATS: dict = {}
 
 
@@ -308,7 +314,9 @@ class Engine:
         one per step; with an empty queue a new row is prefilled at once).
         decode: token ids -> text (skipping special tokens); needed for stop strings and `text`."""
         self.graphdef, self.state = _split(model)
-        self.config = nnx.merge(self.graphdef, self.state).config
+        merged = nnx.merge(self.graphdef, self.state)
+        self.config = merged.config
+        self.per_layer = isinstance(merged.layers, nnx.List)  # unstacked layers: a cache array per layer
         context = self.config.max_position_embeddings
         self.max_model_len = int(max_model_len or context)
         if not 1 <= self.max_model_len <= context:
@@ -329,9 +337,11 @@ class Engine:
         self.max_queue = max_queue
         self.decode = decode
         self.overlap = overlap
+        self.prefill_call_slots = PREFILL_CALL_SLOTS
         self.kv_cache_dtype = kv_cache_dtype
         self.cache_length = -(-self.max_model_len // 16) * 16
-        cache = self._call(init_cache, self.config, slots, self.cache_length, kv_dtype=kv_cache_dtype, mesh=self.mesh)
+        cache = self._call(init_cache, self.config, slots, self.cache_length, kv_dtype=kv_cache_dtype, mesh=self.mesh,
+                           per_layer=self.per_layer)
         self.cache_formats = self._call(cache_format, self.graphdef, self.state, cache, slots)
         self.cache = jax.device_put(cache, self.cache_formats, donate=True)
         self.leaves, treedef = jax.tree.flatten(self.state)
@@ -509,34 +519,52 @@ class Engine:
             return fn(*args, **kwargs)
 
     def _prefill_group(self) -> list[int]:
-        """The prefilling rows for this step's one prefill call: the oldest row, the rows (of its
-        prompt-logprob kind, oldest first) whose chunk has its length bucket, then shorter rows up to the
-        next power of two of rows (the call's padded height: they ride for free); at most `prefill_rows`
-        rows and `prefill_chunk` padded tokens (always one row). A call costs its padded size, and rows
-        of one call share one width, so a short prompt beside a long one would be mostly padding; a row
-        left out is older next time, so it is never passed over for long."""
+        """The prefilling rows for this step's one prefill call: the oldest row, the rows of its kind
+        (prompt logprobs or not; a prompt's first chunk or a later one), oldest first, whose chunk has
+        its padded width, then shorter rows (longest first): into the call's padding rows (its height is
+        a power of two) for free, and into a doubled height when the padding that adds costs less than
+        those rows' own calls would (each: its chunk + a call's fixed cost, `PREFILL_CALL_SLOTS`); at
+        most `prefill_rows` rows and `prefill_chunk` padded tokens (always one row). A call costs about
+        its padded size, and rows of one call share one width, so a short prompt beside a long one is
+        mostly padding; a row left out is older next time, so it is never passed over for long."""
         candidates = sorted(np.flatnonzero(self.phase == PREFILL), key=lambda b: self.requests[b].submitted_at)
         first = int(candidates[0])
-        kind = self.requests[first].prompt_logprobs
-        width = self._chunk_bucket([first])
+        kind = self._kind(first)
+        width = self._width([first])
         rows = min(self.prefill_rows, max(1, self.prefill_chunk // width))
-        others = [int(b) for b in candidates[1:] if self.requests[b].prompt_logprobs == kind]
-        group = [first] + [b for b in others if self._chunk_bucket([b]) == width][: rows - 1]
-        shorter = sorted((b for b in others if self._chunk_bucket([b]) < width), key=self._chunk, reverse=True)
-        return group + shorter[: min(bucket_batch(len(group)), rows) - len(group)]
+        others = [int(b) for b in candidates[1:] if self._kind(b) == kind]
+        group = [first] + [b for b in others if self._width([b]) == width][: rows - 1]
+        shorter = sorted((b for b in others if self._width([b]) < width), key=self._chunk, reverse=True)
+        while shorter and len(group) < rows:
+            height = bucket_batch(len(group))
+            if len(group) == height:  # full: doubling the height pays if the rows it adds would cost more alone
+                add = shorter[: min(height, rows - len(group))]
+                if height * width > sum(self._chunk(b) + self.prefill_call_slots for b in add):
+                    break
+            group.append(shorter.pop(0))  # (else a padding row: free)
+        return group
+
+    def _kind(self, b: int) -> tuple[bool, bool]:
+        """(prompt logprobs, a first chunk): rows of one prefill call share both."""
+        r = self.requests[b]
+        return bool(r.prompt_logprobs), r._prefilled == 0
 
     def _chunk(self, b: int) -> int:
         r = self.requests[b]
         return min(len(r.prompt) - r._prefilled, self.prefill_chunk)
 
-    def _chunk_bucket(self, rows: Sequence[int]) -> int:
+    def _width(self, rows: Sequence[int]) -> int:
+        """The padded chunk width of a call: a first chunk's on the `prefill_width` ladder; a later chunk
+        (a long prompt's) always `prefill_chunk`, so that its one program per height is all there is."""
+        if self.requests[rows[0]]._prefilled > 0:
+            return self.prefill_chunk
         return prefill_width(max(self._chunk(b) for b in rows), self.prefill_chunk)
 
     def _dispatch_prefill(self) -> dict:
         """Sends one prefill call (see `_prefill_group`); returns what `_finish_prefill` needs."""
         group = self._prefill_group()
         reqs = [self.requests[b] for b in group]
-        width, height = self._chunk_bucket(group), bucket_batch(len(group))
+        width, height = self._width(group), bucket_batch(len(group))
         rows = np.full(height, self.slots, np.int32)  # padding rows: past the end (read clipped, writes dropped)
         ids = np.zeros((height, width), np.int32)
         mask = np.zeros((height, width), np.int32)
@@ -560,8 +588,8 @@ class Engine:
                 fresh.append(b)
         sample = bool((sampling[0][: len(group)] > 0).any())
         want_top = any(r.logprobs for r in reqs) or reqs[0].prompt_logprobs
-        out = self._call(self._prefill_step, sample, bool(reqs[0].prompt_logprobs), self.leaves,
-                         self.cache, rows, ids, mask, start, targets, *sampling, np.bool_(want_top))
+        out = self._call(self._prefill_step, sample, bool(reqs[0].prompt_logprobs), reqs[0]._prefilled == 0,
+                         self.leaves, self.cache, rows, ids, mask, start, targets, *sampling, np.bool_(want_top))
         self.cache = out[-1]
         self.prefill_calls += 1
         return {"group": group, "requests": reqs, "counts": counts, "fresh": fresh, "out": out[:-2],
@@ -663,23 +691,24 @@ class Engine:
     # -- warmup and metrics --------------------------------------------------------------------------
 
     def warmup(self) -> int:
-        """Compiles the greedy decode step and every prefill bucket now; returns how many shapes."""
+        """Compiles the greedy decode step and every prefill bucket now (first chunks at every width of
+        the ladder, later chunks at `prefill_chunk`); returns how many shapes."""
         z = lambda n, dt=np.int32: np.zeros(n, dt)  # noqa: E731
+        widths, w = [], 0
+        while w < self.prefill_chunk:
+            w = prefill_width(w + 1, self.prefill_chunk)
+            widths.append(w)
         shapes = 0
         height = 1
         while height <= self.prefill_rows:
-            width = 16
-            while True:
-                w = prefill_width(width, self.prefill_chunk)
+            for fresh, width in [(True, w) for w in widths] + [(False, self.prefill_chunk)]:
                 rows = np.full(height, self.slots, np.int32)  # writes nowhere
-                out = self._call(self._prefill_step, False, False, self.leaves, self.cache, rows,
-                                 z((height, w)), z((height, w)), z(height), z((height, w)), z(height, np.float32),
-                                 z(height), np.ones(height, np.float32), z(height), z(height), np.bool_(False))
+                out = self._call(self._prefill_step, False, False, fresh, self.leaves, self.cache, rows,
+                                 z((height, width)), z((height, width)), z(height), z((height, width)),
+                                 z(height, np.float32), z(height), np.ones(height, np.float32), z(height), z(height),
+                                 np.bool_(False))
                 self.cache = out[-1]
                 shapes += 1
-                if w >= self.prefill_chunk:
-                    break
-                width = w + 1
             height *= 2
         active = np.zeros(self.slots, bool)
         out = self._call(self._decode_step, False, self.leaves, self.cache, self._tokens, self._tokens,

@@ -203,8 +203,9 @@ def _generate_jit(graphdef, do_sample, width, kv_dtype, chunk, state, ids, mask,
     here, carried by the loop, dropped at the end): it never crosses a jit boundary, so it is neither
     copied nor re-laid out between steps, and the compiler picks its memory layout."""
     batch, prompt = ids.shape
-    config = nnx.merge(graphdef, state).config
-    cache = empty_cache(config, batch, prompt + width, kv_dtype=kv_dtype)
+    model = nnx.merge(graphdef, state)
+    cache = empty_cache(model.config, batch, prompt + width, kv_dtype=kv_dtype,
+                        per_layer=isinstance(model.layers, nnx.List))  # unstacked layers: an array per layer
     rows = jnp.arange(batch, dtype=jnp.int32)
     choose = functools.partial(_choose, rows=rows, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                top_p=top_p, key=key)

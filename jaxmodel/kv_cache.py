@@ -4,11 +4,12 @@ inference's business (inference/kv_cache.py); this module only reads and writes 
 
 Inside: `KVCache` (a NamedTuple pytree), `quantize_kv`, `write_kv` (one layer's new keys/values into the
 cache, at one shared slot or at a slot per row, optionally into chosen cache rows), `write_segments`,
-`take_rows`, `cache_mask`, `cached_attention` (the whole cache,
+`take_rows`, `layer_of` / `layer_shape`, `cache_mask`, `cached_attention` (the whole cache,
 masked), `blocked_cached_attention` (blocks up to the last slot written, online softmax), `kv_block`.
 
 Layout (one array per K and V for the whole model, stacked like the parameters):
-  k, v             [L, B, K, S, H]  compute dtype (or int8)
+  k, v             [L, B, K, S, H]  compute dtype (or int8); or tuples of L arrays [B, K, S, H] ("per
+                                    layer", the layout for unstacked layers: `layer_of` needs no copy)
   k_scale, v_scale [L, B, K, S]     float32 absmax/127 per (kv head, slot), only for int8; else None
   segment_ids      [B, S] int32     1 for a real token in that slot, 0 for padding and unfilled slots
   lengths          [B] int32        real tokens cached per row = the RoPE position of its next token
@@ -49,15 +50,29 @@ class KVCache(NamedTuple):
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return layer_shape(self.k)[0]
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[3]
+        return layer_shape(self.k)[2]
 
     @property
     def quantized(self) -> bool:
         return self.k_scale is not None
+
+
+def layer_shape(cache_k) -> tuple:
+    """One layer's [B, K, S, H] of a stacked cache array [L, B, K, S, H] or a per-layer tuple."""
+    return cache_k[0].shape if isinstance(cache_k, tuple) else cache_k.shape[1:]
+
+
+def layer_of(cache_k, i):
+    """Layer i of a stacked cache array (a slice) or of a per-layer tuple (its own array: no copy)."""
+    if cache_k is None:
+        return None
+    if isinstance(cache_k, tuple):
+        return cache_k[i]
+    return jax.lax.dynamic_index_in_dim(cache_k, i, 0, keepdims=False)
 
 
 def quantize_kv(x):
@@ -80,10 +95,15 @@ def _rows(rows, batch: int, length: int):
 
 
 def write_kv(cache_k, scale, new, i, write_index, rows=None):
-    """Writes new [B, T, K, H] into layer i of cache_k [L, B', K, S, H] (quantizing for an int8 cache,
+    """Writes new [B, T, K, H] into layer i of cache_k [L, B', K, S, H] or of a per-layer tuple of
+    [B', K, S, H] arrays (quantizing for an int8 cache,
     whose scales [L, B', K, S] come along) at slots write_index.. (scalar or [B]); with `rows` [B] (a
     vector write_index only), row b goes to cache row rows[b] (a row past the end writes nothing).
     Returns (k, scale)."""
+    if isinstance(cache_k, tuple):  # per layer: write layer i's own array (i is a Python int)
+        k, sc = write_kv(cache_k[i][None], None if scale is None else scale[i][None], new, 0, write_index, rows)
+        replace = lambda t, x: t[:i] + (x[0],) + t[i + 1:]  # noqa: E731
+        return replace(cache_k, k), (None if scale is None else replace(scale, sc))
     store = None
     if scale is None:
         values = new.astype(cache_k.dtype)

@@ -43,6 +43,8 @@ from jaxmodel.kv_cache import (
     cache_mask,
     cached_attention,
     kv_block,
+    layer_of,
+    layer_shape,
     take_rows,
     write_kv,
     write_segments,
@@ -115,9 +117,8 @@ class Attention(nnx.Module):
         """Without `kv`: self-attention over x. With `kv` = (layer index, (k, v, k_scale, v_scale) caches,
         write_index, mode, cache rows or None): the new keys/values are written into the cache first;
         mode "fresh" (the cache held nothing before) attends over the new tokens alone with `impl`, "xla"
-        over the whole cache masked, "blocked" over key blocks up to the last slot written, "chunk" (a
-        prompt chunk; `mask` = (fresh mask, cache mask)) as "fresh" when every row writes from slot 0 and
-        as "blocked" otherwise, chosen at run time. Returns (out, caches or None)."""
+        over the whole cache masked, "blocked" over key blocks up to the last slot written. Returns
+        (out, caches or None)."""
         q, k, v = self.qkv(x, cos, sin)
         if kv is None:
             return self.out(dot_product_attention(q, k, v, mask, impl=impl)), None
@@ -126,24 +127,14 @@ class Attention(nnx.Module):
         cv, cvs = write_kv(cv, cvs, v, i, write_index, rows)
         if mode == "fresh":
             o = dot_product_attention(q, k, v, mask, impl=impl)
-        elif mode == "chunk":  # at run time: "fresh" when every row starts at slot 0, else "blocked"
-            fresh_mask, mask = mask
-            o = jax.lax.cond(
-                jnp.all(write_index == 0), lambda: dot_product_attention(q, k, v, fresh_mask, impl=impl),
-                lambda: self._cached(q, ck, cv, cks, cvs, mask, i, write_index, "blocked", rows))
         else:
-            o = self._cached(q, ck, cv, cks, cvs, mask, i, write_index, mode, rows)
+            layer = [take_rows(layer_of(c, i), rows) for c in (ck, cv, cks, cvs)]  # this layer; its rows
+            if mode == "blocked":
+                o = blocked_cached_attention(q, *layer[:2], mask, write_index, *layer[2:],
+                                             block=kv_block(layer_shape(ck)[2]))
+            else:
+                o = cached_attention(q, *layer[:2], mask, *layer[2:])
         return self.out(o), (ck, cv, cks, cvs)
-
-    @staticmethod
-    def _cached(q, ck, cv, cks, cvs, mask, i, write_index, mode, rows):
-        """q over layer i of the cache (its rows `rows`): "blocked" or "xla" (see `__call__`)."""
-        layer = lambda c: None if c is None else take_rows(  # noqa: E731  (this layer; its rows)
-            jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False), rows)
-        args = (q, layer(ck), layer(cv), mask)
-        if mode == "blocked":
-            return blocked_cached_attention(*args, write_index, layer(cks), layer(cvs), block=kv_block(ck.shape[3]))
-        return cached_attention(*args, layer(cks), layer(cvs))
 
 
 class MLP(nnx.Module):
@@ -223,6 +214,8 @@ class MistralForCausalLM(nnx.Module):
             return constrain(h, ACT_BTD), caches  # layer boundary: batch-sharded, model dim whole
 
         carry = (x, None if kv is None else kv[0])
+        if kv is not None and isinstance(kv[0][0], tuple) and not isinstance(self.layers, nnx.List):
+            raise ValueError("a per-layer KV cache needs unstacked layers (jaxmodel.model.unstack_layers)")
         if isinstance(self.layers, nnx.List):  # unstacked (`unstack_layers`): each layer its own arrays
             outputs = []
             for i, layer in enumerate(self.layers):
@@ -285,9 +278,8 @@ class MistralForCausalLM(nnx.Module):
         that reads clipped and writes nothing); the other cache rows are untouched.
         cache_attention: "fresh" (a promise that the cache holds nothing the new tokens may see: they
         attend over themselves with the model's attention_impl, splash included), "xla" (the whole
-        cache, masked), "blocked" (key blocks up to the last slot written), "chunk" (a prompt chunk:
-        "fresh" if every row's write_index is 0, else "blocked", decided at run time; what the engine's
-        prefill uses), "auto" (blocked if attention_impl is flash, else xla).
+        cache, masked), "blocked" (key blocks up to the last slot written), "auto" (blocked if
+        attention_impl is flash, else xla).
         last_only: logits of the last position only ([B, 1, V]), all that generation needs; logits_at
         [B]: of that position in each row instead (a right-padded chunk's last real token)."""
         if cache is None:
@@ -303,13 +295,14 @@ class MistralForCausalLM(nnx.Module):
         mode = cache_attention
         if mode == "auto":
             mode = "blocked" if cfg.attention_impl == "flash" else "xla"
-        if mode not in ("fresh", "xla", "blocked", "chunk"):
-            raise ValueError(f"cache_attention={cache_attention!r} is not one of auto, fresh, xla, blocked, chunk")
+        if mode not in ("fresh", "xla", "blocked"):
+            raise ValueError(f"cache_attention={cache_attention!r} is not one of auto, fresh, xla, blocked")
         rows = None if cache_rows is None else jnp.asarray(cache_rows, jnp.int32)
         segments = write_segments(cache.segment_ids, token_mask, write_index, rows)
-        fresh_mask = lambda: AttentionMask.for_sequence(token_mask, causal=True, window=cfg.sliding_window)  # noqa: E731
-        cached_mask = lambda: cache_mask(token_mask, take_rows(segments, rows), write_index, cfg.sliding_window)  # noqa: E731
-        mask = {"fresh": fresh_mask, "chunk": lambda: (fresh_mask(), cached_mask())}.get(mode, cached_mask)()
+        if mode == "fresh":
+            mask = AttentionMask.for_sequence(token_mask, causal=True, window=cfg.sliding_window)
+        else:
+            mask = cache_mask(token_mask, take_rows(segments, rows), write_index, cfg.sliding_window)
         x = constrain(self.embed(input_ids), ACT_BTD)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         caches = (cache.k, cache.v, cache.k_scale, cache.v_scale)
