@@ -16,11 +16,12 @@ at different lengths share one step (the model's forward with a per-row `write_i
    tokens; a long prompt goes in over several steps, so it never stalls the decoding rows for its whole
    prefill) in ONE call: the rows run through the model over the whole cache (the forward's
    `cache_rows`: each writes its own cache row at its own offset; no copy of the rows' cache is made).
-   Attention is the forward's "chunk" mode: over the chunk alone when every row starts a new prompt,
-   else over key blocks of each row's filled slots (decided on the device). The rows of one call share
-   a padded width (the `prefill_width` ladder: 16, 24, 32, 48, 64, ...), so a call takes the oldest
-   row, the rows of its width, then shorter ones (`_prefill_group`). A row whose prompt is complete
-   gets its first token from that call. While other rows decode and more requests queue, the call
+   A call holds either prompts' first chunks, which attend over the chunk alone (the forward's "fresh"
+   mode), or a long prompt's later chunks, which attend over key blocks of their rows' filled slots.
+   The rows of one call share a padded width (first chunks: the `prefill_width` ladder 16, 24, 32, 48,
+   64, ...; later chunks: `prefill_chunk`), so a call takes the oldest row, the rows of its width, then
+   shorter ones where that costs less than their own calls (`_prefill_group`). A row whose prompt is
+   complete gets its first token from that call. While other rows decode and more requests queue, the call
    waits (at most `max_prefill_wait` steps) until `prefill_batch` rows are ready: one call for several
    rows costs about what one call for one row costs;
 3. decode: one token for every decoding row in one call, the rows this prefill completes included (fed
@@ -35,14 +36,16 @@ at different lengths share one step (the model's forward with a per-row `write_i
    more token computed (discarded) and its slot refilled a step later. `overlap=False` reads each
    decode call in its own step (host and device alternate).
 Shapes are bucketed so a running engine does not recompile: decode has one shape ([slots]); prefill has
-(rows in {1, 2, 4, ..} <= prefill_rows) x (chunk length in the `prefill_width` ladder <= prefill_chunk).
+(rows in {1, 2, 4, ..} <= prefill_rows) x (first chunks: each width of the `prefill_width` ladder up to
+prefill_chunk; later chunks: prefill_chunk).
 `warmup()` compiles them all up front. Sampling rows and prompt log-probabilities are separate
 (lazily compiled) variants, so a greedy workload never pays for sampling; the sort for top-logprob
 alternatives runs only in calls where a row asks for them (a run-time flag, no second program). The
 steps take the graphdef closed over and the state as its flat list of leaves (`_bound`): per call, jit
 hashes a few flags instead of a model graph. On CPU, give the engine a model whose layer stack is split
 (`jaxmodel.model.unstack_layers`, as `Generator` loads it there): XLA CPU copies a stacked layer's
-weights out of the stack in every call.
+weights out of the stack in every call; with such a model the cache is per layer too (one array per
+layer, `init_cache(per_layer=True)`), so no layer's cache is sliced out either.
 Completions are decoded with `skip_special_tokens`, so an EOS stop never shows as `</s>`.
 
 The cache's memory layout: it crosses the jit boundary at every step (a serving loop cannot live inside
