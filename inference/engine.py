@@ -219,8 +219,8 @@ def _prefill_step(graphdef, sample, prompt_lp, fresh, state, cache: KVCache, row
     reads for these rows), cache)."""
     model = nnx.merge(graphdef, state)
     attention = "fresh" if fresh else "blocked"
-    fresh = start == 0  # a new request: its row's segment ids and length are reset first
-    reset = lambda x, fill: x.at[rows].set(jnp.where(fresh.reshape((-1,) + (1,) * (x.ndim - 1)), fill,  # noqa: E731
+    new = start == 0  # a new request: its row's segment ids and length are reset first
+    reset = lambda x, fill: x.at[rows].set(jnp.where(new.reshape((-1,) + (1,) * (x.ndim - 1)), fill,  # noqa: E731
                                                      jnp.take(x, rows, axis=0, mode="clip")), mode="drop")
     cache = cache._replace(segment_ids=reset(cache.segment_ids, 0), lengths=reset(cache.lengths, 0))
     length = ids.shape[1]
@@ -315,11 +315,13 @@ class Engine:
         call waits until `prefill_batch` rows (default: a quarter of the slots, at most `prefill_rows`) are
         ready to prefill, for at most `max_prefill_wait` steps (one call for several new rows instead of
         one per step; with an empty queue a new row is prefilled at once).
-        decode: token ids -> text (skipping special tokens); needed for stop strings and `text`."""
+        decode: token ids -> text (skipping special tokens); needed for stop strings and `text`.
+        overlap: read each decode call's tokens one step late, while the device runs the next call (see
+        `step`); False reads them in the step that made the call."""
         self.graphdef, self.state = _split(model)
         merged = nnx.merge(self.graphdef, self.state)
         self.config = merged.config
-        self.per_layer = isinstance(merged.layers, nnx.List)  # unstacked layers: a cache array per layer
+        self.per_layer = merged.unstacked  # unstacked layers: a cache array per layer
         context = self.config.max_position_embeddings
         self.max_model_len = int(max_model_len or context)
         if not 1 <= self.max_model_len <= context:
@@ -340,7 +342,6 @@ class Engine:
         self.max_queue = max_queue
         self.decode = decode
         self.overlap = overlap
-        self.prefill_call_slots = PREFILL_CALL_SLOTS
         self.kv_cache_dtype = kv_cache_dtype
         self.cache_length = -(-self.max_model_len // 16) * 16
         cache = self._call(init_cache, self.config, slots, self.cache_length, kv_dtype=kv_cache_dtype, mesh=self.mesh,
@@ -355,7 +356,7 @@ class Engine:
         self.phase = np.zeros(slots, np.int32)
         self.dispatched = np.zeros(slots, np.int32)  # tokens per row produced or in flight
         self._tokens = np.zeros(slots, np.int32)  # the last decode call's tokens (on the device after the first)
-        self._inflight = None  # (outputs, [(row, request)]) of the decode call whose results are unread
+        self._inflight = None  # (outputs, [(row, request)], want_top) of the decode call whose results are unread
         self.temperature = np.zeros(slots, np.float32)
         self.top_k = np.zeros(slots, np.int32)
         self.top_p = np.ones(slots, np.float32)
@@ -542,7 +543,7 @@ class Engine:
             height = bucket_batch(len(group))
             if len(group) == height:  # full: doubling the height pays if the rows it adds would cost more alone
                 add = shorter[: min(height, rows - len(group))]
-                if height * width > sum(self._chunk(b) + self.prefill_call_slots for b in add):
+                if height * width > sum(self._chunk(b) + PREFILL_CALL_SLOTS for b in add):
                     break
             group.append(shorter.pop(0))  # (else a padding row: free)
         return group
@@ -590,17 +591,18 @@ class Engine:
                 self.dispatched[b] = 1  # its first token comes from this call
                 fresh.append(b)
         sample = bool((sampling[0][: len(group)] > 0).any())
-        want_top = any(r.logprobs for r in reqs) or reqs[0].prompt_logprobs
+        alternatives = any(r.logprobs for r in reqs)
+        want_top = alternatives or reqs[0].prompt_logprobs
         out = self._call(self._prefill_step, sample, bool(reqs[0].prompt_logprobs), reqs[0]._prefilled == 0,
                          self.leaves, self.cache, rows, ids, mask, start, targets, *sampling, np.bool_(want_top))
         self.cache = out[-1]
         self.prefill_calls += 1
         return {"group": group, "requests": reqs, "counts": counts, "fresh": fresh, "out": out[:-2],
-                "first": out[-2]}
+                "first": out[-2], "alternatives": alternatives}
 
     def _finish_prefill(self, p: dict) -> None:
-        want_top = any(r.logprobs for r in p["requests"])
-        wanted = (True, True, want_top, want_top) + (p["requests"][0].prompt_logprobs,) * 3
+        top = p["alternatives"]  # read the top-logprob arrays only if a row asked for them
+        wanted = (True, True, top, top) + (p["requests"][0].prompt_logprobs,) * 3
         token, lp, top_lp, top_ids, t_lp, pt_lp, pt_ids = (_host(x) if w else None for x, w in zip(p["out"], wanted))
         now = time.perf_counter()
         for i, (b, r, n) in enumerate(zip(p["group"], p["requests"], p["counts"])):
@@ -632,10 +634,9 @@ class Engine:
         self.cache, self._tokens = out[-1], out[0]
         self.dispatched[active] += 1
         self.decode_steps += 1
-        return out[:-1], [(int(b), self.requests[b]) for b in np.flatnonzero(active)]
+        return out[:-1], [(int(b), self.requests[b]) for b in np.flatnonzero(active)], want_top
 
-    def _finish_decode(self, out, rows) -> None:
-        want_top = any(r.logprobs for _, r in rows)
+    def _finish_decode(self, out, rows, want_top: bool) -> None:
         token, lp, top_lp, top_ids = (_host(x) if i < 2 or want_top else None for i, x in enumerate(out))
         now = time.perf_counter()
         for b, r in rows:

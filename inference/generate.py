@@ -205,7 +205,7 @@ def _generate_jit(graphdef, do_sample, width, kv_dtype, chunk, state, ids, mask,
     batch, prompt = ids.shape
     model = nnx.merge(graphdef, state)
     cache = empty_cache(model.config, batch, prompt + width, kv_dtype=kv_dtype,
-                        per_layer=isinstance(model.layers, nnx.List))  # unstacked layers: an array per layer
+                        per_layer=model.unstacked)  # unstacked layers: an array per layer
     rows = jnp.arange(batch, dtype=jnp.int32)
     choose = functools.partial(_choose, rows=rows, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                top_p=top_p, key=key)

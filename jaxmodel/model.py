@@ -186,6 +186,11 @@ class MistralForCausalLM(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.weight_dtype)
 
+    @property
+    def unstacked(self) -> bool:
+        """Whether the layers are one module each (`unstack_layers`) rather than one stack."""
+        return isinstance(self.layers, nnx.List)
+
     def embed(self, input_ids):
         w = self.embed_tokens[...]
         if not isinstance(w, jax.Array):  # a quantized table (inference's QArray) gathers its own rows
@@ -214,9 +219,9 @@ class MistralForCausalLM(nnx.Module):
             return constrain(h, ACT_BTD), caches  # layer boundary: batch-sharded, model dim whole
 
         carry = (x, None if kv is None else kv[0])
-        if kv is not None and isinstance(kv[0][0], tuple) and not isinstance(self.layers, nnx.List):
+        if kv is not None and isinstance(kv[0][0], tuple) and not self.unstacked:
             raise ValueError("a per-layer KV cache needs unstacked layers (jaxmodel.model.unstack_layers)")
-        if isinstance(self.layers, nnx.List):  # unstacked (`unstack_layers`): each layer its own arrays
+        if self.unstacked:  # each layer its own arrays
             outputs = []
             for i, layer in enumerate(self.layers):
                 carry = layer_step(layer, carry, i)
@@ -317,7 +322,7 @@ class MistralForCausalLM(nnx.Module):
         return logits, KVCache(k, v, ks, vs, segments, lengths)
 
 
-def _layer_of(stacked: jax.Array, i: int) -> jax.Array:
+def _slice_of_stack(stacked: jax.Array, i: int) -> jax.Array:
     """stacked[i], keeping the stack's sharding of the remaining axes."""
     sharding = getattr(stacked, "sharding", None)
     part = stacked[i]
@@ -335,7 +340,7 @@ def unstack_layers(model: MistralForCausalLM) -> MistralForCausalLM:
     from unscanned checkpoints; TPU fuses the slice into the matmul and needs none of this. Quantize
     first (quantization addresses the stack). Each stacked parameter is released once sliced, so the
     peak is one parameter's stack above the model."""
-    if isinstance(model.layers, nnx.List):
+    if model.unstacked:
         return model
     cfg = model.config
     layers = [nnx.eval_shape(lambda: DecoderLayer(cfg, rngs=nnx.Rngs(0))) for _ in range(cfg.num_hidden_layers)]
@@ -343,7 +348,7 @@ def unstack_layers(model: MistralForCausalLM) -> MistralForCausalLM:
     for path, var in nnx.to_flat_state(nnx.state(model.layers)):
         stacked = var.get_value()
         for i, target in enumerate(targets):
-            target[path].set_value(jax.tree.map(lambda a, i=i: _layer_of(a, i), stacked))
+            target[path].set_value(jax.tree.map(lambda a, i=i: _slice_of_stack(a, i), stacked))
         del stacked
         var.set_value(jnp.zeros((), jnp.int8))  # the stack's last reference
     model.layers = nnx.List(layers)
