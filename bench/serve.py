@@ -88,14 +88,18 @@ def left_pad(token_lists, pad):
 def run_transformers(path, encoded, new, stops, pad):
     model = transformers.MistralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
+    work = {}
+
     def run(lists):
-        outs = []
+        outs, work["prompt_tokens"], work["row_steps"] = [], 0, 0
         for i in range(0, len(lists), 8):
             ids, mask = (torch.as_tensor(x) for x in left_pad(lists[i:i + 8], pad))
             with torch.no_grad():
                 out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
                                      eos_token_id=sorted(stops), pad_token_id=pad)
             outs += out[:, ids.shape[1]:].tolist()
+            work["prompt_tokens"] += ids.numel()
+            work["row_steps"] += ids.shape[0] * (out.shape[1] - ids.shape[1])
         return useful(outs, stops)
 
     times = {}
@@ -105,42 +109,48 @@ def run_transformers(path, encoded, new, stops, pad):
     torch.set_num_threads(min(times, key=times.get))
     t = time.perf_counter()
     outs = run(encoded)
-    return outs, time.perf_counter() - t, min(times, key=times.get)
+    return outs, time.perf_counter() - t, min(times, key=times.get), dict(work)
 
 
 def static_runner(model, encoded, new, stops, pad, batch):
     """A callable: one timed pass of the static path -> (outputs, seconds); compiled by a first pass."""
+    work = {}
+
     def run():
-        outs = []
+        outs, work["prompt_tokens"], work["row_steps"] = [], 0, 0
         for i in range(0, len(encoded), batch):
             ids, mask = left_pad(encoded[i:i + batch], pad)
-            outs += generate(model, ids, mask, max_new_tokens=new, eos_token_ids=sorted(stops),
-                             pad_token_id=pad).tolist()
-        return useful(outs, stops)
+            out = useful(generate(model, ids, mask, max_new_tokens=new, eos_token_ids=sorted(stops),
+                                  pad_token_id=pad).tolist(), stops)
+            outs += out
+            work["prompt_tokens"] += ids.size
+            work["row_steps"] += len(out) * max(map(len, out))  # its loop runs until every row stopped
+        return outs
 
     run()  # compiles every bucket
 
     def timed():
         t = time.perf_counter()
         outs = run()
-        return outs, time.perf_counter() - t
+        return outs, time.perf_counter() - t, dict(work)
     return timed
 
 
 def engine_runner(model, encoded, new, stops, slots, max_len):
     """A callable: one timed pass of the engine (its default prefill settings, as `normistral serve`
-    runs it) -> (outputs, seconds, decode steps, prefill calls); compiled and warmed first."""
+    runs it) -> (outputs, seconds, decode steps, prefill calls, padded prefill tokens); compiled and warmed
+    first."""
     engine = Engine(model, slots=slots, max_model_len=max_len)
     engine.warmup()
     engine.run([Request(e, max_tokens=new, stop_ids=frozenset(stops)) for e in encoded[:slots * 2]])
 
     def timed():
         reqs = [Request(e, max_tokens=new, stop_ids=frozenset(stops)) for e in encoded]
-        steps0, calls0 = engine.decode_steps, engine.prefill_calls
+        steps0, calls0, tokens0 = engine.decode_steps, engine.prefill_calls, engine.prefill_tokens
         t = time.perf_counter()
         engine.run(reqs)
         return ([r.tokens for r in reqs], time.perf_counter() - t, engine.decode_steps - steps0,
-                engine.prefill_calls - calls0)
+                engine.prefill_calls - calls0, engine.prefill_tokens - tokens0)
     return timed
 
 
@@ -210,6 +220,34 @@ def run_server(path, texts, new, slots, max_len, clients):
     return tokens, seconds, ttft, tpot
 
 
+def matmul_rate(rows: int, d: int, f: int) -> float:
+    """FLOP/s of this machine's best float32 jitted matmul [rows, d] x [d, f] (best of 5 x 50 calls)."""
+    x, w = jax.numpy.ones((rows, d)), jax.numpy.ones((d, f))
+    mm = jax.jit(lambda a, b: a @ b)
+    mm(x, w).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(50):
+            mm(x, w).block_until_ready()
+        best = min(best, (time.perf_counter() - t) / 50)
+    return 2 * rows * d * f / best
+
+
+def compute_floor(config, prompt_tokens: int, prompts: int, output_tokens: int, slots: int) -> dict:
+    """The seconds the workload's matmuls need at least on this machine (every other op free): each
+    prompt token through the layers (2 x layer parameters FLOPs; the lm_head only for each prompt's last
+    token) at the rate of the model's own MLP matmul with 256 rows (prefill-sized), each output token
+    through the layers and the lm_head at the rate with `slots` rows (a decode step)."""
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    layers = config.num_params() - 2 * v * d
+    prefill_rate, decode_rate = matmul_rate(256, d, f), matmul_rate(slots, d, f)
+    prefill_s = (2 * layers * prompt_tokens + 2 * v * d * prompts) / prefill_rate
+    decode_s = 2 * (layers + v * d) * output_tokens / decode_rate
+    return {"prefill_gflop_s": round(prefill_rate / 1e9, 1), "decode_gflop_s": round(decode_rate / 1e9, 1),
+            "prefill_s": round(prefill_s, 3), "decode_s": round(decode_s, 3), "seconds": round(prefill_s + decode_s, 3)}
+
+
 def decode_floor(model, slots, max_len, bandwidth):
     """Median decode-step time (all slots active) vs the bytes it must read / bandwidth."""
     engine = Engine(model, slots=slots, max_model_len=max_len)
@@ -259,14 +297,14 @@ def main():
     max_len = max(len(e) for e in encoded) + args.new
     model = unstack_layers(from_pretrained(args.model, progress=False))  # as Generator loads on CPU
 
-    hf_out, hf_s, hf_threads = run_transformers(args.model, encoded, args.new, stops, pad)
+    hf_out, hf_s, hf_threads, hf_work = run_transformers(args.model, encoded, args.new, stops, pad)
     static, engine = (static_runner(model, encoded, args.new, stops, pad, args.slots),
                       engine_runner(model, encoded, args.new, stops, args.slots, max_len))
     static_s = engine_s = float("inf")
     ratios = []
     for _ in range(args.repeat):  # interleaved: a slow spell of a shared machine hits both alike
-        static_out, s_s = static()
-        engine_out, e_s, engine_steps, prefill_calls = engine()
+        static_out, s_s, static_work = static()
+        engine_out, e_s, engine_steps, prefill_calls, engine_prompt_tokens = engine()
         ratios.append(round(s_s / e_s, 2))
         static_s, engine_s = min(static_s, s_s), min(engine_s, e_s)
     server_tokens, server_s, ttft, tpot = run_server(args.model, texts, args.new, args.slots, max_len, args.clients)
@@ -274,6 +312,8 @@ def main():
     n_tokens = sum(len(o) for o in engine_out)
     lengths = np.array([len(o) for o in engine_out])
     bandwidth = copy_bandwidth()
+    prompt_tokens = sum(map(len, encoded))
+    floor = compute_floor(model.config, prompt_tokens, len(encoded), n_tokens, args.slots)
     result = {
         "bench": "serve", "machine": machine(), "prompts": len(texts), "new_tokens": args.new, "slots": args.slots,
         "output_tokens": n_tokens,
@@ -289,6 +329,11 @@ def main():
         "server_ttft_ms_p99": round(float(np.percentile(ttft, 99)) * 1e3, 1),
         "server_tpot_ms_p50": round(float(np.percentile(tpot, 50)) * 1e3, 2),
         "server_tpot_ms_p99": round(float(np.percentile(tpot, 99)) * 1e3, 2),
+        "prompt_tokens": prompt_tokens,
+        "work_computed": {"transformers": hf_work, "static": static_work,
+                          "engine": {"prompt_tokens": engine_prompt_tokens, "row_steps": engine_steps * args.slots}},
+        "compute_floor": floor, "engine_vs_compute_floor": round(engine_s / floor["seconds"], 2),
+        "transformers_over_4_vs_compute_floor": round(hf_s / 4 / floor["seconds"], 2),
         "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
         "decode_floor_demo": decode_floor(model, args.slots, max_len, bandwidth),
         "decode_floor_64m": decode_floor(unstack_layers(from_pretrained(bench_checkpoint(args.checkpoint_64m),

@@ -82,7 +82,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental.layout import Format, Layout
 
-from inference.generate import GenerateError, _batch_split, _mesh_of, _split, bucket_batch, sample_rows
+from inference.generate import GenerateError, _batch_split, _mesh_of, _split, bucket_batch, greedy, sample_rows
 from inference.kv_cache import KVCache, init_cache
 
 FREE, PREFILL, DECODE = 0, 1, 2
@@ -180,7 +180,7 @@ def _top(logp, want):
 def _pick(logits, sample: bool, temperature, top_k, top_p, seeds, streams, steps, want_top):
     """Next tokens [B] from float32 logits [B, V], with their log-probabilities and the top alternatives
     (zeros unless want_top)."""
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    token = greedy(logits)
     if sample:
         keys = jax.vmap(lambda s, r, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), r), t))(
             seeds, streams, steps)
@@ -374,6 +374,7 @@ class Engine:
         self.ttft: collections.deque = collections.deque(maxlen=1000)
         self.decode_steps = 0
         self.prefill_calls = 0
+        self.prefill_tokens = 0  # padded: rows x width of every prefill call
 
     # -- requests ---------------------------------------------------------------------------------------
 
@@ -597,6 +598,7 @@ class Engine:
                          self.leaves, self.cache, rows, ids, mask, start, targets, *sampling, np.bool_(want_top))
         self.cache = out[-1]
         self.prefill_calls += 1
+        self.prefill_tokens += height * width
         return {"group": group, "requests": reqs, "counts": counts, "fresh": fresh, "out": out[:-2],
                 "first": out[-2], "alternatives": alternatives}
 
@@ -734,5 +736,6 @@ class Engine:
                 "generated_tokens_total": self.generated_tokens, "finished_requests_total": self.finished_requests,
                 "aborted_requests_total": self.aborted_requests,
                 "ttft_seconds_p50": pick(0.5), "ttft_seconds_p99": pick(0.99), "decode_steps_total": self.decode_steps,
-                "prefill_calls_total": self.prefill_calls, "max_model_len": self.max_model_len,
+                "prefill_calls_total": self.prefill_calls, "prefill_tokens_total": self.prefill_tokens,
+                "max_model_len": self.max_model_len,
                 "kv_cache_bytes": self.cache_bytes}

@@ -132,12 +132,22 @@ def _reset(cache: KVCache) -> KVCache:
 # -- token choice -------------------------------------------------------------------------------------
 
 
+def greedy(logits):
+    """argmax over the last axis (int32; ties: the lowest index, as torch's argmax), as a max and a min
+    of matching indices: two vector reductions where XLA CPU runs argmax's (value, index) reduction
+    element by element (measured: 137 -> 70 us for [16, 2048]). A row without a maximum (NaN) picks the
+    last id."""
+    top = logits.max(axis=-1, keepdims=True)
+    ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(logits == top, ids, logits.shape[-1] - 1), axis=-1)
+
+
 def _choose(logits, step, rows, do_sample: bool, temperature, top_k, top_p, key):
     """Next token per row from float32 logits [B, V]: argmax, or a sample after temperature, top-k
     and top-p (applied in that order, as transformers' logits warpers do). Each row draws from
     fold_in(fold_in(key, step), row), so a row's sample does not depend on the batch around it."""
     if not do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy(logits)
     step_key = jax.random.fold_in(key, step)
     keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(rows)
     return sample_rows(logits, keys, temperature, top_k, top_p)

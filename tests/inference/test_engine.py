@@ -100,7 +100,10 @@ def test_engine_greedy_matches_transformers_each_prompt_alone(tiny_model, tokeni
             assert r.finish_reason == "stop" and r.text == full[: full.find(c["stop_strings"][0])]
         else:
             assert r.text == tokenizer.decode(r.tokens, skip_special_tokens=True)
-    assert engine.metrics()["finished_requests_total"] == N_REQUESTS and engine.active_slots == 0
+    metrics = engine.metrics()
+    assert metrics["finished_requests_total"] == N_REQUESTS and engine.active_slots == 0
+    # Every prompt token went through a prefill call, padding counted on top.
+    assert metrics["prefill_tokens_total"] >= sum(len(c["prompt"]) for c in workload)
 
 
 def test_no_recompilation_in_steady_state(tiny_model):
