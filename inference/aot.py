@@ -15,11 +15,12 @@ What is compiled (both from a CPU-only machine, for the topology's real TPU exec
    Its cache is compiled with the layout the compiler prefers (`Layout.AUTO`), as inside the loop;
    with the default row-major layout a TPU re-lays out the whole cache around every step.
 
-3. The continuous-batching engine's two steps (inference/engine.py) for `batch_size` slots of
-   `max_length` tokens, with the cache donated, reported under "engine": its decode step (one token
-   for every slot, each at its own length) and its largest prefill call (`engine_prefill_rows` rows x
-   `prefill_chunk` tokens, gathered out of the cache and scattered back). Both are compiled exactly as
-   the engine compiles them (`engine.cache_format`, `engine.engine_steps`): the cache in the format the
+3. The continuous-batching engine's steps (inference/engine.py) for `batch_size` slots of `max_length`
+   tokens, with the cache donated, reported under "engine": its decode step (one token for every slot,
+   each at its own length) and its largest prefill calls (prompts' first chunks packed in one row of
+   `prefill_chunk` tokens for the engine's default `PREFILL_ROWS` prompts; a long prompt's later chunk
+   of `prefill_chunk` tokens), written in place into their cache rows. All are compiled exactly as the
+   engine compiles them (`engine.cache_format`, `engine.engine_steps`): the cache in the format the
    decode step prefers, fixed in and out of both steps, so it stays in the compiler's layout between
    steps (the cache crosses a jit boundary every step; a row-major cache would be copied around each).
 
@@ -40,7 +41,7 @@ import jax.numpy as jnp
 from jax.experimental.layout import Format, Layout
 from jax.sharding import NamedSharding, PartitionSpec
 
-from inference.engine import TOP_LOGPROBS, cache_format, engine_steps
+from inference.engine import PREFILL_ROWS, TOP_LOGPROBS, cache_format, engine_steps
 from inference.generate import PREFILL_CHUNK, _generate_jit, bucket_length, decode_step
 from inference.kv_cache import KV_DTYPES, abstract_cache
 from inference.quantize import DEFAULT_GROUP_SIZE, MODES, _nbytes, abstract_quantized_state
@@ -137,30 +138,32 @@ def compile_decode(tree: dict, topology: str) -> dict:
             "cache_bytes_total": nbytes(cache), **report, "decode_step": aot.memory_report(step, hbm), "engine": engine}
 
 
-ENGINE_PREFILL_ROWS = 4
-
-
 def _compile_engine(graphdef, state, cache, mesh, slots: int, opts: InferenceOptions, hbm: int) -> dict:
-    """The engine's decode step and its largest prefill call, compiled for the mesh; memory reports."""
+    """The engine's decode step and its largest prefill calls, compiled for the mesh; memory reports."""
     vec = lambda n, dt: _sds((n,), dt, mesh)  # noqa: E731  (small per-row vectors: replicated)
     sampling = lambda n: (vec(n, jnp.float32), vec(n, jnp.int32), vec(n, jnp.float32), vec(n, jnp.int32),  # noqa: E731
                           vec(n, jnp.int32))
     with jax.set_mesh(mesh):
         formats = cache_format(graphdef, state, cache, slots)
         leaves, treedef = jax.tree.flatten(state)
-        decode_step, prefill_step = engine_steps(formats, graphdef, treedef)
+        decode_step, prefill_step, packed_step = engine_steps(formats, graphdef, treedef)
         decode = aot.compile_and_report(decode_step, (leaves, cache, vec(slots, jnp.int32), vec(slots, jnp.int32),
                                                       vec(slots, jnp.bool_), vec(slots, jnp.bool_),
                                                       *sampling(slots), vec(slots, jnp.int32),
                                                       _sds((), jnp.bool_, mesh)), hbm, (False,))
-        rows = min(ENGINE_PREFILL_ROWS, slots)
-        chunk = _sds((rows, opts.prefill_chunk), jnp.int32, mesh)
-        args = (leaves, cache, vec(rows, jnp.int32), chunk, chunk, vec(rows, jnp.int32), chunk, *sampling(rows),
-                _sds((), jnp.bool_, mesh))
-        # A prompt's first chunk (attends over itself) and a later chunk (over the filled cache blocks).
-        first = aot.compile_and_report(prefill_step, args, hbm, (False, False, True))
-        prefill = aot.compile_and_report(prefill_step, args, hbm, (False, False, False))
+        flag = _sds((), jnp.bool_, mesh)
+        # Prompts' first chunks packed in one row of prefill_chunk tokens (each attends over itself) ...
+        rows = min(PREFILL_ROWS, slots)
+        tokens = vec(opts.prefill_chunk, jnp.int32)
+        first = aot.compile_and_report(packed_step, (leaves, cache, vec(rows, jnp.int32), vec(rows, jnp.int32), tokens,
+                                                     tokens, tokens, tokens, *sampling(rows), flag), hbm,
+                                       (False, False))
+        # ... and a long prompt's later chunk (over the filled cache blocks).
+        chunk = _sds((1, opts.prefill_chunk), jnp.int32, mesh)
+        prefill = aot.compile_and_report(prefill_step, (leaves, cache, vec(1, jnp.int32), chunk, chunk,
+                                                        vec(1, jnp.int32), chunk, *sampling(1), flag), hbm,
+                                         (False, False))
     return {"slots": slots, "max_model_len": opts.max_length, "top_logprobs": TOP_LOGPROBS,
-            "decode_step": decode, "prefill_step": {"rows": rows, "chunk": opts.prefill_chunk, **prefill},
-            "prefill_step_first_chunk": {"rows": rows, "chunk": opts.prefill_chunk, **first},
+            "decode_step": decode, "prefill_step": {"rows": 1, "chunk": opts.prefill_chunk, **prefill},
+            "prefill_step_first_chunk": {"prompts": rows, "packed_tokens": opts.prefill_chunk, **first},
             "fits": bool(decode["fits"] and prefill["fits"] and first["fits"])}

@@ -2,9 +2,9 @@
 
 Inside: `Request` (one prompt, its limits and sampling, and what it produced), `Engine` (`submit`,
 `cancel`, `step`, `run`, `start` / `stop` for a background thread, `warmup`, `metrics`), `EngineError`,
-`EngineFull`, the two device steps `_prefill_step` / `_decode_step` (pure functions), `cache_format`
-and `engine_steps` (their jitted forms with the cache in one fixed format, what the engine runs and what
-`compile-check` compiles).
+`EngineFull`, the device steps `_packed_prefill_step` / `_prefill_step` / `_decode_step` (pure functions),
+`cache_format` and `engine_steps` (their jitted forms with the cache in one fixed format, what the engine
+runs and what `compile-check` compiles).
 
 How it runs. The engine owns one KV cache of `slots` rows, each a contiguous row of S = max_model_len
 slots (memory: slots x S x layers x 2 x kv heads x head_dim x bytes, accounted by `cache_bytes`). A row
@@ -12,18 +12,18 @@ is free, prefilling, or decoding, and keeps its own length (its write index and 
 at different lengths share one step (the model's forward with a per-row `write_index`, ragged). Each
 `step()` is, on the host:
 1. admit: queued requests take free slots (FIFO);
-2. prefill: up to `prefill_rows` prefilling rows send their next chunk (at most `prefill_chunk`
-   tokens; a long prompt goes in over several steps, so it never stalls the decoding rows for its whole
-   prefill) in ONE call: the rows run through the model over the whole cache (the forward's
-   `cache_rows`: each writes its own cache row at its own offset; no copy of the rows' cache is made).
-   A call holds either prompts' first chunks, which attend over the chunk alone (the forward's "fresh"
-   mode), or a long prompt's later chunks, which attend over key blocks of their rows' filled slots.
-   The rows of one call share a padded width (first chunks: the `prefill_width` ladder 16, 24, 32, 48,
-   64, ...; later chunks: `prefill_chunk`), so a call takes the oldest row, the rows of its width, then
-   shorter ones where that costs less than their own calls (`_prefill_group`). A row whose prompt is
-   complete gets its first token from that call. While other rows decode and more requests queue, the call
-   waits (at most `max_prefill_wait` steps) until `prefill_batch` rows are ready: one call for several
-   rows costs about what one call for one row costs;
+2. prefill: one call sends prefilling rows' next chunks (at most `prefill_chunk` tokens each; a long
+   prompt goes in over several steps, so it never stalls the decoding rows for its whole prefill),
+   written in place in the whole cache (the forward's `cache_rows`: each token goes to its own cache
+   row and slot; no copy of the rows' cache is made). Prompts' first chunks are PACKED into one row, as
+   vLLM packs a step's tokens (`_packed_prefill_step`): up to `prefill_rows` prompts and `prefill_chunk`
+   tokens, each attending over its own tokens alone (the forward's "fresh" mode with packed segment
+   ids), so a call costs its real tokens rounded up to one width of the `prefill_width` ladder (16, 24,
+   32, 48, 64, ...), whatever the prompts' lengths. A long prompt's later chunks go one per call at
+   `prefill_chunk` width and attend over key blocks of their row's filled slots. A row whose prompt is
+   complete gets its first token from that call. While other rows decode and more requests queue, the
+   call waits (at most `max_prefill_wait` steps) until `prefill_batch` rows are ready: one call for
+   several rows costs about what one call for one row costs;
 3. decode: one token for every decoding row in one call, the rows this prefill completes included (fed
    their first token on the device); inactive rows write nowhere (their write index is S, past the
    end, and scatters drop it), and no row is computed past its max_tokens;
@@ -35,9 +35,9 @@ at different lengths share one step (the model's forward with a per-row `write_i
    reads it. The price of reading one step late: a row that stops on a stop token or string has one
    more token computed (discarded) and its slot refilled a step later. `overlap=False` reads each
    decode call in its own step (host and device alternate).
-Shapes are bucketed so a running engine does not recompile: decode has one shape ([slots]); prefill has
-(rows in {1, 2, 4, ..} <= prefill_rows) x (first chunks: each width of the `prefill_width` ladder up to
-prefill_chunk; later chunks: prefill_chunk).
+Shapes are bucketed so a running engine does not recompile: decode has one shape ([slots]); packed
+prefill one per width of the `prefill_width` ladder up to prefill_chunk (always `prefill_rows` prompt
+entries); later chunks one ([1, prefill_chunk]).
 `warmup()` compiles them all up front. Sampling rows and prompt log-probabilities are separate
 (lazily compiled) variants, so a greedy workload never pays for sampling; the sort for top-logprob
 alternatives runs only in calls where a row asks for them (a run-time flag, no second program). The
@@ -86,10 +86,8 @@ from inference.generate import GenerateError, _batch_split, _mesh_of, _split, bu
 from inference.kv_cache import KVCache, init_cache
 
 FREE, PREFILL, DECODE = 0, 1, 2
-# A call's fixed cost in token slots of padded work (on this project's 2-core CPU a demo-model prefill call
-# costs ~1.4 ms + 0.066 ms per padded token: ~21 tokens; an accelerator's fixed share is larger).
-PREFILL_CALL_SLOTS = 32
 TOP_LOGPROBS = 5  # alternatives computed per token (OpenAI's completions API allows at most 5)
+PREFILL_ROWS = 8  # prompts per packed prefill call, by default
 
 
 
@@ -205,49 +203,76 @@ def _decode_step(graphdef, sample, state, cache: KVCache, tokens, fresh_tokens, 
     return (*_pick(logits[:, 0], sample, temperature, top_k, top_p, seeds, streams, steps, want_top), cache)
 
 
-def _prefill_step(graphdef, sample, prompt_lp, fresh, state, cache: KVCache, rows, ids, mask, start, targets,
+def _prefill_step(graphdef, sample, prompt_lp, state, cache: KVCache, rows, ids, mask, start, targets,
                   temperature, top_k, top_p, seeds, streams, want_top):
-    """Chunks ids [P, C] (right-padded, mask 1 = real) of the rows `rows` [P] (B past the end = a padding
-    row), each written at its own offset `start` [P] (0 = a new request: the row is reset first), in
-    place in the whole cache (the model's `cache_rows`: no gathered copy of the rows' cache). fresh (a
-    static flag): every row is a prompt's first chunk, which attends over the chunk alone (the forward's
-    "fresh" mode: nothing else in its row may be seen); else (a long prompt's later chunks) over key
-    blocks up to the last filled slot (online softmax: [P, K, G, C, block] scores at a time, not
-    [P, K, G, C, S]) ->
+    """Long prompts' later chunks ids [P, C] (right-padded, mask 1 = real) of the rows `rows` [P] (B past
+    the end = a padding row), each written at its own offset `start` [P], in place in the whole cache
+    (the model's `cache_rows`: no gathered copy of the rows' cache), attending over key blocks up to the
+    last filled slot (online softmax: [P, K, G, C, block] scores at a time, not [P, K, G, C, S]) ->
     (first-token outputs as `_decode_step`, prompt logprobs of `targets` [P, C] and their top
     alternatives (zeros unless prompt_lp), the first tokens per cache row [B] (what the next decode call
     reads for these rows), cache)."""
     model = nnx.merge(graphdef, state)
-    attention = "fresh" if fresh else "blocked"
-    new = start == 0  # a new request: its row's segment ids and length are reset first
-    reset = lambda x, fill: x.at[rows].set(jnp.where(new.reshape((-1,) + (1,) * (x.ndim - 1)), fill,  # noqa: E731
-                                                     jnp.take(x, rows, axis=0, mode="clip")), mode="drop")
-    cache = cache._replace(segment_ids=reset(cache.segment_ids, 0), lengths=reset(cache.lengths, 0))
     length = ids.shape[1]
     positions = start[:, None] + jnp.arange(length, dtype=jnp.int32)
     last = jnp.maximum(mask.sum(-1) - 1, 0)
-    batch = ids.shape[0]
+    kw = dict(cache=cache, write_index=start, cache_rows=rows, cache_attention="blocked")
     if prompt_lp:
-        logits, cache = model(ids, positions, mask, cache=cache, write_index=start, cache_rows=rows,
-                              cache_attention=attention)
+        logits, cache = model(ids, positions, mask, **kw)
         final = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+    else:
+        logits, cache = model(ids, positions, mask, logits_at=last, **kw)
+        final = logits[:, 0]
+    return _first_outputs(logits, final, prompt_lp, targets, rows, cache, sample, temperature, top_k, top_p,
+                          seeds, streams, want_top)
+
+
+def _packed_prefill_step(graphdef, sample, prompt_lp, state, cache: KVCache, rows, ends, ids, segments, positions,
+                         targets, temperature, top_k, top_p, seeds, streams, want_top):
+    """The first chunks of up to P prompts packed in one row of W tokens, as vLLM packs a step's tokens:
+    ids / segments / positions / targets [W] (token t belongs to prompt segments[t] - 1, 0 = padding, at
+    RoPE position and cache slot positions[t]; targets: the next prompt token) for the cache rows `rows`
+    [P] (B past the end = a padding prompt), prompt p's last token at ends[p]. Each prompt attends over
+    its own tokens alone (the forward's "fresh" mode with packed segment ids), so a call costs its real
+    tokens rounded up to one width, whatever the prompts' lengths: no row of padding beside a long prompt.
+    The prompts' cache rows are reset first. -> as `_prefill_step`, prompt logprobs [W] in the packed
+    order."""
+    model = nnx.merge(graphdef, state)
+    cache = cache._replace(segment_ids=cache.segment_ids.at[rows].set(0, mode="drop"),
+                           lengths=cache.lengths.at[rows].set(0, mode="drop"))
+    token_rows = jnp.where(segments > 0, jnp.take(rows, segments - 1, mode="clip"), cache.batch_size)
+    kw = dict(cache=cache, write_index=positions[None], cache_rows=token_rows[None], cache_attention="fresh")
+    if prompt_lp:
+        logits, cache = model(ids[None], positions[None], segments[None], **kw)
+        final = logits[0, ends]
+    else:
+        logits, cache = model(ids[None], positions[None], segments[None], logits_at=ends[None], **kw)
+        final = logits[0]
+    return _first_outputs(logits[0], final, prompt_lp, targets, rows, cache, sample, temperature, top_k, top_p,
+                          seeds, streams, want_top)
+
+
+def _first_outputs(logits, final, prompt_lp: bool, targets, rows, cache, sample, temperature, top_k, top_p, seeds,
+                   streams, want_top):
+    """A prefill call's outputs: the first tokens of final [P, V] (as `_decode_step`), the log-probabilities
+    of `targets` [..., C] under logits [..., C, V] and their top alternatives (zeros unless prompt_lp),
+    the first tokens per cache row [B], cache."""
+    if prompt_lp:
         logp = jax.nn.log_softmax(logits, axis=-1)
         target_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         p_top_lp, p_top_ids = _top(logp, want_top)
     else:
-        logits, cache = model(ids, positions, mask, cache=cache, write_index=start, cache_rows=rows, logits_at=last,
-                              cache_attention=attention)
-        final = logits[:, 0]
-        target_lp = jnp.zeros((batch, length), jnp.float32)
-        p_top_lp = jnp.zeros((batch, length, TOP_LOGPROBS), jnp.float32)
-        p_top_ids = jnp.zeros((batch, length, TOP_LOGPROBS), jnp.int32)
+        target_lp = jnp.zeros(targets.shape, jnp.float32)
+        p_top_lp = jnp.zeros(targets.shape + (TOP_LOGPROBS,), jnp.float32)
+        p_top_ids = jnp.zeros(targets.shape + (TOP_LOGPROBS,), jnp.int32)
     out = _pick(final, sample, temperature, top_k, top_p, seeds, streams, jnp.zeros_like(seeds), want_top)
     first = jnp.zeros((cache.batch_size,), jnp.int32).at[rows].set(out[0], mode="drop")  # per cache row
     return (*out, target_lp, p_top_lp, p_top_ids, first, cache)
 
 
 DECODE_STATIC, DECODE_DYNAMIC, DECODE_OUTPUTS = 2, 13, 4  # (graphdef, sample); state, cache, 10 vectors, want_top
-PREFILL_STATIC, PREFILL_DYNAMIC, PREFILL_OUTPUTS = 4, 13, 8  # (graphdef, sample, prompt_lp, fresh); state, cache, ...
+PREFILL_STATIC, PREFILL_DYNAMIC, PREFILL_OUTPUTS = 3, 13, 8  # (graphdef, sample, prompt_lp); state, cache, ...
+PACKED_DYNAMIC = 14  # state, cache, rows, ends, ids, segments, positions, targets, 5 sampling vectors, want_top
 _FORMATS: dict = {}
 
 
@@ -287,19 +312,22 @@ def _bound(fn, graphdef, treedef, flags: int):
 
 
 @functools.lru_cache(maxsize=16)
-def engine_steps(formats: KVCache, graphdef, treedef) -> tuple[Callable, Callable]:
-    """(decode, prefill): `_decode_step` / `_prefill_step` for the model `graphdef` and a state of
-    structure `treedef`, jitted with the flags static, the state as its leaves (`_bound`), and the cache
-    donated and in `formats` in and out (so it is never re-laid out between steps). Called as
-    decode(sample, leaves, cache, ...) and prefill(sample, prompt_lp, leaves, cache, ...)."""
+def engine_steps(formats: KVCache, graphdef, treedef) -> tuple[Callable, Callable, Callable]:
+    """(decode, prefill, packed prefill): `_decode_step` / `_prefill_step` / `_packed_prefill_step` for the
+    model `graphdef` and a state of structure `treedef`, jitted with the flags static, the state as its
+    leaves (`_bound`), and the cache donated and in `formats` in and out (so it is never re-laid out
+    between steps). Called as decode(sample, leaves, cache, ...), prefill(sample, prompt_lp, leaves,
+    cache, ...) and packed(sample, prompt_lp, leaves, cache, ...)."""
     d_flags, p_flags = DECODE_STATIC - 1, PREFILL_STATIC - 1
-    decode = jax.jit(_bound(_decode_step, graphdef, treedef, d_flags), static_argnums=tuple(range(d_flags)),
-                     donate_argnums=(d_flags + 1,), in_shardings=(None, formats) + (None,) * (DECODE_DYNAMIC - 2),
-                     out_shardings=(None,) * DECODE_OUTPUTS + (formats,))
-    prefill = jax.jit(_bound(_prefill_step, graphdef, treedef, p_flags), static_argnums=tuple(range(p_flags)),
-                      donate_argnums=(p_flags + 1,), in_shardings=(None, formats) + (None,) * (PREFILL_DYNAMIC - 2),
-                      out_shardings=(None,) * PREFILL_OUTPUTS + (formats,))
-    return decode, prefill
+
+    def jit(fn, flags, dynamic):
+        return jax.jit(_bound(fn, graphdef, treedef, flags), static_argnums=tuple(range(flags)),
+                       donate_argnums=(flags + 1,), in_shardings=(None, formats) + (None,) * (dynamic - 2),
+                       out_shardings=(None,) * (PREFILL_OUTPUTS if flags == p_flags else DECODE_OUTPUTS)
+                       + (formats,))
+
+    return (jit(_decode_step, d_flags, DECODE_DYNAMIC), jit(_prefill_step, p_flags, PREFILL_DYNAMIC),
+            jit(_packed_prefill_step, p_flags, PACKED_DYNAMIC))
 
 
 # -- the engine ------------------------------------------------------------------------------------------
@@ -307,7 +335,7 @@ def engine_steps(formats: KVCache, graphdef, treedef) -> tuple[Callable, Callabl
 
 class Engine:
     def __init__(self, model, *, slots: int = 8, max_model_len: int | None = None, kv_cache_dtype: str | None = None,
-                 prefill_chunk: int = 256, prefill_rows: int = 4, prefill_batch: int | None = None,
+                 prefill_chunk: int = 256, prefill_rows: int = PREFILL_ROWS, prefill_batch: int | None = None,
                  max_prefill_wait: int = 4, max_queue: int = 1024, decode: Callable[[list[int]], str] | None = None,
                  overlap: bool = True):
         """model: an `nnx.Module` or its (graphdef, state) (int8 `QArray` weights work as they are).
@@ -349,7 +377,8 @@ class Engine:
         self.cache_formats = self._call(cache_format, self.graphdef, self.state, cache, slots)
         self.cache = jax.device_put(cache, self.cache_formats, donate=True)
         self.leaves, treedef = jax.tree.flatten(self.state)
-        self._decode_step, self._prefill_step = engine_steps(self.cache_formats, self.graphdef, treedef)
+        self._decode_step, self._prefill_step, self._packed_step = engine_steps(self.cache_formats,
+                                                                                self.graphdef, treedef)
         self.cache_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(self.cache))
         # Host state per slot.
         self.requests: list[Request | None] = [None] * slots
@@ -524,29 +553,24 @@ class Engine:
             return fn(*args, **kwargs)
 
     def _prefill_group(self) -> list[int]:
-        """The prefilling rows for this step's one prefill call: the oldest row, the rows of its kind
-        (prompt logprobs or not; a prompt's first chunk or a later one), oldest first, whose chunk has
-        its padded width, then shorter rows (longest first): into the call's padding rows (its height is
-        a power of two) for free, and into a doubled height when the padding that adds costs less than
-        those rows' own calls would (each: its chunk + a call's fixed cost, `PREFILL_CALL_SLOTS`); at
-        most `prefill_rows` rows and `prefill_chunk` padded tokens (always one row). A call costs about
-        its padded size, and rows of one call share one width, so a short prompt beside a long one is
-        mostly padding; a row left out is older next time, so it is never passed over for long."""
+        """The prefilling rows for this step's one prefill call: the oldest row, then rows of its kind
+        (prompt logprobs or not; a prompt's first chunk or a later one), oldest first. First chunks are
+        packed into one row (`_packed_prefill_step`): as many as fit in `prefill_chunk` tokens, at most
+        `prefill_rows` prompts (a row that does not fit waits for the next call; the oldest always goes).
+        A long prompt's later chunks go one row per call at `prefill_chunk` width. A row left out is older
+        next time, so it is never passed over for long."""
         candidates = sorted(np.flatnonzero(self.phase == PREFILL), key=lambda b: self.requests[b].submitted_at)
         first = int(candidates[0])
         kind = self._kind(first)
-        width = self._width([first])
-        rows = min(self.prefill_rows, max(1, self.prefill_chunk // width))
-        others = [int(b) for b in candidates[1:] if self._kind(b) == kind]
-        group = [first] + [b for b in others if self._width([b]) == width][: rows - 1]
-        shorter = sorted((b for b in others if self._width([b]) < width), key=self._chunk, reverse=True)
-        while shorter and len(group) < rows:
-            height = bucket_batch(len(group))
-            if len(group) == height:  # full: doubling the height pays if the rows it adds would cost more alone
-                add = shorter[: min(height, rows - len(group))]
-                if height * width > sum(self._chunk(b) + PREFILL_CALL_SLOTS for b in add):
-                    break
-            group.append(shorter.pop(0))  # (else a padding row: free)
+        if not kind[1]:
+            return [first]
+        group, tokens = [first], self._chunk(first)
+        for b in candidates[1:]:
+            if len(group) == self.prefill_rows:
+                break
+            if self._kind(b) == kind and tokens + self._chunk(b) <= self.prefill_chunk:
+                group.append(int(b))
+                tokens += self._chunk(b)
         return group
 
     def _kind(self, b: int) -> tuple[bool, bool]:
@@ -558,34 +582,37 @@ class Engine:
         r = self.requests[b]
         return min(len(r.prompt) - r._prefilled, self.prefill_chunk)
 
-    def _width(self, rows: Sequence[int]) -> int:
-        """The padded chunk width of a call: a first chunk's on the `prefill_width` ladder; a later chunk
-        (a long prompt's) always `prefill_chunk`, so that its one program per height is all there is."""
-        if self.requests[rows[0]]._prefilled > 0:
-            return self.prefill_chunk
-        return prefill_width(max(self._chunk(b) for b in rows), self.prefill_chunk)
-
     def _dispatch_prefill(self) -> dict:
         """Sends one prefill call (see `_prefill_group`); returns what `_finish_prefill` needs."""
         group = self._prefill_group()
         reqs = [self.requests[b] for b in group]
-        width, height = self._width(group), bucket_batch(len(group))
-        rows = np.full(height, self.slots, np.int32)  # padding rows: past the end (read clipped, writes dropped)
-        ids = np.zeros((height, width), np.int32)
-        mask = np.zeros((height, width), np.int32)
-        start = np.zeros(height, np.int32)
-        targets = np.zeros((height, width), np.int32)
+        packed = reqs[0]._prefilled == 0
+        counts = [self._chunk(b) for b in group]
+        if packed:
+            width, height = prefill_width(sum(counts), self.prefill_chunk), self.prefill_rows
+        else:
+            width, height = self.prefill_chunk, 1
+        rows = np.full(height, self.slots, np.int32)  # padding prompts: past the end (read clipped, writes dropped)
+        ids, mask, start, targets = (np.zeros((height, width), np.int32), np.zeros((height, width), np.int32),
+                                     np.zeros(height, np.int32), np.zeros((height, width), np.int32))
+        segments, positions, ends = np.zeros(width, np.int32), np.zeros(width, np.int32), np.zeros(height, np.int32)
+        if packed:
+            ids, targets = ids[0], targets[0]
         sampling = [np.zeros(height, a.dtype) for a in (self.temperature, self.top_k, self.top_p, self.seeds,
                                                         self.streams)]
-        counts, fresh = [], []
-        for i, (b, r) in enumerate(zip(group, reqs)):
-            n = self._chunk(b)
+        fresh, offsets, at = [], [], 0
+        for i, (b, r, n) in enumerate(zip(group, reqs, counts)):
             s = r._prefilled
             prompt = np.asarray(r.prompt, np.int32)
-            rows[i], start[i], counts = b, s, counts + [n]
-            ids[i, :n], mask[i, :n] = prompt[s:s + n], 1
             nxt = prompt[s + 1:s + n + 1]
-            targets[i, :len(nxt)] = nxt
+            rows[i], start[i] = b, s
+            if packed:
+                ids[at:at + n], targets[at:at + len(nxt)] = prompt[:n], nxt
+                segments[at:at + n], positions[at:at + n], ends[i] = i + 1, np.arange(n), at + n - 1
+            else:
+                ids[i, :n], mask[i, :n], targets[i, :len(nxt)] = prompt[s:s + n], 1, nxt
+            offsets.append(at if packed else None)
+            at += n
             for a, src in zip(sampling, (self.temperature, self.top_k, self.top_p, self.seeds, self.streams)):
                 a[i] = src[b]
             if s + n == len(r.prompt) and r.max_tokens > 0:
@@ -593,28 +620,35 @@ class Engine:
                 fresh.append(b)
         sample = bool((sampling[0][: len(group)] > 0).any())
         alternatives = any(r.logprobs for r in reqs)
-        want_top = alternatives or reqs[0].prompt_logprobs
-        out = self._call(self._prefill_step, sample, bool(reqs[0].prompt_logprobs), reqs[0]._prefilled == 0,
-                         self.leaves, self.cache, rows, ids, mask, start, targets, *sampling, np.bool_(want_top))
+        want_top = np.bool_(alternatives or reqs[0].prompt_logprobs)
+        prompt_lp = bool(reqs[0].prompt_logprobs)
+        if packed:
+            out = self._call(self._packed_step, sample, prompt_lp, self.leaves, self.cache, rows, ends, ids, segments,
+                             positions, targets, *sampling, want_top)
+        else:
+            out = self._call(self._prefill_step, sample, prompt_lp, self.leaves, self.cache, rows, ids, mask, start,
+                             targets, *sampling, want_top)
         self.cache = out[-1]
         self.prefill_calls += 1
-        self.prefill_tokens += height * width
-        return {"group": group, "requests": reqs, "counts": counts, "fresh": fresh, "out": out[:-2],
-                "first": out[-2], "alternatives": alternatives}
+        self.prefill_tokens += width if packed else height * width
+        return {"group": group, "requests": reqs, "counts": counts, "offsets": offsets, "fresh": fresh,
+                "out": out[:-2], "first": out[-2], "alternatives": alternatives}
 
     def _finish_prefill(self, p: dict) -> None:
         top = p["alternatives"]  # read the top-logprob arrays only if a row asked for them
         wanted = (True, True, top, top) + (p["requests"][0].prompt_logprobs,) * 3
         token, lp, top_lp, top_ids, t_lp, pt_lp, pt_ids = (_host(x) if w else None for x, w in zip(p["out"], wanted))
         now = time.perf_counter()
-        for i, (b, r, n) in enumerate(zip(p["group"], p["requests"], p["counts"])):
+        for i, (b, r, n, at) in enumerate(zip(p["group"], p["requests"], p["counts"], p["offsets"])):
             if self.requests[b] is not r:  # cancelled meanwhile
                 continue
             s = r._prefilled
             if r.prompt_logprobs:
                 real = min(n, len(r.prompt) - 1 - s)  # positions whose target is a prompt token
-                r.prompt_token_logprobs += t_lp[i, :real].tolist()
-                r.prompt_top_logprobs += [list(zip(pt_ids[i, j].tolist(), pt_lp[i, j].tolist())) for j in range(real)]
+                span = (slice(at, at + real),) if at is not None else (i, slice(0, real))  # packed or a row
+                r.prompt_token_logprobs += t_lp[span].tolist()
+                r.prompt_top_logprobs += [list(zip(ids_.tolist(), lps.tolist()))
+                                          for ids_, lps in zip(pt_ids[span], pt_lp[span])]
             r._prefilled = s + n
             if r._prefilled < len(r.prompt):
                 continue
@@ -697,25 +731,23 @@ class Engine:
     # -- warmup and metrics --------------------------------------------------------------------------
 
     def warmup(self) -> int:
-        """Compiles the greedy decode step and every prefill bucket now (first chunks at every width of
-        the ladder, later chunks at `prefill_chunk`); returns how many shapes."""
+        """Compiles the greedy decode step and every prefill bucket now (packed first chunks at every width
+        of the ladder, a later chunk at `prefill_chunk`); returns how many shapes."""
         z = lambda n, dt=np.int32: np.zeros(n, dt)  # noqa: E731
-        widths, w = [], 0
-        while w < self.prefill_chunk:
-            w = prefill_width(w + 1, self.prefill_chunk)
-            widths.append(w)
-        shapes = 0
-        height = 1
-        while height <= self.prefill_rows:
-            for fresh, width in [(True, w) for w in widths] + [(False, self.prefill_chunk)]:
-                rows = np.full(height, self.slots, np.int32)  # writes nowhere
-                out = self._call(self._prefill_step, False, False, fresh, self.leaves, self.cache, rows,
-                                 z((height, width)), z((height, width)), z(height), z((height, width)),
-                                 z(height, np.float32), z(height), np.ones(height, np.float32), z(height), z(height),
-                                 np.bool_(False))
-                self.cache = out[-1]
-                shapes += 1
-            height *= 2
+        p = self.prefill_rows
+        sampling = (z(p, np.float32), z(p), np.ones(p, np.float32), z(p), z(p))
+        rows = np.full(p, self.slots, np.int32)  # writes nowhere
+        width, shapes = 0, 0
+        while width < self.prefill_chunk:
+            width = prefill_width(width + 1, self.prefill_chunk)
+            out = self._call(self._packed_step, False, False, self.leaves, self.cache, rows, z(p), z(width),
+                             z(width), z(width), z(width), *sampling, np.bool_(False))
+            self.cache = out[-1]
+            shapes += 1
+        c = self.prefill_chunk
+        out = self._call(self._prefill_step, False, False, self.leaves, self.cache, rows[:1], z((1, c)), z((1, c)),
+                         z(1), z((1, c)), *(a[:1] for a in sampling), np.bool_(False))
+        self.cache = out[-1]
         active = np.zeros(self.slots, bool)
         out = self._call(self._decode_step, False, self.leaves, self.cache, self._tokens, self._tokens,
                          np.zeros(self.slots, bool), active,
@@ -723,7 +755,7 @@ class Engine:
                          np.bool_(False))
         self.cache = out[-1]
         jax.block_until_ready(self.cache)
-        return shapes + 1
+        return shapes + 2
 
     def metrics(self) -> dict:
         now = time.perf_counter()

@@ -14,11 +14,13 @@ Layout (one array per K and V for the whole model, stacked like the parameters):
   segment_ids      [B, S] int32     1 for a real token in that slot, 0 for padding and unfilled slots
   lengths          [B] int32        real tokens cached per row = the RoPE position of its next token
 `write_index` addresses the slots a call writes: a scalar (every row writes slots i..i+T-1: the static
-batch, whose prompts are left-padded to one length) or a vector [B] (row b writes slots i_b..i_b+T-1:
-the engine's ragged slots, each row at its own length). Per-row writes are scatters that drop slots
-past the end (a finished row can be addressed at S and writes nothing). `cache_rows` [B] lets B new rows
-address B' >= B cache rows (the engine's prefill of a few slots): row b reads and writes cache row
-cache_rows[b], and only one layer's rows are gathered at a time for attention (no copy of the cache).
+batch, whose prompts are left-padded to one length), a vector [B] (row b writes slots i_b..i_b+T-1: the
+engine's ragged slots, each row at its own length), or [B, T] with `cache_rows` [B, T] (token (b, t) goes
+to slot write_index[b, t] of cache row cache_rows[b, t]: several prompts packed in one row). Per-row
+writes are scatters that drop slots past the end (a finished row can be addressed at S and writes
+nothing). `cache_rows` [B] lets B new rows address B' >= B cache rows (the engine's prefill of a few
+slots): row b reads and writes cache row cache_rows[b], and only one layer's rows are gathered at a time
+for attention (no copy of the cache).
 
 Attention of T new queries over a cache: query t of row b sits at slot write_index_b + t and may see
 slot s iff s is filled with the same segment id (1) and s <= that slot (and within the sliding window):
@@ -84,22 +86,27 @@ def quantize_kv(x):
 
 
 def _slots(write_index, length: int):
-    """[B, T] slot numbers written by a per-row write index [B]."""
+    """[B, T] slot numbers written by a per-row write index [B] (or given per token: [B, T])."""
+    if jnp.ndim(write_index) == 2:
+        return write_index
     return write_index[:, None] + jnp.arange(length, dtype=jnp.int32)
 
 
 def _rows(rows, batch: int, length: int):
-    """[B, T] cache row numbers: row b of the new tokens goes to cache row rows[b] (default b)."""
+    """[B, T] cache row numbers: row b of the new tokens goes to cache row rows[b] (default b), or token
+    (b, t) to rows[b, t] (packed prompts)."""
     rows = jnp.arange(batch, dtype=jnp.int32) if rows is None else rows
+    if rows.ndim == 2:
+        return rows
     return jnp.broadcast_to(rows[:, None], (batch, length))
 
 
 def write_kv(cache_k, scale, new, i, write_index, rows=None):
     """Writes new [B, T, K, H] into layer i of cache_k [L, B', K, S, H] or of a per-layer tuple of
     [B', K, S, H] arrays (quantizing for an int8 cache,
-    whose scales [L, B', K, S] come along) at slots write_index.. (scalar or [B]); with `rows` [B] (a
-    vector write_index only), row b goes to cache row rows[b] (a row past the end writes nothing).
-    Returns (k, scale)."""
+    whose scales [L, B', K, S] come along) at slots write_index.. (scalar or [B]; or [B, T] per token);
+    with `rows` [B] or [B, T] (a vector write_index only), row b (token (b, t)) goes to cache row rows[b]
+    (rows[b, t]); a row past the end writes nothing. Returns (k, scale)."""
     if isinstance(cache_k, tuple):  # per layer: write layer i's own array (i is a Python int)
         k, sc = write_kv(cache_k[i][None], None if scale is None else scale[i][None], new, 0, write_index, rows)
         replace = lambda t, x: t[:i] + (x[0],) + t[i + 1:]  # noqa: E731

@@ -281,12 +281,17 @@ class MistralForCausalLM(nnx.Module):
         `lengths` grows by each row's real count. cache_rows [B] (with a [B] write_index): row b of the
         new tokens is cache row cache_rows[b] of a cache with more rows (one past the end: a padding row
         that reads clipped and writes nothing); the other cache rows are untouched.
+        Packed prompts ("fresh" only): segment_ids numbers several prompts in one row (1, 2, ...; 0
+        padding; each attends only over its own tokens), and cache_rows / write_index are [B, T]: token
+        (b, t) is written to slot write_index[b, t] of cache row cache_rows[b, t] (whose length grows by
+        one).
         cache_attention: "fresh" (a promise that the cache holds nothing the new tokens may see: they
         attend over themselves with the model's attention_impl, splash included), "xla" (the whole
         cache, masked), "blocked" (key blocks up to the last slot written), "auto" (blocked if
         attention_impl is flash, else xla).
         last_only: logits of the last position only ([B, 1, V]), all that generation needs; logits_at
-        [B]: of that position in each row instead (a right-padded chunk's last real token)."""
+        [B]: of that position in each row instead (a right-padded chunk's last real token), or [B, P]:
+        of P positions per row ([B, P, V]: the last token of each packed prompt)."""
         if cache is None:
             h, (x, per_layer) = self.hidden(input_ids, positions, segment_ids, collect=return_hidden_states)
             logits = constrain(self.unembed(h), ("batch", "length", "act_vocab"))
@@ -295,7 +300,8 @@ class MistralForCausalLM(nnx.Module):
             return logits, jnp.concatenate([x[None], per_layer[:-1], h[None]], axis=0)
         cfg = self.config
         batch, length = input_ids.shape
-        token_mask = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        prompts = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        token_mask = (prompts > 0).astype(jnp.int32)
         write_index = jnp.asarray(write_index, jnp.int32)
         mode = cache_attention
         if mode == "auto":
@@ -303,9 +309,13 @@ class MistralForCausalLM(nnx.Module):
         if mode not in ("fresh", "xla", "blocked"):
             raise ValueError(f"cache_attention={cache_attention!r} is not one of auto, fresh, xla, blocked")
         rows = None if cache_rows is None else jnp.asarray(cache_rows, jnp.int32)
+        packed = write_index.ndim == 2
+        if packed and (mode != "fresh" or rows is None or rows.shape != write_index.shape):
+            raise ValueError("a write_index per token (packed prompts) needs cache_rows of its shape and "
+                             "cache_attention='fresh'")
         segments = write_segments(cache.segment_ids, token_mask, write_index, rows)
         if mode == "fresh":
-            mask = AttentionMask.for_sequence(token_mask, causal=True, window=cfg.sliding_window)
+            mask = AttentionMask.for_sequence(prompts, causal=True, window=cfg.sliding_window)
         else:
             mask = cache_mask(token_mask, take_rows(segments, rows), write_index, cfg.sliding_window)
         x = constrain(self.embed(input_ids), ACT_BTD)
@@ -313,12 +323,16 @@ class MistralForCausalLM(nnx.Module):
         caches = (cache.k, cache.v, cache.k_scale, cache.v_scale)
         h, _, (k, v, ks, vs) = self.run_layers(x, cos, sin, mask, kv=(caches, write_index, mode, rows))
         if logits_at is not None:
-            h = jnp.take_along_axis(h, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
+            at = jnp.asarray(logits_at, jnp.int32)
+            h = jnp.take_along_axis(h, (at[:, None] if at.ndim == 1 else at)[..., None], axis=1)
         elif last_only:
             h = h[:, -1:]
         logits = constrain(self.unembed(self.norm(h)), ("batch", "length", "act_vocab"))
-        counts = token_mask.sum(-1)
-        lengths = cache.lengths + counts if rows is None else cache.lengths.at[rows].add(counts, mode="drop")
+        if packed:  # each token counts for its own cache row
+            lengths = cache.lengths.at[rows].add(token_mask, mode="drop")
+        else:
+            counts = token_mask.sum(-1)
+            lengths = cache.lengths + counts if rows is None else cache.lengths.at[rows].add(counts, mode="drop")
         return logits, KVCache(k, v, ks, vs, segments, lengths)
 
 

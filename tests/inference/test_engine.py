@@ -109,9 +109,10 @@ def test_engine_greedy_matches_transformers_each_prompt_alone(tiny_model, tokeni
 def test_no_recompilation_in_steady_state(tiny_model):
     engine = Engine(tiny_model, slots=SLOTS, max_model_len=512, prefill_chunk=64, prefill_rows=2)
     shapes = engine.warmup()
-    # prefill rows {1, 2} x (first chunks {16, 24, 32, 48, 64} + later chunks {64}), and the decode step
-    assert shapes == 2 * (5 + 1) + 1
-    sizes = engine._prefill_step._cache_size(), engine._decode_step._cache_size()
+    # packed first chunks at each width {16, 24, 32, 48, 64}, later chunks [1, 64], and the decode step
+    assert shapes == 5 + 1 + 1
+    steps = (engine._packed_step, engine._prefill_step, engine._decode_step)
+    sizes = tuple(step._cache_size() for step in steps)
     rng = np.random.default_rng(5)
     vocab = tiny_model.config.vocab_size
     with count_compiles() as compiles:
@@ -120,7 +121,7 @@ def test_no_recompilation_in_steady_state(tiny_model):
             reqs = [Request(p.tolist(), max_tokens=int(rng.integers(1, 12)), stop_ids=frozenset({int(s)}))
                     for p, s in zip(random_prompts(vocab, lengths, seed=wave), rng.integers(4, vocab, size=10))]
             engine.run(reqs)
-    assert (engine._prefill_step._cache_size(), engine._decode_step._cache_size()) == sizes
+    assert tuple(step._cache_size() for step in steps) == sizes
     assert compiles == [], f"{len(compiles)} compilations after warmup"
 
 
@@ -225,3 +226,44 @@ def test_engine_on_a_mesh_matches_one_device(tiny_dir, tiny_model):
     assert [r.tokens for r in sharded.run([Request(p.tolist(), max_tokens=8) for p in prompts])] == expected
     assert isinstance(sharded.cache.k, tuple) and len(sharded.cache.k) == model.config.num_hidden_layers  # per layer
     assert sharded.cache.k[0].sharding.mesh.shape["data"] == 2
+
+
+def test_packed_prompts_fill_the_cache_as_each_prompt_alone(tiny_model):
+    """Three prompts packed in one row (the engine's first-chunk prefill): the logits at each prompt's
+    last token, its keys/values, segment ids and length in its own cache row equal the same forward run
+    on that prompt alone; an unaddressed cache row stays empty; per-token addressing outside "fresh"
+    mode is refused."""
+    from inference.kv_cache import init_cache
+    from jaxmodel.kv_cache import layer_of
+
+    cfg, slots = tiny_model.config, 32
+    per_layer = tiny_model.unstacked
+    prompts = random_prompts(cfg.vocab_size, [5, 9, 3], seed=3)
+    rows = [2, 0, 3]  # cache row of each prompt; row 1 is left alone
+    width = 24
+    ids, segments, positions = (np.zeros(width, np.int32) for _ in range(3))
+    token_rows, ends, at = np.full(width, 4, np.int32), [], 0  # padding tokens address row 4: nowhere
+    for i, (p, row) in enumerate(zip(prompts, rows)):
+        n = len(p)
+        ids[at:at + n], segments[at:at + n], positions[at:at + n], token_rows[at:at + n] = p, i + 1, np.arange(n), row
+        ends.append(at + n - 1)
+        at += n
+    cache = init_cache(cfg, 4, slots, per_layer=per_layer)
+    logits, packed = tiny_model(ids[None], positions[None], segments[None], cache=cache, write_index=positions[None],
+                                cache_rows=token_rows[None], logits_at=np.array([ends]), cache_attention="fresh")
+    assert logits.shape == (1, 3, cfg.vocab_size)
+    for i, (p, row) in enumerate(zip(prompts, rows)):
+        n = len(p)
+        empty = init_cache(cfg, 1, slots, per_layer=per_layer)
+        alone_logits, alone = tiny_model(p[None], np.arange(n)[None], None, cache=empty,
+                                         write_index=np.zeros(1, np.int32), last_only=True, cache_attention="fresh")
+        np.testing.assert_allclose(logits[0, i], alone_logits[0, 0], atol=1e-5, rtol=1e-5)
+        for layer in range(cfg.num_hidden_layers):
+            for a, b in ((packed.k, alone.k), (packed.v, alone.v)):
+                np.testing.assert_allclose(layer_of(a, layer)[row, :, :n], layer_of(b, layer)[0, :, :n], atol=1e-5)
+        assert int(packed.lengths[row]) == n
+        assert np.asarray(packed.segment_ids[row]).tolist() == [1] * n + [0] * (slots - n)
+    assert int(packed.lengths[1]) == 0 and not np.asarray(packed.segment_ids[1]).any()
+    with pytest.raises(ValueError, match="packed prompts"):
+        tiny_model(ids[None], positions[None], segments[None], cache=cache, write_index=positions[None],
+                   cache_rows=token_rows[None], cache_attention="xla")
