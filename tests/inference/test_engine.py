@@ -267,3 +267,22 @@ def test_packed_prompts_fill_the_cache_as_each_prompt_alone(tiny_model):
     with pytest.raises(ValueError, match="packed prompts"):
         tiny_model(ids[None], positions[None], segments[None], cache=cache, write_index=positions[None],
                    cache_rows=token_rows[None], cache_attention="xla")
+
+
+def test_prompt_logprobs_across_packed_and_later_chunks_equal_transformers(tiny_model, hf_model):
+    """Prompt log-probabilities (what echo + logprobs asks for) of prompts packed together and of long
+    prompts prefilled in chunks (a packed first chunk, then later chunks over the cache) equal
+    transformers' log-softmax of the whole prompt, with the top alternatives."""
+    engine = Engine(tiny_model, slots=4, max_model_len=128, prefill_chunk=16, prefill_rows=4)
+    prompts = random_prompts(tiny_model.config.vocab_size, [5, 40, 9, 23, 3], seed=11)
+    requests = [Request(p.tolist(), max_tokens=0, prompt_logprobs=True) for p in prompts]
+    engine.run(requests)
+    for p, r in zip(prompts, requests):
+        with torch.no_grad():
+            logits = hf_model(torch.as_tensor(p[None].astype(np.int64))).logits[0].double()
+        logp = torch.log_softmax(logits, -1).numpy()
+        expected = logp[np.arange(len(p) - 1), p[1:]]
+        np.testing.assert_allclose(r.prompt_token_logprobs, expected, atol=1e-4)
+        best = np.argsort(-logp[:-1], axis=-1)[:, :5]
+        assert [[t for t, _ in alts] for alts in r.prompt_top_logprobs] == best.tolist()
+        assert r.finish_reason == "length" and r.tokens == []
