@@ -42,7 +42,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from common import bench_checkpoint, machine, median_seconds  # noqa: E402
+from common import bench_checkpoint, machine, matmul_rate, median_seconds  # noqa: E402
 from decode import copy_bandwidth  # noqa: E402
 
 from inference import generate  # noqa: E402
@@ -220,20 +220,6 @@ def run_server(path, texts, new, slots, max_len, clients):
     return tokens, seconds, ttft, tpot
 
 
-def matmul_rate(rows: int, d: int, f: int) -> float:
-    """FLOP/s of this machine's best float32 jitted matmul [rows, d] x [d, f] (best of 5 x 50 calls)."""
-    x, w = jax.numpy.ones((rows, d)), jax.numpy.ones((d, f))
-    mm = jax.jit(lambda a, b: a @ b)
-    mm(x, w).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(50):
-            mm(x, w).block_until_ready()
-        best = min(best, (time.perf_counter() - t) / 50)
-    return 2 * rows * d * f / best
-
-
 def compute_floor(config, prompt_tokens: int, prompts: int, output_tokens: int, slots: int) -> dict:
     """The seconds the workload's matmuls need at least on this machine (every other op free): each
     prompt token through the layers (2 x layer parameters FLOPs; the lm_head only for each prompt's last
@@ -241,7 +227,7 @@ def compute_floor(config, prompt_tokens: int, prompts: int, output_tokens: int, 
     through the layers and the lm_head at the rate with `slots` rows (a decode step)."""
     d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
     layers = config.num_params() - 2 * v * d
-    prefill_rate, decode_rate = matmul_rate(256, d, f), matmul_rate(slots, d, f)
+    prefill_rate, decode_rate = matmul_rate(256, d, f, calls=50), matmul_rate(slots, d, f, calls=50)
     prefill_s = (2 * layers * prompt_tokens + 2 * v * d * prompts) / prefill_rate
     decode_s = 2 * (layers + v * d) * output_tokens / decode_rate
     return {"prefill_gflop_s": round(prefill_rate / 1e9, 1), "decode_gflop_s": round(decode_rate / 1e9, 1),

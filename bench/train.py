@@ -29,11 +29,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from common import bench_checkpoint, machine  # noqa: E402
+from common import bench_checkpoint, machine, matmul_rate  # noqa: E402
 
 from jaxmodel.config import MistralConfig  # noqa: E402
 from jaxmodel.sharding import make_mesh  # noqa: E402
@@ -51,16 +50,7 @@ def _timed(fn) -> float:
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a large float32 matmul on this CPU (best of `repeats`)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    mm = jax.jit(jnp.matmul)
-    mm(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        mm(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return matmul_rate(n, n, n, repeats=repeats)
 
 
 def main():

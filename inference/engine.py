@@ -320,14 +320,14 @@ def engine_steps(formats: KVCache, graphdef, treedef) -> tuple[Callable, Callabl
     cache, ...) and packed(sample, prompt_lp, leaves, cache, ...)."""
     d_flags, p_flags = DECODE_STATIC - 1, PREFILL_STATIC - 1
 
-    def jit(fn, flags, dynamic):
+    def jit(fn, flags, dynamic, outputs):
         return jax.jit(_bound(fn, graphdef, treedef, flags), static_argnums=tuple(range(flags)),
                        donate_argnums=(flags + 1,), in_shardings=(None, formats) + (None,) * (dynamic - 2),
-                       out_shardings=(None,) * (PREFILL_OUTPUTS if flags == p_flags else DECODE_OUTPUTS)
-                       + (formats,))
+                       out_shardings=(None,) * outputs + (formats,))
 
-    return (jit(_decode_step, d_flags, DECODE_DYNAMIC), jit(_prefill_step, p_flags, PREFILL_DYNAMIC),
-            jit(_packed_prefill_step, p_flags, PACKED_DYNAMIC))
+    return (jit(_decode_step, d_flags, DECODE_DYNAMIC, DECODE_OUTPUTS),
+            jit(_prefill_step, p_flags, PREFILL_DYNAMIC, PREFILL_OUTPUTS),
+            jit(_packed_prefill_step, p_flags, PACKED_DYNAMIC, PREFILL_OUTPUTS))
 
 
 # -- the engine ------------------------------------------------------------------------------------------
@@ -403,7 +403,7 @@ class Engine:
         self.ttft: collections.deque = collections.deque(maxlen=1000)
         self.decode_steps = 0
         self.prefill_calls = 0
-        self.prefill_tokens = 0  # padded: rows x width of every prefill call
+        self.prefill_tokens = 0  # computed, padding included: the width of every prefill call (one row)
 
     # -- requests ---------------------------------------------------------------------------------------
 
@@ -586,51 +586,39 @@ class Engine:
         """Sends one prefill call (see `_prefill_group`); returns what `_finish_prefill` needs."""
         group = self._prefill_group()
         reqs = [self.requests[b] for b in group]
-        packed = reqs[0]._prefilled == 0
         counts = [self._chunk(b) for b in group]
-        if packed:
-            width, height = prefill_width(sum(counts), self.prefill_chunk), self.prefill_rows
-        else:
-            width, height = self.prefill_chunk, 1
+        packed = reqs[0]._prefilled == 0
+        height = self.prefill_rows if packed else 1
         rows = np.full(height, self.slots, np.int32)  # padding prompts: past the end (read clipped, writes dropped)
-        ids, mask, start, targets = (np.zeros((height, width), np.int32), np.zeros((height, width), np.int32),
-                                     np.zeros(height, np.int32), np.zeros((height, width), np.int32))
-        segments, positions, ends = np.zeros(width, np.int32), np.zeros(width, np.int32), np.zeros(height, np.int32)
-        if packed:
-            ids, targets = ids[0], targets[0]
+        rows[: len(group)] = group
         sampling = [np.zeros(height, a.dtype) for a in (self.temperature, self.top_k, self.top_p, self.seeds,
                                                         self.streams)]
-        fresh, offsets, at = [], [], 0
-        for i, (b, r, n) in enumerate(zip(group, reqs, counts)):
-            s = r._prefilled
-            prompt = np.asarray(r.prompt, np.int32)
-            nxt = prompt[s + 1:s + n + 1]
-            rows[i], start[i] = b, s
-            if packed:
-                ids[at:at + n], targets[at:at + len(nxt)] = prompt[:n], nxt
+        for a, src in zip(sampling, (self.temperature, self.top_k, self.top_p, self.seeds, self.streams)):
+            a[: len(group)] = src[group]
+        chunks = [np.asarray(r.prompt[r._prefilled:r._prefilled + n + 1], np.int32) for r, n in zip(reqs, counts)]
+        if packed:  # one row: the chunks back to back (ids and next-token targets), each its own segment
+            width = prefill_width(sum(counts), self.prefill_chunk)
+            ids, targets, segments, positions = (np.zeros(width, np.int32) for _ in range(4))
+            ends, offsets = np.zeros(height, np.int32), np.cumsum([0] + counts[:-1]).tolist()
+            for i, (c, n, at) in enumerate(zip(chunks, counts, offsets)):
+                ids[at:at + n], targets[at:at + len(c) - 1] = c[:n], c[1:]
                 segments[at:at + n], positions[at:at + n], ends[i] = i + 1, np.arange(n), at + n - 1
-            else:
-                ids[i, :n], mask[i, :n], targets[i, :len(nxt)] = prompt[s:s + n], 1, nxt
-            offsets.append(at if packed else None)
-            at += n
-            for a, src in zip(sampling, (self.temperature, self.top_k, self.top_p, self.seeds, self.streams)):
-                a[i] = src[b]
-            if s + n == len(r.prompt) and r.max_tokens > 0:
-                self.dispatched[b] = 1  # its first token comes from this call
-                fresh.append(b)
-        sample = bool((sampling[0][: len(group)] > 0).any())
+            step, args = self._packed_step, (rows, ends, ids, segments, positions, targets)
+        else:  # a long prompt's later chunk: one row at prefill_chunk width
+            width, (c,), (n,), offsets = self.prefill_chunk, chunks, counts, [None]
+            ids, mask, targets = (np.zeros((1, width), np.int32) for _ in range(3))
+            ids[0, :n], mask[0, :n], targets[0, :len(c) - 1] = c[:n], 1, c[1:]
+            step, args = self._prefill_step, (rows, ids, mask, np.array([reqs[0]._prefilled], np.int32), targets)
+        fresh = [b for b, r, n in zip(group, reqs, counts) if r._prefilled + n == len(r.prompt) and r.max_tokens > 0]
+        self.dispatched[fresh] = 1  # their first tokens come from this call
+        sample = bool((sampling[0] > 0).any())
         alternatives = any(r.logprobs for r in reqs)
         want_top = np.bool_(alternatives or reqs[0].prompt_logprobs)
-        prompt_lp = bool(reqs[0].prompt_logprobs)
-        if packed:
-            out = self._call(self._packed_step, sample, prompt_lp, self.leaves, self.cache, rows, ends, ids, segments,
-                             positions, targets, *sampling, want_top)
-        else:
-            out = self._call(self._prefill_step, sample, prompt_lp, self.leaves, self.cache, rows, ids, mask, start,
-                             targets, *sampling, want_top)
+        out = self._call(step, sample, bool(reqs[0].prompt_logprobs), self.leaves, self.cache, *args, *sampling,
+                         want_top)
         self.cache = out[-1]
         self.prefill_calls += 1
-        self.prefill_tokens += width if packed else height * width
+        self.prefill_tokens += width
         return {"group": group, "requests": reqs, "counts": counts, "offsets": offsets, "fresh": fresh,
                 "out": out[:-2], "first": out[-2], "alternatives": alternatives}
 
