@@ -13,8 +13,8 @@ counted up to and including the stop token. float32, same weights everywhere, on
 Every JAX path runs the model as `normistral serve` / `Generator` load it on CPU: its layer stack split
 into one module per layer (`jaxmodel.model.unstack_layers`; XLA CPU would copy each layer's weights out
 of the stack in every call). Compilation is excluded from (b) to (d) (a warm-up pass / the server's
-warm-up). (b) and (c) run --repeat times, interleaved, and the best pass of each counts (each pass's
-ratio is printed too).
+warm-up). (a), (b) and (c) run --repeat times, interleaved, and the best pass of each counts (each
+pass's ratios are printed too).
 
 Also the engine's decode step against this machine's memory-bandwidth floor (as bench/decode.py measures
 it: bytes a step must read / numpy copy bandwidth), all slots active, for the demo model and the 64M
@@ -85,7 +85,9 @@ def left_pad(token_lists, pad):
     return ids, mask
 
 
-def run_transformers(path, encoded, new, stops, pad):
+def transformers_runner(path, encoded, new, stops, pad):
+    """A callable: one timed pass of transformers' generate in batches of 8 -> (outputs, seconds, work);
+    its thread count (1 or all cores, whichever ran a first batch faster) is chosen first."""
     model = transformers.MistralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
     work = {}
@@ -106,10 +108,15 @@ def run_transformers(path, encoded, new, stops, pad):
     for threads in sorted({1, os.cpu_count()}):  # OpenMP threads spin on a shared machine: the faster counts
         torch.set_num_threads(threads)
         times[threads] = median_seconds(lambda: run(encoded[:16]), warmup=1, repeats=1)
-    torch.set_num_threads(min(times, key=times.get))
-    t = time.perf_counter()
-    outs = run(encoded)
-    return outs, time.perf_counter() - t, min(times, key=times.get), dict(work)
+    threads = min(times, key=times.get)
+
+    def timed():
+        torch.set_num_threads(threads)
+        t = time.perf_counter()
+        outs = run(encoded)
+        return outs, time.perf_counter() - t, dict(work)
+    timed.threads = threads
+    return timed
 
 
 def static_runner(model, encoded, new, stops, pad, batch):
@@ -270,7 +277,7 @@ def main():
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=3, help="interleaved passes of (b) and (c); the best counts")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved passes of (a), (b) and (c); the best of each counts")
     parser.add_argument("--checkpoint-64m", default=os.path.join(tempfile.gettempdir(), "normistral-bench-64m"))
     args = parser.parse_args()
 
@@ -283,16 +290,18 @@ def main():
     max_len = max(len(e) for e in encoded) + args.new
     model = unstack_layers(from_pretrained(args.model, progress=False))  # as Generator loads on CPU
 
-    hf_out, hf_s, hf_threads, hf_work = run_transformers(args.model, encoded, args.new, stops, pad)
+    hf = transformers_runner(args.model, encoded, args.new, stops, pad)
     static, engine = (static_runner(model, encoded, args.new, stops, pad, args.slots),
                       engine_runner(model, encoded, args.new, stops, args.slots, max_len))
-    static_s = engine_s = float("inf")
-    ratios = []
-    for _ in range(args.repeat):  # interleaved: a slow spell of a shared machine hits both alike
+    hf_s = static_s = engine_s = float("inf")
+    ratios, hf_ratios = [], []
+    for _ in range(args.repeat):  # interleaved: a slow spell of a shared machine hits all three alike
+        hf_out, h_s, hf_work = hf()
         static_out, s_s, static_work = static()
         engine_out, e_s, engine_steps, prefill_calls, engine_prompt_tokens = engine()
         ratios.append(round(s_s / e_s, 2))
-        static_s, engine_s = min(static_s, s_s), min(engine_s, e_s)
+        hf_ratios.append(round(h_s / e_s, 2))
+        hf_s, static_s, engine_s = min(hf_s, h_s), min(static_s, s_s), min(engine_s, e_s)
     server_tokens, server_s, ttft, tpot = run_server(args.model, texts, args.new, args.slots, max_len, args.clients)
 
     n_tokens = sum(len(o) for o in engine_out)
@@ -306,10 +315,11 @@ def main():
         "output_lengths_p10_p50_p90": [int(np.percentile(lengths, q)) for q in (10, 50, 90)],
         "stopped_early_fraction": round(float((lengths < args.new).mean()), 3),
         "engine_equals_static": engine_out == static_out, "engine_equals_transformers": engine_out == hf_out,
-        "transformers_tokens_per_s": round(sum(map(len, hf_out)) / hf_s, 1), "transformers_threads": hf_threads,
+        "transformers_tokens_per_s": round(sum(map(len, hf_out)) / hf_s, 1), "transformers_threads": hf.threads,
         "static_tokens_per_s": round(sum(map(len, static_out)) / static_s, 1),
         "engine_tokens_per_s": round(n_tokens / engine_s, 1), "engine_decode_steps": engine_steps,
         "engine_prefill_calls": prefill_calls, "repeat": args.repeat, "engine_vs_static_per_pass": ratios,
+        "engine_vs_transformers_per_pass": hf_ratios,
         "server_tokens_per_s": round(server_tokens / server_s, 1), "server_clients": args.clients,
         "server_ttft_ms_p50": round(float(np.percentile(ttft, 50)) * 1e3, 1),
         "server_ttft_ms_p99": round(float(np.percentile(ttft, 99)) * 1e3, 1),

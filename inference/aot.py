@@ -157,7 +157,7 @@ def _compile_engine(graphdef, state, cache, mesh, slots: int, opts: InferenceOpt
         tokens = vec(opts.prefill_chunk, jnp.int32)
         first = aot.compile_and_report(packed_step, (leaves, cache, vec(rows, jnp.int32), vec(rows, jnp.int32), tokens,
                                                      tokens, tokens, tokens, *sampling(rows), flag), hbm,
-                                       (False, False))
+                                       (False, False, None))  # the whole row masked: the larger program
         # ... and a long prompt's later chunk (over the filled cache blocks).
         chunk = _sds((1, opts.prefill_chunk), jnp.int32, mesh)
         prefill = aot.compile_and_report(prefill_step, (leaves, cache, vec(1, jnp.int32), chunk, chunk,

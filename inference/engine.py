@@ -84,10 +84,12 @@ from jax.experimental.layout import Format, Layout
 
 from inference.generate import GenerateError, _batch_split, _mesh_of, _split, bucket_batch, greedy, sample_rows
 from inference.kv_cache import KVCache, init_cache
+from jaxmodel.attention import bands
 
 FREE, PREFILL, DECODE = 0, 1, 2
 TOP_LOGPROBS = 5  # alternatives computed per token (OpenAI's completions API allows at most 5)
 PREFILL_ROWS = 8  # prompts per packed prefill call, by default
+PROMPT_WINDOW = 64  # packed prompts up to this long attend over a band of keys (`prompt_window`)
 
 
 
@@ -153,6 +155,12 @@ class Request:
         text = text.rstrip("\ufffd")
         hold = max((len(s) for s in self.stop_strings), default=1) - 1
         return text[: max(len(text) - hold, 0)] if hold else text
+
+
+def prompt_window(counts, width: int) -> int | None:
+    """The packed call's `window`: PROMPT_WINDOW when each of its prompts (token counts) fits it and
+    attention over a row of `width` runs banded then (else None: the whole row, masked)."""
+    return PROMPT_WINDOW if max(counts) <= PROMPT_WINDOW and bands(PROMPT_WINDOW, width) else None
 
 
 def prefill_width(n: int, chunk: int) -> int:
@@ -227,8 +235,8 @@ def _prefill_step(graphdef, sample, prompt_lp, state, cache: KVCache, rows, ids,
                           seeds, streams, want_top)
 
 
-def _packed_prefill_step(graphdef, sample, prompt_lp, state, cache: KVCache, rows, ends, ids, segments, positions,
-                         targets, temperature, top_k, top_p, seeds, streams, want_top):
+def _packed_prefill_step(graphdef, sample, prompt_lp, window, state, cache: KVCache, rows, ends, ids, segments,
+                         positions, targets, temperature, top_k, top_p, seeds, streams, want_top):
     """The first chunks of up to P prompts packed in one row of W tokens, as vLLM packs a step's tokens:
     ids / segments / positions / targets [W] (token t belongs to prompt segments[t] - 1, 0 = padding, at
     RoPE position and cache slot positions[t]; targets: the next prompt token) for the cache rows `rows`
@@ -236,12 +244,15 @@ def _packed_prefill_step(graphdef, sample, prompt_lp, state, cache: KVCache, row
     its own tokens alone (the forward's "fresh" mode with packed segment ids), so a call costs its real
     tokens rounded up to one width, whatever the prompts' lengths: no row of padding beside a long prompt.
     The prompts' cache rows are reset first. -> as `_prefill_step`, prompt logprobs [W] in the packed
-    order."""
+    order. window (static): None, or PROMPT_WINDOW when every packed prompt is at most that long
+    (attention then runs as that sliding window: exact for them, and a band of keys per query block
+    instead of the whole row; see `jaxmodel.attention.xla_attention`)."""
     model = nnx.merge(graphdef, state)
     cache = cache._replace(segment_ids=cache.segment_ids.at[rows].set(0, mode="drop"),
                            lengths=cache.lengths.at[rows].set(0, mode="drop"))
     token_rows = jnp.where(segments > 0, jnp.take(rows, segments - 1, mode="clip"), cache.batch_size)
-    kw = dict(cache=cache, write_index=positions[None], cache_rows=token_rows[None], cache_attention="fresh")
+    kw = dict(cache=cache, write_index=positions[None], cache_rows=token_rows[None], cache_attention="fresh",
+              prompt_window=window)
     if prompt_lp:
         logits, cache = model(ids[None], positions[None], segments[None], **kw)
         final = logits[0, ends]
@@ -272,6 +283,7 @@ def _first_outputs(logits, final, prompt_lp: bool, targets, rows, cache, sample,
 
 DECODE_STATIC, DECODE_DYNAMIC, DECODE_OUTPUTS = 2, 13, 4  # (graphdef, sample); state, cache, 10 vectors, want_top
 PREFILL_STATIC, PREFILL_DYNAMIC, PREFILL_OUTPUTS = 3, 13, 8  # (graphdef, sample, prompt_lp); state, cache, ...
+PACKED_STATIC = 4  # (graphdef, sample, prompt_lp, window)
 PACKED_DYNAMIC = 14  # state, cache, rows, ends, ids, segments, positions, targets, 5 sampling vectors, want_top
 _FORMATS: dict = {}
 
@@ -317,8 +329,8 @@ def engine_steps(formats: KVCache, graphdef, treedef) -> tuple[Callable, Callabl
     model `graphdef` and a state of structure `treedef`, jitted with the flags static, the state as its
     leaves (`_bound`), and the cache donated and in `formats` in and out (so it is never re-laid out
     between steps). Called as decode(sample, leaves, cache, ...), prefill(sample, prompt_lp, leaves,
-    cache, ...) and packed(sample, prompt_lp, leaves, cache, ...)."""
-    d_flags, p_flags = DECODE_STATIC - 1, PREFILL_STATIC - 1
+    cache, ...) and packed(sample, prompt_lp, window, leaves, cache, ...)."""
+    d_flags, p_flags, k_flags = DECODE_STATIC - 1, PREFILL_STATIC - 1, PACKED_STATIC - 1
 
     def jit(fn, flags, dynamic, outputs):
         return jax.jit(_bound(fn, graphdef, treedef, flags), static_argnums=tuple(range(flags)),
@@ -327,7 +339,7 @@ def engine_steps(formats: KVCache, graphdef, treedef) -> tuple[Callable, Callabl
 
     return (jit(_decode_step, d_flags, DECODE_DYNAMIC, DECODE_OUTPUTS),
             jit(_prefill_step, p_flags, PREFILL_DYNAMIC, PREFILL_OUTPUTS),
-            jit(_packed_prefill_step, p_flags, PACKED_DYNAMIC, PREFILL_OUTPUTS))
+            jit(_packed_prefill_step, k_flags, PACKED_DYNAMIC, PREFILL_OUTPUTS))
 
 
 # -- the engine ------------------------------------------------------------------------------------------
@@ -603,18 +615,21 @@ class Engine:
             for i, (c, n, at) in enumerate(zip(chunks, counts, offsets)):
                 ids[at:at + n], targets[at:at + len(c) - 1] = c[:n], c[1:]
                 segments[at:at + n], positions[at:at + n], ends[i] = i + 1, np.arange(n), at + n - 1
-            step, args = self._packed_step, (rows, ends, ids, segments, positions, targets)
+            step, statics = self._packed_step, (prompt_window(counts, width),)
+            args = (rows, ends, ids, segments, positions, targets)
         else:  # a long prompt's later chunk: one row at prefill_chunk width
             width, (c,), (n,), offsets = self.prefill_chunk, chunks, counts, [None]
             ids, mask, targets = (np.zeros((1, width), np.int32) for _ in range(3))
             ids[0, :n], mask[0, :n], targets[0, :len(c) - 1] = c[:n], 1, c[1:]
-            step, args = self._prefill_step, (rows, ids, mask, np.array([reqs[0]._prefilled], np.int32), targets)
+            step, statics = self._prefill_step, ()
+            args = (rows, ids, mask, np.array([reqs[0]._prefilled], np.int32), targets)
         fresh = [b for b, r, n in zip(group, reqs, counts) if r._prefilled + n == len(r.prompt) and r.max_tokens > 0]
         self.dispatched[fresh] = 1  # their first tokens come from this call
         sample = bool((sampling[0] > 0).any())
         alternatives = any(r.logprobs for r in reqs)
         want_top = np.bool_(alternatives or reqs[0].prompt_logprobs)
-        out = self._call(step, sample, bool(reqs[0].prompt_logprobs), self.leaves, self.cache, *args, *sampling,
+        out = self._call(step, sample, bool(reqs[0].prompt_logprobs), *statics, self.leaves, self.cache, *args,
+                         *sampling,
                          want_top)
         self.cache = out[-1]
         self.prefill_calls += 1
@@ -720,7 +735,8 @@ class Engine:
 
     def warmup(self) -> int:
         """Compiles the greedy decode step and every prefill bucket now (packed first chunks at every width
-        of the ladder, a later chunk at `prefill_chunk`); returns how many shapes."""
+        of the ladder, banded too where `prompt_window` allows; a later chunk at `prefill_chunk`); returns
+        how many programs."""
         z = lambda n, dt=np.int32: np.zeros(n, dt)  # noqa: E731
         p = self.prefill_rows
         sampling = (z(p, np.float32), z(p), np.ones(p, np.float32), z(p), z(p))
@@ -728,20 +744,24 @@ class Engine:
         width, shapes = 0, 0
         while width < self.prefill_chunk:
             width = prefill_width(width + 1, self.prefill_chunk)
-            out = self._call(self._packed_step, False, False, self.leaves, self.cache, rows, z(p), z(width),
-                             z(width), z(width), z(width), *sampling, np.bool_(False))
-            self.cache = out[-1]
-            shapes += 1
+            for window in {None, prompt_window([1], width)}:
+                out = self._call(self._packed_step, False, False, window, self.leaves, self.cache, rows, z(p),
+                                 z(width), z(width), z(width), z(width), *sampling, np.bool_(False))
+                self.cache = out[-1]
+                shapes += 1
         c = self.prefill_chunk
         out = self._call(self._prefill_step, False, False, self.leaves, self.cache, rows[:1], z((1, c)), z((1, c)),
                          z(1), z((1, c)), *(a[:1] for a in sampling), np.bool_(False))
-        self.cache = out[-1]
-        active = np.zeros(self.slots, bool)
-        out = self._call(self._decode_step, False, self.leaves, self.cache, self._tokens, self._tokens,
-                         np.zeros(self.slots, bool), active,
-                         self.temperature, self.top_k, self.top_p, self.seeds, self.streams, z(self.slots),
-                         np.bool_(False))
-        self.cache = out[-1]
+        self.cache, first = out[-1], out[-2]  # first tokens per row (zeros: it wrote nowhere), on the device
+        # The decode step's token inputs are device arrays in a run (a prefill's first tokens, the previous
+        # decode's tokens); numpy ones would be a second program (other input shardings): start from those.
+        self._tokens = first
+        inactive = np.zeros(self.slots, bool)
+        for _ in range(2):  # fed by a prefill, then by a decode: the inputs a run passes
+            out = self._call(self._decode_step, False, self.leaves, self.cache, self._tokens, first, inactive,
+                             inactive, self.temperature, self.top_k, self.top_p, self.seeds, self.streams,
+                             z(self.slots), np.bool_(False))
+            self.cache, self._tokens = out[-1], out[0]
         jax.block_until_ready(self.cache)
         return shapes + 2
 

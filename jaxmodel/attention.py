@@ -5,7 +5,9 @@ Inside:
   and sequence indices) instead of a materialized [T, S] matrix, so blockwise kernels can build only
   the blocks they need.
 - `xla_attention`: the plain reference (one einsum for scores, float32 softmax, one einsum for the
-  output), grouped-query without repeating KV heads.
+  output), grouped-query without repeating KV heads; with a causal sliding window short against the
+  sequence, by query blocks over their band of keys (`_banded`: the same sums, no scores for keys the
+  window excludes).
 - `resolve_impl` / `dot_product_attention`: the dispatcher on `impl`: `xla` (above), `flash` (the
   blockwise pure-JAX kernel in flash_attention.py, any backend), `splash` (the Pallas TPU kernel in
   splash.py; its interpreter off TPU), `cudnn` (`jax.nn.dot_product_attention`'s cuDNN kernel, NVIDIA
@@ -30,6 +32,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class AttentionMask(NamedTuple):
@@ -48,9 +51,10 @@ class AttentionMask(NamedTuple):
         return cls(segment_ids, segment_ids, idx, idx, causal, window)
 
     def dense(self) -> jax.Array:
-        """The [B, T, S] boolean mask (only the reference implementation materializes it)."""
-        allowed = self.q_segment_ids[:, :, None] == self.kv_segment_ids[:, None, :]
-        distance = self.q_indices[:, :, None] - self.kv_indices[:, None, :]  # >= 0 looks back
+        """The [B, T, S] boolean mask (only the reference implementations materialize it); any leading
+        axes: q fields [..., T] and kv fields [..., S] -> [..., T, S] (the banded path's blocks)."""
+        allowed = self.q_segment_ids[..., :, None] == self.kv_segment_ids[..., None, :]
+        distance = self.q_indices[..., :, None] - self.kv_indices[..., None, :]  # >= 0 looks back
         if self.causal:
             allowed &= distance >= 0
         if self.window is not None:
@@ -58,19 +62,70 @@ class AttentionMask(NamedTuple):
         return allowed
 
 
+BAND_BLOCK = 32  # query block of the banded path (xla_attention with a causal sliding window)
+
+
 def xla_attention(q, k, v, mask: AttentionMask, *, scale: float):
     """Reference attention. q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H] in q's dtype.
 
     Scores and softmax are float32 (as the PyTorch reference's softmax(dtype=float32)); the
-    probabilities are cast to v's dtype before the value product, as the reference does."""
+    probabilities are cast to v's dtype before the value product, as the reference does.
+    A causal sliding window over a sequence (T == S, indices = positions, as `for_sequence` builds) that
+    is short against T takes the banded path (`_banded`): the same scores for the allowed keys, none
+    computed for keys no query of a block can see."""
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
+    if _bands(mask, length, k.shape[1]):
+        return _banded(q, k, v, mask, scale)
     q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
     allowed = mask.dense()[:, None, None, :, :]
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    # [B,K,G,T,H] first, then the head transpose: XLA CPU runs "BKGTS,BSKH->BTKGH" as a strided batch dot
+    # at a fraction of the speed (as in kv_cache.cached_attention); the same sums.
+    out = jnp.einsum("BKGTS,BSKH->BKGTH", probs, v).transpose(0, 3, 1, 2, 4)
+    return out.reshape(batch, length, heads, head_dim)
+
+
+def _band_span(window: int) -> int:
+    """Keys before a query block's first position that its queries may see: window - 1, in whole blocks."""
+    return -(-(window - 1) // BAND_BLOCK) * BAND_BLOCK
+
+
+def bands(window: int, length: int) -> bool:
+    """Whether a causal sliding window of `window` over `length` tokens takes `xla_attention`'s banded
+    path: whole query blocks, each with a band of keys (span + block) shorter than the sequence."""
+    return length % BAND_BLOCK == 0 and _band_span(window) + BAND_BLOCK < length
+
+
+def _bands(mask: AttentionMask, length: int, kv_length: int) -> bool:
+    return mask.window is not None and mask.causal and length == kv_length and bands(mask.window, length)
+
+
+def _banded(q, k, v, mask: AttentionMask, scale: float):
+    """`xla_attention` for a causal sliding window, by query blocks: block j (queries j*C .. j*C+C-1)
+    scores only the keys at positions j*C - span .. j*C+C-1 (span = window - 1 rounded up to blocks),
+    which hold every key the window allows it; the mask is applied to them exactly as `dense` would.
+    [B, J, K, G, C, span + C] scores instead of [B, K, G, T, T]: for packed short prompts (the engine's
+    prefill) a band of keys instead of the whole row. Letters: J query blocks, C = BAND_BLOCK, W band."""
+    batch, length, heads, head_dim = q.shape
+    kv_heads, block = k.shape[2], BAND_BLOCK
+    span, blocks = _band_span(mask.window), length // block
+    keys = np.arange(blocks)[:, None] * block + np.arange(span + block)[None] - span  # [J, W] positions (static)
+    valid = jnp.asarray(keys >= 0)
+    keys = np.maximum(keys, 0)
+    kb, vb = jnp.asarray(k)[:, keys], jnp.asarray(v)[:, keys]  # [B, J, W, K, H]
+    band = AttentionMask(*(jnp.asarray(x) for x in mask[:4]), mask.causal, mask.window)
+    band = band._replace(q_segment_ids=band.q_segment_ids.reshape(batch, blocks, block),
+                         q_indices=band.q_indices.reshape(batch, blocks, block),
+                         kv_segment_ids=band.kv_segment_ids[:, keys], kv_indices=band.kv_indices[:, keys])
+    allowed = band.dense() & valid[None, :, None, :]  # [B, J, C, W]
+    qb = q.reshape(batch, blocks, block, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("BJCKGH,BJWKH->BJKGCW", qb, kb, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(allowed[:, :, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BJKGCW,BJWKH->BJKGCH", probs, vb).transpose(0, 1, 4, 2, 3, 5)
     return out.reshape(batch, length, heads, head_dim)
 
 

@@ -268,7 +268,7 @@ class MistralForCausalLM(nnx.Module):
     @under_auto_axes
     def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden_states: bool = False,
                  cache: KVCache | None = None, write_index=0, cache_rows=None, cache_attention: str = "auto",
-                 last_only: bool = False, logits_at=None):
+                 last_only: bool = False, logits_at=None, prompt_window: int | None = None):
         """input_ids [B,T] -> float32 logits [B,T,V] (arguments as in `hidden`).
 
         With return_hidden_states, returns (logits, hidden [L+1,B,T,D]): the embeddings, then each
@@ -289,6 +289,10 @@ class MistralForCausalLM(nnx.Module):
         attend over themselves with the model's attention_impl, splash included), "xla" (the whole
         cache, masked), "blocked" (key blocks up to the last slot written), "auto" (blocked if
         attention_impl is flash, else xla).
+        prompt_window ("fresh" only): every (packed) prompt of this call has at most this many tokens, so
+        attention may run as a sliding window of that size (exact for such prompts): the engine's packed
+        calls of short prompts, where a window short against the row lets attention visit a band of keys
+        instead of the whole row (`attention.xla_attention`'s banded path; splash and flash skip blocks).
         last_only: logits of the last position only ([B, 1, V]), all that generation needs; logits_at
         [B]: of that position in each row instead (a right-padded chunk's last real token), or [B, P]:
         of P positions per row ([B, P, V]: the last token of each packed prompt)."""
@@ -314,8 +318,11 @@ class MistralForCausalLM(nnx.Module):
             raise ValueError("a write_index per token (packed prompts) needs cache_rows of its shape and "
                              "cache_attention='fresh'")
         segments = write_segments(cache.segment_ids, token_mask, write_index, rows)
+        if prompt_window is not None and mode != "fresh":
+            raise ValueError("prompt_window needs cache_attention='fresh'")
         if mode == "fresh":
-            mask = AttentionMask.for_sequence(prompts, causal=True, window=cfg.sliding_window)
+            windows = [w for w in (cfg.sliding_window, prompt_window) if w is not None]
+            mask = AttentionMask.for_sequence(prompts, causal=True, window=min(windows) if windows else None)
         else:
             mask = cache_mask(token_mask, take_rows(segments, rows), write_index, cfg.sliding_window)
         x = constrain(self.embed(input_ids), ACT_BTD)

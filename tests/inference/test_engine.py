@@ -107,10 +107,11 @@ def test_engine_greedy_matches_transformers_each_prompt_alone(tiny_model, tokeni
 
 
 def test_no_recompilation_in_steady_state(tiny_model):
-    engine = Engine(tiny_model, slots=SLOTS, max_model_len=512, prefill_chunk=64, prefill_rows=2)
+    engine = Engine(tiny_model, slots=SLOTS, max_model_len=512, prefill_chunk=128, prefill_rows=2)
     shapes = engine.warmup()
-    # packed first chunks at each width {16, 24, 32, 48, 64}, later chunks [1, 64], and the decode step
-    assert shapes == 5 + 1 + 1
+    # packed first chunks at each width {16, 24, 32, 48, 64, 96, 128} (at 128 banded too: prompts of at
+    # most PROMPT_WINDOW tokens), later chunks [1, 128], and the decode step
+    assert shapes == 7 + 1 + 1 + 1
     steps = (engine._packed_step, engine._prefill_step, engine._decode_step)
     sizes = tuple(step._cache_size() for step in steps)
     rng = np.random.default_rng(5)
@@ -228,30 +229,34 @@ def test_engine_on_a_mesh_matches_one_device(tiny_dir, tiny_model):
     assert sharded.cache.k[0].sharding.mesh.shape["data"] == 2
 
 
-def test_packed_prompts_fill_the_cache_as_each_prompt_alone(tiny_model):
-    """Three prompts packed in one row (the engine's first-chunk prefill): the logits at each prompt's
+@pytest.mark.parametrize("window", [None, 32], ids=["whole_row", "banded"])
+def test_packed_prompts_fill_the_cache_as_each_prompt_alone(tiny_model, window):
+    """Five prompts packed in one row (the engine's first-chunk prefill): the logits at each prompt's
     last token, its keys/values, segment ids and length in its own cache row equal the same forward run
-    on that prompt alone; an unaddressed cache row stays empty; per-token addressing outside "fresh"
-    mode is refused."""
+    on that prompt alone; unaddressed cache rows stay empty; per-token addressing outside "fresh" mode is
+    refused. With a prompt_window (every prompt at most that long) attention runs banded, the same."""
     from inference.kv_cache import init_cache
+    from jaxmodel.attention import bands
     from jaxmodel.kv_cache import layer_of
 
     cfg, slots = tiny_model.config, 32
     per_layer = tiny_model.unstacked
-    prompts = random_prompts(cfg.vocab_size, [5, 9, 3], seed=3)
-    rows = [2, 0, 3]  # cache row of each prompt; row 1 is left alone
-    width = 24
+    prompts = random_prompts(cfg.vocab_size, [5, 9, 3, 30, 32], seed=3)
+    rows = [2, 0, 3, 5, 6]  # cache row of each prompt; rows 1, 4 and 7 are left alone
+    width = 128
+    assert window is None or bands(window, width)
     ids, segments, positions = (np.zeros(width, np.int32) for _ in range(3))
-    token_rows, ends, at = np.full(width, 4, np.int32), [], 0  # padding tokens address row 4: nowhere
+    token_rows, ends, at = np.full(width, 8, np.int32), [], 0  # padding tokens address row 8: nowhere
     for i, (p, row) in enumerate(zip(prompts, rows)):
         n = len(p)
         ids[at:at + n], segments[at:at + n], positions[at:at + n], token_rows[at:at + n] = p, i + 1, np.arange(n), row
         ends.append(at + n - 1)
         at += n
-    cache = init_cache(cfg, 4, slots, per_layer=per_layer)
+    cache = init_cache(cfg, 8, slots, per_layer=per_layer)
     logits, packed = tiny_model(ids[None], positions[None], segments[None], cache=cache, write_index=positions[None],
-                                cache_rows=token_rows[None], logits_at=np.array([ends]), cache_attention="fresh")
-    assert logits.shape == (1, 3, cfg.vocab_size)
+                                cache_rows=token_rows[None], logits_at=np.array([ends]), cache_attention="fresh",
+                                prompt_window=window)
+    assert logits.shape == (1, len(prompts), cfg.vocab_size)
     for i, (p, row) in enumerate(zip(prompts, rows)):
         n = len(p)
         empty = init_cache(cfg, 1, slots, per_layer=per_layer)
@@ -263,7 +268,8 @@ def test_packed_prompts_fill_the_cache_as_each_prompt_alone(tiny_model):
                 np.testing.assert_allclose(layer_of(a, layer)[row, :, :n], layer_of(b, layer)[0, :, :n], atol=1e-5)
         assert int(packed.lengths[row]) == n
         assert np.asarray(packed.segment_ids[row]).tolist() == [1] * n + [0] * (slots - n)
-    assert int(packed.lengths[1]) == 0 and not np.asarray(packed.segment_ids[1]).any()
+    for untouched in (1, 4, 7):
+        assert int(packed.lengths[untouched]) == 0 and not np.asarray(packed.segment_ids[untouched]).any()
     with pytest.raises(ValueError, match="packed prompts"):
         tiny_model(ids[None], positions[None], segments[None], cache=cache, write_index=positions[None],
                    cache_rows=token_rows[None], cache_attention="xla")

@@ -76,6 +76,35 @@ def test_flash_matches_xla_forward_and_gradients(mask_kind):
     _check_against_xla(flash, q, k, v, cotangent, mask)
 
 
+def _reference_float64(q, k, v, mask: AttentionMask):
+    """Attention in float64 NumPy from the mask's definition (every query sees at least itself)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    allowed = np.asarray(mask.dense())  # [B, T, S]
+    kg = np.repeat(k, q.shape[2] // k.shape[2], axis=2)  # [B, S, N, H]
+    vg = np.repeat(v, q.shape[2] // v.shape[2], axis=2)
+    scores = np.einsum("btnh,bsnh->bnts", q, kg) * q.shape[-1] ** -0.5
+    scores = np.where(allowed[:, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", probs, vg)
+
+
+@pytest.mark.parametrize("window", [33, 64, 65])
+def test_banded_xla_attention_equals_float64_reference_and_flash_gradients(window):
+    """A causal window short against the sequence takes xla_attention's banded path (query blocks over
+    their band of keys): outputs equal a float64 reference of the whole masked matrix; gradients equal
+    the flash kernel's (which skips blocks its own way)."""
+    from jaxmodel.attention import _bands
+
+    length = 256
+    q, k, v, cotangent = _inputs(7, length, 32)
+    mask = AttentionMask.for_sequence(_packed_segments(length), window=window)
+    assert _bands(mask, length, length)
+    out = jax.jit(lambda q, k, v: xla_attention(q, k, v, mask, scale=32 ** -0.5))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), _reference_float64(q, k, v, mask), atol=2e-6)
+    _check_against_xla(flash_attention, q, k, v, cotangent, mask)
+
+
 @pytest.mark.parametrize("start,length", [(200, 100), (150, 1)], ids=["prefill_chunk", "decode_step"])
 def test_flash_matches_xla_for_queries_over_a_longer_context(start, length):
     # Queries at positions start.. over 300 keys (T != S, query indices not 0..T-1), as a cache step does.
