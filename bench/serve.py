@@ -277,7 +277,8 @@ def main():
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=3, help="interleaved passes of (a), (b) and (c); the best of each counts")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="interleaved passes of (a), (b) and (c); the best of each counts")
     parser.add_argument("--checkpoint-64m", default=os.path.join(tempfile.gettempdir(), "normistral-bench-64m"))
     args = parser.parse_args()
 

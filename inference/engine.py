@@ -19,11 +19,13 @@ at different lengths share one step (the model's forward with a per-row `write_i
    vLLM packs a step's tokens (`_packed_prefill_step`): up to `prefill_rows` prompts and `prefill_chunk`
    tokens, each attending over its own tokens alone (the forward's "fresh" mode with packed segment
    ids), so a call costs its real tokens rounded up to one width of the `prefill_width` ladder (16, 24,
-   32, 48, 64, ...), whatever the prompts' lengths. A long prompt's later chunks go one per call at
-   `prefill_chunk` width and attend over key blocks of their row's filled slots. A row whose prompt is
-   complete gets its first token from that call. While other rows decode and more requests queue, the
-   call waits (at most `max_prefill_wait` steps) until `prefill_batch` rows are ready: one call for
-   several rows costs about what one call for one row costs;
+   32, 48, 64, ...), whatever the prompts' lengths. When every prompt of a call has at most
+   PROMPT_WINDOW tokens, attention runs as that sliding window (`prompt_window`: exact for them), which
+   visits a band of keys per query block instead of the whole packed row. A long prompt's later chunks
+   go one per call at `prefill_chunk` width and attend over key blocks of their row's filled slots. A
+   row whose prompt is complete gets its first token from that call. While other rows decode and more
+   requests queue, the call waits (at most `max_prefill_wait` steps) until `prefill_batch` rows are
+   ready: one call for several rows costs about what one call for one row costs;
 3. decode: one token for every decoding row in one call, the rows this prefill completes included (fed
    their first token on the device); inactive rows write nowhere (their write index is S, past the
    end, and scatters drop it), and no row is computed past its max_tokens;
@@ -37,7 +39,7 @@ at different lengths share one step (the model's forward with a per-row `write_i
    decode call in its own step (host and device alternate).
 Shapes are bucketed so a running engine does not recompile: decode has one shape ([slots]); packed
 prefill one per width of the `prefill_width` ladder up to prefill_chunk (always `prefill_rows` prompt
-entries); later chunks one ([1, prefill_chunk]).
+entries), and a banded one per width where `prompt_window` applies; later chunks one ([1, prefill_chunk]).
 `warmup()` compiles them all up front. Sampling rows and prompt log-probabilities are separate
 (lazily compiled) variants, so a greedy workload never pays for sampling; the sort for top-logprob
 alternatives runs only in calls where a row asks for them (a run-time flag, no second program). The
