@@ -631,8 +631,7 @@ class Engine:
         alternatives = any(r.logprobs for r in reqs)
         want_top = np.bool_(alternatives or reqs[0].prompt_logprobs)
         out = self._call(step, sample, bool(reqs[0].prompt_logprobs), *statics, self.leaves, self.cache, *args,
-                         *sampling,
-                         want_top)
+                         *sampling, want_top)
         self.cache = out[-1]
         self.prefill_calls += 1
         self.prefill_tokens += width
