@@ -745,7 +745,7 @@ class Engine:
         width, shapes = 0, 0
         while width < self.prefill_chunk:
             width = prefill_width(width + 1, self.prefill_chunk)
-            for window in {None, prompt_window([1], width)}:
+            for window in dict.fromkeys((None, prompt_window([1], width))):  # banded too where it applies
                 out = self._call(self._packed_step, False, False, window, self.leaves, self.cache, rows, z(p),
                                  z(width), z(width), z(width), z(width), *sampling, np.bool_(False))
                 self.cache = out[-1]

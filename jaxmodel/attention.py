@@ -115,11 +115,10 @@ def _banded(q, k, v, mask: AttentionMask, scale: float):
     keys = np.arange(blocks)[:, None] * block + np.arange(span + block)[None] - span  # [J, W] positions (static)
     valid = jnp.asarray(keys >= 0)
     keys = np.maximum(keys, 0)
-    kb, vb = jnp.asarray(k)[:, keys], jnp.asarray(v)[:, keys]  # [B, J, W, K, H]
-    band = AttentionMask(*(jnp.asarray(x) for x in mask[:4]), mask.causal, mask.window)
-    band = band._replace(q_segment_ids=band.q_segment_ids.reshape(batch, blocks, block),
-                         q_indices=band.q_indices.reshape(batch, blocks, block),
-                         kv_segment_ids=band.kv_segment_ids[:, keys], kv_indices=band.kv_indices[:, keys])
+    kb, vb = k[:, keys], v[:, keys]  # [B, J, W, K, H]
+    q_seg, kv_seg, q_idx, kv_idx = (jnp.asarray(x) for x in mask[:4])  # the fields may be numpy arrays
+    band = AttentionMask(q_seg.reshape(batch, blocks, block), kv_seg[:, keys], q_idx.reshape(batch, blocks, block),
+                         kv_idx[:, keys], mask.causal, mask.window)
     allowed = band.dense() & valid[None, :, None, :]  # [B, J, C, W]
     qb = q.reshape(batch, blocks, block, kv_heads, heads // kv_heads, head_dim)
     scores = jnp.einsum("BJCKGH,BJWKH->BJKGCW", qb, kb, preferred_element_type=jnp.float32) * scale
