@@ -28,5 +28,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/long_context.py
 	$(BIN)/python bench/eval.py
 
+# One benchmark on whatever accelerator JAX finds (bench/accelerator.py, ~8 minutes on one H100; add
+# ACCEL_ARGS="--quick" or "--json FILE"). Uses .venv when there is one, else $(PYTHON) as it is: a lent GPU
+# image brings its own JAX and cannot install anything.
+.PHONY: bench-accelerator
+ACCEL_ARGS ?=
+bench-accelerator:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) bench/accelerator.py $(ACCEL_ARGS)
+
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

@@ -90,8 +90,30 @@ non_negative_float = _ranged(float, lambda v: v >= 0, "be a non-negative number"
 unit_interval = _ranged(float, lambda v: 0 < v <= 1, "lie in (0, 1]")
 
 
+def _limit(text: str) -> int | float:
+    """eval --limit as lm-eval defines it: a count of documents (an integer, at least 1), or a fraction of
+    each task's documents (a number in (0, 1))."""
+    value = _number(text, float)
+    if value <= 0 or (value >= 1 and not value.is_integer()):
+        raise argparse.ArgumentTypeError(f"must be a whole number of documents (1 or more) or a fraction below 1, "
+                                         f"got {text.strip()}")
+    return int(value) if value >= 1 else value
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with the one error format: usage, then `normistral: error: ...` as the last line (exit 2)."""
+    """argparse with the one error format: usage, then `normistral: error: ...` as the last line (exit 2).
+    Abbreviations are off (for every subcommand too: subparsers are made of this class): `--stop` must not
+    quietly become `--stop-at-newline`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if "--group-size" in self._option_string_actions:  # only the subcommand that has the flag
+            _check_group_size(self, namespace)
+        return namespace, extras
 
     def error(self, message):
         self.print_usage(sys.stderr)
@@ -128,17 +150,22 @@ def _check_sections(tree: dict) -> None:
         inference_options(tree)
 
 
+def _gib(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 1024**3:.3f} GiB"  # None: a program that was not compiled
+
+
 def _compile_check(args):
     from jaxmodel import aot, run_config
 
     aot.check_topology(args.topology)
     tree = run_config.load_run_config(args.config, args.set)
     _check_sections(tree)
+    aot.check_attention(tree, args.topology)
     t0 = time.time()
     if args.mode == "train":  # training/aot.py reads the run's sections itself (model.init_from included)
         from training.aot import compile_train
 
-        report = compile_train(tree, args.topology, workdir=args.workdir)
+        report = compile_train(tree, args.topology, workdir=args.workdir, check_data=args.check_data)
         batch, length = report["global_batch_size"], report["seq_len"]
     else:
         config, mesh = run_config.model_config(tree), run_config.mesh_shape(tree)
@@ -165,13 +192,13 @@ def _compile_check(args):
     print(f"  fits: {'yes' if report['fits'] else 'NO'} (compiled in {report['compile_seconds']}s)")
     if "decode_step" in report:  # --mode decode: the above is the whole generation program; one step alone:
         step = report["decode_step"]
-        print(f"  one decode step (cache donated): {step['device_bytes'] / 1024**3:.3f} GiB per device, "
+        print(f"  one decode step (cache donated): {_gib(step['device_bytes'])} per device, "
               f"fits: {'yes' if step['fits'] else 'NO'}")
     if "engine" in report:  # --mode decode: the continuous-batching engine's steps (normistral serve)
         eng = report["engine"]
         print(f"  engine ({eng['slots']} slots x {eng['max_model_len']} tokens): decode step "
-              f"{eng['decode_step']['device_bytes'] / 1024**3:.3f} GiB, prefill step ({eng['prefill_step']['rows']} x "
-              f"{eng['prefill_step']['chunk']} tokens) {eng['prefill_step']['device_bytes'] / 1024**3:.3f} GiB per "
+              f"{_gib(eng['decode_step']['device_bytes'])}, prefill step ({eng['prefill_step']['rows']} x "
+              f"{eng['prefill_step']['chunk']} tokens) {_gib(eng['prefill_step']['device_bytes'])} per "
               f"device, fits: {'yes' if eng['fits'] else 'NO'}")
     if "data" in report:
         print(f"  data: {report['data']}")
@@ -214,9 +241,13 @@ def _train(args):
         summary = run_training(args.config, args.workdir, args.set, eval_hook=_train_eval_hook(args))
     except (TrainingError, DataError) as e:
         raise CommandError(str(e)) from None
+    if summary.get("nothing_to_do"):  # the checkpoint is at train.steps (a lower train.steps is an error)
+        exported = f"; exported to {summary['exported']}" if summary.get("exported") else ""
+        print(f"train: nothing to do: {summary['workdir']} is at step {summary['step']} = train.steps{exported}")
+        return
     state = "preempted at" if summary["preempted"] else "finished at"
-    print(f"train: {state} step {summary['step']} (loss {summary['loss']}); metrics in "
-          f"{summary['workdir'].rstrip('/')}/metrics.jsonl")
+    loss = "" if summary["loss"] is None else f" (loss {summary['loss']})"  # None: preempted before a step
+    print(f"train: {state} step {summary['step']}{loss}; metrics in {summary['workdir'].rstrip('/')}/metrics.jsonl")
 
 
 def _train_eval_hook(args):
@@ -280,8 +311,8 @@ def _prepare_data(args):
     except DataError as e:
         raise CommandError(str(e)) from None
     except KeyboardInterrupt:  # the bar is closed and the temporaries removed by now
-        print(f"normistral: error: interrupted; rerun the same command to resume ({args.output})", file=sys.stderr)
-        raise SystemExit(130) from None
+        what, status = _interruption()
+        _fail(f"{what}; rerun the same command to resume ({args.output})", status=status)
     for source in index["sources"]:
         start, stop = source["rows"]
         print(f"  {source['name']}: {source['documents']} documents, {source['tokens']} tokens, "
@@ -306,7 +337,7 @@ def _generate(args):
 
     from inference.generator import Generator, load_tokenizer, read_jsonl
     from jaxmodel import storage
-    from jaxmodel.checks import check_template
+    from jaxmodel.checks import check_new_output, check_template
     from jaxmodel.config import MistralConfig
     from jaxmodel.convert import config_source
     from jaxmodel.hub import resolve_model
@@ -320,9 +351,13 @@ def _generate(args):
     storage.check_input_dir(model_dir, "model directory")
     MistralConfig.from_hf(config_source(model_dir))
     if args.output and jax.process_index() == 0:
+        check_new_output(args.output, "--output", overwrite=args.overwrite, inputs={"--input": args.input})
         storage.check_output_file(args.output)
     records = read_jsonl(args.input) if args.input else [{"text": t} for t in args.prompt or []]
     names = [f"{args.input}: prompt {i + 1}" if args.input else f"--prompt {i + 1}" for i in range(len(records))]
+    for name, record in zip(names, records):
+        if not record["text"]:  # the tokenizer's <s> alone would be "generated from": refuse, as the README says
+            raise CommandError(f"{name} is empty")
     mesh = None
     if args.mesh or jax.process_count() > 1:  # several processes: one mesh over all their devices
         from jaxmodel.sharding import make_mesh
@@ -357,37 +392,46 @@ def _generate(args):
 
 def _eval(args):
     """`normistral eval`: lm-eval tasks on the JAX model (inference/lm_eval_adapter.py). Cheap checks first
-    (model directory, output path, task names and their data), then the model load, then the harness.
-    Every process runs the harness and computes (collectives over the global mesh); process 0 prints
-    lm-eval's table and writes the JSON."""
+    (model directory or hub id, output path, the model's config and --max-length, task names and their data,
+    the few-shot count and the generation room against the tasks), then the model load (the tokenizer checked
+    against the vocabulary first), then the harness. Every process runs the harness and computes (collectives
+    over the global mesh); process 0 prints lm-eval's table and writes the JSON."""
     _join(args)
     import jax
 
     from jaxmodel import storage
+    from jaxmodel.checks import check_new_output
+    from jaxmodel.config import MistralConfig
+    from jaxmodel.convert import config_source
+    from jaxmodel.hub import check_revision, is_hub_id, resolve_model
 
     try:
         from inference import lm_eval_adapter as adapter
     except ImportError as e:
         raise CommandError(f"eval needs lm-evaluation-harness ({e}); pip install -e '.[eval]'") from None
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not storage.isdir(args.model):
+    check_revision(args.model)
+    if not is_hub_id(args.model) and not storage.isdir(args.model):  # a hub id is looked up below
         raise CommandError(f"{args.model}: model directory not found")
     if args.output:
+        check_new_output(args.output, "--output", overwrite=args.overwrite)
         storage.check_output_file(args.output)
-    limit = args.limit
-    if limit is not None:
-        if limit <= 0:
-            raise CommandError(f"--limit {limit:g}: expected a positive count (or a fraction below 1)")
-        limit = int(limit) if limit >= 1 and float(limit).is_integer() else limit
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise CommandError(f"--num-fewshot {args.num_fewshot}: expected 0 or more")
+    # A hub id: its config.json only for now (the weights come with the model load, after the task checks).
+    context = MistralConfig.from_hf(config_source(resolve_model(args.model, config_only=True))).max_position_embeddings
+    if args.max_length is not None and args.max_length > context:
+        raise CommandError(f"--max-length {args.max_length}: more than the model's context ({context} tokens)")
     try:
-        manager, _ = adapter.check_tasks(tasks, args.include_path)
+        manager, loaded = adapter.check_tasks(tasks, args.include_path)
+        adapter.check_task_settings(loaded, num_fewshot=args.num_fewshot, max_length=args.max_length or context,
+                                    cli=True)
         lm = adapter.NorMistralLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, quantize=args.quantize,
-                                  batch_size=args.batch_size, max_length=args.max_length,
+                                  group_size=args.group_size if args.quantize == "int4" else None,
+                                  batch_size=args.batch_size, max_length=args.max_length, cli=True,
                                   mesh=_mesh_arg(args.mesh) if args.mesh else ("1x-1x1" if jax.process_count() > 1
                                                                               else None))
-        results = adapter.evaluate(lm, tasks, num_fewshot=args.num_fewshot, limit=limit, task_manager=manager,
+        results = adapter.evaluate(lm, tasks, num_fewshot=args.num_fewshot, limit=args.limit, task_manager=manager,
                                    log_samples=args.log_samples)
     except adapter.EvalError as e:
         raise CommandError(str(e)) from None
@@ -402,59 +446,106 @@ def _eval(args):
         with storage.atomic_file(args.output) as f:
             json.dump(results, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
         print(f"eval: results -> {args.output}")
+
+
 def _serve(args):
-    """`normistral serve`: the engine behind an OpenAI-compatible HTTP API (inference/server.py)."""
+    """`normistral serve`: the engine behind an OpenAI-compatible HTTP API (inference/server.py, behind the
+    door of inference/serve_door.py). Every flag, the socket and the memory the cache needs are checked
+    before the weights load."""
+    import signal
+    import threading
+
+    from jaxmodel.checks import is_utf8
     from jaxmodel.config import MistralConfig
     from jaxmodel.hub import resolve_model
     from jaxmodel.storage import check_input_dir
 
+    if threading.current_thread() is threading.main_thread():  # SIGTERM while loading or compiling: as Ctrl-C
+        signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)  # (while serving, uvicorn's handler drains instead)
     requested, args.model_dir = args.model_dir, resolve_model(args.model_dir)  # a hub id -> its cached snapshot
     check_input_dir(args.model_dir, "model directory")
-    for flag, value, low in (("--slots", args.slots, 1), ("--max-model-len", args.max_model_len, 1),
+    for flag, value, low in (("--slots", args.slots, 1), ("--max-model-len", args.max_model_len, 2),
                              ("--port", args.port, 0), ("--max-queue", args.max_queue, 1),
                              ("--prefill-chunk", args.prefill_chunk, 16)):
         if value is not None and value < low:
             raise CommandError(f"{flag} {value}: must be >= {low}")
     if args.port > 65535:
         raise CommandError(f"--port {args.port}: must be <= 65535")
+    name = args.served_model_name
+    if name is not None and (not name.strip() or not name.isprintable() or not is_utf8(name)):
+        raise CommandError(f"--served-model-name {name!r}: must be printable text, not empty")
+    from jaxmodel import storage
     from jaxmodel.convert import config_source
 
-    context = MistralConfig.from_hf(config_source(args.model_dir)).max_position_embeddings  # before the weights
+    config = MistralConfig.from_hf(config_source(args.model_dir))  # before the weights
+    context = config.max_position_embeddings
     if args.max_model_len is not None and args.max_model_len > context:
         raise CommandError(f"--max-model-len {args.max_model_len}: more than the model's context ({context})")
+    max_len = args.max_model_len or min(context, 4096)
     import jax
-    import uvicorn
 
+    from inference import serve_door, server
     from inference.engine import Engine
     from inference.generator import Generator
-    from inference.server import create_app
 
     mesh = None
     if args.mesh:
         from jaxmodel.sharding import make_mesh
 
         mesh = make_mesh(_mesh_arg(args.mesh))
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+    serve_door.check_memory(config, slots=args.slots, max_model_len=max_len, dtype=args.dtype,
+                            kv_cache_dtype=args.kv_cache_dtype, quantize=args.quantize, devices=devices)
+    sock = serve_door.bind_socket(args.host, args.port)  # held from here: a bad address fails before the load
     gen = Generator.from_pretrained(args.model_dir, dtype=args.dtype, quantize=args.quantize,
                                     group_size=args.group_size, mesh=mesh,
                                     kv_cache_dtype=args.kv_cache_dtype, progress=True)
-    max_len = args.max_model_len or min(gen.config.max_position_embeddings, 4096)
+    door = serve_door.Door(serve_door.Limits(request_timeout=args.request_timeout,
+                                             max_connections=args.max_connections,
+                                             shutdown_grace=args.shutdown_grace))
     engine = Engine(gen.parts, slots=args.slots, max_model_len=max_len, kv_cache_dtype=args.kv_cache_dtype,
-                    prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, decode=gen.decode)
-    from jaxmodel import storage
-
-    name = args.served_model_name or storage.basename(requested)
+                    prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, decode=gen.decode,
+                    on_fatal=door.fail)
+    _serve_faults(engine)
+    name = name or storage.basename(requested)
     if not args.no_warmup:
         t = time.time()
         shapes = engine.warmup()
         print(f"normistral serve: compiled {shapes} step shapes in {time.time() - t:.1f} s", file=sys.stderr)
+    app = server.create_app(engine, gen.tokenizer, name, door)
     engine.start()
-    print(f"normistral serve: {name} on http://{args.host}:{args.port}/v1 ({args.slots} slots of {max_len} tokens, "
+    print(f"normistral serve: {name} on {serve_door.url_of(sock)}/v1 ({args.slots} slots of {max_len} tokens, "
           f"KV cache {engine.cache_bytes / 2**20:.1f} MiB, {jax.devices()[0].platform})", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(create_app(engine, gen.tokenizer, name), host=args.host, port=args.port, log_level="warning",
-                    timeout_graceful_shutdown=5)
+        failure = serve_door.run(app, sock)
     finally:
         engine.stop()
+    if failure is not None:  # exit non-zero so that a supervisor restarts the server
+        _fail(f"the engine stopped ({type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''})"
+              "; the server exited so that it can be restarted", status=1)
+
+
+def _sigterm_as_ctrl_c(signum, frame):
+    global _terminated
+    _terminated = True  # main() reports "terminated (SIGTERM)", exit status 143 (see _ctrl_c_handler)
+    raise KeyboardInterrupt
+
+
+def _serve_faults(engine) -> None:
+    """Test-only: NORMISTRAL_FAULTS="engine_fails_at_step=N" makes the engine's N-th step raise, as a
+    device error would (tests/inference/test_server_hostile.py checks the server then exits 1)."""
+    at = dict(item.split("=", 1) for item in os.environ.get("NORMISTRAL_FAULTS", "").split(",") if "=" in item)
+    if "engine_fails_at_step" not in at:
+        return
+    step, count = engine.step, [0]
+
+    def failing_step():
+        count[0] += 1
+        if count[0] >= int(at["engine_fails_at_step"]):
+            raise RuntimeError("injected fault: engine_fails_at_step")
+        step()
+
+    engine.step = failing_step
 
 
 def _demo(args):
@@ -473,13 +564,25 @@ QUANTIZE_CHOICES = ("int8", "int4")
 MODEL_HELP = "a Hugging Face (or import-hf) directory with its tokenizer, or a hub model id org/name[@revision]"
 
 
+DEFAULT_GROUP_SIZE = 128  # inference.quantize.DEFAULT_GROUP_SIZE (not imported here: see above)
+
+
 def add_quantize_flags(p) -> None:
-    """--quantize and --group-size (generate and serve)."""
+    """--quantize and --group-size (generate, serve and eval); _check_group_size pairs them after parsing."""
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                    help="weight-only int8 (per-output-channel scales) or int4 (per-group scales, packed), "
                         "quantized tensor by tensor while loading")
-    p.add_argument("--group-size", type=int, default=128, metavar="G",
-                   help="int4: inputs per scale (default 128; the whole axis where G does not divide it)")
+    p.add_argument("--group-size", type=positive_int, metavar="G",
+                   help=f"with --quantize int4: inputs per scale (default {DEFAULT_GROUP_SIZE}; the whole axis where "
+                        "G does not divide it)")
+
+
+def _check_group_size(parser, args) -> None:
+    """--group-size means something only for int4: refused otherwise (it would be ignored); then the default."""
+    if args.group_size is not None and args.quantize != "int4":
+        parser.error("--group-size needs --quantize int4")
+    if args.group_size is None:
+        args.group_size = DEFAULT_GROUP_SIZE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -513,10 +616,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile-check", help="compile a step ahead of time for a TPU topology; report memory")
     p.add_argument("--config", required=True, help="a run config YAML, or a bundled config's name")
     p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v5e:2x2, v6e:1x1")
-    p.add_argument("--mode", choices=["train", "prefill", "decode"], default="prefill")
+    p.add_argument("--mode", choices=["train", "prefill", "decode"], default="prefill",
+                   help="what to compile: prefill (the default: one forward over the inference section's batch "
+                        "and length, else the training shapes), decode (the whole generation program, its decode "
+                        "step and the serving engine's steps) or train (one training step)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--workdir", help="--mode train: the run's --workdir, so its data is checked as train checks it")
+    p.add_argument("--check-data", action="store_true",
+                   help="--mode train: also read remote (gs://) data, and fail if the data is missing (default: "
+                        "local data that exists is checked, the rest reported as not checked)")
     p.set_defaults(func=_compile_check)
 
     p = sub.add_parser("train", help="train (or resume) per a run config; metrics in WORKDIR/metrics.jsonl")
@@ -536,8 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-data", help="tokenize and pack text into memory-mapped training rows (resumable)")
     p.add_argument("--tokenizer", required=True, help="a Hugging Face tokenizer directory (local or gs://)")
     p.add_argument("--input", required=True, nargs="+", action="extend", metavar="SOURCE",
-                   help="one source each: a .jsonl[.gz|.zst] (field 'text'), .txt, .parquet file, a directory or "
-                        "glob of them, a save_to_disk dataset directory, or hf:NAME[:CONFIG]:SPLIT; local or gs://")
+                   help="one source each: a .jsonl or .txt file (each also .gz, .zst, .bz2, .xz), a .parquet file "
+                        "(letter case ignored), a directory or glob of them, a save_to_disk dataset directory, or "
+                        "hf:NAME[:CONFIG]:SPLIT; local or gs://")
     p.add_argument("--output", required=True, help="new data directory, local or gs:// (rerun to resume)")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per row")
     p.add_argument("--weights", type=float, nargs="+", metavar="W",
@@ -545,7 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="worker processes on this machine (default: all cores)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="ray: run the units as tasks on the Ray cluster ray.init() finds (RAY_ADDRESS)")
-    p.add_argument("--text-column", default="text", help="the text column of Parquet and dataset inputs")
+    p.add_argument("--text-column", default="text",
+                   help="the text field of JSON lines, the text column of Parquet and dataset inputs")
     p.add_argument("--unit-mb", type=float, default=32, help="MiB of input per work unit (part of the output's "
                    "layout: keep it when resuming)")
     p.set_defaults(func=_prepare_data)
@@ -560,13 +671,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generation call")
     p.add_argument("--stop-at-newline", action="store_true",
                    help="stop a row at any token containing a newline (the model card's stop set)")
-    p.add_argument("--output", metavar="FILE.jsonl", help="also write the results here (one JSON object per line)")
+    p.add_argument("--output", metavar="FILE.jsonl", help="also write the results here (one JSON object per line); "
+                   "never the --input file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file (when complete)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     add_quantize_flags(p)
     p.add_argument("--kv-cache-dtype", choices=["int8"], help="int8 KV cache (default: the compute dtype)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=positive_float, default=1.0)
-    p.add_argument("--top-k", type=non_negative_int, default=0, help="0: off")
+    p.add_argument("--top-k", type=_ranged(int, lambda v: 0 <= v < 2**31, "be an integer in [0, 2^31)"), default=0,
+                   help="0: off; above the vocabulary size it is off too")
     p.add_argument("--top-p", type=unit_interval, default=1.0, help="1.0: off")
     p.add_argument("--seed", type=integer, default=0)
     p.add_argument("--tokenizer", metavar="DIR",
@@ -579,15 +693,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="lm-evaluation-harness tasks (NorEval, ...) on the JAX model; lm-eval's table")
     p.add_argument("model", help="a Hugging Face or import-hf directory, or WORKDIR/checkpoints/STEP")
     p.add_argument("--tasks", required=True, metavar="T1,T2", help="lm-eval task, tag or group names, comma-separated")
-    p.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples (default: each task's own)")
-    p.add_argument("--limit", type=float, metavar="N", help="at most N documents per task (a fraction if below 1)")
+    p.add_argument("--num-fewshot", type=integer, metavar="K", help="few-shot examples (default: each task's own)")
+    p.add_argument("--limit", type=_limit, metavar="N",
+                   help="at most N documents per task (an integer), or a fraction of each task's documents (below 1)")
     p.add_argument("--output", metavar="results.json", help="write lm-eval's results JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file (when complete)")
     p.add_argument("--include-path", metavar="DIR", help="a directory of extra task YAMLs")
     p.add_argument("--log-samples", action="store_true", help="keep every request and response in the JSON")
-    p.add_argument("--batch-size", type=int, default=8, help="packed rows per scoring call; prompts per generate")
-    p.add_argument("--max-length", type=int, help="context window in tokens (default: the model's)")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="packed rows per scoring call; prompts per generate")
+    p.add_argument("--max-length", type=positive_int, help="context window in tokens (default: the model's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per-output-channel scales)")
+    add_quantize_flags(p)
     p.add_argument("--tokenizer", metavar="DIR", help="default: MODEL's own, or for a checkpoint step its run's")
     p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                    help="shard the model over a device mesh (default: one device; 1,-1,1 with several processes)")
@@ -608,6 +725,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call and row")
     p.add_argument("--served-model-name", help="the model id clients send (default: MODEL_DIR's name)")
     p.add_argument("--no-warmup", action="store_true", help="compile step shapes on first use, not at start")
+    p.add_argument("--max-connections", type=positive_int, default=512,
+                   help="open connections beyond which a new one is answered 503 and closed (default 512)")
+    p.add_argument("--request-timeout", type=positive_float, default=30.0, metavar="SECONDS",
+                   help="a request's headers, and then its body, must arrive within this (default 30; "
+                        "headers late: closed, body late: 408)")
+    p.add_argument("--shutdown-grace", type=non_negative_float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, running requests get this long to finish (default 10); queued "
+                        "ones get 503 at once")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("demo", help="the end-to-end run on a tiny local checkpoint (the Quickstart's main job)")
@@ -645,42 +770,65 @@ def main(argv=None) -> None:
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if argv is None:  # the program itself, not a call from Python (tests, notebooks)
         _ctrl_c_handler()
+        sys.stderr = _LineTracking(sys.stderr)
     try:
         _dispatch(args)
     except KeyboardInterrupt:
+        what, status = _interruption()
         try:
-            _fail("interrupted (Ctrl-C); outputs being written were removed, finished ones kept", status=130)
+            _fail(f"{what}; outputs being written were removed, finished ones kept", status=status)
         except SystemExit:
             if argv is None:  # the program itself (not a call from Python): end now. A computation or compile
                 # still running in native threads can crash the interpreter's shutdown (a segfault, exit -11).
                 sys.stdout.flush()
                 sys.stderr.flush()
-                os._exit(130)
+                os._exit(status)
             raise
+
+
+_terminated = False  # set by the SIGTERM handler: the KeyboardInterrupt that follows came from SIGTERM
+
+
+def _interruption() -> tuple[str, int]:
+    """What stopped the run, for the error line, and the exit status (128 + the signal's number)."""
+    return ("terminated (SIGTERM)", 143) if _terminated else ("interrupted (Ctrl-C)", 130)
 
 
 def _ctrl_c_handler() -> None:
     """Ctrl-C raises KeyboardInterrupt as usual, except inside a garbage-collector callback (JAX installs
     one), where the interpreter would print and swallow it and the run would go on; there it is raised
-    again a moment later, outside the callback (seen: a train interrupted while compiling kept training)."""
+    again a moment later, outside the callback (seen: a train interrupted while compiling kept training).
+    SIGTERM (`kill`, a scheduler, `docker stop`) takes the same path, with its own line and status 143;
+    `train` (preemption: save and exit 0) and uvicorn (`serve`) install their own while they run."""
     import _thread
     import gc
     import signal
     import threading
 
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        return
-
-    def handler(signum, frame):
+    def interrupt(signum, frame):
         callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
         while frame is not None:
             if frame.f_code in callbacks:
-                threading.Timer(0.05, _thread.interrupt_main, args=(signal.SIGINT,)).start()
+                threading.Timer(0.05, _thread.interrupt_main, args=(signum,)).start()
                 return
             frame = frame.f_back
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, handler)
+    def terminate(signum, frame):
+        global _terminated
+        _terminated = True
+        # Whatever handles Ctrl-C now handles this too: code that must not be interrupted mid-write
+        # defers Ctrl-C with its own SIGINT handler (jaxmodel/orbax_stream.py), and so defers SIGTERM.
+        on_ctrl_c = signal.getsignal(signal.SIGINT)
+        if callable(on_ctrl_c):
+            on_ctrl_c(signal.SIGINT, frame)
+        else:  # Ctrl-C ignored (a background job of a script): SIGTERM still stops the run
+            interrupt(signum, frame)
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupt)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # not one ignored by whoever started us
+        signal.signal(signal.SIGTERM, terminate)
 
 
 def _dispatch(args) -> None:
@@ -734,10 +882,29 @@ def _close_progress_bars() -> None:
             pass
 
 
+class _LineTracking:
+    """sys.stderr, remembering whether its last write ended a line. A signal can land inside a progress
+    bar's close(), between its last redraw (ending in a carriage return) and its newline: that bar is no
+    longer open for `_close_progress_bars`, and the error line must still start a line of its own."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.mid_line = False
+
+    def write(self, text):
+        if text:
+            self.mid_line = not text.endswith("\n")
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def _fail(message: str, status: int = 2):
     _close_progress_bars()
     sys.stdout.flush()
-    print(f"normistral: error: {message}", file=sys.stderr, flush=True)
+    start = "\n" if getattr(sys.stderr, "mid_line", False) else ""
+    print(f"{start}normistral: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(status) from None
 
 

@@ -53,7 +53,9 @@ setup(
         "eval": EVAL,
         "tpu": ["jax[tpu]==0.10.2"],
         "cuda": ["jax[cuda12]==0.10.2"],
-        "demo": ["matplotlib==3.11.2"],  # the demo's loss-curve PNG
+        # The demo's loss-curve PNG. Not torch (a multi-GB CUDA build from PyPI): without it the demo skips
+        # its step 7 (parity against transformers' PyTorch model) with a line saying how to install it.
+        "demo": ["matplotlib==3.11.2"],
         "ray": ["ray==2.60.0"],  # prepare-data --engine ray (training/prepare_ray.py)
         "hub": ["datasets==5.2.0"],  # prepare-data --input hf:NAME:SPLIT (streamed from the hub)
     },

@@ -24,8 +24,9 @@ What is compiled (both from a CPU-only machine, for the topology's real TPU exec
    decode step prefers, fixed in and out of both steps, so it stays in the compiler's layout between
    steps (the cache crosses a jit boundary every step; a row-major cache would be copied around each).
 
-Weights are in the model's param_dtype or int8 (`quantize: int8`); the cache in the compute dtype or
-int8 (`kv_cache_dtype: int8`).
+A program that cannot fit at all (libtpu refuses it: RESOURCE_EXHAUSTED) is reported with `fits: false`
+and the compiler's figures (`jaxmodel.aot.compile_and_report`), like one that compiles too large.
+
 Weights are in the model's param_dtype, int8 (`quantize: int8`) or packed int4 with a scale per
 `group_size` inputs (`quantize: int4`); the cache in the compute dtype or int8 (`kv_cache_dtype: int8`).
 `memory_gib` (optional) is the accelerator memory the config targets when it is smaller than the
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 from jax.experimental.layout import Format, Layout
 from jax.sharding import NamedSharding, PartitionSpec
 
-from inference.engine import PREFILL_ROWS, TOP_LOGPROBS, cache_format, engine_steps
+from inference.engine import PREFILL_ROWS, SAMPLE, TOP_LOGPROBS, cache_format, engine_steps
 from inference.generate import PREFILL_CHUNK, _generate_jit, bucket_length, decode_step
 from inference.kv_cache import KV_DTYPES, abstract_cache
 from inference.quantize import DEFAULT_GROUP_SIZE, MODES, _nbytes, abstract_quantized_state
@@ -109,14 +110,13 @@ def compile_decode(tree: dict, topology: str) -> dict:
     ids = _sds((batch, prompt), jnp.int32, mesh, ("batch", "length"))
     scalars = (_sds((), jnp.int32, mesh), _sds((), jnp.int32, mesh), _sds((), jnp.float32, mesh),
                _sds((), jnp.int32, mesh), _sds((), jnp.float32, mesh), jax.eval_shape(lambda: jax.random.key(0)))
-    with jax.set_mesh(mesh):
-        program = _generate_jit.lower(graphdef, False, width, opts.kv_cache_dtype, opts.prefill_chunk, state, ids,
-                                      ids, _sds((batch,), jnp.bool_, mesh), _sds((vocab,), jnp.bool_, mesh),
-                                      *scalars).compile()
     hbm = aot.hbm_bytes(devices[0])
     if opts.memory_gib is not None:
         hbm = min(hbm, int(opts.memory_gib * 1024**3))
-    report = aot.memory_report(program, hbm)
+    with jax.set_mesh(mesh):  # a program that cannot fit is reported (fits: false), not raised
+        report = aot.compile_and_report(_generate_jit, (state, ids, ids, _sds((batch,), jnp.bool_, mesh),
+                                                        _sds((vocab,), jnp.bool_, mesh), *scalars), hbm,
+                                        (graphdef, False, width, opts.kv_cache_dtype, opts.prefill_chunk))
 
     cache = abstract_cache(config, batch, opts.max_length, kv_dtype=opts.kv_cache_dtype, mesh=mesh)
     cache_formats = jax.tree.map(lambda s: Format(Layout.AUTO, s.sharding), cache)
@@ -126,7 +126,7 @@ def compile_decode(tree: dict, topology: str) -> dict:
                                  index.sharding),
                    out_shardings=(None, cache_formats))
     with jax.set_mesh(mesh):
-        step = step.lower(graphdef, state, tokens, cache, index).compile()
+        step_report = aot.compile_and_report(step, (state, tokens, cache, index), hbm, (graphdef,))
 
     engine = _compile_engine(graphdef, state, cache, mesh, batch, opts, hbm)
     nbytes = lambda tree: sum(_nbytes(x) for x in jax.tree.leaves(tree))  # noqa: E731 (int4: half a byte)
@@ -135,7 +135,20 @@ def compile_decode(tree: dict, topology: str) -> dict:
             "new_tokens": width, "prefill_chunk": opts.prefill_chunk, "quantize": opts.quantize,
             "group_size": opts.group_size if opts.quantize == "int4" else None,
             "kv_cache_dtype": opts.kv_cache_dtype, "param_bytes_total": nbytes(state),
-            "cache_bytes_total": nbytes(cache), **report, "decode_step": aot.memory_report(step, hbm), "engine": engine}
+            "cache_bytes_total": nbytes(cache), **report, "decode_step": step_report, "engine": engine}
+
+
+def _engine_does_not_fit(error, state, cache, slots: int, opts: InferenceOptions, hbm: int) -> dict:
+    """The engine's report when its decode step cannot even be compiled (libtpu: RESOURCE_EXHAUSTED)."""
+    report = aot.exhausted_report(error, (state, cache), hbm)
+    if report is None:
+        raise error
+    skipped = {"device_bytes": None, "fits": False, "compiler": "not compiled (the decode step does not fit)"}
+    return {"slots": slots, "max_model_len": opts.max_length, "top_logprobs": TOP_LOGPROBS, "decode_step": report,
+            "prefill_step": {"rows": 1, "chunk": opts.prefill_chunk, **skipped},
+            "prefill_step_first_chunk": {"prompts": min(PREFILL_ROWS, slots), "packed_tokens": opts.prefill_chunk,
+                                         **skipped},
+            "fits": False}
 
 
 def _compile_engine(graphdef, state, cache, mesh, slots: int, opts: InferenceOptions, hbm: int) -> dict:
@@ -144,25 +157,28 @@ def _compile_engine(graphdef, state, cache, mesh, slots: int, opts: InferenceOpt
     sampling = lambda n: (vec(n, jnp.float32), vec(n, jnp.int32), vec(n, jnp.float32), vec(n, jnp.int32),  # noqa: E731
                           vec(n, jnp.int32))
     with jax.set_mesh(mesh):
-        formats = cache_format(graphdef, state, cache, slots)
+        try:  # compiles the decode step to learn the cache's layout: the first program that may not fit
+            formats = cache_format(graphdef, state, cache, slots)
+        except Exception as e:  # noqa: BLE001 (JaxRuntimeError; anything but RESOURCE_EXHAUSTED is re-raised)
+            return _engine_does_not_fit(e, state, cache, slots, opts, hbm)
         leaves, treedef = jax.tree.flatten(state)
         decode_step, prefill_step, packed_step = engine_steps(formats, graphdef, treedef)
         decode = aot.compile_and_report(decode_step, (leaves, cache, vec(slots, jnp.int32), vec(slots, jnp.int32),
                                                       vec(slots, jnp.bool_), vec(slots, jnp.bool_),
                                                       *sampling(slots), vec(slots, jnp.int32),
-                                                      _sds((), jnp.bool_, mesh)), hbm, (False,))
+                                                      _sds((), jnp.bool_, mesh)), hbm, (SAMPLE,))
         flag = _sds((), jnp.bool_, mesh)
         # Prompts' first chunks packed in one row of prefill_chunk tokens (each attends over itself) ...
         rows = min(PREFILL_ROWS, slots)
         tokens = vec(opts.prefill_chunk, jnp.int32)
         first = aot.compile_and_report(packed_step, (leaves, cache, vec(rows, jnp.int32), vec(rows, jnp.int32), tokens,
                                                      tokens, tokens, tokens, *sampling(rows), flag), hbm,
-                                       (False, False, None))  # the whole row masked: the larger program
+                                       (SAMPLE, False, None))  # the whole row masked: the larger program
         # ... and a long prompt's later chunk (over the filled cache blocks).
         chunk = _sds((1, opts.prefill_chunk), jnp.int32, mesh)
         prefill = aot.compile_and_report(prefill_step, (leaves, cache, vec(1, jnp.int32), chunk, chunk,
                                                         vec(1, jnp.int32), chunk, *sampling(1), flag), hbm,
-                                         (False, False))
+                                         (SAMPLE, False))
     return {"slots": slots, "max_model_len": opts.max_length, "top_logprobs": TOP_LOGPROBS,
             "decode_step": decode, "prefill_step": {"rows": 1, "chunk": opts.prefill_chunk, **prefill},
             "prefill_step_first_chunk": {"prompts": rows, "packed_tokens": opts.prefill_chunk, **first},

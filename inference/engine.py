@@ -2,9 +2,10 @@
 
 Inside: `Request` (one prompt, its limits and sampling, and what it produced), `Engine` (`submit`,
 `cancel`, `step`, `run`, `start` / `stop` for a background thread, `warmup`, `metrics`), `EngineError`,
-`EngineFull`, the device steps `_packed_prefill_step` / `_prefill_step` / `_decode_step` (pure functions),
-`cache_format` and `engine_steps` (their jitted forms with the cache in one fixed format, what the engine
-runs and what `compile-check` compiles).
+`EngineFull`, the compile counter (`Engine.compiles`, fed by one process-wide `jax.monitoring` listener),
+the device steps `_packed_prefill_step` / `_prefill_step` / `_decode_step` (pure functions), `cache_format`
+and `engine_steps` (their jitted forms with the cache in one fixed format, what the engine runs and what
+`compile-check` compiles).
 
 How it runs. The engine owns one KV cache of `slots` rows, each a contiguous row of S = max_model_len
 slots (memory: slots x S x layers x 2 x kv heads x head_dim x bytes, accounted by `cache_bytes`). A row
@@ -40,9 +41,11 @@ at different lengths share one step (the model's forward with a per-row `write_i
 Shapes are bucketed so a running engine does not recompile: decode has one shape ([slots]); packed
 prefill one per width of the `prefill_width` ladder up to prefill_chunk (always `prefill_rows` prompt
 entries), and a banded one per width where `prompt_window` applies; later chunks one ([1, prefill_chunk]).
-`warmup()` compiles them all up front. Sampling rows and prompt log-probabilities are separate
-(lazily compiled) variants, so a greedy workload never pays for sampling; the sort for top-logprob
-alternatives runs only in calls where a row asks for them (a run-time flag, no second program). The
+Prompt log-probabilities (full logits for every position) double the prefill programs. Sampling and the
+sort for top-logprob alternatives are run-time flags (a `cond`: they run only in calls where a row asks for
+them, no second program), so a greedy workload never pays for them. `warmup()` compiles every program a
+request can select up front, and `compiles` counts the XLA compilations of steps and warm-up (none after
+it: a compile in a running server would stall every stream). The
 steps take the graphdef closed over and the state as its flat list of leaves (`_bound`): per call, jit
 hashes a few flags instead of a model graph. On CPU, give the engine a model whose layer stack is split
 (`jaxmodel.model.unstack_layers`, as `Generator` loads it there): XLA CPU copies a stacked layer's
@@ -66,13 +69,27 @@ before temperature, as OpenAI and vLLM report it) and the top `top_logprobs` alt
 Threading: `submit` / `cancel` may be called from any thread; `step` from one thread only (the caller's
 for offline use, or the engine's own after `start()`). `Request.on_update` is called from that thread.
 
+Failures. `check` (called by `submit`) refuses with EngineError what could never be served, every numeric
+field included (a value the engine's int32 / float32 arrays cannot hold, such as top_k = 2^40, never
+reaches its thread). A request that fails in the loop all the same (changed after `submit`, or its decode
+function or `on_update` callback raises) is finished alone with finish_reason "error" and `Request.error`
+(one line) and the engine goes on. Anything else that escapes a step (a device error) stops the background
+loop: every queued and running request is finished with "error", `fatal` keeps the exception, `submit`
+refuses from then on, and `on_fatal(e)` is called from the engine's thread (the server exits then).
+
+Metrics take fixed memory: tokens/s from a ring of 0.1 s buckets over the last 10 s, TTFT from the last
+1000 requests, whether or not anyone reads them.
+
 Shape letters: B slots, P prefill rows, C chunk length, V vocab, S cache slots per row.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
+import math
+import operator
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -92,7 +109,9 @@ FREE, PREFILL, DECODE = 0, 1, 2
 TOP_LOGPROBS = 5  # alternatives computed per token (OpenAI's completions API allows at most 5)
 PREFILL_ROWS = 8  # prompts per packed prefill call, by default
 PROMPT_WINDOW = 64  # packed prompts up to this long attend over a band of keys (`prompt_window`)
-
+SAMPLE = True  # the engine's steps can sample (`_pick`: only in calls where a row does; one program for both)
+RATE_WINDOW, RATE_BUCKETS = 10.0, 100  # tokens/s over the last 10 s, counted in 0.1 s buckets (fixed memory)
+INT32 = 2**31
 
 
 def _host(x) -> np.ndarray:
@@ -110,6 +129,50 @@ class EngineError(GenerateError):
 
 class EngineFull(EngineError):
     """The queue is at its bound: try again later (the server answers 429)."""
+
+
+# -- compile counting ----------------------------------------------------------------------------------
+
+_COMPILING = threading.local()  # .engine: the engine whose step or warm-up runs in this thread
+_LISTENING = threading.Lock()
+_listener_registered = False
+
+
+def _on_duration_event(event: str, duration: float, **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        engine = getattr(_COMPILING, "engine", None)
+        if engine is not None:
+            engine.compiles += 1
+
+
+def _listen_for_compiles() -> None:
+    """Registers, once per process, the listener that counts XLA compilations into the engine whose step
+    or warm-up runs in the compiling thread (jax.monitoring's listeners are global: one per engine would
+    pile up and count every engine's compiles in each)."""
+    global _listener_registered
+    with _LISTENING:
+        if not _listener_registered:
+            jax.monitoring.register_event_duration_secs_listener(_on_duration_event)
+            _listener_registered = True
+
+
+def _integer(value, name: str, low: int, high: int) -> None:
+    """Refuses (EngineError) a Request field that is not an integer in [low, high)."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise EngineError(f"{name} must be an integer, got {value!r}") from None
+    if not low <= number < high:
+        raise EngineError(f"{name}={number} is out of range [{low}, {high})")
+
+
+def _number(value, name: str, low: float, high: float, *, open_low: bool = False) -> None:
+    """Refuses a Request field that is not a finite number in [low, high] ((low, high] if open_low)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise EngineError(f"{name} must be a number, got {value!r}")
+    ok = math.isfinite(value) and (low < value if open_low else low <= value) and value <= high
+    if not ok:
+        raise EngineError(f"{name}={value} is out of range {'(' if open_low else '['}{low}, {high}]")
 
 
 @dataclass(eq=False)
@@ -134,7 +197,8 @@ class Request:
     prompt_token_logprobs: list = field(default_factory=list)  # for prompt[1:]
     prompt_top_logprobs: list = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    error: str | None = None  # with finish_reason "error": why, in one line (what the server reports)
     cancelled: bool = False
     submitted_at: float = 0.0
     first_token_at: float | None = None
@@ -157,6 +221,12 @@ class Request:
         text = text.rstrip("\ufffd")
         hold = max((len(s) for s in self.stop_strings), default=1) - 1
         return text[: max(len(text) - hold, 0)] if hold else text
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def prompt_window(counts, width: int) -> int | None:
@@ -187,12 +257,17 @@ def _top(logp, want):
 
 def _pick(logits, sample: bool, temperature, top_k, top_p, seeds, streams, steps, want_top):
     """Next tokens [B] from float32 logits [B, V], with their log-probabilities and the top alternatives
-    (zeros unless want_top)."""
+    (zeros unless want_top). sample (static): whether the program can sample at all; if so it samples
+    only in calls where a row asks (temperature > 0, a run-time `cond`: a greedy call never runs the sort
+    over the vocabulary), so one program serves greedy and sampled calls (the engine's: sample=True)."""
     token = greedy(logits)
     if sample:
-        keys = jax.vmap(lambda s, r, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), r), t))(
-            seeds, streams, steps)
-        token = jnp.where(temperature > 0, sample_rows(logits, keys, temperature, top_k, top_p), token)
+        def sampled():
+            keys = jax.vmap(lambda s, r, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), r), t))(
+                seeds, streams, steps)
+            return jnp.where(temperature > 0, sample_rows(logits, keys, temperature, top_k, top_p), token)
+
+        token = jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: token)
     logp = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
     return token, chosen, *_top(logp, want_top)
@@ -306,7 +381,7 @@ def cache_format(graphdef, state, cache: KVCache, slots: int) -> KVCache:
                        in_shardings=(None, auto) + (None,) * (DECODE_DYNAMIC - 2),
                        out_shardings=Format(Layout.AUTO))  # all AUTO: donation pairs buffers by shape
         vec = lambda dt: jax.ShapeDtypeStruct((slots,), dt)  # noqa: E731
-        exe = step.lower(graphdef, False, state, cache, vec(jnp.int32), vec(jnp.int32), vec(jnp.bool_),
+        exe = step.lower(graphdef, SAMPLE, state, cache, vec(jnp.int32), vec(jnp.int32), vec(jnp.bool_),
                          vec(jnp.bool_), vec(jnp.float32),
                          vec(jnp.int32), vec(jnp.float32), vec(jnp.int32), vec(jnp.int32), vec(jnp.int32),
                          jax.ShapeDtypeStruct((), jnp.bool_)).compile()
@@ -351,7 +426,7 @@ class Engine:
     def __init__(self, model, *, slots: int = 8, max_model_len: int | None = None, kv_cache_dtype: str | None = None,
                  prefill_chunk: int = 256, prefill_rows: int = PREFILL_ROWS, prefill_batch: int | None = None,
                  max_prefill_wait: int = 4, max_queue: int = 1024, decode: Callable[[list[int]], str] | None = None,
-                 overlap: bool = True):
+                 overlap: bool = True, on_fatal: Callable[[BaseException], None] | None = None):
         """model: an `nnx.Module` or its (graphdef, state) (int8 `QArray` weights work as they are).
         prefill_batch / max_prefill_wait: while other rows decode and more requests are queued, a prefill
         call waits until `prefill_batch` rows (default: a quarter of the slots, at most `prefill_rows`) are
@@ -359,7 +434,9 @@ class Engine:
         one per step; with an empty queue a new row is prefilled at once).
         decode: token ids -> text (skipping special tokens); needed for stop strings and `text`.
         overlap: read each decode call's tokens one step late, while the device runs the next call (see
-        `step`); False reads them in the step that made the call."""
+        `step`); False reads them in the step that made the call.
+        on_fatal: called (from the engine's thread) with the exception that stopped the background loop,
+        after every waiting and running request was finished with an error (see `_die`)."""
         self.graphdef, self.state = _split(model)
         merged = nnx.merge(self.graphdef, self.state)
         self.config = merged.config
@@ -413,11 +490,19 @@ class Engine:
         self.generated_tokens = 0
         self.finished_requests = 0
         self.aborted_requests = 0
-        self._recent_tokens: collections.deque = collections.deque()  # (time, tokens) of the last steps
-        self.ttft: collections.deque = collections.deque(maxlen=1000)
+        # Generated tokens per 0.1 s tick, a ring of the last RATE_WINDOW seconds: fixed memory however
+        # long nobody reads the metrics (a list of every token's time grew ~64 bytes a token).
+        self._rate_counts = [0] * RATE_BUCKETS
+        self._rate_ticks = [-1] * RATE_BUCKETS  # the tick each bucket counts
+        self.ttft: collections.deque = collections.deque(maxlen=1000)  # the last 1000 requests' TTFT
         self.decode_steps = 0
         self.prefill_calls = 0
         self.prefill_tokens = 0  # computed, padding included: the width of every prefill call (one row)
+        self.compiles = 0  # XLA compilations in this engine's steps and warm-up
+        self.failed_requests = 0  # finished with finish_reason "error"
+        self.on_fatal = on_fatal
+        self.fatal: BaseException | None = None  # what stopped the background loop
+        _listen_for_compiles()
 
     # -- requests ---------------------------------------------------------------------------------------
 
@@ -426,22 +511,35 @@ class Engine:
         n, vocab = len(request.prompt), self.config.vocab_size
         if n == 0:
             raise EngineError("the prompt is empty")
-        if request.max_tokens < 0:
-            raise EngineError(f"max_tokens must be >= 0, got {request.max_tokens}")
+        _integer(request.max_tokens, "max_tokens", 0, INT32)
         if n + request.max_tokens > self.max_model_len:
             raise EngineError(f"the prompt has {n} tokens; with max_tokens={request.max_tokens} that exceeds "
                               f"max_model_len={self.max_model_len}")
-        bad = [t for t in request.prompt if not 0 <= int(t) < vocab]
-        if bad:
+        ids = np.asarray(request.prompt)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise EngineError("the prompt must be a list of token ids")
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if len(bad):
             raise EngineError(f"token id {bad[0]} is out of range [0, {vocab})")
+        # The sampling fields go into int32 / float32 arrays on the engine's thread: a value they cannot
+        # hold must be refused here, not raise there.
+        _number(request.temperature, "temperature", 0.0, float(np.finfo(np.float32).max))
+        _integer(request.top_k, "top_k", 0, INT32)
+        _number(request.top_p, "top_p", 0.0, 1.0, open_low=True)
+        _integer(request.seed, "seed", -(2**63), 2**64)
+        _integer(request.stream_id, "stream_id", 0, INT32)
+        _integer(request.logprobs, "logprobs", 0, TOP_LOGPROBS + 1)
         if (request.stop_strings or request.incremental) and self.decode is None:
             raise EngineError("stop strings and streaming need the engine's decode function (a tokenizer)")
 
     def submit(self, request: Request, *, block: bool = False) -> Request:
-        """Queues a request (raises EngineFull above max_queue unless block)."""
+        """Queues a request (raises EngineFull above max_queue unless block; EngineError once the
+        background loop has stopped on a fatal error)."""
         self.check(request)
         request.submitted_at = time.perf_counter()
         with self._lock:
+            if self.fatal is not None:
+                raise EngineError(f"the engine stopped: {_one_line(self.fatal)}")
             if not block and len(self.queue) >= self.max_queue:
                 raise EngineFull(f"the queue is full ({self.max_queue} requests waiting)")
             self.queue.append(request)
@@ -492,14 +590,40 @@ class Engine:
             self._thread = None
 
     def _loop(self) -> None:
-        while self._running:
-            with self._lock:
-                while self._running and self.idle():
-                    self._lock.wait(timeout=1.0)
-            if self._running:
-                self.step()
+        try:
+            while self._running:
+                with self._lock:
+                    while self._running and self.idle():
+                        self._lock.wait(timeout=1.0)
+                if self._running:
+                    self.step()
+        except BaseException as e:  # not one request's fault (those fail alone, in `step`): a device error
+            self._die(e)
+
+    def _die(self, e: BaseException) -> None:
+        """The background loop is stopping on `e`: every queued and running request is finished with
+        finish_reason "error" (no client waits forever), later submits are refused, then `on_fatal(e)`
+        (without one, `e` is raised again: the thread's excepthook prints it)."""
+        with self._lock:
+            self.fatal, self._running = e, False
+            victims = list(self.queue) + [r for r in self.requests if r is not None]
+            self.queue.clear()
+            self.requests = [None] * self.slots
+            self.phase[:] = FREE
+            self._inflight = None
+        for r in victims:
+            self._finish(r, "error", f"the engine stopped: {_one_line(e)}")
+        if self.on_fatal is None:
+            raise e
+        self.on_fatal(e)
 
     def step(self) -> None:
+        """One scheduling round (see `_step`); XLA compilations in it count in `compiles` (none after
+        `warmup`)."""
+        with self._counting():
+            self._step()
+
+    def _step(self) -> None:
         """One scheduling round: admit; dispatch one prefill call and one decode call; then, while the
         device runs them, read the previous decode call's tokens and this prefill's (stop checks free
         slots at once). Decode results are read one step late so that the host's work (reading,
@@ -516,9 +640,8 @@ class Engine:
                 if r is not None and r.cancelled:
                     self._free(b, "abort")
             for b in np.flatnonzero(self.phase == FREE):
-                if not self.queue:
-                    break
-                self._admit(int(b), self.queue.popleft())
+                while self.queue and not self._admit(int(b), self.queue.popleft()):
+                    pass  # that request failed alone; the slot goes to the next one
         prefill = None
         if self._prefill_due():
             self._prefill_waited = 0
@@ -552,13 +675,21 @@ class Engine:
                 or self._prefill_waited >= self.max_prefill_wait
                 or any(self.requests[b]._prefilled > 0 for b in waiting))  # a long prompt's next chunk
 
-    def _admit(self, b: int, r: Request) -> None:
+    def _admit(self, b: int, r: Request) -> bool:
+        """Gives slot b to r; False (and r finished with an error, the slot left free) if r cannot run:
+        checked again here, since a Request may have been changed after `submit`."""
+        try:
+            self.check(r)
+            self.temperature[b], self.top_k[b], self.top_p[b] = r.temperature, r.top_k, r.top_p
+            self.seeds[b], self.streams[b] = np.int32(r.seed & 0x7FFFFFFF), r.stream_id
+        except Exception as e:  # this request's fault: it fails alone and the loop goes on
+            self._finish(r, "error", _one_line(e))
+            return False
         self.requests[b] = r
         self.phase[b] = PREFILL
         self.dispatched[b] = 0
         r._prefilled = 0
-        self.temperature[b], self.top_k[b], self.top_p[b] = r.temperature, r.top_k, r.top_p
-        self.seeds[b], self.streams[b] = np.int32(r.seed & 0x7FFFFFFF), r.stream_id
+        return True
 
     def _call(self, fn, *args, **kwargs):
         if self.mesh is None:
@@ -627,10 +758,9 @@ class Engine:
             args = (rows, ids, mask, np.array([reqs[0]._prefilled], np.int32), targets)
         fresh = [b for b, r, n in zip(group, reqs, counts) if r._prefilled + n == len(r.prompt) and r.max_tokens > 0]
         self.dispatched[fresh] = 1  # their first tokens come from this call
-        sample = bool((sampling[0] > 0).any())
         alternatives = any(r.logprobs for r in reqs)
         want_top = np.bool_(alternatives or reqs[0].prompt_logprobs)
-        out = self._call(step, sample, bool(reqs[0].prompt_logprobs), *statics, self.leaves, self.cache, *args,
+        out = self._call(step, SAMPLE, bool(reqs[0].prompt_logprobs), *statics, self.leaves, self.cache, *args,
                          *sampling, want_top)
         self.cache = out[-1]
         self.prefill_calls += 1
@@ -665,10 +795,9 @@ class Engine:
 
     def _dispatch_decode(self, active, fresh, prefill: dict | None):
         """Sends one decode call for the `active` rows; returns what `_finish_decode` needs."""
-        sample = bool((self.temperature[active] > 0).any())
         want_top = any(self.requests[b].logprobs for b in np.flatnonzero(active))
         first = self._tokens if prefill is None else prefill["first"]
-        out = self._call(self._decode_step, sample, self.leaves, self.cache, self._tokens, first, fresh, active,
+        out = self._call(self._decode_step, SAMPLE, self.leaves, self.cache, self._tokens, first, fresh, active,
                          self.temperature, self.top_k, self.top_p, self.seeds, self.streams, self.dispatched.copy(),
                          np.bool_(want_top))
         self.cache, self._tokens = out[-1], out[0]
@@ -694,7 +823,22 @@ class Engine:
         if r.logprobs:
             r.top_logprobs.append(list(zip(top_ids[i, : r.logprobs].tolist(), top_lp[i, : r.logprobs].tolist())))
         self.generated_tokens += 1
-        self._recent_tokens.append((now, 1))
+        self._count_token(now)
+        try:
+            self._stop_or_update(b, r, token)
+        except Exception as e:  # its decode function or its callback raised: this request fails alone
+            if self.requests[b] is r:
+                self._free(b, "error", _one_line(e))
+
+    def _count_token(self, now: float) -> None:
+        tick = int(now * RATE_BUCKETS / RATE_WINDOW)
+        i = tick % RATE_BUCKETS
+        if self._rate_ticks[i] != tick:  # the bucket held a tick RATE_WINDOW ago or more: reuse it
+            self._rate_ticks[i], self._rate_counts[i] = tick, 0
+        self._rate_counts[i] += 1
+
+    def _stop_or_update(self, b: int, r: Request, token: int) -> None:
+        """Frees row b if r's new token ends it (a stop id or string, max_tokens), else tells r's callback."""
         reason = None
         if token in r.stop_ids:
             reason = "stop"
@@ -715,68 +859,105 @@ class Engine:
         elif r.on_update is not None:
             r.on_update(r)
 
-    def _free(self, b: int, reason: str) -> None:
+    def _free(self, b: int, reason: str, error: str | None = None) -> None:
         r = self.requests[b]
         self.requests[b] = None
         self.phase[b] = FREE
-        self._finish(r, reason)
+        self._finish(r, reason, error)
 
-    def _finish(self, r: Request, reason: str) -> None:
+    def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
+        """Ends r (reason "error" with `error`, the one-line why). Its decode function or callback
+        raising here cannot hold up the others: the first makes it an error, the second is ignored (r
+        is finished and `done` set whatever its callback does)."""
         if self.decode is not None and not r._cut:
-            r.text = self.decode(r.tokens)
-        r.finish_reason = reason
+            try:
+                r.text = self.decode(r.tokens)
+            except Exception as e:
+                reason, error = "error", error or _one_line(e)
+        r.finish_reason, r.error = reason, error
         r.finished_at = time.perf_counter()
         self.finished_requests += 1
         self.aborted_requests += reason == "abort"
+        self.failed_requests += reason == "error"
         r.done.set()
         if r.on_update is not None:
-            r.on_update(r)
+            with contextlib.suppress(Exception):
+                r.on_update(r)
 
     # -- warmup and metrics --------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _counting(self):
+        """XLA compilations in this thread inside the block count as this engine's (`compiles`)."""
+        outer = getattr(_COMPILING, "engine", None)
+        _COMPILING.engine = self
+        try:
+            yield
+        finally:
+            _COMPILING.engine = outer
+
     def warmup(self) -> int:
-        """Compiles the greedy decode step and every prefill bucket now (packed first chunks at every width
-        of the ladder, banded too where `prompt_window` allows; a later chunk at `prefill_chunk`); returns
-        how many programs."""
+        """Compiles, now, every program a request can select, so that serving never compiles: with and
+        without prompt logprobs, the packed first-chunk prefill at every width of the ladder (banded too
+        where `prompt_window` allows) and a later chunk at `prefill_chunk`; and the decode step. (Sampling
+        and top-logprob alternatives are run-time flags: no programs of their own.) Returns how many."""
+        programs = 0
+        with self._counting():
+            for prompt_lp in (False, True):
+                n, first = self._warm_prefill(prompt_lp)
+                programs += n
+            self._warm_decode(first)
+            jax.block_until_ready(self.cache)
+        return programs + 1
+
+    def _warm_prefill(self, prompt_lp: bool) -> tuple[int, jax.Array]:
+        """Compiles the prefill programs with or without prompt logprobs on padding rows (they write
+        nowhere) -> (how many, the last call's first tokens per row: zeros, on the device)."""
         z = lambda n, dt=np.int32: np.zeros(n, dt)  # noqa: E731
         p = self.prefill_rows
         sampling = (z(p, np.float32), z(p), np.ones(p, np.float32), z(p), z(p))
         rows = np.full(p, self.slots, np.int32)  # writes nowhere
-        width, shapes = 0, 0
+        width, programs = 0, 0
         while width < self.prefill_chunk:
             width = prefill_width(width + 1, self.prefill_chunk)
             for window in dict.fromkeys((None, prompt_window([1], width))):  # banded too where it applies
-                out = self._call(self._packed_step, False, False, window, self.leaves, self.cache, rows, z(p),
+                out = self._call(self._packed_step, SAMPLE, prompt_lp, window, self.leaves, self.cache, rows, z(p),
                                  z(width), z(width), z(width), z(width), *sampling, np.bool_(False))
                 self.cache = out[-1]
-                shapes += 1
+                programs += 1
         c = self.prefill_chunk
-        out = self._call(self._prefill_step, False, False, self.leaves, self.cache, rows[:1], z((1, c)), z((1, c)),
-                         z(1), z((1, c)), *(a[:1] for a in sampling), np.bool_(False))
-        self.cache, first = out[-1], out[-2]  # first tokens per row (zeros: it wrote nowhere), on the device
-        # The decode step's token inputs are device arrays in a run (a prefill's first tokens, the previous
-        # decode's tokens); numpy ones would be a second program (other input shardings): start from those.
+        out = self._call(self._prefill_step, SAMPLE, prompt_lp, self.leaves, self.cache, rows[:1], z((1, c)),
+                         z((1, c)), z(1), z((1, c)), *(a[:1] for a in sampling), np.bool_(False))
+        self.cache = out[-1]
+        return programs + 1, out[-2]
+
+    def _warm_decode(self, first: jax.Array) -> None:
+        """Compiles the decode step (all rows inactive: it writes nowhere). Its token inputs are device
+        arrays in a run (a prefill's first tokens, the previous decode's tokens); numpy ones would be
+        another program (other input shardings): warm it with those."""
         self._tokens = first
         inactive = np.zeros(self.slots, bool)
-        for _ in range(2):  # fed by a prefill, then by a decode: the inputs a run passes
-            out = self._call(self._decode_step, False, self.leaves, self.cache, self._tokens, first, inactive,
-                             inactive, self.temperature, self.top_k, self.top_p, self.seeds, self.streams,
-                             z(self.slots), np.bool_(False))
+        for fed in (first, None):  # fed by a prefill, then by the decode before: the inputs a run passes
+            out = self._call(self._decode_step, SAMPLE, self.leaves, self.cache, self._tokens,
+                             self._tokens if fed is None else fed, inactive, inactive, self.temperature, self.top_k,
+                             self.top_p, self.seeds, self.streams, np.zeros(self.slots, np.int32), np.bool_(False))
             self.cache, self._tokens = out[-1], out[0]
-        jax.block_until_ready(self.cache)
-        return shapes + 2
+
+    def tokens_per_second(self, now: float | None = None) -> float:
+        """Tokens generated in the last RATE_WINDOW seconds (to 0.1 s: the ticks after the one RATE_WINDOW
+        ago), per second."""
+        tick = int((time.perf_counter() if now is None else now) * RATE_BUCKETS / RATE_WINDOW)
+        recent = sum(n for n, t in zip(self._rate_counts, self._rate_ticks) if tick - RATE_BUCKETS < t <= tick)
+        return recent / RATE_WINDOW
 
     def metrics(self) -> dict:
-        now = time.perf_counter()
-        while self._recent_tokens and now - self._recent_tokens[0][0] > 10.0:
-            self._recent_tokens.popleft()
         ttft = sorted(self.ttft)
         pick = lambda q: round(ttft[min(int(q * len(ttft)), len(ttft) - 1)], 4) if ttft else None  # noqa: E731
         return {"queue_depth": self.queue_depth, "active_slots": self.active_slots, "slots": self.slots,
-                "tokens_per_second": round(sum(n for _, n in self._recent_tokens) / 10.0, 2),
+                "tokens_per_second": round(self.tokens_per_second(), 2),
                 "generated_tokens_total": self.generated_tokens, "finished_requests_total": self.finished_requests,
-                "aborted_requests_total": self.aborted_requests,
+                "aborted_requests_total": self.aborted_requests, "failed_requests_total": self.failed_requests,
                 "ttft_seconds_p50": pick(0.5), "ttft_seconds_p99": pick(0.99), "decode_steps_total": self.decode_steps,
                 "prefill_calls_total": self.prefill_calls, "prefill_tokens_total": self.prefill_tokens,
-                "max_model_len": self.max_model_len,
+                "max_model_len": self.max_model_len, "compiles_total": self.compiles,
                 "kv_cache_bytes": self.cache_bytes}

@@ -262,8 +262,12 @@ def read_jsonl(path: str) -> list[dict]:
 
     storage.check_input_file(path, "JSON-lines file of prompts")
     records = []
-    with storage.open(path) as f:
-        for number, line in enumerate(f, 1):
+    with storage.open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is named with its line
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise GenerateError(f"{path}:{number}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:

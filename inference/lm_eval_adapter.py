@@ -2,8 +2,12 @@
 
 Inside: `NorMistralLM` (registered with lm-eval as `normistral`), `EvalError`, `load_tokenizer`,
 `evaluate(lm, tasks, ...)` (a thin wrapper over `lm_eval.simple_evaluate` that checks the tasks first),
-`check_tasks`, and `main()` (`python -m inference.lm_eval_adapter ...`: lm-eval's own command line with
-this model registered).
+`check_tasks`, `check_task_settings` (few-shot count and generation room, before the model loads), and
+`main()` (`python -m inference.lm_eval_adapter ...`: lm-eval's own command line with this model
+registered; a user's mistake there is one line `normistral: error: ...` and exit status 2, too).
+
+Errors name what the user typed: `max_length=4` through lm-eval's `--model_args`, `--max-length 4` through
+`normistral eval` (which constructs the model with `cli=True`).
 
 Registration: lm-eval 0.4.13 finds models only in its registry (it has no entry-point discovery for
 models), so importing this module registers `normistral` (`@register_model`). Then
@@ -26,10 +30,12 @@ Request types, each computed so that the numbers equal lm-eval's `hf` model (HFL
   `until` string (lm-eval's `postprocess_generated_text`), as HFLM does. A stop string split across
   tokens does not stop the row early; the cut at the text still gives HFLM's answer.
 
-Model arguments (`--model_args key=value,...`): pretrained (a Hugging Face or import-hf directory, or a
-training checkpoint step WORKDIR/checkpoints/STEP; passed to `jaxmodel.from_pretrained` as given),
-tokenizer (default: pretrained's own; for a checkpoint step, the run's tokenizer), dtype (bfloat16),
-quantize (int8), batch_size (rows of packed requests per call, and prompts per generation call),
+Model arguments (`--model_args key=value,...`): pretrained (a Hugging Face or import-hf directory, a
+training checkpoint step WORKDIR/checkpoints/STEP, or a hub id org/name[@revision]; passed to
+`jaxmodel.from_pretrained`), tokenizer (default: pretrained's own; for a checkpoint step, the run's
+tokenizer; never one with more tokens than the model's vocab_size), dtype (bfloat16),
+quantize (int8 or int4), group_size (int4: inputs per scale, 128), batch_size (rows of packed requests per
+call, and prompts per generation call),
 max_length (default: the config's max_position_embeddings, as HFLM), mesh (DATAxFSDPxTENSOR, e.g. 1x-1x1;
 commas separate model_args), min_row (shortest packed row), max_gen_toks (256), add_bos_token,
 prefix_token_id.
@@ -55,7 +61,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs, postprocess_generated_text
 from tqdm.auto import tqdm
 
-from inference.scoring import MIN_ROW, Scorer, ScoreRequest
+from inference.scoring import MIN_ROW, ScoreError, Scorer, ScoreRequest
 
 
 class EvalError(ValueError):
@@ -91,9 +97,9 @@ def _step_dir_tokenizer(path: str) -> list[str]:
     return out
 
 
-def load_tokenizer(tokenizer: str | None, pretrained: str | None):
+def load_tokenizer(tokenizer: str | None, pretrained: str | None, *, flag: str = "tokenizer="):
     """A transformers tokenizer from `tokenizer`, else `pretrained`, else (a checkpoint step) its run's.
-    Never trust_remote_code."""
+    Never trust_remote_code. flag: how the error's hint spells the tokenizer argument."""
     import transformers
 
     from jaxmodel import storage
@@ -108,7 +114,7 @@ def load_tokenizer(tokenizer: str | None, pretrained: str | None):
                 return transformers.AutoTokenizer.from_pretrained(local)
             except (OSError, ValueError) as e:
                 raise EvalError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
-    raise EvalError(f"{tokenizer or pretrained}: no tokenizer found (tokenizer.json); pass tokenizer=DIR")
+    raise EvalError(f"{tokenizer or pretrained}: no tokenizer found (tokenizer.json); pass {flag}DIR")
 
 
 def _mesh(spec):
@@ -127,7 +133,12 @@ def _mesh(spec):
     return make_mesh(tuple(spec)) if isinstance(spec, (tuple, list)) else spec
 
 
-def _positive(name: str, value, default=None) -> int:
+def _arg(name: str, value, cli: bool) -> str:
+    """How the user spelled an argument: `--max-length 4` (normistral eval) or `max_length=4` (model_args)."""
+    return f"--{name.replace('_', '-')} {value}" if cli else f"{name}={value!r}"
+
+
+def _positive(name: str, value, default=None, cli: bool = False) -> int:
     if value is None or value == "auto":
         return default
     try:
@@ -135,8 +146,17 @@ def _positive(name: str, value, default=None) -> int:
     except (TypeError, ValueError):
         number = 0
     if number < 1 or str(number) != str(value).strip():
-        raise EvalError(f"{name}={value!r}: expected a positive integer")
+        raise EvalError(f"{_arg(name, value, cli)}: expected a positive integer")
     return number
+
+
+def _check_vocabulary(tokenizer, config, where: str) -> None:
+    """A tokenizer with more tokens than the model's embedding has rows is refused: its ids from vocab_size
+    up index past the table, and the scores would be garbage (NaN bits-per-byte, chance accuracy)."""
+    if len(tokenizer) > config.vocab_size:
+        raise EvalError(f"{where} has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}: "
+                        f"ids {config.vocab_size} and up have no embedding row; use the tokenizer the model was "
+                        "trained with")
 
 
 # -- the lm-eval model --------------------------------------------------------------------------------
@@ -148,20 +168,27 @@ class NorMistralLM(TemplateLM):
     training run's current parameters) with `tokenizer` (a path or a transformers tokenizer)."""
 
     def __init__(self, pretrained: str | None = None, *, model=None, tokenizer=None, dtype: str = "bfloat16",
-                 quantize: str | None = None, batch_size=8, max_length=None, mesh=None, min_row=MIN_ROW,
-                 max_gen_toks=256, add_bos_token: bool | None = None, prefix_token_id=None,
-                 device=None, max_batch_size=None, progress: bool = True, **unknown):
+                 quantize: str | None = None, group_size=None, batch_size=8, max_length=None, mesh=None,
+                 min_row=MIN_ROW, max_gen_toks=256, add_bos_token: bool | None = None, prefix_token_id=None,
+                 device=None, max_batch_size=None, progress: bool = True, cli: bool = False, **unknown):
+        """cli: name arguments in errors as `normistral eval`'s flags (`--max-length 4`), not as
+        model_args (`max_length=4`)."""
         super().__init__()
         from inference.generator import Generator
+        from inference.quantize import DEFAULT_GROUP_SIZE, MODES
 
         if unknown:
             raise EvalError(f"unknown model argument(s) for normistral: {', '.join(sorted(unknown))}")
         if (pretrained is None) == (model is None):
             raise EvalError("normistral needs pretrained=PATH (or, from Python, model=...)")
         del device, max_batch_size  # lm-eval passes these to every model; placement follows `mesh`
-        self.batch_size_per_call = _positive("batch_size", batch_size, 8)
+        self.cli = cli
+        self.batch_size_per_call = _positive("batch_size", batch_size, 8, cli)
         self._min_row = _positive("min_row", min_row, MIN_ROW)
         self._max_gen_toks = _positive("max_gen_toks", max_gen_toks, 256)
+        if group_size is not None and quantize != "int4":  # it would be ignored
+            raise EvalError("--group-size needs --quantize int4" if cli else "group_size= needs quantize=int4")
+        group_size = _positive("group_size", group_size, DEFAULT_GROUP_SIZE, cli)
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
         self.progress = progress
@@ -169,33 +196,46 @@ class NorMistralLM(TemplateLM):
             import jax.numpy as jnp
 
             from jaxmodel import storage
+            from jaxmodel.config import MistralConfig
+            from jaxmodel.convert import config_source
+            from jaxmodel.hub import resolve_model
 
-            if not storage.isdir(pretrained):
+            path = resolve_model(pretrained)  # a hub id -> its snapshot in the cache (a HubError if it cannot be)
+            if not storage.isdir(path):
                 raise EvalError(f"{pretrained}: model directory not found")
-            if quantize not in (None, "int8"):
-                raise EvalError(f"quantize={quantize!r}: expected int8")
+            if quantize not in (None, *MODES):
+                raise EvalError(f"{_arg('quantize', quantize, cli)}: expected one of {', '.join(MODES)}")
             try:
                 jdtype = jnp.dtype(dtype)
             except TypeError:
-                raise EvalError(f"dtype={dtype!r}: expected float32, bfloat16 or float16") from None
-            tok = load_tokenizer(tokenizer, pretrained)
-            self.generator = Generator.from_pretrained(pretrained, tokenizer=tok, dtype=jdtype, mesh=_mesh(mesh),
-                                                       quantize=quantize, progress=progress)
+                raise EvalError(f"{_arg('dtype', dtype, cli)}: expected float32, bfloat16 or float16") from None
+            tok = load_tokenizer(tokenizer, path, flag="--tokenizer " if cli else "tokenizer=")
+            # Before the weights load: the tokenizer must fit the model's vocabulary.
+            _check_vocabulary(tok, MistralConfig.from_hf(config_source(path)), self._tokenizer_name(tokenizer))
+            self.generator = Generator.from_pretrained(path, tokenizer=tok, dtype=jdtype, mesh=_mesh(mesh),
+                                                       quantize=quantize, group_size=group_size, progress=progress)
             self.pretrained = pretrained
         else:
             tok = load_tokenizer(tokenizer, None) if isinstance(tokenizer, str) else tokenizer
             if tok is None:
                 raise EvalError("model= needs tokenizer= (a directory or a transformers tokenizer)")
+            _check_vocabulary(tok, model.config, self._tokenizer_name(tokenizer))
             self.generator = Generator(model, tok)
             self.pretrained = None
         self.tokenizer = self.generator.tokenizer
         self.config = self.generator.config
         context = self.config.max_position_embeddings
-        self._max_length = _positive("max_length", max_length, context)
+        self._max_length = _positive("max_length", max_length, context, cli)
         if self._max_length > context:
-            raise EvalError(f"max_length={self._max_length} exceeds the model's context of {context} tokens")
+            raise EvalError(f"{_arg('max_length', self._max_length, cli)}: exceeds the model's context of {context} "
+                            "tokens")
         self.scorer = Scorer(self.generator.parts, max_length=self._max_length,
                              batch_size=self.batch_size_per_call, min_row=self._min_row)
+
+    def _tokenizer_name(self, tokenizer) -> str:
+        if isinstance(tokenizer, str):
+            return _arg("tokenizer", tokenizer, self.cli)
+        return "the tokenizer" if tokenizer is not None else "the model's own tokenizer"
 
     # lm-eval's properties ----------------------------------------------------------------------------
 
@@ -269,7 +309,11 @@ class NorMistralLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         with self._bar(len(requests), "Running loglikelihood requests", disable_tqdm) as bar:
-            results = self.scorer.score([ScoreRequest(ctx, cont) for _, ctx, cont in requests], progress=bar.update)
+            try:
+                results = self.scorer.score([ScoreRequest(ctx, cont) for _, ctx, cont in requests],
+                                            progress=bar.update)
+            except ScoreError as e:  # a continuation longer than the window: the user's max_length
+                raise EvalError(f"{_arg('max_length', self.max_length, self.cli)}: {e}") from None
         for (key, _, _), answer in zip(requests, results):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, answer)
@@ -310,8 +354,8 @@ class NorMistralLM(TemplateLM):
                 max_gen = int(kwargs.pop("max_gen_toks"))
                 max_ctx = self.max_length - max_gen
                 if max_ctx <= 0:
-                    raise EvalError(f"max_gen_toks={max_gen} leaves no room for a prompt in max_length="
-                                    f"{self.max_length}")
+                    raise EvalError(f"{_arg('max_length', self.max_length, self.cli)}: leaves no room for a prompt "
+                                    f"with max_gen_toks={max_gen}")
                 sampling = _sampling(kwargs)
                 stop_ids = self.generator.stop_ids([s for s in until if s])
                 encoded = {i: self._encode_prompt(requests[i].args[0])[-max_ctx:] or [self.prefix_token_id]
@@ -372,6 +416,39 @@ def check_tasks(tasks: Sequence[str], include_path: str | None = None):
     return manager, loaded
 
 
+def _leaf_tasks(loaded):
+    """The tasks of a TaskManager.load() result (groups are dicts of their members, nested)."""
+    for value in loaded.values():
+        if isinstance(value, dict):
+            yield from _leaf_tasks(value)
+        elif value is not None:
+            yield value
+
+
+def check_task_settings(loaded, *, num_fewshot: int | None = None, max_length: int | None = None,
+                        max_gen_toks: int = 256, cli: bool = False) -> None:
+    """Settings the loaded tasks cannot honour, refused before the model loads (lm-eval would fail later with
+    a traceback): more few-shot examples than a task has to draw from, and a generation task whose
+    max_gen_toks leaves no room for a prompt in max_length."""
+    for task in _leaf_tasks(loaded):
+        name = task.config.task
+        if num_fewshot:
+            pool = task.fewshot_docs()
+            available = len(pool) if pool is not None else 0
+            # lm-eval draws one more when the examples come from the split being evaluated (it drops the
+            # document being asked about).
+            fewshot_split = getattr(getattr(task, "fewshot_cfg", None), "split", None)
+            same_split = fewshot_split is not None and fewshot_split == task.config.test_split
+            if num_fewshot + same_split > available:
+                raise EvalError(f"{_arg('num_fewshot', num_fewshot, cli)}: task {name} has only {available} "
+                                f"documents to draw few-shot examples from")
+        if max_length is not None and task.config.output_type == "generate_until":
+            gen = normalize_gen_kwargs(dict(task.config.generation_kwargs or {}), max_gen_toks)["max_gen_toks"]
+            if int(gen) >= max_length:
+                raise EvalError(f"{_arg('max_length', max_length, cli)}: leaves no room for a prompt in task {name}, "
+                                f"which generates up to {gen} tokens (max_gen_toks)")
+
+
 def evaluate(lm, tasks: Sequence[str], *, num_fewshot: int | None = None, limit: float | None = None,
              include_path: str | None = None, log_samples: bool = False, task_manager=None, **kwargs) -> dict:
     """`lm_eval.simple_evaluate` for an lm-eval model (a NorMistralLM, or any lm-eval LM); returns its
@@ -401,12 +478,23 @@ def scores(results: dict) -> dict[str, float]:
 
 
 def main(argv=None) -> None:
-    """lm-eval's command line with `normistral` registered (`python -m inference.lm_eval_adapter run ...`)."""
+    """lm-eval's command line with `normistral` registered (`python -m inference.lm_eval_adapter run ...`).
+    The model's user errors (a bad model argument, a missing directory, a tokenizer that does not fit) are
+    one line `normistral: error: ...` and exit status 2, as from `normistral eval`."""
     from lm_eval.__main__ import cli_evaluate
+
+    from inference.generate import GenerateError
+    from jaxmodel.config import ConfigError
+    from jaxmodel.storage import StorageError
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except (EvalError, GenerateError, ConfigError, StorageError) as e:
+        sys.stdout.flush()
+        print(f"normistral: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

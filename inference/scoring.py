@@ -1,7 +1,8 @@
 """Log-likelihood scoring of many (context, continuation) token pairs: packed rows, one jitted function.
 
 Inside: `ScoreRequest` (one pair), `pack(requests, ...)` (the host-side plan: rows, offsets, buckets),
-`Scorer(model).score(requests) -> [(logprob, greedy)]`, `row_bucket`, `score_bucket`.
+`Scorer(model).score(requests) -> [(logprob, greedy)]`, `row_bucket`, `score_bucket`, `ScoreError` (a
+request that cannot be scored: an empty context, or a continuation longer than the window).
 
 How a batch is built (the training data's packing, applied to evaluation requests):
 - Each request is cut as lm-eval's `hf` model cuts it: the last `max_length + 1` tokens of
@@ -53,6 +54,10 @@ MIN_SCORED = 8
 LOGIT_CHUNK = 2048  # scored tokens per output-projection chunk (bounds the [chunk, V] float32 logits)
 
 
+class ScoreError(ValueError):
+    """A request that cannot be scored (the message says which and why, in one line)."""
+
+
 class ScoreRequest(NamedTuple):
     context: Sequence[int]
     continuation: Sequence[int]
@@ -101,10 +106,10 @@ def _segments(requests: Sequence[ScoreRequest], max_length: int) -> list[_Segmen
     for i, (context, continuation) in enumerate(requests):
         context, continuation = list(context), list(continuation)
         if not context:
-            raise ValueError(f"request {i}: empty context (lm-eval gives a prefix token)")
-        if len(continuation) > max_length:
-            raise ValueError(f"request {i}: continuation of {len(continuation)} tokens exceeds "
-                             f"max_length={max_length}")
+            raise ScoreError(f"request {i}: empty context (lm-eval gives a prefix token)")
+        if len(continuation) > max_length:  # its first target would have no input position to come from
+            raise ScoreError(f"request {i}: a continuation of {len(continuation)} tokens does not fit in a "
+                             f"window of {max_length} tokens")
         whole = context + continuation
         kept = tuple(context) if len(whole) <= max_length + 1 else None
         whole = whole[-(max_length + 1):]

@@ -1,23 +1,29 @@
-"""The OpenAI-compatible HTTP server (`normistral serve`): a thin shell around `inference.engine.Engine`.
+"""The OpenAI-compatible HTTP API of `normistral serve`: a thin shell around `inference.engine.Engine`.
 
-Inside: `create_app(engine, tokenizer, model_name)` (a FastAPI app), `parse_completion(body, ...)` (the
-validation of a /v1/completions body), `ApiError`, and the response builders.
+Inside: `create_app(engine, tokenizer, model_name, door)` (a FastAPI app), `parse_completion(body, ...)` (the
+validation of a /v1/completions body), the response builders and the server-sent event stream. What is
+about connections rather than requests (the limits, `Door`, the socket, the memory check, signals,
+uvicorn: `run`) lives in inference/serve_door.py.
 
 Endpoints:
 - POST /v1/completions: prompt (a string, a list of strings, a list of token ids, or a list of those),
   max_tokens (default 16, 0 allowed with echo), temperature (default 1; 0 = greedy), top_p, top_k (0 or
-  -1 = off), seed, stop (a string or up to 4), stream (server-sent events in OpenAI's chunk format,
-  ending with `data: [DONE]`; stream_options.include_usage adds a usage chunk), logprobs (0-5
-  alternatives), echo, n (only 1). echo + logprobs gives the
-  prompt tokens' log-probabilities too (max_tokens=0: only those, what evaluation harnesses ask for).
+  -1 = off, at most the vocabulary), seed, stop (a string or up to 4), stream (server-sent events in
+  OpenAI's chunk format, ending with `data: [DONE]`; stream_options.include_usage adds a usage chunk),
+  logprobs (0-5 alternatives), echo, n (only 1). echo + logprobs gives the prompt tokens'
+  log-probabilities too (max_tokens=0: only those, what evaluation harnesses ask for).
 - GET /v1/models, GET /health, GET /metrics (Prometheus text: queue depth, active slots, tokens/s, time to
   first token, counters).
 - /v1/chat/completions answers 404 saying why (a base model has no chat template).
 Every error is OpenAI-shaped JSON ({"error": {"message", "type", "param", "code"}}) with a 4xx status
 (5xx only for a server fault); the engine keeps running whatever a request holds. Bodies are parsed by
-hand (size-limited, UTF-8 checked, JSON checked, every field type-checked), never trusted.
-Overload: a full engine queue answers 429. A client that disconnects (streaming or not) cancels its
-request, which frees its slot at the engine's next step.
+hand (size-limited while they are read, UTF-8 checked, JSON checked without NaN/Infinity, lone UTF-16
+surrogates refused, every field type- and range-checked), never trusted. Parsing and building answers
+(an echo+logprobs answer can be megabytes) run in worker threads, so /health stays prompt.
+
+A full engine queue -> 429 with Retry-After; more prompts than the queue can ever hold -> 400; a request
+that arrives while draining or after the engine died -> 503 (the door's other limits: serve_door.py).
+A request the engine fails gets a 500 server_error (a stream: an error event, then [DONE]).
 
 The engine steps in its own thread (started by the caller: `engine.start()`); each request's `on_update`
 (called there) posts a snapshot to the request's asyncio queue with `loop.call_soon_threadsafe`, so the
@@ -28,31 +34,34 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference.engine import TOP_LOGPROBS, Engine, EngineError, EngineFull, Request
+from inference.serve_door import (
+    MAX_BODY_BYTES,
+    RETRY_AFTER,
+    ApiError,
+    Door,
+    Halt,
+    one_line,
+    read_body,
+    unavailable,
+    watch_disconnect,
+)
+from jaxmodel.checks import is_utf8
 
-MAX_BODY_BYTES = 4 << 20
 MAX_STOP = 4
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
+MAX_PROMPTS = 64
 
 @dataclass
 class Completion:
@@ -75,13 +84,43 @@ def _field(body, name, kinds, default, *, check=None, what=None):
     if value is None:
         return default
     ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    ok = ok and not (isinstance(value, float) and not math.isfinite(value))  # 1e999 parses as inf
     if not ok or (check is not None and not check(value)):
         raise ApiError(400, f"'{name}' must be {what}, got {json.dumps(value)[:80]}", param=name)
     return value
 
 
-def parse_completion(raw: bytes, *, tokenizer, model_name: str, max_model_len: int, vocab_size: int) -> Completion:
-    """A /v1/completions body -> Completion, or ApiError (4xx) naming the problem."""
+def _no_constant(name: str):
+    """json.loads takes NaN, Infinity and -Infinity, which are not JSON (and no sampling value)."""
+    raise ApiError(400, f"request body is not valid JSON ({name} is not a JSON number)")
+
+
+def _check_unicode(body: dict) -> None:
+    """Refuses a lone UTF-16 surrogate anywhere in the body: JSON's "\\ud800" parses into a Python str
+    that the tokenizer and the response encoder cannot handle (it is no character)."""
+    for key, value in body.items():
+        stack = [key, value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    param = key if item is not key and is_utf8(key) else None
+                    raise ApiError(400, f"{'a field name' if param is None else repr(param)} contains a lone "
+                                   "UTF-16 surrogate (\\ud800-\\udfff without its pair), which is no character",
+                                   param=param) from None
+            elif isinstance(item, list):
+                stack.extend(item)
+            elif isinstance(item, dict):
+                stack.extend(item.keys())
+                stack.extend(item.values())
+
+
+def parse_completion(raw: bytes, *, tokenizer, model_name: str, max_model_len: int, vocab_size: int,
+                     max_prompts: int = MAX_PROMPTS) -> Completion:
+    """A /v1/completions body -> Completion, or ApiError (4xx) naming the problem. max_prompts: the most
+    prompts one request may hold (the server passes what its queue can ever take, if less than 64)."""
     if len(raw) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
     try:
@@ -89,11 +128,12 @@ def parse_completion(raw: bytes, *, tokenizer, model_name: str, max_model_len: i
     except UnicodeDecodeError:
         raise ApiError(400, "request body is not valid UTF-8") from None
     try:
-        body = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise ApiError(400, f"request body is not valid JSON ({getattr(e, 'msg', 'too deeply nested')})") from None
+        body = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, or an integer of 4300+ digits
+        raise ApiError(400, f"request body is not valid JSON ({getattr(e, 'msg', None) or one_line(e)})") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
+    _check_unicode(body)
     model = body.get("model")
     if model is None:
         raise ApiError(400, "'model' is required", param="model")
@@ -110,8 +150,9 @@ def parse_completion(raw: bytes, *, tokenizer, model_name: str, max_model_len: i
         raise ApiError(400, "'suffix' is not supported", param="suffix")
     if "prompt" not in body:
         raise ApiError(400, "'prompt' is required", param="prompt")
-    prompts, texts = _prompts(body["prompt"], tokenizer, vocab_size)
-    max_tokens = _field(body, "max_tokens", (int,), 16, check=lambda v: v >= 0, what="an integer >= 0")
+    prompts, texts = _prompts(body["prompt"], tokenizer, vocab_size, max_prompts)
+    max_tokens = _field(body, "max_tokens", (int,), 16, check=lambda v: 0 <= v <= max_model_len,
+                        what=f"an integer in [0, {max_model_len}] (max_model_len)")
     echo = _field(body, "echo", (bool,), False, what="true or false")
     logprobs = _field(body, "logprobs", (int,), None, check=lambda v: 0 <= v <= TOP_LOGPROBS,
                       what=f"an integer in [0, {TOP_LOGPROBS}]")
@@ -127,8 +168,10 @@ def parse_completion(raw: bytes, *, tokenizer, model_name: str, max_model_len: i
     temperature = float(_field(body, "temperature", (int, float), 1.0, check=lambda v: 0 <= v <= 2,
                                what="a number in [0, 2]"))
     top_p = float(_field(body, "top_p", (int, float), 1.0, check=lambda v: 0 < v <= 1, what="a number in (0, 1]"))
-    top_k = _field(body, "top_k", (int,), 0, check=lambda v: v >= -1, what="an integer >= -1")
-    seed = _field(body, "seed", (int,), None, check=lambda v: -(2**63) <= v < 2**64, what="an integer")
+    top_k = _field(body, "top_k", (int,), 0, check=lambda v: -1 <= v <= vocab_size,
+                   what=f"an integer in [-1, {vocab_size}] (the vocabulary size; 0 or -1: off)")
+    seed = _field(body, "seed", (int,), None, check=lambda v: -(2**63) <= v < 2**64,
+                  what="an integer in [-2^63, 2^64)")
     stream = _field(body, "stream", (bool,), False, what="true or false")
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
@@ -145,7 +188,7 @@ def parse_completion(raw: bytes, *, tokenizer, model_name: str, max_model_len: i
                       logprobs, echo, usage)
 
 
-def _prompts(prompt, tokenizer, vocab_size):
+def _prompts(prompt, tokenizer, vocab_size, max_prompts=MAX_PROMPTS):
     def ids_ok(x):
         return isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
@@ -158,8 +201,9 @@ def _prompts(prompt, tokenizer, vocab_size):
     else:
         raise ApiError(400, "'prompt' must be a string, a list of strings, or token ids (a list of integers, or "
                        "a list of such lists), not empty", param="prompt")
-    if len(items) > 64:
-        raise ApiError(400, f"at most 64 prompts per request, got {len(items)}", param="prompt")
+    if len(items) > max_prompts:
+        why = "" if max_prompts == MAX_PROMPTS else " (what the server's queue, --max-queue, can ever hold)"
+        raise ApiError(400, f"at most {max_prompts} prompts per request{why}, got {len(items)}", param="prompt")
     ids, texts = [], []
     for p in items:
         if isinstance(p, str):
@@ -228,15 +272,64 @@ def _echo_text(c: Completion, i: int, tok: _Tokens, r: Request) -> str:
     return text if text is not None else tok.tokenizer.decode(r.prompt, skip_special_tokens=True)
 
 
+def _answer(c: Completion, reqs, tok: _Tokens, head: dict) -> bytes:
+    """The whole non-streamed answer, JSON-encoded (run in a worker thread: echo + logprobs over a long
+    prompt is megabytes)."""
+    choices = []
+    for i, r in enumerate(reqs):
+        text, lp = r.text, None
+        if c.echo:
+            text = _echo_text(c, i, tok, r) + text
+        if c.logprobs is not None:
+            offset = len(_echo_text(c, i, tok, r)) if c.echo else 0
+            lp = _completion_logprobs(tok, r, c.logprobs, 0, len(r.tokens), offset)
+            if c.echo:
+                lp = _merge(_prompt_logprobs(tok, r, c.logprobs), lp)
+        choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": r.finish_reason})
+    # Encoded choice by choice: json's C encoder holds the GIL for a whole call (0.2 s for 3.5 MB), which
+    # would stall the event loop as surely as building the answer there.
+    rest = json.dumps({**head, "usage": _usage(reqs)}, ensure_ascii=False)
+    parts = [json.dumps(choice, ensure_ascii=False) for choice in choices]
+    return f'{rest[:-1]}, "choices": [{", ".join(parts)}]}}'.encode()
+
+
+def _usage(reqs) -> dict:
+    prompt_tokens, completion_tokens = sum(len(r.prompt) for r in reqs), sum(len(r.tokens) for r in reqs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _engine_failure(reqs) -> ApiError | None:
+    """A request the engine ended with an error (or an abort the client did not ask for) -> the 500 to send."""
+    for r in reqs:
+        if r.finish_reason not in ("stop", "length"):
+            why = getattr(r, "error", None) or f"the engine ended the request ({r.finish_reason})"
+            return ApiError(500, f"the server failed on this request: {why}", type="server_error")
+    return None
+
+
 def _error_response(e: ApiError):
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 # -- the app -----------------------------------------------------------------------------------------
 
 
-def create_app(engine: Engine, tokenizer, model_name: str):
-    app = FastAPI(title="normistral serve", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(engine: Engine, tokenizer, model_name: str, door: Door | None = None):
+    door = door or Door()
+    door.engine = engine
+
+    @asynccontextmanager
+    async def lifespan(_):
+        door.loop = asyncio.get_running_loop()
+        if door.failure is not None:  # the engine died before the loop ran (`fail` could not reach it)
+            door.stop_server()
+        watch = asyncio.create_task(door.watch())
+        yield
+        watch.cancel()
+
+    app = FastAPI(title="normistral serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.door = door
     tok = _Tokens(tokenizer)
     created = int(time.time())
     config = engine.config
@@ -261,8 +354,10 @@ def create_app(engine: Engine, tokenizer, model_name: str):
 
     @app.get("/health")
     async def health():
-        if engine._thread is None or not engine._thread.is_alive():
+        if door.failure is not None or engine._thread is None or not engine._thread.is_alive():
             return JSONResponse({"status": "engine stopped"}, status_code=503)
+        if door.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -284,6 +379,8 @@ def create_app(engine: Engine, tokenizer, model_name: str):
                                ("ttft_seconds_p99", "99th percentile time to first token"),
                                ("decode_steps_total", "decode steps"), ("prefill_calls_total", "prefill calls"),
                                ("prefill_tokens_total", "prefill tokens computed (padding included)"),
+                               ("failed_requests_total", "requests the engine ended with an error"),
+                               ("compiles_total", "XLA compilations by the engine (none after warm-up)"),
                                ("kv_cache_bytes", "KV cache size")):
             value = m[key]
             lines += [f"# HELP normistral_{key} {help_text}", f"# TYPE normistral_{key} gauge",
@@ -297,124 +394,154 @@ def create_app(engine: Engine, tokenizer, model_name: str):
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
-        length = http.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
-        c = parse_completion(await http.body(), tokenizer=tokenizer, model_name=model_name,
-                             max_model_len=engine.max_model_len, vocab_size=config.vocab_size)
-        loop = asyncio.get_running_loop()
+        door.check_open()
+        raw = await read_body(http, door.limits)
+        c = await asyncio.to_thread(parse_completion, raw, tokenizer=tokenizer, model_name=model_name,
+                                    max_model_len=engine.max_model_len, vocab_size=config.vocab_size,
+                                    max_prompts=min(MAX_PROMPTS, engine.max_queue))
+        door.check_open()  # the server may have started draining while the body was parsed
         updates: asyncio.Queue = asyncio.Queue()
-        seed = c.seed if c.seed is not None else secrets.randbits(31)
-        eos = frozenset() if tokenizer.eos_token_id is None else frozenset({int(tokenizer.eos_token_id)})
-        reqs = []
-        for i, ids in enumerate(c.prompts):
-            def post(r, i=i):  # engine thread -> event loop
-                snapshot = (i, len(r.tokens), r.stable_text() if r.incremental else "", r.finish_reason)
-                loop.call_soon_threadsafe(updates.put_nowait, snapshot)
-
-            reqs.append(Request(ids, max_tokens=c.max_tokens, stop_ids=eos, stop_strings=c.stop,
-                                temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, seed=seed, stream_id=i,
-                                logprobs=c.logprobs or 0,
-                                prompt_logprobs=c.echo and c.logprobs is not None, on_update=post,
-                                incremental=c.stream))
-        submitted = []
-        try:
-            for r in reqs:
-                engine.submit(r)
-                submitted.append(r)
-        except EngineFull as e:
-            for r in submitted:
-                engine.cancel(r)
-            raise ApiError(429, f"server overloaded: {e}; retry later", type="rate_limit_error",
-                           code="rate_limit_exceeded") from None
-        except EngineError as e:
-            for r in submitted:
-                engine.cancel(r)
-            raise ApiError(400, str(e)) from None
+        reqs = _requests(c, tokenizer, updates)
+        _submit(engine, reqs)
+        door.live[updates] = reqs
         rid = f"cmpl-{secrets.token_hex(12)}"
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
         if c.stream:
-            return StreamingResponse(_stream(engine, reqs, updates, c, tok, head),
-                                     media_type="text/event-stream")
+            return _Events(_stream(reqs, updates, c, tok, head), lambda: _release(door, engine, updates, reqs))
+        watcher = asyncio.create_task(watch_disconnect(http.receive, updates))
         try:
             while not all(r.finished for r in reqs):
-                try:
-                    await asyncio.wait_for(updates.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():  # the client went away: free the slots
-                        raise ApiError(400, "client disconnected") from None
+                update = await updates.get()
+                if isinstance(update, Halt):
+                    raise update.error
         finally:
-            for r in reqs:
-                if not r.finished:
-                    engine.cancel(r)
-        choices = []
-        for i, r in enumerate(reqs):
-            text, lp = r.text, None
-            if c.echo:
-                text = _echo_text(c, i, tok, r) + text
-            if c.logprobs is not None:
-                offset = len(_echo_text(c, i, tok, r)) if c.echo else 0
-                lp = _completion_logprobs(tok, r, c.logprobs, 0, len(r.tokens), offset)
-                if c.echo:
-                    lp = _merge(_prompt_logprobs(tok, r, c.logprobs), lp)
-            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": r.finish_reason})
-        prompt_tokens = sum(len(r.prompt) for r in reqs)
-        completion_tokens = sum(len(r.tokens) for r in reqs)
-        return {**head, "choices": choices, "usage": {"prompt_tokens": prompt_tokens,
-                                                      "completion_tokens": completion_tokens,
-                                                      "total_tokens": prompt_tokens + completion_tokens}}
+            watcher.cancel()
+            _release(door, engine, updates, reqs)
+        failure = _engine_failure(reqs)
+        if failure is not None:
+            raise failure
+        return Response(await asyncio.to_thread(_answer, c, reqs, tok, head), media_type="application/json")
 
     return app
 
 
-async def _stream(engine: Engine, reqs, updates: asyncio.Queue, c: Completion, tok: _Tokens, head: dict):
+def _requests(c: Completion, tokenizer, updates: asyncio.Queue) -> list[Request]:
+    """One engine Request per prompt; each posts its snapshots to `updates` (from the engine's thread):
+    every token when streaming, else only its end."""
+    loop = asyncio.get_running_loop()
+    seed = c.seed if c.seed is not None else secrets.randbits(31)
+    eos = frozenset() if tokenizer.eos_token_id is None else frozenset({int(tokenizer.eos_token_id)})
+
+    def post(r, i):
+        if not c.stream and r.finish_reason is None:
+            return
+        snapshot = (i, len(r.tokens), r.stable_text() if r.incremental else "", r.finish_reason)
+        try:
+            loop.call_soon_threadsafe(updates.put_nowait, snapshot)
+        except RuntimeError:  # the event loop closed (the server stopped): nobody is waiting
+            pass
+
+    return [Request(ids, max_tokens=c.max_tokens, stop_ids=eos, stop_strings=c.stop, temperature=c.temperature,
+                    top_k=c.top_k, top_p=c.top_p, seed=seed, stream_id=i, logprobs=c.logprobs or 0,
+                    prompt_logprobs=c.echo and c.logprobs is not None,
+                    on_update=lambda r, i=i: post(r, i), incremental=c.stream)
+            for i, ids in enumerate(c.prompts)]
+
+
+def _submit(engine: Engine, reqs) -> None:
+    """All of a request's prompts, or none (429 when the queue is full)."""
+    submitted = []
+    try:
+        for r in reqs:
+            engine.submit(r)
+            submitted.append(r)
+    except EngineFull as e:
+        for r in submitted:
+            engine.cancel(r)
+        raise ApiError(429, f"server overloaded: {e}; retry later", type="rate_limit_error",
+                       code="rate_limit_exceeded", headers={"Retry-After": RETRY_AFTER}) from None
+    except EngineError as e:
+        for r in submitted:
+            engine.cancel(r)
+        if "engine stopped" in str(e):
+            raise unavailable(str(e)) from None
+        raise ApiError(400, str(e)) from None
+
+
+def _release(door: Door, engine: Engine, updates: asyncio.Queue, reqs) -> None:
+    """A request's handler ended (answered, failed, or its client left): unfinished prompts are cancelled."""
+    door.live.pop(updates, None)
+    for r in reqs:
+        if not r.finished:
+            engine.cancel(r)
+
+
+class _Events(StreamingResponse):
+    """Server-sent events whose `release` runs however the response ends: also when the client left
+    before the stream began (the generator, never started, would not run its own cleanup)."""
+
+    def __init__(self, events, release):
+        super().__init__(events, media_type="text/event-stream")
+        self.release = release
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
+def _echo_chunk(chunk, c: Completion, i: int, tok: _Tokens, r: Request) -> str:
+    return chunk(i, _echo_text(c, i, tok, r), _prompt_logprobs(tok, r, c.logprobs), None)
+
+
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _stream(reqs, updates: asyncio.Queue, c: Completion, tok: _Tokens, head: dict):
     """Server-sent events: text deltas (with their tokens' logprobs), a final chunk per prompt with its
-    finish_reason, then [DONE]. Cancelled requests (a client that went away) free their slots."""
+    finish_reason, then [DONE]. A request that fails (the engine's error, a shutdown past its grace) ends
+    with an error event, then [DONE]. A client that goes away cancels this generator (Starlette watches
+    the connection while it streams); `_Events` then frees the slots."""
 
     def chunk(i, text, lp, finish):
-        body = {**head, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        return _event({**head, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]})
 
-    sent_text = [0] * len(reqs)
-    sent_tokens = [0] * len(reqs)
-    done = [False] * len(reqs)
-    try:
-        if c.echo:
-            for i, r in enumerate(reqs):
-                echo = _echo_text(c, i, tok, r)
-                lp = None
-                if c.logprobs is not None:
-                    while r._prefilled < len(r.prompt) and not r.finished:  # prompt logprobs come with prefill
-                        await asyncio.sleep(0.005)
-                    lp = _prompt_logprobs(tok, r, c.logprobs)
-                yield chunk(i, echo, lp, None)
-        while not all(done):
-            # A client that goes away cancels this generator (Starlette watches the connection while it
-            # streams); the `finally` below then frees the slots.
-            i, n, text, finish = await updates.get()
-            if done[i]:
-                continue
-            r = reqs[i]
-            if finish is not None:
-                text, n = r.text, len(r.tokens)
-            delta = text[sent_text[i]:] if len(text) >= sent_text[i] else ""
-            if not delta and finish is None:
-                continue
-            lp = None
-            if c.logprobs is not None:
-                lp = _completion_logprobs(tok, r, c.logprobs, sent_tokens[i], n, sent_text[i])
-                sent_tokens[i] = n
-            sent_text[i] += len(delta)
-            if finish is not None:
-                done[i] = True
-            yield chunk(i, delta, lp, finish)
-        if c.include_usage:  # OpenAI's stream_options: one more chunk, no choices, the token counts
-            prompt_tokens, completion_tokens = sum(len(r.prompt) for r in reqs), sum(len(r.tokens) for r in reqs)
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                     "total_tokens": prompt_tokens + completion_tokens}
-            yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
-        yield "data: [DONE]\n\n"
-    finally:
-        for r in reqs:
-            if not r.finished:
-                engine.cancel(r)
+    sent_text, sent_tokens, done = [0] * len(reqs), [0] * len(reqs), [False] * len(reqs)
+    echoed = [not c.echo] * len(reqs)
+    if c.echo and c.logprobs is None:  # nothing to wait for: every prompt's text first
+        for i, r in enumerate(reqs):
+            yield chunk(i, _echo_text(c, i, tok, r), None, None)
+        echoed = [True] * len(reqs)
+    while not all(done):
+        update = await updates.get()
+        if isinstance(update, Halt):
+            yield _event(update.error.body())
+            break
+        i, n, text, finish = update
+        if done[i]:
+            continue
+        r = reqs[i]
+        failure = _engine_failure([r]) if finish is not None else None
+        if failure is not None:
+            yield _event(failure.body())
+            break
+        if not echoed[i]:  # echo + logprobs: the prompt's log-probabilities came with its prefill, before this
+            echoed[i] = True
+            yield await asyncio.to_thread(_echo_chunk, chunk, c, i, tok, r)
+        if finish is not None:
+            text, n = r.text, len(r.tokens)
+        delta = text[sent_text[i]:] if len(text) >= sent_text[i] else ""
+        if not delta and finish is None:
+            continue
+        lp = None
+        if c.logprobs is not None:
+            lp = _completion_logprobs(tok, r, c.logprobs, sent_tokens[i], n, sent_text[i])
+            sent_tokens[i] = n
+        sent_text[i] += len(delta)
+        done[i] = finish is not None
+        yield chunk(i, delta, lp, finish)
+    if all(done) and c.include_usage:  # OpenAI's stream_options: one more chunk, no choices, the token counts
+        yield _event({**head, "choices": [], "usage": _usage(reqs)})
+    yield "data: [DONE]\n\n"

@@ -1,7 +1,8 @@
 """Ahead-of-time compilation for TPU topologies from a CPU-only machine, and the memory verdict.
 
 Inside:
-- `check_topology(topology)`: the syntax check (generation and 2-D / 3-D sizes), before any work.
+- `check_topology(topology)`: the syntax check (generation and 2-D / 3-D sizes), before any work;
+  `check_attention(tree, topology)`: the model's attention kernel is one a TPU runs (not cuDNN).
 - `tpu_devices(topology)`: the devices of a TPU slice such as "v5p:4x4x4", "v5e:2x2", "v6e:1x1",
   described by libtpu (`jax.experimental.topologies`) without any TPU attached.
 - `HBM_BYTES`: memory per chip by device kind (the compiler does not report capacity).
@@ -15,7 +16,8 @@ How: libtpu compiles for a topology description as it would on the pod; `jit(...
 then gives the real TPU executable, whose `memory_analysis()` is the compiler's own account of the
 per-device memory. `device_bytes` = arguments + temporaries + outputs - aliased (donated) bytes, the peak
 the executable needs while it runs. It excludes the runtime's own reserve, so `fits` also demands a
-margin (`HEADROOM`, 5% of HBM).
+margin (`HEADROOM`, 5% of HBM). A program too large to compile at all (libtpu's RESOURCE_EXHAUSTED) is
+reported by `compile_and_report` with `fits: false` and the compiler's own figures, not raised.
 """
 
 from __future__ import annotations
@@ -65,6 +67,18 @@ def check_topology(topology: str) -> tuple[str, list[int]]:
         raise TopologyError(f"--topology {topology!r}: {kind} slices are {TOPOLOGY_DIMS[kind]}-D, expected "
                             f"{kind}:{shape} with positive sizes (e.g. {kind}:{'x'.join(['2'] * TOPOLOGY_DIMS[kind])})")
     return kind, sizes
+
+
+def check_attention(tree: dict, topology: str) -> None:
+    """The model's attention kernel runs on TPUs: cuDNN's is NVIDIA's, so a TPU compile of it is refused
+    here, in one line, before libtpu is loaded (it would fail inside the trace)."""
+    from jaxmodel.run_config import where
+
+    # An implementation option: only the model section sets it (config.json files never do).
+    if (tree.get("model") or {}).get("attention_impl") == "cudnn":
+        raise TopologyError(f"{where(tree, 'model.attention_impl')}: model.attention_impl=cudnn is "
+                            f"NVIDIA's kernel and --topology {topology} is a TPU slice; use splash (the Pallas "
+                            "TPU kernel), flash, xla or auto")
 
 
 def tpu_devices(topology: str) -> list:
@@ -123,28 +137,36 @@ def _argument_bytes(args) -> int:
     total = 0
     for leaf in jax.tree.leaves(args):
         shard = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-        total += math.prod(shard) * leaf.dtype.itemsize
+        total += math.prod(shard) * getattr(leaf.dtype, "itemsize", 0)  # a PRNG key's dtype: a few bytes, ignored
     return total
+
+
+def exhausted_report(error: Exception, args, hbm: int) -> dict | None:
+    """The memory report of a program libtpu refused to compile because it cannot fit (RESOURCE_EXHAUSTED,
+    stating the temporaries it would need): that figure plus the argument bytes, `fits: false`. None for
+    any other error (a bug: the caller re-raises it)."""
+    message = str(error)
+    found = re.search(r"HLO temporaries \(([0-9.]+)([KMGT])\)", message)
+    if "RESOURCE_EXHAUSTED" not in message or not found:
+        return None
+    temp = int(float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024)
+    arguments = _argument_bytes(args)
+    return {"argument_bytes": arguments, "output_bytes": None, "alias_bytes": None, "temp_bytes": temp,
+            "device_bytes": arguments + temp, "hbm_bytes": int(hbm), "fits": False,
+            "compiler": message.strip().splitlines()[0][:300]}
 
 
 def compile_and_report(jitted, args, hbm: int, static=()) -> dict:
     """Compiles `jitted` for `static` (its leading static arguments) and `args` (sharded
-    ShapeDtypeStructs) and returns the memory report.
-
-    When the program cannot fit, libtpu refuses to compile it (RESOURCE_EXHAUSTED) and states the
-    temporaries it would need; that figure plus the argument bytes is reported with `fits: false`."""
+    ShapeDtypeStructs) and returns the memory report; a program that cannot fit is reported by
+    `exhausted_report` (libtpu refuses to compile it)."""
     try:
         compiled = jitted.lower(*static, *args).compile()
     except Exception as e:  # JaxRuntimeError; its class moved between JAX versions
-        message = str(e)
-        found = re.search(r"HLO temporaries \(([0-9.]+)([KMGT])\)", message)
-        if "RESOURCE_EXHAUSTED" not in message or not found:
+        report = exhausted_report(e, args, hbm)
+        if report is None:
             raise
-        temp = int(float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024)
-        arguments = _argument_bytes(args)
-        return {"argument_bytes": arguments, "output_bytes": None, "alias_bytes": None, "temp_bytes": temp,
-                "device_bytes": arguments + temp, "hbm_bytes": int(hbm), "fits": False,
-                "compiler": message.strip().splitlines()[0][:300]}
+        return report
     return memory_report(compiled, hbm)
 
 

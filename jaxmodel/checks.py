@@ -5,12 +5,29 @@ Inside:
   wording quirks ("Unterminated string starting at" with its position dropped reads "at at column").
 - `check_template(template, name)`: a prompt template must be a format string whose only field is the
   prompt, `{0}` (or `{}`), at least once.
+- `check_new_output(path, flag, overwrite=..., inputs=...)`: an output file is never one of the command's
+  inputs (compared as files: another spelling, a symlink or a hard link of the input is the input), and
+  an existing one is replaced only when asked (`--overwrite`).
+- `is_utf8(text)`: False for a str that UTF-8 cannot encode (a lone surrogate: from JSON's `\ud800`, or a
+  command-line argument holding bytes that were not UTF-8).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import string
+
+from jaxmodel import storage
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
 
 # -- parser errors ----------------------------------------------------------------------------------------
 
@@ -57,3 +74,30 @@ def check_template(template: str, name: str = "template") -> str:
     except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
         raise TemplateError(f"{name} {template!r}: {e}") from None
     return template
+
+
+# -- output files -----------------------------------------------------------------------------------------
+
+
+class OutputError(storage.StorageError):
+    """An output path that would destroy something (one line naming the flag and the path; a StorageError,
+    so the CLI prints it as `normistral: error: ...`)."""
+
+
+def same_file(a, b) -> bool:
+    """True if paths `a` and `b` name one file: compared by identity (device, inode) when both exist
+    locally, so a symlink or a hard link counts; else by their canonical spelling (a URL as written)."""
+    if not storage.is_remote(a) and not storage.is_remote(b) and os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return storage.resolve(a) == storage.resolve(b)
+
+
+def check_new_output(path, flag: str, *, overwrite: bool = False, inputs: dict[str, str] | None = None) -> None:
+    """Refuses output `path` (given as `flag`) if it is one of `inputs` ({flag: path}) or, without
+    `overwrite`, if it exists. Runs before any work, so a refused command has touched nothing."""
+    for input_flag, input_path in (inputs or {}).items():
+        if input_path is not None and same_file(path, input_path):
+            raise OutputError(f"{flag} {os.fspath(path)} is the {input_flag} file: writing it would destroy the input")
+    if not overwrite and storage.isfile(path):
+        raise OutputError(f"{flag} {os.fspath(path)} exists; pass --overwrite to replace it (or choose a new name)")
+

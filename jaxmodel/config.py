@@ -13,6 +13,8 @@ Design choices:
   falls back to hidden_size // num_attention_heads only when absent (NorMistral's 128 is *not* 5120/32).
 - What this implementation cannot honour (RoPE scaling variants, activations other than SiLU, attention
   biases, ...) is refused with a one-line `ConfigError` naming the field, rather than silently ignored.
+- `model_type: llama` is read as transformers reads it: a `sliding_window` key there is ignored (Llama
+  has none), so the model runs with full attention.
 """
 
 from __future__ import annotations
@@ -257,7 +259,9 @@ def _fields_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
         out["rope_theta"] = float(theta)
     except (TypeError, ValueError, ZeroDivisionError):
         raise ConfigError(f"{where}: hidden_size, num_attention_heads and rope_theta must be numbers") from None
-    out["sliding_window"] = hf.get("sliding_window")
+    # transformers' Llama has no sliding window: LlamaConfig keeps a stray `sliding_window` key as an
+    # attribute that its attention never reads, so a Llama checkpoint attends to everything, as here.
+    out["sliding_window"] = hf.get("sliding_window") if model_type == "mistral" else None
     dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     if dtype not in _DTYPES:
         raise ConfigError(f"{where}: dtype={dtype!r} is not one of {sorted(_DTYPES)}")

@@ -1,7 +1,8 @@
 """Hugging Face model ids: `org/name` (optionally `org/name@revision`) wherever a model directory is taken.
 
-Inside: `HubError`, `is_hub_id(text)`, `resolve_model(path, *, revision=None, allow_pickle=False)` (a local
-directory, a `gs://` URL, or a hub id -> what the loaders read), `WEIGHT_PATTERNS`, `TOKENIZER_PATTERNS`.
+Inside: `HubError`, `is_hub_id(text)`, `check_revision(text)` (an empty `org/name@`), `resolve_model(path, *,
+revision=None, allow_pickle=False)` (a local directory, a `gs://` URL, or a hub id -> what the loaders read),
+`WEIGHT_PATTERNS`, `TOKENIZER_PATTERNS`.
 
 Rules (one place, used by `jaxmodel.from_pretrained`, `import_hf`, `export_hf`, `parity`,
 `inference.Generator.from_pretrained`, a run config's `model.init_from` and the CLI commands that take a
@@ -18,8 +19,8 @@ model directory):
   `TRANSFORMERS_OFFLINE=1`) uses the cache only; `HF_HOME` / `HF_HUB_CACHE` choose the cache; `HF_ENDPOINT`
   the hub (a mirror; the tests' local server).
 - Every failure is one `HubError` line naming the id and the reason: not found (or private), gated,
-  unknown revision, offline and not cached, or the hub unreachable. `HubError` is a `StorageError`, so the
-  CLI prints it as `normistral: error: ...` with exit status 2.
+  unknown revision, an empty one (`org/name@`), offline and not cached, or the hub unreachable.
+  `HubError` is a `StorageError`, so the CLI prints it as `normistral: error: ...` with exit status 2.
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ def is_hub_id(text) -> bool:
     return not is_remote(text) and not os.path.isdir(text) and _HUB_ID.fullmatch(text) is not None
 
 
+def check_revision(text) -> None:
+    """A HubError for a hub id with an empty revision (`org/name@`), which would otherwise be taken for a
+    missing local path."""
+    text = os.fspath(text)
+    if text.endswith("@") and _HUB_ID.fullmatch(text[:-1]) and not is_remote(text) and not os.path.exists(text):
+        raise HubError(f"{text}: the revision after @ is empty; write {text[:-1]}@REVISION (a branch, tag or "
+                       f"commit), or {text[:-1]} for the default branch")
+
+
 def _truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
@@ -71,6 +81,7 @@ def resolve_model(path, *, revision: str | None = None, allow_pickle: bool = Fal
     existing directory nor shaped like a hub id is returned unchanged: the caller reports it missing.
     `config_only`: fetch just config.json (what a run config needs for the architecture)."""
     path = os.fspath(path)
+    check_revision(path)
     if not is_hub_id(path):
         return path
     match = _HUB_ID.fullmatch(path)

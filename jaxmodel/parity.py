@@ -20,6 +20,10 @@ Inside:
   into the one reference layer a tensor at a time; so host memory is the imports, about one layer of
   each model and a few blocks, whatever the depth or the vocabulary.
 
+Both comparisons first check that the two directories describe the same network (`check_same_network`:
+the architecture fields of their configs), so models that differ are named by the fields that differ,
+not by the first tensor that does not fit.
+
 torch and transformers are imported inside the functions: they are test/demo dependencies only.
 """
 
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxmodel.config import ConfigError, MistralConfig
+from jaxmodel.config import ARCHITECTURE_FIELDS, ConfigError, MistralConfig
 
 BLOCK_BYTES = 16 * 2**20  # compare_layers reads the embedding and head, and makes logits, in blocks of ~this
 
@@ -67,6 +71,7 @@ def compare_logits(
 
     hf_dir, jax_dir = resolve_model(hf_dir), resolve_model(jax_dir)  # hub ids -> their cached snapshots
     config = MistralConfig.from_hf(hf_dir)
+    check_same_network(hf_dir, jax_dir)
     _check_inputs(hf_dir, config, length, offset)
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, config.vocab_size, size=(batch, length))
@@ -94,6 +99,20 @@ def _reference_mask(length: int, window: int | None):
     if window is not None:
         allowed &= j > i - window
     return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]
+
+
+def check_same_network(hf_dir: str, jax_dir: str) -> None:
+    """A ConfigError naming every architecture field (`ARCHITECTURE_FIELDS`) whose value differs between the
+    two directories' configs: such models cannot be compared tensor by tensor."""
+    from jaxmodel.convert import config_source
+
+    reference = MistralConfig.from_hf(hf_dir)
+    ours = MistralConfig.from_hf(config_source(jax_dir))  # config.json, or a checkpoint step's saved config
+    differ = [f"{name} {getattr(reference, name)} vs {getattr(ours, name)}" for name in ARCHITECTURE_FIELDS
+              if getattr(reference, name) != getattr(ours, name)]
+    if differ:
+        raise ConfigError(f"{jax_dir} is not the same network as {hf_dir}: their configs differ in "
+                          f"{', '.join(differ)}")
 
 
 def _check_inputs(hf_dir: str, config: MistralConfig, length: int, offset: int) -> None:
@@ -142,6 +161,7 @@ def compare_layers(
     storage.check_input_dir(hf_dir, "Hugging Face model directory")
     storage.check_input_dir(jax_dir, "model directory")
     config = MistralConfig.from_hf(hf_dir, param_dtype="float32", dtype="float32")
+    check_same_network(hf_dir, jax_dir)
     _check_inputs(hf_dir, config, length, offset)
     ref_files = WeightFiles.open(hf_dir)
     ours = tensor_reader(jax_dir, config)

@@ -5,6 +5,7 @@
 refs/main}` and returns the commit hash. Used by the hub-id tests, the notebook test and the wheel test.
 """
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -33,3 +34,21 @@ def make_hub_cache(hf_home: str, repo_id: str, src_dir: str, commit: str = COMMI
     with open(os.path.join(repo, "refs", "main"), "w") as f:
         f.write(commit)
     return commit
+
+
+@contextlib.contextmanager
+def offline_hub():
+    """No network for the block: hub ids and datasets come from the caches only. huggingface_hub and
+    datasets read these variables once, at their import, so their flags are set too (a module-level
+    HF_HUB_OFFLINE would leak into every later test)."""
+    import datasets.config
+    import huggingface_hub.constants
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        mp.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+        yield

@@ -18,12 +18,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 import normistral
 from jaxmodel import MistralConfig
 from jaxmodel.run_config import SECTIONS
+from tests.random_weights import write_random_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CPU = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
@@ -232,7 +232,8 @@ def test_zero_counts_name_their_flag_before_the_model_loads(dirs, tmp_path, capf
 
 @pytest.mark.parametrize("args, message", [
     (["--top-p", "0"], "argument --top-p: must lie in (0, 1]"),
-    (["--top-k", "-1"], "argument --top-k: must be a non-negative integer, got -1"),
+    (["--top-k", "-1"], "argument --top-k: must be an integer in [0, 2^31), got -1"),
+    (["--top-k", "2147483648"], "argument --top-k: must be an integer in [0, 2^31), got 2147483648"),
     (["--temperature", "nan"], "argument --temperature: must be a finite number"),
     (["--batch-size", "x"], "argument --batch-size: expected an integer, got 'x'"),
     (["--mesh", "1,2"], "--mesh '1,2': expected DATA,FSDP,TENSOR"),
@@ -420,19 +421,9 @@ def test_train_workdir_that_cannot_be_created(capfd):
 def deep_hf(tmp_path_factory):
     """A 24-layer toy Hugging Face directory (219 tensors: import-hf takes a few seconds, long enough to be
     interrupted), written straight with safetensors: import-hf reads only shapes and bytes."""
-    from safetensors.numpy import save_file
-
-    from jaxmodel.convert import expected_hf_tensors
-
-    config = MistralConfig.tiny(num_hidden_layers=24)
     path = tmp_path_factory.mktemp("deep") / "hf"
     path.mkdir()
-    rng = np.random.default_rng(0)
-    tensors = {name: rng.standard_normal(t.hf_shape, dtype=np.float32) * 0.02
-               for name, t in expected_hf_tensors(config).items()}
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(config.to_hf()))
-    return str(path)
+    return write_random_hf(path, MistralConfig.tiny(num_hidden_layers=24))
 
 
 def _start_import(src: str, dest: str) -> tuple[subprocess.Popen, bytes]:

@@ -13,6 +13,7 @@ import os
 import pytest
 
 import normistral
+from tests.hub_cache import offline_hub
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
@@ -25,17 +26,8 @@ pytestmark = pytest.mark.usefixtures("repo_cwd")  # the task YAMLs name data rel
 
 @pytest.fixture(scope="module", autouse=True)
 def offline():
-    """Offline for this module's tests only (set at import time, it would leak into every later test).
-    huggingface_hub and datasets read these variables once, at their import: their flags are set too."""
-    import datasets.config
-    import huggingface_hub.constants
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_DATASETS_OFFLINE", "1")
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        mp.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-        mp.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    """Offline for this module's tests only."""
+    with offline_hub():
         yield
 
 

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the real train step for a TPU topology (`normistral compile-check --mode train`).
 
-Inside: `compile_train(tree, topology) -> dict`.
+Inside: `compile_train(tree, topology, workdir=None, check_data=False) -> dict`.
 
 It builds exactly what `run_training` jits (training/step.py: same optimizer, microbatch scan, chunked
 loss, donated state), but over abstract inputs: the state comes from `jax.eval_shape` of the model and of
@@ -10,19 +10,24 @@ of the topology's devices (`jaxmodel.aot.tpu_devices`). libtpu compiles it as th
 weights are read (`model.init_from` is not opened; the model section's preset gives the shapes).
 
 Before compiling it runs the checks `normistral train` runs (training/validate.py): the batch and the
-model's dimensions against the mesh, and, when the run's data directory can be found (`workdir`, as
-`train --workdir` would be given, or an absolute `data.dir`), the data's seq_len, vocabulary and special
-ids; so a "fits" verdict describes the program `train` runs.
+model's dimensions against the mesh, and the data's seq_len, vocabulary and special ids when its
+directory is local and exists (`workdir`, as `train --workdir` would be given, or an absolute `data.dir`);
+a remote (gs://) one only with `check_data` (`--check-data`), which also makes missing data an error. So
+the fit check runs offline before any data exists, and a config's `gs://BUCKET` placeholder is reported
+as not checked instead of stalling on the network. A program that cannot fit is reported with
+`fits: false` and the compiler's figures (`jaxmodel.aot.compile_and_report`).
 
 Must run on the CPU backend with libtpu loadable (the CLI sets JAX_PLATFORMS=cpu before JAX starts).
 """
 
 from __future__ import annotations
 
+import re
+
 import jax
 
 from jaxmodel import storage
-from jaxmodel.aot import hbm_bytes, memory_report, tpu_devices
+from jaxmodel.aot import compile_and_report, hbm_bytes, tpu_devices
 from jaxmodel.config import ConfigError
 from jaxmodel.sharding import make_mesh
 from training import step as steps_lib
@@ -30,43 +35,86 @@ from training.config import load
 from training.metrics import train_flops_per_step
 from training.validate import check_dataset, check_run
 
+# A bucket name Cloud Storage accepts (lowercase letters, digits, '-', '_', '.'; 3-63 characters): a
+# config's placeholder (gs://BUCKET/...) is not one, so it is known for what it is without a network call.
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]")
 
-def _check_data(run, workdir: str | None) -> str:
-    """What was checked of the run's data (training/validate.py), as the report states it."""
-    checked = []
+
+class _NotChecked(Exception):
+    """Why a data directory was not read; `fatal`: an error under --check-data (not a fit question)."""
+
+    def __init__(self, message: str, fatal: bool = True):
+        super().__init__(message)
+        self.fatal = fatal
+
+
+def _data_path(role: str, path: str, workdir: str | None, check: bool) -> str:
+    """The data directory `path` as train would open it; `_NotChecked` saying why when it is not to be
+    read now (an error under `check` if fatal, else a note in the report)."""
+    if not (storage.is_remote(path) or path.startswith("/")):
+        if workdir is None:
+            raise _NotChecked(f"{role} {path} is relative to the workdir: pass --workdir")
+        path = storage.join(workdir, path)
+    if storage.is_remote(path):
+        name = (storage.bucket(path) or "").partition("://")[2]
+        if not _BUCKET_NAME.fullmatch(name):
+            raise _NotChecked(f"{role} {path}: {name!r} is a placeholder, not a bucket name")
+        if not check:
+            raise _NotChecked(f"{role} {path} is remote: pass --check-data to read it", fatal=False)
+        storage.check_bucket(path)
+    return path
+
+
+def _check_data(run, workdir: str | None, check: bool = False) -> str:
+    """What was checked of the run's data (training/validate.py), as the report states it.
+
+    Local data that exists is always checked (offline, cheap). Remote data is read only under `check`
+    (`--check-data`), and then data that cannot be read is an error; without it a missing or remote
+    directory is reported as not checked: the fit check runs before the data exists, offline, and a
+    config's gs://BUCKET placeholder must not stall it on the network."""
+    checked, notes = [], []
     for role, path in (("data.dir", run.data.dir), ("data.eval_dir", run.data.eval_dir)):
         if path is None:
             continue
-        if not (storage.is_remote(path) or path.startswith("/")):
-            if workdir is None:
-                return f"not checked ({role} {path} is relative to the workdir: pass --workdir)"
-            path = storage.join(workdir, path)
+        try:
+            path = _data_path(role, path, workdir, check)
+        except _NotChecked as e:
+            if check and e.fatal:
+                raise ConfigError(f"{run.where(role)}: --check-data: {e}") from None
+            notes.append(f"{e}")
+            continue
         if storage.isfile(storage.join(path, "index.json")):
             tokenizer = run.data.tokenizer_dir
             if workdir is not None and not (storage.is_remote(tokenizer) or tokenizer.startswith("/")):
                 tokenizer = storage.join(workdir, tokenizer)
             check_dataset(path, run, role, tokenizer_dir=tokenizer)
             checked.append(path)
-        elif role == "data.dir":
-            if not run.data.corpus:
-                raise ConfigError(f"{run.path}: data.dir {path} does not exist (and data.corpus is not set to "
-                                  "build it)")
-            return f"not checked ({path} does not exist yet; train builds it from data.corpus at train.seq_len)"
-    return "checked " + ", ".join(checked)
+        elif role == "data.eval_dir":
+            continue  # train runs without held-out data when the directory is not there (train.py)
+        elif run.data.corpus:
+            notes.append(f"{path} does not exist yet; train builds it from data.corpus at train.seq_len")
+        elif check:
+            raise ConfigError(f"{run.where(role)}: data.dir {path} does not exist (--check-data)")
+        else:
+            notes.append(f"data.dir {path} does not exist")
+    parts = (["checked " + ", ".join(checked)] if checked else []) + [f"not checked ({note})" for note in notes]
+    return "; ".join(parts) or "no data configured"
 
 
-def compile_train(tree: dict, topology: str, *, workdir: str | None = None) -> dict:
+def compile_train(tree: dict, topology: str, *, workdir: str | None = None, check_data: bool = False) -> dict:
     """Compiles the train step of run config `tree` for `topology` (e.g. "v5p:4x4x4"); returns the
-    memory report plus the workload's shape. `workdir`: the run's (its data is checked as train would)."""
+    memory report plus the workload's shape. `workdir`: the run's (its data is checked as train would);
+    `check_data`: read remote data too, and refuse data that is missing (module docstring)."""
     run = load(tree)
     devices = tpu_devices(topology)
     mesh = make_mesh(run.mesh, devices=devices)
     check_run(run, mesh)
-    data = _check_data(run, workdir)
+    data = _check_data(run, workdir, check_data)
     ts = steps_lib.setup(run, mesh)
     train_step = steps_lib.make_train_step(ts)
     with jax.set_mesh(ts.mesh):
-        compiled = train_step.lower(steps_lib.abstract_state(ts), steps_lib.abstract_batch(ts)).compile()
+        report = compile_and_report(train_step, (steps_lib.abstract_state(ts), steps_lib.abstract_batch(ts)),
+                                    hbm_bytes(devices[0]))
     t = run.train
     return {"mode": "train", "topology": topology, "devices": len(devices),
             "device_kind": devices[0].device_kind, "mesh": dict(ts.mesh.shape),
@@ -74,4 +122,4 @@ def compile_train(tree: dict, topology: str, *, workdir: str | None = None) -> d
             "params": run.model.num_params(), "dtype": run.model.dtype, "param_dtype": run.model.param_dtype,
             "remat": run.model.remat, "attention_impl": run.model.attention_impl,
             "flops_per_step": train_flops_per_step(run.model, t.global_batch_size, t.seq_len), "data": data,
-            **memory_report(compiled, hbm_bytes(devices[0]))}
+            **report}

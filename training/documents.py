@@ -2,7 +2,7 @@
 
 Inside: `DataError` (a mistake in the user's inputs, reported as one line), `iter_documents(path)`.
 
-File formats, chosen by extension:
+File formats, chosen by extension (letter case ignored):
 - `.jsonl`: one document per line, from its string field `text`; blank lines are skipped. A line that
   is not a JSON object with a string `text` is an error naming the file and line, never skipped:
   silently dropping data hides a broken export.
@@ -32,7 +32,7 @@ def iter_documents(path: str) -> Iterator[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        yield from _jsonl_documents(path) if path.endswith(".jsonl") else _text_documents(path)
+        yield from _jsonl_documents(path) if path.lower().endswith(".jsonl") else _text_documents(path)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
 

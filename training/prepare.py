@@ -20,7 +20,9 @@ How a run goes:
    NAME at the end (NAME appears only complete, as before); on gs:// in NAME itself between the storage
    layer's `_WRITING` and `_COMMITTED` markers. Markers and job.json are removed once index.json exists.
 Rerunning the same command after a kill or an error skips the units with a marker and does the rest; the
-output is byte-identical to an uninterrupted single-process run, whatever the number of workers.
+output is byte-identical to an uninterrupted single-process run, whatever the number of workers. What a
+rerun could not use goes: a failed or interrupted run with no unit committed, or a refusal of the whole job
+("no documents"), leaves nothing (`.NAME.partial` and any directories created above the output included).
 
 Packing (within one unit, in document order; rows never mix units, hence never sources):
 - A document is its tokens with `<s>` (the tokenizer's post-processor; prepended here if a tokenizer lacks
@@ -369,8 +371,12 @@ def pending_units(job: dict, work_dir: str) -> tuple[list[int], dict[int, dict]]
 _WORKER_JOB: dict = {}
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _worker_init(job: dict) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and ends the pool
+    for sig in _STOP_SIGNALS:  # the parent handles Ctrl-C and SIGTERM (sent to the group too) and ends the pool
+        signal.signal(sig, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: parallelism is the processes
     with contextlib.suppress(Exception):  # die with the parent (kill -9 included); Linux only
         import ctypes
@@ -408,9 +414,10 @@ def run_local(job: dict, todo: list[int], work_dir: str, workers: int, on_done: 
     pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
                                initializer=_worker_init, initargs=(job,))
     try:
-        # Workers start with SIGINT blocked (a signal mask survives exec): a Ctrl-C while they import must
-        # not print their tracebacks; this process handles it and ends them.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # Workers start with SIGINT and SIGTERM blocked (a signal mask survives exec): a Ctrl-C while they
+        # import must not print their tracebacks, nor a SIGTERM kill them first (the parent would report a
+        # dead worker, not the interruption); this process handles both and ends them.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             pending = {pool.submit(_worker_run, (i, work_dir)) for i in todo}
         finally:
@@ -487,12 +494,17 @@ def start(job: dict, output: str) -> str:
                             "seq_len, shard or unit size); rerun that command to finish it, or delete it")
         _remove_temporaries(work)
         return work
-    if storage.is_remote(output):
-        storage.write_text(storage.join(work, storage.WRITING), "")
-    else:
-        os.makedirs(work, exist_ok=True)
-        _remove_temporaries(work)
-    _write_json(job_path, job["settings"])
+    try:
+        if storage.is_remote(output):
+            storage.write_text(storage.join(work, storage.WRITING), "")
+        else:
+            os.makedirs(work, exist_ok=True)
+            _remove_temporaries(work)
+        _write_json(job_path, job["settings"])
+    except BaseException:  # Ctrl-C, a full disk: a work directory without its job.json is of no use
+        with contextlib.suppress(Exception):
+            storage.remove(work)
+        raise
     return work
 
 
@@ -540,13 +552,38 @@ def finalize(job: dict, work_dir: str, output: str, markers: dict[int, dict], we
     return index
 
 
-def _after_failure(job: dict, work_dir: str, output: str) -> None:
+def _new_ancestor(output: str) -> str | None:
+    """The top-most missing directory above a local output (`start` creates it), removed with the work
+    directory when a run leaves nothing; None if the parent exists or the output is remote."""
+    if storage.is_remote(output):
+        return None
+    top, parent = None, os.path.dirname(os.path.abspath(output))
+    while parent and not os.path.exists(parent):
+        top, parent = parent, os.path.dirname(parent)
+    return top
+
+
+def _discard(work_dir: str, new_ancestor: str | None) -> None:
+    """Removes the work directory and the directories created above it (if still empty)."""
+    with contextlib.suppress(Exception):
+        storage.remove(work_dir)
+    if new_ancestor is not None:
+        d = os.path.dirname(os.path.abspath(work_dir))
+        while d == new_ancestor or d.startswith(new_ancestor + os.sep):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+            d = os.path.dirname(d)
+
+
+def _after_failure(job: dict, work_dir: str, new_ancestor: str | None) -> None:
     """Removes the temporaries; keeps the committed units for a rerun, or everything goes if there are none."""
     _remove_temporaries(work_dir)
     with contextlib.suppress(Exception):
         _, done = pending_units(job, work_dir)  # from the disk: workers may have committed more than we heard
         if not done:
-            storage.remove(work_dir)
+            _discard(work_dir, new_ancestor)
         else:
             print(f"normistral: kept {len(done)} of {len(job['units'])} committed units in {work_dir}; rerun the "
                   "same command to resume", file=sys.stderr)
@@ -564,12 +601,14 @@ def prepare_data(tokenizer_dir: str, inputs: list[str], output_dir: str, seq_len
     `vocab_size` (the model's): a tokenizer with a larger vocabulary is refused before any work, so no
     token id can reach past the model's embedding (training/validate.py).
     """
-    from tqdm import tqdm
-
     inputs = [os.fspath(i) for i in inputs]
     _check_args(inputs, weights, seq_len, shard_tokens, unit_bytes, workers)
     if engine not in ("local", "ray"):
         raise DataError(f"engine must be 'local' or 'ray', got {engine!r}")
+    if engine == "ray":
+        from training.prepare_ray import check_cluster
+
+        check_cluster()  # an unreachable RAY_ADDRESS: one line now, not minutes of retries after the plan
     tokenizer = load_tokenizer(tokenizer_dir)
     if vocab_size is not None:
         from training.validate import check_vocabulary  # (imports JAX: the parent only, never the workers)
@@ -578,7 +617,33 @@ def prepare_data(tokenizer_dir: str, inputs: list[str], output_dir: str, seq_len
     job = plan(tokenizer, inputs, int(seq_len), shard_tokens=shard_tokens, unit_bytes=unit_bytes,
                text_column=text_column)
     output = storage.resolve(output_dir)
-    work = start(job, output)
+    new_ancestor = _new_ancestor(output)
+    try:
+        work = start(job, output)
+    except BaseException:  # (with a new ancestor, no earlier run's work directory can be there)
+        if new_ancestor is not None:
+            _discard(_work_dir(output), new_ancestor)
+        raise
+    try:
+        markers = _run_units(job, work, output, engine, workers, progress)
+    except BaseException:
+        _after_failure(job, work, new_ancestor)
+        raise
+    try:
+        return finalize(job, work, output, markers, weights)
+    except DataError:  # a refusal of the whole job ("no documents"): a rerun would refuse again, keep nothing
+        _discard(work, new_ancestor)
+        raise
+    except BaseException:
+        _after_failure(job, work, new_ancestor)
+        raise
+
+
+def _run_units(job: dict, work: str, output: str, engine: str, workers: int | None, progress: bool
+               ) -> dict[int, dict]:
+    """Runs the job's pending units with a progress bar; returns every unit's marker."""
+    from tqdm import tqdm
+
     todo, markers = pending_units(job, work)
     if markers and progress:
         print(f"normistral: resuming {output}: {len(markers)} of {len(job['units'])} units already done",
@@ -595,16 +660,12 @@ def prepare_data(tokenizer_dir: str, inputs: list[str], output_dir: str, seq_len
         bar.set_postfix(tokens=f"{total_tokens:,}", refresh=False)
 
     try:
-        try:
-            if engine == "ray":
-                from training.prepare_ray import run_ray
+        if engine == "ray":
+            from training.prepare_ray import run_ray
 
-                run_ray(job, todo, work, on_done, num_cpus=workers)
-            else:
-                run_local(job, todo, work, workers or os.cpu_count() or 1, on_done)
-        finally:
-            bar.close()  # before any error line: the error must be the last line, on its own
-        return finalize(job, work, output, markers, weights)
-    except BaseException:
-        _after_failure(job, work, output)
-        raise
+            run_ray(job, todo, work, on_done, run_unit=run_unit, num_cpus=workers)
+        else:
+            run_local(job, todo, work, workers or os.cpu_count() or 1, on_done)
+    finally:
+        bar.close()  # before any error line: the error must be the last line, on its own
+    return markers

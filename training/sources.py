@@ -1,18 +1,30 @@
 """Input sources for `prepare-data`: what a `--input` names, how it is cut into work units, how a unit's
 documents are read. Every path goes through `jaxmodel.storage` (local or gs://, compressed or not).
 
-Inside: `Unit` (a dict: kind, file, range, key), `expand_source(spec, ...)` -> files or a dataset,
-`plan_units(source_index, spec, ...)` -> [Unit], `unit_documents(unit, text_column)` -> texts.
+Inside: `Unit` (a dict: kind, file, range, key), `file_format(path)`, `expand_source(spec)` -> files or a
+dataset, `plan_units(source_index, spec, ...)` -> [Unit], `unit_documents(unit, text_column)` -> texts.
 
 What one `--input` may be (one source, one weight):
-- a file: `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (one JSON object per line, its string field `text`), `.txt`
-  (also `.txt.gz` / `.txt.zst`; documents are blocks of lines split by blank lines), `.parquet` (the string
-  column `--text-column`, default `text`); any other extension is read as plain text, as before;
-- a directory or a glob (`data/*.jsonl.zst`, `gs://bkt/hplt/nb/*`): every file of a known format in it,
-  in sorted order (unknown files in a directory are ignored; a glob's matches must all be known formats);
+- a file, by its extension, letter case ignored (`.JSONL` is `.jsonl`): `.jsonl` (one JSON object per line,
+  its string field `--text-column`, default `text`), `.txt` (documents are blocks of lines split by blank
+  lines), each optionally compressed (`.gz`, `.zst`, `.bz2`, `.xz`), or `.parquet` (the string column
+  `--text-column`). Any other extension is refused with this list: `.json` too (a JSON array and JSON lines
+  share it; JSON lines go in a `.jsonl`), and a plain-text file must be named `.txt`;
+- a directory (not recursive) or a glob (`data/*.jsonl.zst`, `gs://bkt/hplt/nb/*`): its files in sorted
+  order, each of a supported format. In a directory, hidden files (`.*`, `_*`: `.gitattributes`, `_SUCCESS`)
+  and documentation (`README*`, `LICENSE*`, `*.md`, unless named as data) are passed over; any other file
+  is refused;
 - a Hugging Face dataset saved with `save_to_disk` (a directory with `state.json`; for a DatasetDict
   name one split's subdirectory, e.g. `DIR/train`), read from its Arrow files with pyarrow;
 - `hf:NAME:SPLIT` or `hf:NAME:CONFIG:SPLIT`: a dataset on the Hugging Face hub, streamed (needs network).
+
+Checked when planning, before any work: a compressed file starts with its codec's signature (a `.zst` that
+is gzip, plain text or empty is refused, saying what it is); a `.txt` starts as UTF-8; Parquet and Arrow
+files have the column `--text-column`. While reading, a bad JSON record (one without the field names the
+fields it has), a truncated compressed file (its stream ends before the end marker; zstandard's own reader
+would end quietly there, so `.zst` is decoded here frame by frame) and corrupt data are errors naming the
+file; a unit that fails keeps nothing (corrupt compressed data that decodes to garbage is reported as the
+corruption, not as the garbage).
 
 Work units (the packing order is the unit order, so the output does not depend on the worker count):
 - uncompressed `.jsonl`: line-aligned byte ranges of `unit_bytes`: a unit owns the lines that *start* in
@@ -29,28 +41,55 @@ A line number inside a byte-range unit is found on the error path only, by count
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import io
 import json
+import lzma
+import sys
+import zlib
 from collections.abc import Iterator
 
 from jaxmodel import storage
 from jaxmodel.checks import json_problem
 from training.documents import DataError, text_blocks
 
-JSONL = (".jsonl", ".jsonl.gz", ".jsonl.zst")
-TEXT = (".txt", ".txt.gz", ".txt.zst")
-PARQUET = (".parquet",)
-KNOWN = JSONL + TEXT + PARQUET
-COMPRESSION = {".gz": "gzip", ".zst": "zstd"}
+CODECS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".xz": "xz"}
+_FORMATS = {".jsonl": "jsonl", ".txt": "text", ".parquet": "parquet"}
+SUPPORTED = ".jsonl, .txt (each also .gz, .zst, .bz2, .xz), .parquet; letter case ignored"
+_SIGNATURES = {"gzip": (b"\x1f\x8b",), "zstd": (b"\x28\xb5\x2f\xfd",), "bz2": (b"BZh",), "xz": (b"\xfd7zXZ\x00",)}
+_HIDDEN = (".", "_")  # in a directory: hidden files (.gitattributes, _SUCCESS), passed over
+_DOCUMENTATION = ("readme", "license")  # (and *.md) passed over too, unless of a supported format
 DEFAULT_UNIT_BYTES = 32 << 20  # 32 MiB of input per unit: ~8M tokens, one padded row per unit at most
 _GLOB_CHARS = "*?["
+_PROBE_BYTES = 1 << 16  # of a .txt, decoded when planning: a binary file fails before any work
 
 
-def _compression(path: str) -> str | None:
-    for ext, name in COMPRESSION.items():
-        if path.endswith(ext):
-            return name
+def file_format(path: str) -> tuple[str, str | None] | None:
+    """(format, codec) of a file by its name, letter case ignored: ("jsonl", "zstd"), ("parquet", None);
+    None when the name is not of a supported format."""
+    name, codec = path.lower(), None
+    for ext, c in CODECS.items():
+        if name.endswith(ext):
+            name, codec = name[:-len(ext)], c
+            break
+    for ext, fmt in _FORMATS.items():
+        if name.endswith(ext) and not (fmt == "parquet" and codec):
+            return fmt, codec
     return None
+
+
+def _unsupported(path: str) -> DataError:
+    hint = "; JSON lines go in a .jsonl file" if path.lower().endswith(".json") else ""
+    return DataError(f"{path}: not a supported input format ({SUPPORTED}{hint})")
+
+
+def _ignored(name: str) -> bool:
+    """A directory's file that is not data (hidden, documentation): passed over, not refused."""
+    lower = name.lower()
+    if lower.startswith(_HIDDEN):
+        return True
+    return (lower.startswith(_DOCUMENTATION) or lower.endswith(".md")) and file_format(lower) is None
 
 
 def _stamp(path: str) -> dict:
@@ -66,8 +105,8 @@ def _is_hf_dataset_dir(path: str) -> bool:
 
 
 def expand_source(spec: str) -> tuple[str, list[str]]:
-    """(kind, files) of one `--input`: kind "files" (each of a known format, or one plain file),
-    "arrow" (a save_to_disk directory's Arrow files, in order) or "hub" ([spec])."""
+    """(kind, files) of one `--input`: kind "files" (each of a supported format), "arrow" (a save_to_disk
+    directory's Arrow files, in order) or "hub" ([spec])."""
     if spec.startswith("hf:"):
         _hub_parts(spec)
         return "hub", [spec]
@@ -75,10 +114,7 @@ def expand_source(spec: str) -> tuple[str, list[str]]:
         files = [f for f in storage.glob(spec) if storage.isfile(f)]
         if not files:
             raise DataError(f"{spec}: the pattern matches no files")
-        unknown = [f for f in files if not f.endswith(KNOWN)]
-        if unknown:
-            raise DataError(f"{unknown[0]}: not a known input format ({', '.join(KNOWN)})")
-        return "files", files
+        return "files", _supported(files)
     if storage.isdir(spec):
         if storage.isfile(storage.join(spec, "dataset_dict.json")):
             splits = storage.read_json(storage.join(spec, "dataset_dict.json")).get("splits", [])
@@ -90,13 +126,21 @@ def expand_source(spec: str) -> tuple[str, list[str]]:
             if not files:
                 raise DataError(f"{spec}: the dataset has no data files")
             return "arrow", files
-        files = [storage.join(spec, n) for n in storage.listdir(spec) if n.endswith(KNOWN)]
-        files = [f for f in files if storage.isfile(f)]
+        files = [storage.join(spec, n) for n in storage.listdir(spec) if not _ignored(n)]
+        files = _supported([f for f in files if storage.isfile(f)])
         if not files:
-            raise DataError(f"{spec}: the directory holds no {', '.join(KNOWN)} files")
+            raise DataError(f"{spec}: the directory holds no input files ({SUPPORTED})")
         return "files", files
     storage.check_input_file(spec, "input file")
-    return "files", [storage.resolve(spec)]
+    return "files", _supported([storage.resolve(spec)])
+
+
+def _supported(files: list[str]) -> list[str]:
+    """The files, each of a supported format, or the error naming the first that is not."""
+    for f in files:
+        if file_format(f) is None:
+            raise _unsupported(f)
+    return files
 
 
 def _hub_parts(spec: str) -> tuple[str, str | None, str]:
@@ -106,42 +150,69 @@ def _hub_parts(spec: str) -> tuple[str, str | None, str]:
     return (parts[0], None, parts[1]) if len(parts) == 2 else (parts[0], parts[1], parts[2])
 
 
+def _threads(fn, items: list) -> list:
+    """fn over items, 32 at a time (object-store requests are latency-bound); the first error, in order."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(32, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
 def plan_units(source: int, spec: str, *, unit_bytes: int = DEFAULT_UNIT_BYTES, text_column: str = "text"
                ) -> list[dict]:
-    """The work units of one source, in packing order."""
+    """The work units of one source, in packing order (each file probed first: see the module docstring)."""
     kind, files = expand_source(spec)
-    units = []
     if kind == "hub":
-        try:
-            from datasets import load_dataset
-        except ImportError:
-            raise DataError(f"{spec}: hub datasets need the datasets library: pip install 'normistral-jax[hub]'"
-                            ) from None
-        name, config, split = _hub_parts(spec)
-        try:
-            shards = load_dataset(name, config, split=split, streaming=True).num_shards
-        except Exception as e:  # offline, no such dataset or split, ...: datasets' many error types
-            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise DataError(f"{spec}: cannot open the hub dataset ({first.strip()[:200]})") from None
-        for i in range(shards):
-            units.append({"source": source, "kind": "hub", "file": spec, "start": i, "stop": shards})
-    for path in files:
-        stamp = _stamp(path)
-        if kind == "arrow":
-            units.append({"source": source, "kind": "arrow", "file": path, "start": 0, "stop": -1, **stamp})
-        elif path.endswith(PARQUET):
-            for start, stop in _parquet_ranges(path, unit_bytes, text_column):
-                units.append({"source": source, "kind": "parquet", "file": path, "start": start, "stop": stop,
-                              **stamp})
-        elif path.endswith(".jsonl"):
-            size = stamp["size"]
-            for start in range(0, max(size, 1), unit_bytes):
-                units.append({"source": source, "kind": "jsonl", "file": path, "start": start,
-                              "stop": min(start + unit_bytes, size), **stamp})
-        else:
-            kind_ = "jsonl" if path.endswith(JSONL) else "text"
-            units.append({"source": source, "kind": kind_, "file": path, "start": 0, "stop": -1, **stamp})
+        return _hub_units(source, spec)
+    units = []
+    for per_file in _threads(lambda path: _file_units(source, kind, path, unit_bytes, text_column), files):
+        units += per_file
     return units
+
+
+def _hub_units(source: int, spec: str) -> list[dict]:
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DataError(f"{spec}: hub datasets need the datasets library: pip install 'normistral-jax[hub]'"
+                        ) from None
+    name, config, split = _hub_parts(spec)
+    try:
+        shards = load_dataset(name, config, split=split, streaming=True).num_shards
+    except Exception as e:  # offline, no such dataset or split, ...: datasets' many error types
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise DataError(f"{spec}: cannot open the hub dataset ({first.strip()[:200]})") from None
+    return [{"source": source, "kind": "hub", "file": spec, "start": i, "stop": shards} for i in range(shards)]
+
+
+def _file_units(source: int, kind: str, path: str, unit_bytes: int, text_column: str) -> list[dict]:
+    """The units of one file, after its probe."""
+    base = {"source": source, "kind": kind, "file": path, **_stamp(path)}
+    if kind == "arrow":
+        with _reading(path), storage.open(path, "rb") as f:
+            _arrow_reader(path, f, text_column)
+        return [{**base, "start": 0, "stop": -1}]
+    fmt, codec = file_format(path)
+    if fmt == "parquet":
+        return [{**base, "kind": "parquet", "start": start, "stop": stop}
+                for start, stop in _parquet_ranges(path, unit_bytes, text_column)]
+    with _reading(path):
+        _probe(path, fmt)
+    if fmt == "jsonl" and codec is None:
+        size = base["size"]
+        return [{**base, "kind": "jsonl", "start": start, "stop": min(start + unit_bytes, size)}
+                for start in range(0, max(size, 1), unit_bytes)]
+    return [{**base, "kind": fmt, "start": 0, "stop": -1}]
+
+
+def _probe(path: str, fmt: str) -> None:
+    """Opens the file (a compressed one's signature is checked); of text, decodes the first bytes as UTF-8.
+    (JSON records are checked as they are read: a bad one keeps the units committed before it.)"""
+    with _open_bytes(path) as f:
+        if fmt == "text":
+            codecs.getincrementaldecoder("utf-8")().decode(f.read(_PROBE_BYTES), final=False)
 
 
 def _parquet_file(path: str):
@@ -179,15 +250,15 @@ def _parquet_ranges(path: str, unit_bytes: int, text_column: str) -> list[tuple[
     return ranges
 
 
-# -- reading one unit ---------------------------------------------------------------------------------
+# -- reading ------------------------------------------------------------------------------------------
 
 
 def unit_documents(unit: dict, text_column: str = "text") -> Iterator[str]:
     """The non-empty documents of one unit, in order."""
     kind, path = unit["kind"], unit["file"]
-    try:
+    with _reading(path):
         if kind == "jsonl":
-            yield from _jsonl(path, unit["start"], unit["stop"])
+            yield from _jsonl(path, unit["start"], unit["stop"], text_column)
         elif kind == "text":
             yield from _text(path)
         elif kind == "parquet":
@@ -198,20 +269,141 @@ def unit_documents(unit: dict, text_column: str = "text") -> Iterator[str]:
             yield from _hub(path, unit["start"], unit["stop"], text_column)
         else:
             raise DataError(f"{path}: unknown unit kind {kind!r}")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except (OSError, EOFError) as e:  # a truncated .gz / .zst, a corrupt stream
-        if isinstance(e, FileNotFoundError):
-            raise DataError(f"{path}: no such file") from None
-        raise DataError(f"{path}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
+@contextlib.contextmanager
+def _reading(path: str, *, verify: bool = True):
+    """Turns what reading a file can raise (a cut or corrupt stream, bytes that are not UTF-8) into one line
+    naming the file and the cause; `verify`: a bad record of a compressed file first checks its stream."""
+    fmt = file_format(path)
+    codec = fmt[1] if fmt else None
+    try:
+        yield
+    except (DataError, UnicodeDecodeError) as e:
+        # corrupt compressed data may decode to garbage before its checksum fails: report the cause
+        cause = _stream_error(path) if codec and verify else None
+        if cause is not None:
+            raise cause from None
+        if isinstance(e, UnicodeDecodeError):
+            raise DataError(f"{path}: not UTF-8 text ({e.reason}){_looks_compressed(path)}") from None
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except EOFError:  # gzip, bz2, xz and _ZstdReader: the input ended inside a compressed stream
+        raise DataError(f"{path}: cannot be read: truncated (the {codec} stream ends before its end marker)"
+                        ) from None
+    except (OSError, zlib.error, lzma.LZMAError, *_arrow_errors()) as e:
+        what = f"corrupt {codec} data" if codec else "corrupt data"
+        raise DataError(f"{path}: cannot be read: {what} ({_first_line(e)})") from None
+
+
+def _stream_error(path: str) -> DataError | None:
+    """The error of decompressing the whole file, if any (the error path only: it reads the file)."""
+    try:
+        with _reading(path, verify=False), _open_bytes(path) as f:
+            while f.read(1 << 24):
+                pass
+    except DataError as e:
+        return e
+    return None
+
+
+def _arrow_errors() -> tuple:
+    """pyarrow's error type once pyarrow is loaded (a JSON-lines job never imports it)."""
+    arrow = sys.modules.get("pyarrow")
+    return (arrow.ArrowException,) if arrow is not None else ()
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _codec_of_bytes(head: bytes) -> str | None:
+    return next((c for c, sigs in _SIGNATURES.items() if head.startswith(sigs)), None)
+
+
+def _looks_compressed(path: str) -> str:
+    """A hint for a file that is not UTF-8: `; it is gzip data: name it NAME.gz` when it is."""
+    with contextlib.suppress(Exception), storage.open(path, "rb") as f:
+        codec = _codec_of_bytes(f.read(8))
+        if codec:
+            ext = next(e for e, c in CODECS.items() if c == codec)
+            return f"; it is {codec}-compressed: name it {storage.basename(path)}{ext}"
+    return ""
+
+
+@contextlib.contextmanager
 def _open_bytes(path: str):
-    compression = _compression(path)
-    f = storage.open(path, "rb", compression=compression)
-    if compression == "zstd":  # zstandard's stream reader has no readline: buffer it
-        return io.BufferedReader(f, 1 << 20)
-    return f
+    """The file's bytes, decompressed by the codec its name gives, after checking the codec's signature."""
+    codec = file_format(path)[1]
+    with storage.open(path, "rb") as raw:
+        if codec is None:
+            yield raw
+            return
+        head = raw.read(8)
+        if _codec_of_bytes(head) != codec:
+            ext = next(e for e, c in CODECS.items() if c == codec)
+            actual = _codec_of_bytes(head)
+            what = ("it is empty" if not head else f"it is {actual} data" if actual else
+                    f"it does not start with the {codec} signature (not compressed?)")
+            raise DataError(f"{path}: not {codec} data: the name ends in {ext}, but {what}")
+        raw.seek(0)
+        if codec == "gzip":
+            import gzip
+
+            f = gzip.GzipFile(fileobj=raw, mode="rb")
+        elif codec == "bz2":
+            import bz2
+
+            f = bz2.BZ2File(raw)
+        elif codec == "xz":
+            f = lzma.LZMAFile(raw)
+        else:  # zstandard's stream reader ends quietly at a cut: this one raises EOFError there
+            f = io.BufferedReader(_ZstdReader(raw), 1 << 20)
+        with f:
+            yield f
+
+
+class _ZstdReader(io.RawIOBase):
+    """A .zst file's decompressed bytes, frame after frame (concatenated and skippable frames included);
+    input that ends inside a frame raises EOFError, as gzip, bz2 and lzma do; bad data raises OSError."""
+
+    def __init__(self, raw):
+        import zstandard
+
+        self._raw, self._dctx, self._error = raw, zstandard.ZstdDecompressor(), zstandard.ZstdError
+        self._frame = None  # the decompressor of the current frame
+        self._rest = b""  # input after the current frame's end, not yet decoded
+        self._out, self._at = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._at == len(self._out):
+            if not self._decode_more():
+                return 0
+        n = min(len(buffer), len(self._out) - self._at)
+        buffer[:n] = self._out[self._at:self._at + n]
+        self._at += n
+        return n
+
+    def _decode_more(self) -> bool:
+        """Decodes the next piece of input into `_out`; False at the end of the input."""
+        chunk, self._rest = self._rest or self._raw.read(1 << 17), b""
+        if not chunk:
+            if self._frame is not None and not self._frame.eof:
+                raise EOFError("the zstd stream ends inside a frame")
+            return False
+        if self._frame is None or self._frame.eof:
+            self._frame = self._dctx.decompressobj()
+        try:
+            self._out, self._at = self._frame.decompress(chunk), 0
+        except self._error as e:
+            raise OSError(str(e).split("error: ", 1)[-1]) from None
+        if self._frame.eof:
+            self._rest = self._frame.unused_data
+        return True
 
 
 def _line_number(path: str, offset: int) -> int:
@@ -227,7 +419,26 @@ def _line_number(path: str, offset: int) -> int:
     return count
 
 
-def _jsonl(path: str, start: int, stop: int) -> Iterator[str]:
+class _BadRecord(ValueError):
+    """What is wrong with one JSON line; the caller adds `FILE:LINE`."""
+
+
+def _record_text(line: bytes, text_column: str) -> str:
+    """The string field `text_column` of one JSON line, or _BadRecord."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise _BadRecord(json_problem(e).partition(":")[2].strip()) from None
+    text = record.get(text_column) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        problem = f"expected a JSON object with a string field {text_column!r}"
+        if isinstance(record, dict) and text_column not in record:  # the wrong field name, most likely
+            problem += f"; its fields: {', '.join(map(str, record)) or 'none'} (choose one with --text-column)"
+        raise _BadRecord(problem)
+    return text
+
+
+def _jsonl(path: str, start: int, stop: int, text_column: str) -> Iterator[str]:
     """Documents of the lines starting in [start, stop) (stop -1: to the end; then lines are counted)."""
     with _open_bytes(path) as f:
         pos = 0
@@ -242,14 +453,10 @@ def _jsonl(path: str, start: int, stop: int) -> Iterator[str]:
             line_start, pos = pos, pos + len(line)
             if line.strip():
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
+                    text = _record_text(line, text_column)
+                except _BadRecord as e:
                     where = number if number is not None else _line_number(path, line_start)
-                    raise DataError(f"{path}:{where}:{json_problem(e).partition(':')[2]}") from None
-                text = record.get("text") if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    where = number if number is not None else _line_number(path, line_start)
-                    raise DataError(f"{path}:{where}: expected a JSON object with a string field 'text'")
+                    raise DataError(f"{path}:{where}: {e}") from None
                 if text.strip():
                     yield text
             if number is not None:
@@ -257,8 +464,8 @@ def _jsonl(path: str, start: int, stop: int) -> Iterator[str]:
 
 
 def _text(path: str) -> Iterator[str]:
-    with io.TextIOWrapper(_open_bytes(path), encoding="utf-8") as f:
-        yield from text_blocks(f)
+    with _open_bytes(path) as f:
+        yield from text_blocks(io.TextIOWrapper(f, encoding="utf-8"))
 
 
 def _strings(path: str, values: list, first_row: int, text_column: str) -> Iterator[str]:
@@ -278,17 +485,22 @@ def _parquet(path: str, start: int, stop: int, text_column: str) -> Iterator[str
         row += batch.num_rows
 
 
-def _arrow(path: str, text_column: str) -> Iterator[str]:
+def _arrow_reader(path: str, f, text_column: str):
+    """The record batch reader of an Arrow stream file, its text column checked."""
     import pyarrow as pa
 
+    try:
+        reader = pa.ipc.open_stream(f)
+    except Exception as e:
+        raise DataError(f"{path}: not an Arrow stream ({_first_line(e)})") from None
+    _check_string_column(path, reader.schema, text_column)
+    return reader
+
+
+def _arrow(path: str, text_column: str) -> Iterator[str]:
     with storage.open(path, "rb") as f:
-        try:
-            reader = pa.ipc.open_stream(f)
-        except Exception as e:
-            raise DataError(f"{path}: not an Arrow stream ({str(e).splitlines()[0]})") from None
-        _check_string_column(path, reader.schema, text_column)
         row = 0
-        for batch in reader:
+        for batch in _arrow_reader(path, f, text_column):
             yield from _strings(path, batch.column(text_column).to_pylist(), row, text_column)
             row += batch.num_rows
 

@@ -8,8 +8,9 @@ Inside:
   in/out shardings, the state donated.
 
 The train state is a plain dict pytree, which is what is checkpointed:
-    params     the model's parameters as a nested dict (nnx.to_pure_dict; float32 master weights)
-    opt_state  optax state; Adam moments have the params' structure and shardings
+    params     the model's parameters as a nested dict (nnx.to_pure_dict; model.param_dtype: float32
+               master weights, or bfloat16 ones updated by a float32 update rounded once per step)
+    opt_state  optax state; Adam moments have the params' structure and shardings, float32 always
     step       int32, optimizer steps taken (skipped ones included: the data position)
     skipped    int32, steps whose update was dropped because the loss or a gradient was not finite
     rng        uint32[2], the run's key data; step t uses fold_in(key, t), so no key is ever carried forward
@@ -78,9 +79,16 @@ def setup(run: RunConfig, mesh: Mesh) -> TrainSetup:
                       learning_rate_schedule(run.optimizer, run.train.steps), state_shardings, batch_sharding)
 
 
+def _init_opt_state(ts: TrainSetup, params):
+    """The optimizer state with float32 moments whatever the param dtype: the float32 gradients then give
+    float32 moments at every step, so the state's dtypes never change (a `lax.cond` over the update needs
+    both branches alike), and bfloat16 parameters still accumulate their updates in float32 moments."""
+    return ts.optimizer.init(jax.tree.map(lambda p: p.astype(jnp.float32), params))
+
+
 def abstract_state(ts: TrainSetup) -> dict:
     """The train state as ShapeDtypeStructs carrying their shardings (for restores and AOT compiles)."""
-    opt = jax.eval_shape(ts.optimizer.init, ts.abstract_params)
+    opt = jax.eval_shape(lambda p: _init_opt_state(ts, p), ts.abstract_params)
     shapes = {"params": ts.abstract_params, "opt_state": opt, "step": jax.ShapeDtypeStruct((), jnp.int32),
               "skipped": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
@@ -96,7 +104,7 @@ def state_from_params(ts: TrainSetup, params: dict) -> dict:
     sh = ts.state_shardings
 
     def fresh(params):
-        return {"params": params, "opt_state": ts.optimizer.init(params), "step": jnp.zeros((), jnp.int32),
+        return {"params": params, "opt_state": _init_opt_state(ts, params), "step": jnp.zeros((), jnp.int32),
                 "skipped": jnp.zeros((), jnp.int32), "rng": _rng(ts.run.train.seed)}
 
     with jax.set_mesh(ts.mesh):

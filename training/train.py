@@ -5,6 +5,11 @@ Inside: `run_training(config_path, workdir, overrides)`, `TrainingError`, `NonFi
 `open_datasets`.
 
 What a run does, in order:
+0. before any work: a checkpoint past `train.steps` is refused (one line naming both steps); a checkpoint
+   at `train.steps` whose export (if any) is written leaves nothing to do (summary `nothing_to_do`);
+   `train.export_hf` must be free (a non-empty directory is refused now, not found after training) and
+   an absolute one's parent must exist (never created silently). A failed run removes the workdir it
+   created itself while that holds no file (a user's existing directory is never removed);
 1. reads the YAML (training/config.py), builds the mesh (`mesh:` section over all devices), checks the
    run's shapes against it (training/validate.py: batch and microbatches vs data x fsdp, every
    parameter and activation dimension vs its mesh axis), then the train setup (shardings, optimizer,
@@ -32,7 +37,8 @@ What a run does, in order:
 7. a non-finite loss or gradient: the step's update is dropped inside the jitted step (state kept
    bit-for-bit, `skipped_steps` grows) under `train.nonfinite: skip`; under `abort` the run stops with
    `NonFiniteError` before anything else is saved (the last checkpoint is the last good state);
-8. at the end, `train.export_hf` writes a Hugging Face directory of the final weights.
+8. at the end, `train.export_hf` writes a Hugging Face directory of the final weights (a directory that
+   appeared there during the run is not overwritten: an error, the weights are in the checkpoint).
 
 Paths: the workdir and every path in it (data, tokenizer, checkpoints, metrics, TensorBoard, the export)
 may be local or on gs:// (`jaxmodel.storage`; Orbax writes checkpoints to gs:// itself). Data built from a
@@ -47,6 +53,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -313,29 +320,53 @@ def _check_mesh(run: RunConfig) -> None:
 
 
 def _check_export(run: RunConfig, workdir: str) -> None:
-    """`train.export_hf` can be written (checked now, not after the last step); an existing directory is
-    left alone at the end (see `_export`)."""
+    """`train.export_hf` can be written after the last step: checked before any work, so a run is never
+    trained only to find its export occupied. A relative path lies in the workdir (its parents are made
+    at the end); an absolute one's parent must exist (it is not created silently, a typo would be)."""
     if not run.train.export_hf or jax.process_index() != 0:
         return
-    from jaxmodel import storage
-
-    path = _resolve(workdir, run.train.export_hf)
-    if storage.isdir(path) and storage.listdir(path):
-        return
+    export = run.train.export_hf
+    path = _resolve(workdir, export)
+    inside = not (storage.is_remote(export) or os.path.isabs(export))
+    if inside and not storage.isdir(os.path.dirname(path)):
+        return  # nothing can be there yet: the workdir (or a folder in it) is still to be made
     try:
-        storage.check_output_dir(path)
+        storage.check_output_dir(path, create_parents=False)
     except storage.StorageError as e:
-        raise storage.StorageError(f"{run.where('train.export_hf')}: train.export_hf: {e}") from None
+        raise storage.StorageError(f"{run.where('train.export_hf')}: train.export_hf: {e} (it is written after "
+                                   "the last step and never overwritten: remove it or name another)") from None
 
 
-def _has_checkpoints(run: RunConfig, workdir: str) -> bool:
-    from jaxmodel import storage
-
+def _latest_step(run: RunConfig, workdir: str) -> int | None:
+    """The newest finalized checkpoint's step, from a listing (no Orbax manager, nothing created): a
+    temporary `<step>.orbax-checkpoint-tmp-*` directory is not a step, nor, on gs://, one without its
+    commit marker (training/checkpoint.py)."""
     directory = _resolve(workdir, run.checkpoint.dir)
     try:
-        return any(name.isdigit() for name in storage.listdir(directory))
+        steps = sorted((int(name) for name in storage.listdir(directory) if name.isdigit()), reverse=True)
     except OSError:  # no such directory (a new run), or --workdir is a file (reported next)
+        return None
+    for step in steps:
+        if not storage.is_remote(directory) or storage.exists(storage.join(directory, str(step), "commit_success.txt")):
+            return step
+    return None
+
+
+def _check_steps(run: RunConfig, latest: int | None, workdir: str) -> None:
+    """A run resumed past its own end is refused (train.steps below the checkpoint's step): training would
+    do nothing and a lower train.steps is most likely a mistake (another run's config or workdir)."""
+    if latest is not None and latest > run.train.steps:
+        raise TrainingError(f"{run.where('train.steps')}: train.steps={run.train.steps} is below the step of the "
+                            f"latest checkpoint in {_resolve(workdir, run.checkpoint.dir)} ({latest}); raise "
+                            "train.steps to continue that run, or use another --workdir")
+
+
+def _finished(run: RunConfig, latest: int | None, workdir: str) -> bool:
+    """The checkpoint is at train.steps and the export (if any) is written: nothing is left to do (at
+    train.steps without its export, the run loads the checkpoint and exports it)."""
+    if latest != run.train.steps:
         return False
+    return not run.train.export_hf or _exported(_resolve(workdir, run.train.export_hf))
 
 
 def _check_init_from(run: RunConfig) -> None:
@@ -373,15 +404,44 @@ def run_training(config_path: str, workdir: str, overrides=(), *, datasets=None,
     tree = load_run_config(config_path, list(overrides))
     run = load(tree)
     _check_mesh(run)
-    if not _has_checkpoints(run, storage.resolve(workdir)):  # a resumed run no longer reads init_from
+    resolved = storage.resolve(workdir)
+    latest = _latest_step(run, resolved)
+    _check_steps(run, latest, resolved)
+    if latest is None:  # a resumed run no longer reads init_from
         _check_init_from(run)
+    if _finished(run, latest, resolved):
+        return {"start_step": latest, "step": latest, "loss": None, "preempted": False, "workdir": resolved,
+                "nothing_to_do": True}
+    _check_export(run, resolved)
+    created = _missing_dirs(resolved)
     workdir = _make_workdir(workdir)  # a local path or a gs:// URL in an existing bucket
-    _check_export(run, workdir)
     preemption = _Preemption()  # from the start: a notice during data preparation or compilation counts too
     try:
         return _train(run, workdir, datasets, preemption, eval_hook)
+    except BaseException:
+        _remove_if_empty(created)
+        raise
     finally:
         preemption.close()
+
+
+def _missing_dirs(workdir: str) -> list[str]:
+    """The local directories that making `workdir` creates, outermost first ([] on gs://)."""
+    missing, path = [], workdir
+    while not storage.is_remote(path) and not os.path.lexists(path) and os.path.dirname(path) != path:
+        missing.insert(0, path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_if_empty(created: list[str]) -> None:
+    """After a failed run: removes the directories it created itself if they hold no file (a user's
+    existing directory is never in `created`; data or checkpoints already written are kept)."""
+    if not created or jax.process_index() != 0:
+        return
+    top = created[0]
+    if os.path.isdir(top) and not any(files for _, _, files in os.walk(top)):
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption, eval_hook=None) -> dict:
@@ -420,7 +480,8 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption, eval
     flops = train_flops_per_step(run.model, run.train.global_batch_size, run.train.seq_len)
     peak = peak_flops(jax.devices()[0], run.train.peak_flops_per_device)
     peak_total = peak * jax.device_count() if peak else None
-    summary = {"start_step": step, "step": step, "loss": None, "preempted": False, "workdir": workdir}
+    summary = {"start_step": step, "step": step, "loss": None, "preempted": False, "workdir": workdir,
+               "nothing_to_do": step >= run.train.steps}  # at train.steps: only the export was left
     _log(f"training {run.model.num_params():,} parameters on mesh {dict(ts.mesh.shape)} "
          f"({jax.device_count()} x {jax.devices()[0].device_kind}); steps {step} -> {run.train.steps}, "
          f"{run.train.global_batch_size} x {run.train.seq_len} tokens per step")
@@ -488,7 +549,8 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption, eval
                     os.kill(os.getpid(), signal.SIGKILL)
         checkpointer.close()
         if run.train.export_hf and not summary["preempted"] and step >= run.train.steps:
-            _export(ts, state, _resolve(workdir, run.train.export_hf), run)
+            summary["exported"] = _resolve(workdir, run.train.export_hf)
+            _export(ts, state, summary["exported"], run)
     finally:
         loader.close()
         bar.close()
@@ -507,19 +569,25 @@ def _prepared_batch(ts, loader, index: int, run: RunConfig) -> dict:
     return steps_lib.put_batch(ts, host)
 
 
+def _exported(path: str) -> bool:
+    """A complete export is at `path` (an uncommitted one, left by an interrupted run, is redone)."""
+    return bool(storage.listdir(path)) and storage.is_committed(path)
+
+
 def _export(ts, state, path: str, run: RunConfig) -> None:
     from flax import nnx
 
     from jaxmodel.convert import copy_tokenizer_files, save_pretrained
 
-    exists = bool(storage.listdir(path)) and storage.is_committed(path)  # an uncommitted one is redone
+    exists = _exported(path)
     if jax.process_count() > 1:  # every process must take the same branch: the export is a collective
         from jax.experimental import multihost_utils
 
         exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
-    if exists:
-        _log(f"export: {path} already exists; not overwritten")
-        return
+    if exists:  # checked free before training (_check_export): another writer got there since
+        raise TrainingError(f"{run.where('train.export_hf')}: train.export_hf {path} was written by someone else "
+                            "during the run; not overwritten (the final weights are in the last checkpoint: "
+                            "normistral export-hf)")
     _log(f"exporting the final weights to {path} (Hugging Face format)")
     save_pretrained(nnx.merge(ts.graphdef, state["params"]), path, dtype=run.train.export_dtype,
                     progress=False)

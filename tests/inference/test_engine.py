@@ -1,8 +1,14 @@
 """The continuous-batching engine: token-for-token parity with transformers' generate on each prompt alone
 under a mixed workload (more requests than slots, arrivals while others decode, chunked prefill, stop
 tokens, stop strings, max tokens), no recompilation in steady state, slots freed the step a row stops,
-int8 weights and int8 KV cache, EOS never in a completion, and Generator on the engine."""
+int8 weights and int8 KV cache, EOS never in a completion, Generator on the engine, a bad request failing
+alone while the engine keeps serving, a fatal loop error failing every request and calling on_fatal, and
+the metrics' memory staying bounded."""
 
+
+import collections
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -107,23 +113,34 @@ def test_engine_greedy_matches_transformers_each_prompt_alone(tiny_model, tokeni
 
 
 def test_no_recompilation_in_steady_state(tiny_model):
+    """After warmup, greedy, sampled, top-logprob and echo (prompt logprobs) requests of every length
+    compile nothing: neither jit's caches grow nor does XLA compile (counted by the engine too)."""
     engine = Engine(tiny_model, slots=SLOTS, max_model_len=512, prefill_chunk=128, prefill_rows=2)
+    steps = (engine._packed_step, engine._prefill_step, engine._decode_step)  # jitted once per model: shared
+    cached = sum(step._cache_size() for step in steps)  # programs earlier tests' engines compiled
     shapes = engine.warmup()
-    # packed first chunks at each width {16, 24, 32, 48, 64, 96, 128} (at 128 banded too: prompts of at
-    # most PROMPT_WINDOW tokens), later chunks [1, 128], and the decode step
-    assert shapes == 7 + 1 + 1 + 1
-    steps = (engine._packed_step, engine._prefill_step, engine._decode_step)
+    # with and without prompt logprobs: packed first chunks at each width {16, 24, 32, 48, 64, 96, 128} (at
+    # 128 banded too: prompts of at most PROMPT_WINDOW tokens) and later chunks [1, 128]; then the decode
+    # step (sampling and top logprobs are run-time flags)
+    assert shapes == 2 * (7 + 1 + 1) + 1
     sizes = tuple(step._cache_size() for step in steps)
+    warm = engine.metrics()["compiles_total"]
+    assert warm == sum(sizes) - cached  # each program this warmup added compiled once, and counted
     rng = np.random.default_rng(5)
     vocab = tiny_model.config.vocab_size
     with count_compiles() as compiles:
         for wave in range(2):
-            lengths = rng.integers(1, 200, size=10)
-            reqs = [Request(p.tolist(), max_tokens=int(rng.integers(1, 12)), stop_ids=frozenset({int(s)}))
-                    for p, s in zip(random_prompts(vocab, lengths, seed=wave), rng.integers(4, vocab, size=10))]
+            lengths = rng.integers(1, 200, size=12)
+            reqs = []
+            for i, (p, s) in enumerate(zip(random_prompts(vocab, lengths, seed=wave), rng.integers(4, vocab, size=12))):
+                kind = i % 4  # greedy, sampled with top-logprobs, echo + logprobs, sampled echo
+                reqs.append(Request(p.tolist(), max_tokens=int(rng.integers(0 if kind >= 2 else 1, 12)),
+                                    stop_ids=frozenset({int(s)}), temperature=0.8 * (kind % 2), top_k=20, top_p=0.9,
+                                    seed=i, logprobs=5 * (kind >= 1), prompt_logprobs=kind >= 2))
             engine.run(reqs)
     assert tuple(step._cache_size() for step in steps) == sizes
     assert compiles == [], f"{len(compiles)} compilations after warmup"
+    assert engine.metrics()["compiles_total"] == warm
 
 
 def test_a_row_that_stops_frees_its_slot_in_the_same_step(tiny_model):
@@ -292,3 +309,114 @@ def test_prompt_logprobs_across_packed_and_later_chunks_equal_transformers(tiny_
         best = np.argsort(-logp[:-1], axis=-1)[:, :5]
         assert [[t for t, _ in alts] for alts in r.prompt_top_logprobs] == best.tolist()
         assert r.finish_reason == "length" and r.tokens == []
+
+
+# -- faults and bounded metrics -------------------------------------------------------------------------
+
+
+def _reference(model, prompt, max_new):
+    return generate(model, *left_pad([np.asarray(prompt)]), max_new_tokens=max_new)[0].tolist()
+
+
+def test_a_bad_request_fails_alone_and_the_engine_keeps_serving(tiny_model):
+    """A Request the engine's int32 arrays cannot hold (top_k=2**40, as no HTTP door would let through) is
+    refused at submit; one changed to that after submit fails alone inside the loop (finish_reason
+    "error", the field named), as does one whose callback raises; the others get the reference tokens
+    and the loop keeps serving."""
+    vocab = tiny_model.config.vocab_size
+    p, q, r = (x.tolist() for x in random_prompts(vocab, (7, 12, 5), seed=31))
+    engine = Engine(tiny_model, slots=2, max_model_len=64)
+    with pytest.raises(EngineError, match=r"top_k=1099511627776 is out of range \[0, 2147483648\)"):
+        engine.submit(Request(p, max_tokens=4, top_k=2**40))
+    for field, value in (("temperature", float("nan")), ("top_p", 0.0), ("logprobs", 6), ("stream_id", -1),
+                         ("max_tokens", 2.5), ("seed", "7")):
+        with pytest.raises(EngineError, match=field):
+            engine.submit(Request(p, **{"max_tokens": 4, field: value}))
+
+    def broken_callback(request):
+        raise RuntimeError("the client's callback broke")
+
+    good = engine.submit(Request(p, max_tokens=8))
+    changed = engine.submit(Request(q, max_tokens=8, temperature=0.7, top_k=5))
+    changed.top_k = 2**40  # after the check at submit: the engine meets it when it admits the request
+    callback = engine.submit(Request(r, max_tokens=8, on_update=broken_callback))
+    engine.start()
+    try:
+        assert good.done.wait(120) and changed.done.wait(120) and callback.done.wait(120)
+        assert changed.finish_reason == "error" and changed.tokens == []
+        assert changed.error == "EngineError: top_k=1099511627776 is out of range [0, 2147483648)"
+        assert callback.finish_reason == "error" and callback.error == "RuntimeError: the client's callback broke"
+        assert good.finish_reason == "length" and good.tokens == _reference(tiny_model, p, 8)
+        after = engine.submit(Request(q, max_tokens=6))  # still serving
+        assert after.done.wait(120) and after.tokens == _reference(tiny_model, q, 6)
+        assert engine._thread.is_alive() and engine.fatal is None
+        assert engine.metrics()["failed_requests_total"] == 2
+    finally:
+        engine.stop()
+
+
+def test_a_fatal_loop_error_finishes_every_request_with_an_error_and_calls_on_fatal(tiny_model):
+    """A failure that is no request's fault (the device's cache buffers gone: the next call raises) stops
+    the loop: the running and the queued requests all finish with an error (nobody waits forever),
+    on_fatal gets the exception from the engine's thread, and later submits are refused."""
+    vocab = tiny_model.config.vocab_size
+    fatal = []
+    engine = Engine(tiny_model, slots=1, max_model_len=64,
+                    on_fatal=lambda e: fatal.append((e, threading.current_thread().name)))
+    reqs = [engine.submit(Request(p.tolist(), max_tokens=20)) for p in random_prompts(vocab, (6, 9, 4), seed=8)]
+    engine.step()
+    engine.step()  # the first request decodes, the two others wait for its slot
+    assert len(reqs[0].tokens) >= 1 and engine.queue_depth == 2
+    for leaf in jax.tree.leaves(engine.cache):
+        leaf.delete()
+    engine.start()
+    assert all(r.done.wait(120) for r in reqs)
+    engine._thread.join(120)
+    assert not engine._thread.is_alive()
+    assert [r.finish_reason for r in reqs] == ["error"] * 3
+    assert all(r.error.startswith("the engine stopped: RuntimeError: ") for r in reqs), reqs[0].error
+    assert len(fatal) == 1 and isinstance(fatal[0][0], RuntimeError) and fatal[0][1] == "engine"
+    assert engine.fatal is fatal[0][0] and engine.idle()
+    with pytest.raises(EngineError, match="the engine stopped: RuntimeError"):
+        engine.submit(Request([5, 6], max_tokens=2))
+    engine.stop()
+
+
+def test_token_rate_memory_stays_bounded_and_metrics_stay_right(tiny_model):
+    """Over a thousand generated tokens with nobody reading the metrics: no container of the engine grows
+    (but the TTFT samples, at most 1000), and then tokens/s and the counts agree with a count kept by
+    the requests' own callbacks."""
+    vocab = tiny_model.config.vocab_size
+    engine = Engine(tiny_model, slots=4, max_model_len=128)
+    seen = []  # (time, new tokens) from each request's callback, independent of the engine's counting
+
+    def batch(n, max_new, seed):
+        reported = {}  # request -> tokens it had at its callback's last call
+
+        def record(r):
+            seen.append((time.perf_counter(), len(r.tokens) - reported.get(id(r), 0)))
+            reported[id(r)] = len(r.tokens)
+
+        reqs = [Request(p.tolist(), max_tokens=max_new, on_update=record)
+                for p in random_prompts(vocab, [5] * n, seed=seed)]
+        return engine.run(reqs)
+
+    def sizes():
+        return {k: len(v) for k, v in vars(engine).items() if isinstance(v, (list, dict, collections.deque))
+                and k != "ttft"}
+
+    first = batch(8, 40, seed=1)
+    before = sizes()
+    second = batch(8, 100, seed=2)
+    assert sizes() == before
+    assert engine.ttft.maxlen == 1000 and len(engine.ttft) == 16
+    t0 = time.perf_counter()
+    m = engine.metrics()
+    t1 = time.perf_counter()
+    total = sum(len(r.tokens) for r in first + second)
+    assert total == 8 * 40 + 8 * 100 == sum(n for _, n in seen)
+    assert m["generated_tokens_total"] == total and m["finished_requests_total"] == 16
+    # tokens/s counts the tokens of the last 9.9-10 s; a callback runs just after its token is counted
+    surely_in = sum(n for t, n in seen if t > t1 - 9.4)
+    maybe_in = sum(n for t, n in seen if t > t0 - 10.0)
+    assert surely_in <= round(m["tokens_per_second"] * 10) <= maybe_in, (surely_in, m["tokens_per_second"], maybe_in)

@@ -7,9 +7,6 @@ import asyncio
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -19,50 +16,21 @@ import openai
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.inference.serving import start_serve, stop_serve
+
 NAME = "tiny"
 SLOTS = 4
 MAX_LEN = 256
 MAX_QUEUE = 80
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    port = _free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
-    cmd = [sys.executable, "-m", "normistral", "serve", tiny_dir, "--port", str(port), "--slots", str(SLOTS),
-           "--max-model-len", str(MAX_LEN), "--dtype", "float32", "--served-model-name", NAME,
-           "--max-queue", str(MAX_QUEUE), "--prefill-chunk", "64"]
-    log = open(os.path.join(os.path.dirname(tiny_dir), "server.log"), "w+")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while True:
-        if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"the server exited ({proc.returncode}):\n{log.read()[-3000:]}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("the server did not become healthy in 600 s")
-        time.sleep(0.5)
+    proc, base, log = start_serve(tiny_dir, os.path.join(os.path.dirname(tiny_dir), "server.log"), "--slots",
+                                  str(SLOTS), "--max-model-len", str(MAX_LEN), "--dtype", "float32",
+                                  "--served-model-name", NAME, "--max-queue", str(MAX_QUEUE), "--prefill-chunk", "64")
     yield base
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    stop_serve(proc, log)
 
 
 @pytest.fixture(scope="module")
