@@ -534,14 +534,18 @@ def _sigterm_as_ctrl_c(signum, frame):
 def _serve_faults(engine) -> None:
     """Test-only: NORMISTRAL_FAULTS="engine_fails_at_step=N" makes the engine's N-th step raise, as a
     device error would (tests/inference/test_server_hostile.py checks the server then exits 1)."""
-    at = dict(item.split("=", 1) for item in os.environ.get("NORMISTRAL_FAULTS", "").split(",") if "=" in item)
-    if "engine_fails_at_step" not in at:
+    if "NORMISTRAL_FAULTS" not in os.environ:  # a real server: not even the import (it loads Orbax)
+        return
+    from training.checkpoint import fault
+
+    at = fault("engine_fails_at_step")
+    if at is None:
         return
     step, count = engine.step, [0]
 
     def failing_step():
         count[0] += 1
-        if count[0] >= int(at["engine_fails_at_step"]):
+        if count[0] >= at:
             raise RuntimeError("injected fault: engine_fails_at_step")
         step()
 

@@ -21,7 +21,7 @@ CORE = [
     "tensorboardX==2.6.5",  # training curves in WORKDIR/tensorboard (metrics.jsonl has the same values)
     "fsspec==2026.9.0",  # jaxmodel/storage.py: one code path for local paths and gs://
     "gcsfs==2026.10.1",
-    "zstandard==0.25.0",  # prepare-data: .jsonl.zst inputs (read frame by frame in training/sources.py: a cut file is an error)
+    "zstandard==0.25.0",  # prepare-data: .jsonl.zst inputs (training/sources.py reads frames: a cut file errs)
     "pyarrow==26.0.1",  # prepare-data: Parquet and save_to_disk (Arrow) inputs
     "fastapi==0.165.0",  # normistral serve (OpenAI-compatible completions)
     "starlette==1.10.0",

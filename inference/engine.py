@@ -2,9 +2,10 @@
 
 Inside: `Request` (one prompt, its limits and sampling, and what it produced), `Engine` (`submit`,
 `cancel`, `step`, `run`, `start` / `stop` for a background thread, `warmup`, `metrics`), `EngineError`,
-`EngineFull`, the compile counter (`Engine.compiles`, fed by one process-wide `jax.monitoring` listener),
-the device steps `_packed_prefill_step` / `_prefill_step` / `_decode_step` (pure functions), `cache_format`
-and `engine_steps` (their jitted forms with the cache in one fixed format, what the engine runs and what
+`EngineFull`, `EngineStopped`, `cache_length` (max_model_len rounded as the cache holds it), the compile
+counter (`Engine.compiles`, fed by one process-wide `jax.monitoring` listener), the device steps
+`_packed_prefill_step` / `_prefill_step` / `_decode_step` (pure functions), `cache_format` and
+`engine_steps` (their jitted forms with the cache in one fixed format, what the engine runs and what
 `compile-check` compiles).
 
 How it runs. The engine owns one KV cache of `slots` rows, each a contiguous row of S = max_model_len
@@ -129,6 +130,16 @@ class EngineError(GenerateError):
 
 class EngineFull(EngineError):
     """The queue is at its bound: try again later (the server answers 429)."""
+
+
+class EngineStopped(EngineError):
+    """The background loop stopped on a fatal error (`Engine.fatal`): no request is taken (the server
+    answers 503)."""
+
+
+def cache_length(max_model_len: int) -> int:
+    """The cache slots per row for max_model_len: rounded up to a multiple of 16."""
+    return -(-max_model_len // 16) * 16
 
 
 # -- compile counting ----------------------------------------------------------------------------------
@@ -462,7 +473,7 @@ class Engine:
         self.decode = decode
         self.overlap = overlap
         self.kv_cache_dtype = kv_cache_dtype
-        self.cache_length = -(-self.max_model_len // 16) * 16
+        self.cache_length = cache_length(self.max_model_len)
         cache = self._call(init_cache, self.config, slots, self.cache_length, kv_dtype=kv_cache_dtype, mesh=self.mesh,
                            per_layer=self.per_layer)
         self.cache_formats = self._call(cache_format, self.graphdef, self.state, cache, slots)
@@ -533,13 +544,13 @@ class Engine:
             raise EngineError("stop strings and streaming need the engine's decode function (a tokenizer)")
 
     def submit(self, request: Request, *, block: bool = False) -> Request:
-        """Queues a request (raises EngineFull above max_queue unless block; EngineError once the
+        """Queues a request (raises EngineFull above max_queue unless block; EngineStopped once the
         background loop has stopped on a fatal error)."""
         self.check(request)
         request.submitted_at = time.perf_counter()
         with self._lock:
             if self.fatal is not None:
-                raise EngineError(f"the engine stopped: {_one_line(self.fatal)}")
+                raise EngineStopped(f"the engine stopped: {_one_line(self.fatal)}")
             if not block and len(self.queue) >= self.max_queue:
                 raise EngineFull(f"the queue is full ({self.max_queue} requests waiting)")
             self.queue.append(request)

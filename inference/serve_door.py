@@ -34,7 +34,7 @@ from fastapi import Request as HttpRequest
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from inference.engine import Engine, Request
+from inference.engine import Engine, Request, cache_length
 from inference.generate import GenerateError
 
 MAX_BODY_BYTES = 4 << 20
@@ -164,7 +164,7 @@ class Door:
             await asyncio.sleep(0.5)
             thread = self.engine._thread
             if thread is not None and not thread.is_alive() and self.failure is None:
-                self._fail(getattr(self.engine, "fatal", None) or RuntimeError("the engine's thread ended"))
+                self._fail(self.engine.fatal or RuntimeError("the engine's thread ended"))
 
 
 async def read_body(http: HttpRequest, limits: Limits) -> bytes:
@@ -240,7 +240,7 @@ def check_memory(config, *, slots: int, max_model_len: int, dtype, kv_cache_dtyp
 
     from inference.kv_cache import abstract_cache
 
-    length = -(-max_model_len // 16) * 16  # as the engine rounds it
+    length = cache_length(max_model_len)
     shapes = jax.tree.leaves(abstract_cache(config, slots, length, dtype=jnp.dtype(dtype), kv_dtype=kv_cache_dtype))
     cache = sum(math.prod(s.shape) * s.dtype.itemsize for s in shapes)
     per_weight = {"int8": 1.0, "int4": 0.5}.get(quantize, jnp.dtype(dtype).itemsize)

@@ -46,7 +46,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from inference.engine import TOP_LOGPROBS, Engine, EngineError, EngineFull, Request
+from inference.engine import TOP_LOGPROBS, Engine, EngineError, EngineFull, EngineStopped, Request
 from inference.serve_door import (
     MAX_BODY_BYTES,
     RETRY_AFTER,
@@ -103,13 +103,11 @@ def _check_unicode(body: dict) -> None:
         while stack:
             item = stack.pop()
             if isinstance(item, str):
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
+                if not is_utf8(item):
                     param = key if item is not key and is_utf8(key) else None
                     raise ApiError(400, f"{'a field name' if param is None else repr(param)} contains a lone "
                                    "UTF-16 surrogate (\\ud800-\\udfff without its pair), which is no character",
-                                   param=param) from None
+                                   param=param)
             elif isinstance(item, list):
                 stack.extend(item)
             elif isinstance(item, dict):
@@ -277,12 +275,10 @@ def _answer(c: Completion, reqs, tok: _Tokens, head: dict) -> bytes:
     prompt is megabytes)."""
     choices = []
     for i, r in enumerate(reqs):
-        text, lp = r.text, None
-        if c.echo:
-            text = _echo_text(c, i, tok, r) + text
+        echo, lp = _echo_text(c, i, tok, r) if c.echo else "", None
+        text = echo + r.text
         if c.logprobs is not None:
-            offset = len(_echo_text(c, i, tok, r)) if c.echo else 0
-            lp = _completion_logprobs(tok, r, c.logprobs, 0, len(r.tokens), offset)
+            lp = _completion_logprobs(tok, r, c.logprobs, 0, len(r.tokens), len(echo))
             if c.echo:
                 lp = _merge(_prompt_logprobs(tok, r, c.logprobs), lp)
         choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": r.finish_reason})
@@ -303,7 +299,7 @@ def _engine_failure(reqs) -> ApiError | None:
     """A request the engine ended with an error (or an abort the client did not ask for) -> the 500 to send."""
     for r in reqs:
         if r.finish_reason not in ("stop", "length"):
-            why = getattr(r, "error", None) or f"the engine ended the request ({r.finish_reason})"
+            why = r.error or f"the engine ended the request ({r.finish_reason})"
             return ApiError(500, f"the server failed on this request: {why}", type="server_error")
     return None
 
@@ -463,7 +459,7 @@ def _submit(engine: Engine, reqs) -> None:
     except EngineError as e:
         for r in submitted:
             engine.cancel(r)
-        if "engine stopped" in str(e):
+        if isinstance(e, EngineStopped):
             raise unavailable(str(e)) from None
         raise ApiError(400, str(e)) from None
 

@@ -71,7 +71,7 @@ def compare_logits(
 
     hf_dir, jax_dir = resolve_model(hf_dir), resolve_model(jax_dir)  # hub ids -> their cached snapshots
     config = MistralConfig.from_hf(hf_dir)
-    check_same_network(hf_dir, jax_dir)
+    check_same_network(config, hf_dir, jax_dir)
     _check_inputs(hf_dir, config, length, offset)
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, config.vocab_size, size=(batch, length))
@@ -101,12 +101,12 @@ def _reference_mask(length: int, window: int | None):
     return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]
 
 
-def check_same_network(hf_dir: str, jax_dir: str) -> None:
+def check_same_network(reference: MistralConfig, hf_dir: str, jax_dir: str) -> None:
     """A ConfigError naming every architecture field (`ARCHITECTURE_FIELDS`) whose value differs between the
-    two directories' configs: such models cannot be compared tensor by tensor."""
+    two directories' configs (`reference`: hf_dir's, already read): such models cannot be compared tensor by
+    tensor."""
     from jaxmodel.convert import config_source
 
-    reference = MistralConfig.from_hf(hf_dir)
     ours = MistralConfig.from_hf(config_source(jax_dir))  # config.json, or a checkpoint step's saved config
     differ = [f"{name} {getattr(reference, name)} vs {getattr(ours, name)}" for name in ARCHITECTURE_FIELDS
               if getattr(reference, name) != getattr(ours, name)]
@@ -161,7 +161,7 @@ def compare_layers(
     storage.check_input_dir(hf_dir, "Hugging Face model directory")
     storage.check_input_dir(jax_dir, "model directory")
     config = MistralConfig.from_hf(hf_dir, param_dtype="float32", dtype="float32")
-    check_same_network(hf_dir, jax_dir)
+    check_same_network(config, hf_dir, jax_dir)
     _check_inputs(hf_dir, config, length, offset)
     ref_files = WeightFiles.open(hf_dir)
     ours = tensor_reader(jax_dir, config)

@@ -5,7 +5,7 @@ Inside:
 - Paths: `is_remote`, `resolve`, `join`, `under` (a path relative to a base), `parent`, `basename`.
 - Queries and plain I/O: `exists`, `isdir`, `isfile`, `listdir`, `glob`, `size`, `makedirs`, `remove`,
   `open`, `read_ranges`, `read_text` / `write_text`, `read_json` / `write_json`, `copy_file`, `copy_dir`,
-  `local_copy`, `upload_dir`.
+  `local_copy`, `upload_dir`; `map_threads` (one call per item, 32 in flight: requests are latency-bound).
 - `gs://` failures as one line: `unreachable` turns a network, timeout or credentials error of a remote path
   into a StorageError naming the path and the cause (`remote_errors` does it for the functions here).
 - Outputs that are never half-written: `atomic_directory`, `atomic_file` / `atomic_write`, `check_output_dir`,
@@ -389,6 +389,18 @@ def read_json(path):
 
 def write_json(path, value, *, indent: int | None = 2) -> None:
     write_text(path, json.dumps(value, indent=indent))
+
+
+def map_threads(fn, items) -> list:
+    """[fn(x) for x in items], 32 at a time (object-store requests are latency-bound); the first error, in
+    order."""
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(32, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 @remote_errors

@@ -129,6 +129,15 @@ def gcs_bucket(gcs_emulator):
 
 
 @pytest.fixture(scope="module")
+def offline():
+    """No network for a module's tests: hub ids and datasets come from the caches only."""
+    from tests.hub_cache import offline_hub
+
+    with offline_hub():
+        yield
+
+
+@pytest.fixture(scope="module")
 def repo_cwd():
     """Runs a test module from the repository root (lm-eval task YAMLs name their data files from there)."""
     previous = os.getcwd()

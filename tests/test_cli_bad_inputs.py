@@ -16,20 +16,13 @@ import pytest
 
 import normistral
 from jaxmodel import MistralConfig
-from tests.hub_cache import offline_hub
 from tests.test_cli_errors import _fails
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = os.path.join(ROOT, "tests", "inference", "eval_tasks")
 
-pytestmark = pytest.mark.usefixtures("repo_cwd")  # the eval task YAMLs name their data from the repo root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    """No network: hub ids and datasets come from the (empty) caches only."""
-    with offline_hub():
-        yield
+# repo_cwd: the eval task YAMLs name their data from the repo root; offline: no network
+pytestmark = pytest.mark.usefixtures("repo_cwd", "offline")
 
 
 @pytest.fixture(scope="module")

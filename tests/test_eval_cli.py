@@ -13,7 +13,6 @@ import os
 import pytest
 
 import normistral
-from tests.hub_cache import offline_hub
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "tiny-cpu.yaml")
@@ -21,14 +20,8 @@ TASKS = os.path.join(ROOT, "tests", "inference", "eval_tasks")
 ALL_TASKS = "nm_sentiment,nm_perplexity,nm_translate"
 
 
-pytestmark = pytest.mark.usefixtures("repo_cwd")  # the task YAMLs name data relative to the repo
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    """Offline for this module's tests only."""
-    with offline_hub():
-        yield
+# repo_cwd: the task YAMLs name data relative to the repo; offline: no network (this module only)
+pytestmark = pytest.mark.usefixtures("repo_cwd", "offline")
 
 
 @pytest.fixture(scope="module")

@@ -347,19 +347,11 @@ def _read_marker(job: dict, work_dir: str, i: int) -> dict | None:
     return marker if marker.get("key") == src.as_key(job["units"][i]) else None
 
 
-def _threads(fn, items) -> list:
-    """fn over items, 32 at a time (object-store requests are latency-bound)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(32) as pool:
-        return list(pool.map(fn, items))
-
-
 def pending_units(job: dict, work_dir: str) -> tuple[list[int], dict[int, dict]]:
     """(units still to do, markers of the committed ones)."""
     names = set(storage.listdir(work_dir))
     found = [i for i in range(len(job["units"])) if _unit_name(i) + ".json" in names]
-    markers = _threads(lambda i: _read_marker(job, work_dir, i), found)
+    markers = storage.map_threads(lambda i: _read_marker(job, work_dir, i), found)
     done = {i: m for i, m in zip(found, markers) if m is not None}
     return [i for i in range(len(job["units"])) if i not in done], done
 
@@ -541,7 +533,7 @@ def finalize(job: dict, work_dir: str, output: str, markers: dict[int, dict], we
     keep = {INDEX} | {sh[a] for sh in shards for a in ARRAYS}
     stale = [n for n in storage.listdir(work_dir)  # markers, job.json, files of an earlier plan's units
              if n not in keep and n not in (storage.WRITING, storage.COMMITTED)]
-    _threads(lambda n: storage.remove(storage.join(work_dir, n)), stale)
+    storage.map_threads(lambda n: storage.remove(storage.join(work_dir, n)), stale)
     _write_json(storage.join(work_dir, INDEX), index)
     if storage.is_remote(output):
         storage.write_text(storage.join(output, storage.COMMITTED), "")

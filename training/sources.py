@@ -55,6 +55,7 @@ from jaxmodel.checks import json_problem
 from training.documents import DataError, text_blocks
 
 CODECS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".xz": "xz"}
+_EXTENSION = {codec: ext for ext, codec in CODECS.items()}
 _FORMATS = {".jsonl": "jsonl", ".txt": "text", ".parquet": "parquet"}
 SUPPORTED = ".jsonl, .txt (each also .gz, .zst, .bz2, .xz), .parquet; letter case ignored"
 _SIGNATURES = {"gzip": (b"\x1f\x8b",), "zstd": (b"\x28\xb5\x2f\xfd",), "bz2": (b"BZh",), "xz": (b"\xfd7zXZ\x00",)}
@@ -150,26 +151,14 @@ def _hub_parts(spec: str) -> tuple[str, str | None, str]:
     return (parts[0], None, parts[1]) if len(parts) == 2 else (parts[0], parts[1], parts[2])
 
 
-def _threads(fn, items: list) -> list:
-    """fn over items, 32 at a time (object-store requests are latency-bound); the first error, in order."""
-    if len(items) <= 1:
-        return [fn(x) for x in items]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(min(32, len(items))) as pool:
-        return list(pool.map(fn, items))
-
-
 def plan_units(source: int, spec: str, *, unit_bytes: int = DEFAULT_UNIT_BYTES, text_column: str = "text"
                ) -> list[dict]:
     """The work units of one source, in packing order (each file probed first: see the module docstring)."""
     kind, files = expand_source(spec)
     if kind == "hub":
         return _hub_units(source, spec)
-    units = []
-    for per_file in _threads(lambda path: _file_units(source, kind, path, unit_bytes, text_column), files):
-        units += per_file
-    return units
+    per_file = storage.map_threads(lambda path: _file_units(source, kind, path, unit_bytes, text_column), files)
+    return [unit for units in per_file for unit in units]
 
 
 def _hub_units(source: int, spec: str) -> list[dict]:
@@ -327,8 +316,7 @@ def _looks_compressed(path: str) -> str:
     with contextlib.suppress(Exception), storage.open(path, "rb") as f:
         codec = _codec_of_bytes(f.read(8))
         if codec:
-            ext = next(e for e, c in CODECS.items() if c == codec)
-            return f"; it is {codec}-compressed: name it {storage.basename(path)}{ext}"
+            return f"; it is {codec}-compressed: name it {storage.basename(path)}{_EXTENSION[codec]}"
     return ""
 
 
@@ -341,12 +329,11 @@ def _open_bytes(path: str):
             yield raw
             return
         head = raw.read(8)
-        if _codec_of_bytes(head) != codec:
-            ext = next(e for e, c in CODECS.items() if c == codec)
-            actual = _codec_of_bytes(head)
+        actual = _codec_of_bytes(head)
+        if actual != codec:
             what = ("it is empty" if not head else f"it is {actual} data" if actual else
                     f"it does not start with the {codec} signature (not compressed?)")
-            raise DataError(f"{path}: not {codec} data: the name ends in {ext}, but {what}")
+            raise DataError(f"{path}: not {codec} data: the name ends in {_EXTENSION[codec]}, but {what}")
         raw.seek(0)
         if codec == "gzip":
             import gzip

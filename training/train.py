@@ -290,8 +290,6 @@ def _evaluate(eval_step, ts, params, dataset, run: RunConfig) -> float:
 def _make_workdir(workdir: str) -> str:
     """The run's directory (local, created if needed, or gs:// in an existing bucket); a StorageError
     naming it when it cannot be used (checked before any data is built or any step compiled)."""
-    from jaxmodel import storage
-
     path = storage.check_bucket(workdir)
     if storage.is_remote(path):
         if storage.isfile(path):
@@ -374,7 +372,6 @@ def _check_init_from(run: RunConfig) -> None:
     is built or anything compiled."""
     if run.init_from is None:
         return
-    from jaxmodel import storage
     from jaxmodel.config import MistralConfig
     from jaxmodel.convert import config_source
 
@@ -413,7 +410,7 @@ def run_training(config_path: str, workdir: str, overrides=(), *, datasets=None,
         return {"start_step": latest, "step": latest, "loss": None, "preempted": False, "workdir": resolved,
                 "nothing_to_do": True}
     _check_export(run, resolved)
-    created = _missing_dirs(resolved)
+    created = _first_missing_dir(resolved)
     workdir = _make_workdir(workdir)  # a local path or a gs:// URL in an existing bucket
     preemption = _Preemption()  # from the start: a notice during data preparation or compilation counts too
     try:
@@ -425,23 +422,21 @@ def run_training(config_path: str, workdir: str, overrides=(), *, datasets=None,
         preemption.close()
 
 
-def _missing_dirs(workdir: str) -> list[str]:
-    """The local directories that making `workdir` creates, outermost first ([] on gs://)."""
-    missing, path = [], workdir
+def _first_missing_dir(workdir: str) -> str | None:
+    """The outermost local directory that making `workdir` creates (None if it exists, or on gs://)."""
+    missing, path = None, workdir
     while not storage.is_remote(path) and not os.path.lexists(path) and os.path.dirname(path) != path:
-        missing.insert(0, path)
-        path = os.path.dirname(path)
+        missing, path = path, os.path.dirname(path)
     return missing
 
 
-def _remove_if_empty(created: list[str]) -> None:
-    """After a failed run: removes the directories it created itself if they hold no file (a user's
-    existing directory is never in `created`; data or checkpoints already written are kept)."""
-    if not created or jax.process_index() != 0:
+def _remove_if_empty(created: str | None) -> None:
+    """After a failed run: removes the directory tree it created itself if that holds no file (a user's
+    existing directory is never `created`; data or checkpoints already written are kept)."""
+    if created is None or jax.process_index() != 0:
         return
-    top = created[0]
-    if os.path.isdir(top) and not any(files for _, _, files in os.walk(top)):
-        shutil.rmtree(top, ignore_errors=True)
+    if os.path.isdir(created) and not any(files for _, _, files in os.walk(created)):
+        shutil.rmtree(created, ignore_errors=True)
 
 
 def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption, eval_hook=None) -> dict:
