@@ -25,8 +25,12 @@ def _import_hf(args):
 
 def _export_hf(args):
     from jaxmodel.convert import export_hf
+    from jaxmodel.lora import LoraError, error_line
 
-    export_hf(args.ckpt_dir, args.hf_dir, dtype=args.dtype)
+    try:
+        export_hf(args.ckpt_dir, args.hf_dir, dtype=args.dtype, merge_lora=args.merge_lora)
+    except LoraError as e:
+        raise CommandError(error_line(e, "--merge-lora ", args.merge_lora)) from None
     print(f"exported {args.ckpt_dir} -> {args.hf_dir}")
 
 
@@ -158,7 +162,13 @@ def _compile_check(args):
     from jaxmodel import aot, run_config
 
     aot.check_topology(args.topology)
-    tree = run_config.load_run_config(args.config, args.set)
+    overrides = {"max_model_len": args.max_model_len, "max_num_seqs": args.max_num_seqs,
+                 "kv_cache_memory": args.kv_cache_memory, "page_size": args.page_size}
+    if args.mode != "decode" and any(v is not None for v in overrides.values()):
+        raise CommandError("--max-model-len, --max-num-seqs, --kv-cache-memory and --page-size are the engine's: "
+                           "they need --mode decode")
+    tree = run_config.load_run_config(args.config, args.set + [f"inference.{k}={v}" for k, v in overrides.items()
+                                                               if v is not None])
     _check_sections(tree)
     aot.check_attention(tree, args.topology)
     t0 = time.time()
@@ -190,20 +200,28 @@ def _compile_check(args):
         shown = "-" if value is None else f"{value / 1024**3:9.3f} GiB"
         print(f"  {key:15s} {shown} per device")
     print(f"  fits: {'yes' if report['fits'] else 'NO'} (compiled in {report['compile_seconds']}s)")
-    if "decode_step" in report:  # --mode decode: the above is the whole generation program; one step alone:
-        step = report["decode_step"]
-        print(f"  one decode step (cache donated): {_gib(step['device_bytes'])} per device, "
-              f"fits: {'yes' if step['fits'] else 'NO'}")
-    if "engine" in report:  # --mode decode: the continuous-batching engine's steps (normistral serve)
-        eng = report["engine"]
-        print(f"  engine ({eng['slots']} slots x {eng['max_model_len']} tokens): decode step "
-              f"{_gib(eng['decode_step']['device_bytes'])}, prefill step ({eng['prefill_step']['rows']} x "
-              f"{eng['prefill_step']['chunk']} tokens) {_gib(eng['prefill_step']['device_bytes'])} per "
-              f"device, fits: {'yes' if eng['fits'] else 'NO'}")
+    if "engine" in report:  # --mode decode: the continuous-batching engine (normistral serve, Generator)
+        _print_engine(report["engine"])
     if "data" in report:
         print(f"  data: {report['data']}")
     if "compiler" in report:
         print(f"  compiler: {report['compiler']}")
+
+
+def _print_engine(eng: dict) -> None:
+    pool = eng["pool"]
+    ratio = f", laid out {pool['layout_ratio']:.3f}x" if pool.get("layout_ratio") else ""
+    print(f"  engine: up to {eng['max_num_seqs']} sequences of up to {eng['max_model_len']} tokens; KV cache pool "
+          f"{pool['pages']} pages x {eng['page_size']} = {pool['tokens']} tokens, {_gib(pool['bytes'])} "
+          f"({pool['values_bytes_per_token']:.0f} bytes a token{ratio}; {pool['sizing']})")
+    print(f"  engine: {eng['max_concurrent_seqs']} sequences of {eng['average_len']} tokens at once; one of "
+          f"{eng['max_model_len']}: {'yes' if eng['pool_holds_max_model_len'] else 'NO'}")
+    for name, step in eng["steps"].items():
+        print(f"  engine {name}: {_gib(step['device_bytes'])} per device, fits: {'yes' if step['fits'] else 'NO'}")
+    print(f"  engine fits: {'yes' if eng['fits'] else 'NO'} ({len(eng['steps'])} of its {eng['programs']} programs "
+          "compiled: the narrowest and the widest)")
+    if "compiler" in eng:
+        print(f"  engine compiler: {eng['compiler']}")
 
 
 def _add_distributed_flags(p) -> None:
@@ -262,6 +280,7 @@ def _train_eval_hook(args):
     if not train.eval_tasks:
         return None
     try:
+        from inference import eval_tasks
         from inference import lm_eval_adapter as adapter
     except ImportError as e:
         raise CommandError(f"train.eval_tasks needs lm-evaluation-harness ({e}); pip install -e '.[eval]'") from None
@@ -269,8 +288,8 @@ def _train_eval_hook(args):
     if include and not os.path.isabs(include):
         include = os.path.join(os.path.dirname(run.path), include)
     try:
-        manager, _ = adapter.check_tasks(list(train.eval_tasks), include)
-    except adapter.EvalError as e:
+        manager, _ = eval_tasks.check_tasks(list(train.eval_tasks), include)
+    except eval_tasks.EvalError as e:
         raise CommandError(f"train.eval_tasks: {e}") from None
     tokenizer = []
 
@@ -282,9 +301,9 @@ def _train_eval_hook(args):
             tokenizer.append(adapter.load_tokenizer(found or candidates[-1], None))
         lm = adapter.NorMistralLM(model=model, tokenizer=tokenizer[0], batch_size=train.global_batch_size,
                                   progress=False)
-        results = adapter.evaluate(lm, list(train.eval_tasks), num_fewshot=train.eval_num_fewshot,
+        results = eval_tasks.evaluate(lm, list(train.eval_tasks), num_fewshot=train.eval_num_fewshot,
                                    limit=train.eval_limit, task_manager=manager, bootstrap_iters=0)
-        return adapter.scores(results) if results else {}
+        return eval_tasks.scores(results) if results else {}
 
     return hook
 
@@ -307,7 +326,9 @@ def _prepare_data(args):
     try:
         index = prepare_data(args.tokenizer, args.input, args.output, args.seq_len, weights=args.weights,
                              workers=args.workers, unit_bytes=int(args.unit_mb * 2**20),
-                             text_column=args.text_column, engine=args.engine)
+                             text_column=args.text_column, engine=args.engine, prompt_field=args.prompt_field,
+                             completion_field=args.completion_field,
+                             template=None if args.template is None else args.template.replace("\\n", "\n"))
     except DataError as e:
         raise CommandError(str(e)) from None
     except KeyboardInterrupt:  # the bar is closed and the temporaries removed by now
@@ -315,8 +336,9 @@ def _prepare_data(args):
         _fail(f"{what}; rerun the same command to resume ({args.output})", status=status)
     for source in index["sources"]:
         start, stop = source["rows"]
-        print(f"  {source['name']}: {source['documents']} documents, {source['tokens']} tokens, "
-              f"{stop - start} rows, weight {source['weight']:.3g}")
+        trained = f" ({source['trained_tokens']} trained)" if "trained_tokens" in source else ""
+        print(f"  {source['name']}: {source['documents']} {'records' if trained else 'documents'}, "
+              f"{source['tokens']} tokens{trained}, {stop - start} rows, weight {source['weight']:.3g}")
     print(f"prepare-data: {index['num_rows']} rows of {index['seq_len']} tokens -> {args.output}")
 
 
@@ -328,6 +350,19 @@ def _mesh_arg(text: str) -> tuple[int, int, int]:
     if len(sizes) != 3:
         raise CommandError(f"--mesh {text!r}: expected DATA,FSDP,TENSOR sizes, e.g. 1,-1,1")
     return sizes
+
+
+def _check_lora(args, config) -> str | None:
+    """--lora's adapter (a hub id fetched) checked against the model's config, before the weights load."""
+    if args.lora is None:
+        return None
+    from jaxmodel.convert import resolve_lora
+    from jaxmodel.lora import LoraError, error_line
+
+    try:
+        return resolve_lora(args.lora, config)
+    except LoraError as e:
+        raise CommandError(error_line(e, "--lora ", args.lora)) from None
 
 
 def _generate(args):
@@ -349,7 +384,11 @@ def _generate(args):
         check_template(template, "--template")
     model_dir = resolve_model(args.model_dir)  # a hub id -> its snapshot in the local cache
     storage.check_input_dir(model_dir, "model directory")
-    MistralConfig.from_hf(config_source(model_dir))
+    config = MistralConfig.from_hf(config_source(model_dir))
+    context = config.max_position_embeddings
+    lora = _check_lora(args, config)
+    if args.max_model_len is not None and not 2 <= args.max_model_len <= context:
+        raise CommandError(f"--max-model-len {args.max_model_len}: must be in [2, {context}] (the model's context)")
     if args.output and jax.process_index() == 0:
         check_new_output(args.output, "--output", overwrite=args.overwrite, inputs={"--input": args.input})
         storage.check_output_file(args.output)
@@ -365,14 +404,26 @@ def _generate(args):
         # Default: tensor-parallel within a host (fast links), data-parallel across hosts, so no weight
         # is all-gathered across hosts per token (an FSDP mesh would).
         mesh = make_mesh(_mesh_arg(args.mesh) if args.mesh else (jax.process_count(), 1, jax.local_device_count()))
+    from inference.serve_door import check_memory
+
+    pool = check_memory(config, max_num_seqs=args.batch_size, max_model_len=args.max_model_len or context,
+                        page_size=args.page_size, kv_cache_memory=args.kv_cache_memory, dtype=args.dtype,
+                        kv_cache_dtype=args.kv_cache_dtype, quantize=args.quantize, seqs_flag="--batch-size",
+                        devices=list(mesh.devices.flat) if mesh is not None else jax.devices()[:1])
+    _compile_cache(args)
     tokenizer = load_tokenizer(resolve_model(args.tokenizer)) if args.tokenizer else None
     gen = Generator.from_pretrained(model_dir, tokenizer=tokenizer, dtype=args.dtype, quantize=args.quantize,
-                                    group_size=args.group_size, kv_cache_dtype=args.kv_cache_dtype, mesh=mesh)
+                                    group_size=args.group_size, kv_cache_dtype=args.kv_cache_dtype, mesh=mesh,
+                                    lora=lora, slots=args.batch_size, max_model_len=args.max_model_len,
+                                    prefill_chunk=args.prefill_chunk,
+                                    num_pages=pool.num_pages, page_size=args.page_size,
+                                    prefix_caching=not args.no_prefix_caching, warmup=False)
     batches = gen.iter_records(
         records, max_new_tokens=args.max_new_tokens, stop="\n" if args.stop_at_newline else None,
         template=template,
         batch_size=args.batch_size, names=names, do_sample=args.do_sample, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    gen.warmup()  # after the prompts' checks: every program compiled now (a progress line), none while generating
     primary = jax.process_index() == 0  # every process generates (collectives); process 0 reports
     with atomic_file(args.output if primary else None) as out, tqdm(
             total=len(records), unit="prompt", disable=not (args.input and primary), file=sys.stderr) as bar:
@@ -406,6 +457,7 @@ def _eval(args):
     from jaxmodel.hub import check_revision, is_hub_id, resolve_model
 
     try:
+        from inference import eval_tasks
         from inference import lm_eval_adapter as adapter
     except ImportError as e:
         raise CommandError(f"eval needs lm-evaluation-harness ({e}); pip install -e '.[eval]'") from None
@@ -419,21 +471,24 @@ def _eval(args):
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise CommandError(f"--num-fewshot {args.num_fewshot}: expected 0 or more")
     # A hub id: its config.json only for now (the weights come with the model load, after the task checks).
-    context = MistralConfig.from_hf(config_source(resolve_model(args.model, config_only=True))).max_position_embeddings
+    config = MistralConfig.from_hf(config_source(resolve_model(args.model, config_only=True)))
+    context = config.max_position_embeddings
+    lora = _check_lora(args, config)
     if args.max_length is not None and args.max_length > context:
         raise CommandError(f"--max-length {args.max_length}: more than the model's context ({context} tokens)")
     try:
-        manager, loaded = adapter.check_tasks(tasks, args.include_path)
-        adapter.check_task_settings(loaded, num_fewshot=args.num_fewshot, max_length=args.max_length or context,
+        manager, loaded = eval_tasks.check_tasks(tasks, args.include_path)
+        eval_tasks.check_task_settings(loaded, num_fewshot=args.num_fewshot, max_length=args.max_length or context,
                                     cli=True)
+        _compile_cache(args)
         lm = adapter.NorMistralLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, quantize=args.quantize,
-                                  group_size=args.group_size if args.quantize == "int4" else None,
+                                  group_size=args.group_size if args.quantize == "int4" else None, lora=lora,
                                   batch_size=args.batch_size, max_length=args.max_length, cli=True,
                                   mesh=_mesh_arg(args.mesh) if args.mesh else ("1x-1x1" if jax.process_count() > 1
                                                                               else None))
-        results = adapter.evaluate(lm, tasks, num_fewshot=args.num_fewshot, limit=args.limit, task_manager=manager,
+        results = eval_tasks.evaluate(lm, tasks, num_fewshot=args.num_fewshot, limit=args.limit, task_manager=manager,
                                    log_samples=args.log_samples)
-    except adapter.EvalError as e:
+    except eval_tasks.EvalError as e:
         raise CommandError(str(e)) from None
     if jax.process_index() != 0 or results is None:
         return
@@ -464,7 +519,7 @@ def _serve(args):
         signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)  # (while serving, uvicorn's handler drains instead)
     requested, args.model_dir = args.model_dir, resolve_model(args.model_dir)  # a hub id -> its cached snapshot
     check_input_dir(args.model_dir, "model directory")
-    for flag, value, low in (("--slots", args.slots, 1), ("--max-model-len", args.max_model_len, 2),
+    for flag, value, low in (("--max-model-len", args.max_model_len, 2),
                              ("--port", args.port, 0), ("--max-queue", args.max_queue, 1),
                              ("--prefill-chunk", args.prefill_chunk, 16)):
         if value is not None and value < low:
@@ -479,9 +534,10 @@ def _serve(args):
 
     config = MistralConfig.from_hf(config_source(args.model_dir))  # before the weights
     context = config.max_position_embeddings
+    lora = _check_lora(args, config)
     if args.max_model_len is not None and args.max_model_len > context:
         raise CommandError(f"--max-model-len {args.max_model_len}: more than the model's context ({context})")
-    max_len = args.max_model_len or min(context, 4096)
+    max_len = args.max_model_len or context
     import jax
 
     from inference import serve_door, server
@@ -494,28 +550,37 @@ def _serve(args):
 
         mesh = make_mesh(_mesh_arg(args.mesh))
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
-    serve_door.check_memory(config, slots=args.slots, max_model_len=max_len, dtype=args.dtype,
-                            kv_cache_dtype=args.kv_cache_dtype, quantize=args.quantize, devices=devices)
+    pool = serve_door.check_memory(config, max_num_seqs=args.max_num_seqs, max_model_len=max_len,
+                                   page_size=args.page_size, kv_cache_memory=args.kv_cache_memory, dtype=args.dtype,
+                                   kv_cache_dtype=args.kv_cache_dtype, quantize=args.quantize, devices=devices)
+    _compile_cache(args)
     sock = serve_door.bind_socket(args.host, args.port)  # held from here: a bad address fails before the load
     gen = Generator.from_pretrained(args.model_dir, dtype=args.dtype, quantize=args.quantize,
-                                    group_size=args.group_size, mesh=mesh,
-                                    kv_cache_dtype=args.kv_cache_dtype, progress=True)
+                                    group_size=args.group_size, mesh=mesh, lora=lora,
+                                    kv_cache_dtype=args.kv_cache_dtype, progress=True,
+                                    warmup=False)  # the weights and tokenizer only: serve builds its own engine
     door = serve_door.Door(serve_door.Limits(request_timeout=args.request_timeout,
                                              max_connections=args.max_connections,
                                              shutdown_grace=args.shutdown_grace))
-    engine = Engine(gen.parts, slots=args.slots, max_model_len=max_len, kv_cache_dtype=args.kv_cache_dtype,
-                    prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, decode=gen.decode,
-                    on_fatal=door.fail)
+    engine = Engine(gen.parts, max_num_seqs=args.max_num_seqs, max_model_len=max_len,
+                    kv_cache_dtype=args.kv_cache_dtype, page_size=args.page_size, num_pages=pool.num_pages,
+                    prefix_caching=not args.no_prefix_caching, prefill_chunk=args.prefill_chunk,
+                    max_queue=args.max_queue, decode=gen.decode, on_fatal=door.fail)
     _serve_faults(engine)
     name = name or storage.basename(requested)
     if not args.no_warmup:
-        t = time.time()
-        shapes = engine.warmup()
-        print(f"normistral serve: compiled {shapes} step shapes in {time.time() - t:.1f} s", file=sys.stderr)
+        from jaxmodel.compile_cache import CompileCount
+
+        t, count = time.time(), CompileCount()
+        print("normistral serve: compiling the engine's programs ...", file=sys.stderr, flush=True)
+        programs = engine.warmup()
+        print(f"normistral serve: {programs} programs ready in {time.time() - t:.1f} s ({count.summary()})",
+              file=sys.stderr, flush=True)
     app = server.create_app(engine, gen.tokenizer, name, door)
     engine.start()
-    print(f"normistral serve: {name} on {serve_door.url_of(sock)}/v1 ({args.slots} slots of {max_len} tokens, "
-          f"KV cache {engine.cache_bytes / 2**20:.1f} MiB, {jax.devices()[0].platform})", file=sys.stderr, flush=True)
+    print(f"normistral serve: {name} on {serve_door.url_of(sock)}/v1 (up to {engine.slots} sequences of up to "
+          f"{max_len} tokens; KV cache {engine.num_pages} pages of {engine.page_size} tokens, "
+          f"{engine.cache_bytes / 2**20:.1f} MiB; {jax.devices()[0].platform})", file=sys.stderr, flush=True)
     try:
         failure = serve_door.run(app, sock)
     finally:
@@ -572,13 +637,62 @@ DEFAULT_GROUP_SIZE = 128  # inference.quantize.DEFAULT_GROUP_SIZE (not imported 
 
 
 def add_quantize_flags(p) -> None:
-    """--quantize and --group-size (generate, serve and eval); _check_group_size pairs them after parsing."""
+    """--quantize and --group-size (generate, serve and eval); _check_group_size pairs them after parsing.
+    Also --lora, the other load-time change to the weights (merged before quantizing)."""
+    p.add_argument("--lora", metavar="ADAPTER_DIR",
+                   help="a PEFT LoRA adapter (directory, gs:// or hub id org/name[@rev]) merged into the weights "
+                        "at load, before --quantize")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                    help="weight-only int8 (per-output-channel scales) or int4 (per-group scales, packed), "
                         "quantized tensor by tensor while loading")
     p.add_argument("--group-size", type=positive_int, metavar="G",
                    help=f"with --quantize int4: inputs per scale (default {DEFAULT_GROUP_SIZE}; the whole axis where "
                         "G does not divide it)")
+
+
+def _memory(text: str) -> int | float:
+    """--kv-cache-memory: bytes (4GiB, 512MiB, 123456) or a fraction in (0, 1] of free device memory (0.9)."""
+    from jaxmodel.checks import memory_amount  # no JAX import: the parser runs before JAX_PLATFORMS is settled
+
+    try:
+        return memory_amount(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_pool_flags(p, *, seqs: bool = True) -> None:
+    """The engine's KV cache pool (serve; generate without --max-num-seqs, its --batch-size is that) and
+    the persistent compilation cache."""
+    if seqs:
+        p.add_argument("--max-num-seqs", "--slots", dest="max_num_seqs", type=positive_int, default=8, metavar="N",
+                       help="sequences decoded together at most (default 8; --slots is the old name)")
+    p.add_argument("--max-model-len", type=int, metavar="N",
+                   help="the longest sequence, prompt + completion, in tokens (default: the model's context)")
+    p.add_argument("--kv-cache-memory", type=_memory, metavar="BYTES|FRACTION",
+                   help="the KV cache's pool of pages: bytes (4GiB, 512MiB, 123456) or a fraction of the device "
+                        "memory free after the weights (0.9); default: pages for N sequences of --max-model-len "
+                        "tokens, at most 0.9 of the free memory")
+    p.add_argument("--page-size", type=positive_int, default=16, metavar="TOKENS", help="tokens per KV cache page")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the cached pages of earlier prompts' common prefixes")
+    add_compile_cache_flag(p)
+
+
+def add_compile_cache_flag(p) -> None:
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not use JAX's persistent compilation cache ($XDG_CACHE_HOME/normistral/jax or "
+                        "~/.cache/normistral/jax; NORMISTRAL_COMPILE_CACHE=0 turns it off too)")
+
+
+def _compile_cache(args) -> None:
+    """JAX's persistent compilation cache (jaxmodel/compile_cache.py), on unless --no-compile-cache or
+    NORMISTRAL_COMPILE_CACHE=0; set before anything compiles."""
+    from jaxmodel import compile_cache
+
+    try:
+        compile_cache.enable(not args.no_compile_cache)
+    except compile_cache.CompileCacheError as e:
+        raise CommandError(str(e)) from None
 
 
 def _check_group_size(parser, args) -> None:
@@ -605,6 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="tensor dtype in the output (default: the dtype of the imported checkpoint)")
+    p.add_argument("--merge-lora", metavar="ADAPTER_DIR",
+                   help="fold a PEFT LoRA adapter (directory, gs:// or hub id) into the exported weights")
     p.set_defaults(func=_export_hf)
 
     p = sub.add_parser("parity", help="compare with transformers layer by layer (float32; one layer of each at a time)")
@@ -625,6 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and length, else the training shapes), decode (the whole generation program, its decode "
                         "step and the serving engine's steps) or train (one training step)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    for flag, key in (("--max-model-len", "max_model_len"), ("--max-num-seqs", "max_num_seqs"),
+                      ("--kv-cache-memory", "kv_cache_memory"), ("--page-size", "page_size")):
+        p.add_argument(flag, metavar="VALUE", help=f"--mode decode: the engine's inference.{key} (as --set)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--workdir", help="--mode train: the run's --workdir, so its data is checked as train checks it")
     p.add_argument("--check-data", action="store_true",
@@ -659,8 +778,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="worker processes on this machine (default: all cores)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="ray: run the units as tasks on the Ray cluster ray.init() finds (RAY_ADDRESS)")
-    p.add_argument("--text-column", default="text",
-                   help="the text field of JSON lines, the text column of Parquet and dataset inputs")
+    p.add_argument("--text-column",
+                   help="the text field of JSON lines, the text column of Parquet and dataset inputs (default: text)")
+    p.add_argument("--prompt-field", help="read prompt/completion records (JSON lines, Parquet, datasets) and train "
+                   "only on the completions: the prompt's field (default: prompt)")
+    p.add_argument("--completion-field", help="the completion's field of such records (default: completion)")
+    p.add_argument("--template", help="format string for each record's prompt, as generate takes it, e.g. "
+                   '"Engelsk: {0}\\nBokmål:" (\\n: newline); implies prompt/completion records')
     p.add_argument("--unit-mb", type=float, default=32, help="MiB of input per work unit (part of the output's "
                    "layout: keep it when resuming)")
     p.set_defaults(func=_prepare_data)
@@ -672,7 +796,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--input", metavar="FILE.jsonl", help='one prompt per line: {"text": ...} (other fields kept)')
     p.add_argument("--template", help='format string for each prompt, e.g. "Engelsk: {0}\\nBokmål:" (\\n: newline)')
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generation call")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="sequences decoded together at most, and prompts per printed group")
+    p.add_argument("--prefill-chunk", type=positive_int, default=256, help="prompt tokens per step, at most")
     p.add_argument("--stop-at-newline", action="store_true",
                    help="stop a row at any token containing a newline (the model card's stop set)")
     p.add_argument("--output", metavar="FILE.jsonl", help="also write the results here (one JSON object per line); "
@@ -681,6 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     add_quantize_flags(p)
     p.add_argument("--kv-cache-dtype", choices=["int8"], help="int8 KV cache (default: the compute dtype)")
+    add_pool_flags(p, seqs=False)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=positive_float, default=1.0)
     p.add_argument("--top-k", type=_ranged(int, lambda v: 0 <= v < 2**31, "be an integer in [0, 2^31)"), default=0,
@@ -712,23 +839,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="DIR", help="default: MODEL's own, or for a checkpoint step its run's")
     p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                    help="shard the model over a device mesh (default: one device; 1,-1,1 with several processes)")
+    add_compile_cache_flag(p)
     _add_distributed_flags(p)
     p.set_defaults(func=_eval)
     p = sub.add_parser("serve", help="an OpenAI-compatible completions server (continuous batching engine)")
     p.add_argument("model_dir", help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--slots", type=int, default=8, help="decode slots (rows decoded together)")
-    p.add_argument("--max-model-len", type=int, help="tokens per slot, prompt + completion (default: the "
-                   "model's context, at most 4096)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     add_quantize_flags(p)
     p.add_argument("--kv-cache-dtype", choices=["int8"], help="int8 KV cache (default: the compute dtype)")
+    add_pool_flags(p)
     p.add_argument("--mesh", metavar="DATA,FSDP,TENSOR", help="device mesh (default: one device)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which the server answers 429")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call and row")
     p.add_argument("--served-model-name", help="the model id clients send (default: MODEL_DIR's name)")
-    p.add_argument("--no-warmup", action="store_true", help="compile step shapes on first use, not at start")
+    p.add_argument("--no-warmup", action="store_true", help="compile the engine's programs on first use, not at start")
     p.add_argument("--max-connections", type=positive_int, default=512,
                    help="open connections beyond which a new one is answered 503 and closed (default 512)")
     p.add_argument("--request-timeout", type=positive_float, default=30.0, metavar="SECONDS",

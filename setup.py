@@ -33,7 +33,8 @@ CORE = [
 TEST = ["pytest==9.2.0", "torch==2.13.0", "accelerate==1.15.0",
         "gcp-storage-emulator==2026.7.19",  # the GCS JSON API on localhost (tests/conftest.py starts it)
         "datasets==5.2.0", "ray==2.60.0",  # tests write a save_to_disk dataset; run prepare-data on Ray
-        "openai==3.57.0", "httpx==0.28.1"]  # the serve tests talk to a real server with the official client
+        "openai==3.57.0", "httpx==0.28.1",  # the serve tests talk to a real server with the official client
+        "peft==0.21.2"]  # LoRA parity: adapters load in and come from PEFT (tests/jaxmodel/test_lora.py)
 # lm-evaluation-harness: `normistral eval`, train.eval_tasks and the lm-eval model `normistral`.
 EVAL = ["lm_eval==0.4.13"]
 

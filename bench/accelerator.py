@@ -18,15 +18,15 @@ weights first; the train rows of the backend's other attention implementations):
    in t2). MFU: training/metrics.py's FLOPs of the L-layer step over that time, against the measured
    matmul ceiling and against the datasheet peak. No masked-prediction steps (mntp_probability 0: the
    same causal step every time);
-3. serve: the engine's own jitted steps (`inference.engine.engine_steps`, the cache in the engine's
-   `cache_format`; on CPU that is the default layout, which the bench takes without compiling), bf16
-   or int8 weights (inference/quantize.py) from the inference recipe
-   (configs/normistral-11b-long-infer-gpu-80gb.yaml, its prefill_chunk), a bf16 or int8 KV cache of B
-   rows filled to C tokens: the decode step (all B rows) and the later-chunk prefill step (one row, one
-   chunk ending at C; its cost does not depend on B, so it is timed at the smallest B), per layer and
-   extrapolated to L layers as above. Bandwidth fraction: the bytes a step must read (every weight but
-   the embedding table, and the KV cache it attends over: all B x C slots for decode, one row for
-   prefill) over the step time, against the measured copy rate and the datasheet bandwidth;
+3. serve: the engine's own jitted step (`inference.engine.programs.jitted_step`, the page pool in the
+   engine's `pages_format`; on CPU that is the default layout, taken without compiling), bf16 or int8
+   weights (inference/quantize.py) from the inference recipe (configs/normistral-11b-long-infer-gpu-80gb.yaml,
+   its prefill_chunk), a bf16 or int8 page pool holding B sequences of C tokens (16-token pages): a decode
+   step (one token of each of the B sequences) and a prefill step (one sequence, one chunk ending at C;
+   its cost does not depend on B, so it is timed at the smallest B), per layer and extrapolated to L
+   layers as above. Bandwidth fraction: the bytes a step must read (every weight but the embedding table,
+   and the KV cache it attends over: all B x C tokens for decode, one sequence for prefill) over the step
+   time, against the measured copy rate and the datasheet bandwidth;
 4. torch: at each training row, one decoder layer's forward+backward, ours against transformers'
    `MistralDecoderLayer` (sdpa; torch.compile on CUDA), timed alternately (accelerator_parts.py);
    ratio = torch / ours (above 1: ours is faster). Only where `import torch` works: on CUDA when JAX
@@ -66,14 +66,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 try:  # the one line a machine without the project's dependencies gets (e.g. a newer JAX's missing API)
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from accelerator_parts import copy_ceiling, datasheet, device_memory, failure, layer_vs_torch, matmul_ceiling, timed
     from flax import nnx
 
-    from inference.engine import cache_format, engine_steps
-    from inference.kv_cache import abstract_cache, init_cache
+    from inference.engine.programs import (
+        empty_inputs,
+        jitted_step,
+        pages_format,
+        step_width,
+        token_sharding,
+        token_widths,
+    )
     from inference.quantize import quantize_model
+    from jaxmodel.kv_cache import abstract_pages, init_pages, pages_per_seq
     from jaxmodel.model import init_model
     from jaxmodel.run_config import find_config, load_run_config, model_config
     from jaxmodel.sharding import make_mesh
@@ -335,7 +341,7 @@ class Bench:
         for layers in self.plan.layer_counts:
             graphdef, state, weight_bytes = self._model(weights, layers)
             cfg = self.serve_cfg.replace(num_hidden_layers=layers)
-            shapes = abstract_cache(cfg, rows, context, kv_dtype=kv_dtype)
+            shapes = abstract_pages(cfg, rows * pages_per_seq(context, PAGE), PAGE, kv_dtype=kv_dtype)
             cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
             check_memory(self.device, cache_bytes + rows * cfg.vocab_size * 4 * 2,  # + the float32 logits
                          f"{kv} cache {rows} x {context}, {layers} layers")
@@ -344,29 +350,23 @@ class Bench:
         return self._serve_numbers(out, rows, context, prefill)
 
     def _time_serve(self, graphdef, state, cfg, rows, context, kv_dtype, prefill: bool):
-        """(first call, median) of the engine's decode step over `rows` rows, or of its later-chunk prefill
-        step (one chunk ending at `context`, row 0), on a cache of `rows` rows filled to about `context`."""
+        """(first call, median) of the engine's step: a decode step of `rows` sequences of `context` tokens,
+        or a prefill step of one chunk ending at `context` (sequence 0), on a pool holding them all."""
+        width_of = pages_per_seq(context, PAGE)
         with jax.default_device(self.device):
-            cache = init_cache(cfg, rows, context, kv_dtype=kv_dtype)
-            margin = 4 * (self.plan.repeats + 4)  # decode calls write at lengths, lengths + 1, ...: all inside
-            cache = cache._replace(segment_ids=jnp.ones_like(cache.segment_ids),
-                                   lengths=jnp.full_like(cache.lengths, max(context - margin, 1)))
-            # The engine's cache format. On CPU it is the default layout (engine.py), so the bench saves
-            # that compile there.
-            formats = jax.tree.map(lambda x: x.format, cache) if self.platform == "cpu" else \
-                cache_format(graphdef, state, cache, rows)
+            pages = init_pages(cfg, rows * width_of, PAGE, kv_dtype=kv_dtype)
+            formats = pages_format(graphdef, state, pages, rows=rows, pages_per_row=width_of)
             leaves, treedef = jax.tree.flatten(state)
-            decode, later_chunk, _ = engine_steps(formats, graphdef, treedef)
-            holder = {"cache": jax.device_put(cache, formats, donate=True)}
-            del cache
-            if prefill:
-                step, args = functools.partial(later_chunk, False, False), _prefill_args(self.prefill_chunk, context)
-            else:
-                step, args = functools.partial(decode, False), _decode_args(rows)
+            tokens = token_sharding(None)
+            step = functools.partial(jitted_step(graphdef, treedef, formats, tokens), False)
+            holder = {"pages": jax.device_put(pages, formats, donate=True)}
+            del pages
+            inputs = _step_inputs(rows, context, width_of, self.prefill_chunk,
+                                  self.prefill_chunk if prefill else None)
+            prev = jax.device_put(np.zeros(rows, np.int32), tokens)
 
         def call():
-            out = step(leaves, holder["cache"], *args)
-            holder["cache"] = out[-1]  # donated: the step's output is the cache from now on
+            out, holder["pages"] = step(leaves, holder["pages"], prev, inputs)  # donated: the new pool from now on
             jax.block_until_ready(out)
 
         try:
@@ -433,27 +433,28 @@ class Bench:
             row["torch_ratio"] = torch_row["torch_ratio"]
 
 
-def _vec(n: int, dtype, value=0):
-    return jnp.full((n,), value, dtype)
+def _step_inputs(rows: int, context: int, width_of: int, prefill_chunk: int, chunk: int | None):
+    """The step's host inputs, greedy: sequence r owns pages [r * W, (r + 1) * W) and holds `context` tokens
+    once the step's are written; a decode step feeds one token of each sequence (at position context - 1),
+    a prefill step (chunk given) the `chunk` tokens of sequence 0 ending at context."""
+    widths = token_widths(prefill_chunk, rows)  # the engine's program widths
+    x = empty_inputs(step_width(rows if chunk is None else chunk, widths), rows, width_of)
+    x.page_table[:] = np.arange(rows * width_of, dtype=np.int32).reshape(rows, width_of)
+    seqs = rows if chunk is None else 1
+    x.kv_lens[:seqs] = context
+    x.num_seqs[0] = seqs
+    if chunk is None:
+        x.positions[:rows] = context - 1
+        x.cu_q_lens[:] = np.minimum(np.arange(rows + 1), rows)
+        x.logits_at[:] = np.arange(rows)
+    else:
+        x.positions[:chunk] = np.arange(context - chunk, context)
+        x.cu_q_lens[1:] = chunk
+        x.logits_at[0] = chunk - 1
+    return x
 
 
-def _decode_args(rows: int) -> tuple:
-    """`_decode_step`'s inputs after the cache, greedy, every row active: tokens, fresh_tokens, fresh,
-    active, temperature, top_k, top_p, seeds, streams, steps, want_top (device arrays, as in a run)."""
-    tokens = _vec(rows, jnp.int32)
-    return (tokens, tokens, _vec(rows, jnp.bool_, False), _vec(rows, jnp.bool_, True), _vec(rows, jnp.float32),
-            _vec(rows, jnp.int32), _vec(rows, jnp.float32, 1), _vec(rows, jnp.int32), _vec(rows, jnp.int32),
-            _vec(rows, jnp.int32), jnp.asarray(False))
-
-
-def _prefill_args(chunk: int, context: int) -> tuple:
-    """`_prefill_step`'s inputs after the cache: row 0, a full chunk written at slots context - chunk ..
-    context - 1 (attending over the row's slots up to there), greedy: rows, ids, mask, start, targets,
-    temperature, top_k, top_p, seeds, streams, want_top."""
-    ids = jnp.zeros((1, chunk), jnp.int32)
-    return (_vec(1, jnp.int32), ids, jnp.ones((1, chunk), jnp.int32), _vec(1, jnp.int32, context - chunk), ids,
-            _vec(1, jnp.float32), _vec(1, jnp.int32), _vec(1, jnp.float32, 1), _vec(1, jnp.int32),
-            _vec(1, jnp.int32), jnp.asarray(False))
+PAGE = 16  # tokens per page, the engine's default
 
 
 def _nbytes(x) -> int:

@@ -40,17 +40,22 @@ def heldout_rows(tokenizer, length: int, rows: int) -> np.ndarray:
 
 
 def logits_of(model, ids) -> np.ndarray:
-    """Logits at every position through the cached forward (the generation path, QArray-aware)."""
-    from inference import forward_cached
-    from inference.kv_cache import empty_cache
+    """Logits at every position through the cached forward (the generation path, QArray-aware): each batch's
+    rows packed in one ragged call over generate's page pool."""
+    from inference import static_pages
+    from jaxmodel.kv_cache import Cache
 
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def run(state, x):
-        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape)
-        cache = empty_cache(model.config, x.shape[0], x.shape[1])
-        return forward_cached((graphdef, state), x, positions, cache, 0, fresh=True)[0]
+        batch, length = x.shape
+        pages = static_pages(model.config, batch, length)
+        width = pages.num_pages // batch
+        cache = Cache(pages, jnp.arange(batch * width, dtype=jnp.int32).reshape(batch, width),
+                      jnp.full(batch, length, jnp.int32), jnp.arange(batch + 1, dtype=jnp.int32) * length,
+                      jnp.array([batch], jnp.int32))
+        return nnx.merge(graphdef, state)(x.reshape(1, -1), cache=cache)[0].reshape(batch, length, -1)
 
     return np.concatenate([np.asarray(run(state, ids[i:i + 8])) for i in range(0, len(ids), 8)])
 

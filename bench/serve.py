@@ -16,10 +16,14 @@ of the stack in every call). Compilation is excluded from (b) to (d) (a warm-up 
 warm-up). (a), (b) and (c) run --repeat times, interleaved, and the best pass of each counts (each
 pass's ratios are printed too).
 
-Also the engine's decode step against this machine's memory-bandwidth floor (as bench/decode.py measures
-it: bytes a step must read / numpy copy bandwidth), all slots active, for the demo model and the 64M
-config: a step reads every weight but the embedding table, and the whole KV cache of every slot (the xla
-cached attention reads all S slots of each row).
+Also a shared-prefix workload (`--prefix-prompts`): one fixed 5-shot translation prompt of several hundred
+tokens followed by one sentence each, through the engine offline; it reports the engine's prefilled tokens
+against the prompts' total (prefix caching computes the shared part once).
+
+`--code DIR` runs everything with DIR (another checkout, e.g. the previous commit in a `git worktree`) first
+on the import path and as the server's working directory: the same workloads through that commit's engine,
+for side-by-side comparisons (only the API both share is used: `Engine(model, slots=, max_model_len=)`,
+`warmup`, `run`, `Request`, `metrics()["prefill_tokens_total"]`).
 Run: `normistral demo --workdir /tmp/demo && python bench/serve.py --model /tmp/demo/run/hf`.
 """
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import socket
@@ -36,14 +41,15 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CODE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if "--code" in sys.argv:  # another checkout's packages first (see the docstring): set before importing them
+    CODE = os.path.abspath(sys.argv[sys.argv.index("--code") + 1])
+sys.path.insert(0, CODE)
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from common import bench_checkpoint, machine, matmul_rate, median_seconds  # noqa: E402
-from decode import copy_bandwidth  # noqa: E402
+from common import machine, matmul_rate, median_seconds  # noqa: E402
 
 from inference import generate  # noqa: E402
 from inference.engine import Engine, Request  # noqa: E402
@@ -74,6 +80,43 @@ def useful(rows, stops) -> list[list[int]]:
         end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
         out.append(row[:end])
     return out
+
+
+def five_shot_prefix() -> str:
+    """A fixed 5-shot translation prompt of several hundred tokens: five shots of four card pairs each."""
+    with open(os.path.join(CORPUS, "translation_pairs.jsonl"), encoding="utf-8") as f:
+        pairs = [json.loads(x)["text"].strip().split("\n") for x in f if x.strip()]
+    shots = []
+    for i in range(5):
+        group = pairs[4 * i:4 * i + 4]
+        english = " ".join(p[0].removeprefix("Engelsk: ") for p in group)
+        bokmal = " ".join(p[1].removeprefix("Bokmål: ") for p in group)
+        shots.append(f"Engelsk: {english}\nBokmål: {bokmal}\n\n")
+    return "".join(shots)
+
+
+def shared_prefix(model, tok, n: int, new: int, stops, slots: int) -> dict:
+    """The shared-prefix workload through the engine (warmed on other prompts first) -> tokens/s, the
+    prefilled tokens against the prompts' total, and a digest of the outputs (to compare runs)."""
+    prefix = five_shot_prefix()
+    texts = [prefix + TEMPLATE.format(p) for p in workload(n, seed=1)]
+    encoded = [list(x) for x in tok(texts)["input_ids"]]
+    engine = Engine(model, slots=slots, max_model_len=max(map(len, encoded)) + new)
+    engine.warmup()
+    engine.run([Request(e[-40:], max_tokens=4, stop_ids=frozenset(stops)) for e in encoded[:slots]])
+    reqs = [Request(e, max_tokens=new, stop_ids=frozenset(stops)) for e in encoded]
+    before = engine.metrics()["prefill_tokens_total"]
+    t = time.perf_counter()
+    engine.run(reqs)
+    seconds = time.perf_counter() - t
+    prefilled = engine.metrics()["prefill_tokens_total"] - before
+    out = sum(len(r.tokens) for r in reqs)
+    prompt_tokens = sum(map(len, encoded))
+    digest = hashlib.sha256(json.dumps([r.tokens for r in reqs]).encode()).hexdigest()[:16]
+    return {"requests": n, "prefix_tokens": len(tok(prefix)["input_ids"]), "prompt_tokens": prompt_tokens,
+            "prefilled_tokens": prefilled, "prefilled_fraction": round(prefilled / prompt_tokens, 3),
+            "output_tokens": out, "seconds": round(seconds, 3), "tokens_per_s": round(out / seconds, 1),
+            "outputs_sha256": digest}
 
 
 def left_pad(token_lists, pad):
@@ -153,11 +196,12 @@ def engine_runner(model, encoded, new, stops, slots, max_len):
 
     def timed():
         reqs = [Request(e, max_tokens=new, stop_ids=frozenset(stops)) for e in encoded]
-        steps0, calls0, tokens0 = engine.decode_steps, engine.prefill_calls, engine.prefill_tokens
+        keys = ("decode_steps_total", "prefill_calls_total", "prefill_tokens_total")
+        before = engine.metrics()
         t = time.perf_counter()
         engine.run(reqs)
-        return ([r.tokens for r in reqs], time.perf_counter() - t, engine.decode_steps - steps0,
-                engine.prefill_calls - calls0, engine.prefill_tokens - tokens0)
+        seconds, after = time.perf_counter() - t, engine.metrics()
+        return ([r.tokens for r in reqs], seconds, *(after[k] - before[k] for k in keys))
     return timed
 
 
@@ -170,7 +214,7 @@ def run_server(path, texts, new, slots, max_len, clients):
            "--max-model-len", str(max_len), "--dtype", "float32", "--served-model-name", "demo"]
     log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                            cwd=CODE)
     import httpx
     import openai
 
@@ -241,35 +285,6 @@ def compute_floor(config, prompt_tokens: int, prompts: int, output_tokens: int, 
             "prefill_s": round(prefill_s, 3), "decode_s": round(decode_s, 3), "seconds": round(prefill_s + decode_s, 3)}
 
 
-def decode_floor(model, slots, max_len, bandwidth):
-    """Median decode-step time (all slots active) vs the bytes it must read / bandwidth."""
-    engine = Engine(model, slots=slots, max_model_len=max_len)
-    config = engine.config
-    tokens = np.zeros(slots, np.int32)
-    active = np.ones(slots, bool)
-    z, zf = np.zeros(slots, np.int32), np.zeros(slots, np.float32)
-    holder = {"cache": engine.cache}
-
-    def step():
-        out = engine._decode_step(False, engine.leaves, holder["cache"], tokens, tokens, ~active, active, zf, z,
-                                  zf + 1, z, z, z,
-                                  np.bool_(False))
-        holder["cache"] = out[-1]
-        jax.block_until_ready(out[0])
-
-    # Keep the rows' lengths small and stable: reset the cache lengths every call would cost a copy; the
-    # step's cost does not depend on the lengths (the whole cache is read), so let them grow up to S.
-    seconds = median_seconds(step, warmup=3, repeats=min(31, engine.cache_length - 8))
-    d, v = config.hidden_size, config.vocab_size
-    weights = (config.num_params() - v * d) * 4 + slots * d * 4
-    cache = (2 * config.num_hidden_layers * slots * config.num_key_value_heads * engine.cache_length
-             * config.head_dim * 4)
-    floor = (weights + cache) / bandwidth
-    return {"slots": slots, "cache_length": engine.cache_length, "step_ms": round(seconds * 1e3, 3),
-            "bytes_per_step": int(weights + cache), "floor_ms": round(floor * 1e3, 3),
-            "fraction_of_floor": round(floor / seconds, 3)}
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True, help="the demo's exported model (WORKDIR/run/hf)")
@@ -279,7 +294,8 @@ def main():
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3,
                         help="interleaved passes of (a), (b) and (c); the best of each counts")
-    parser.add_argument("--checkpoint-64m", default=os.path.join(tempfile.gettempdir(), "normistral-bench-64m"))
+    parser.add_argument("--prefix-prompts", type=int, default=64, help="requests of the shared-prefix workload")
+    parser.add_argument("--code", help="a checkout whose engine runs instead of this one's (see the docstring)")
     args = parser.parse_args()
 
     tok = transformers.AutoTokenizer.from_pretrained(args.model)
@@ -307,7 +323,6 @@ def main():
 
     n_tokens = sum(len(o) for o in engine_out)
     lengths = np.array([len(o) for o in engine_out])
-    bandwidth = copy_bandwidth()
     prompt_tokens = sum(map(len, encoded))
     floor = compute_floor(model.config, prompt_tokens, len(encoded), n_tokens, args.slots)
     result = {
@@ -331,10 +346,7 @@ def main():
                           "engine": {"prompt_tokens": engine_prompt_tokens, "row_steps": engine_steps * args.slots}},
         "compute_floor": floor, "engine_vs_compute_floor": round(engine_s / floor["seconds"], 2),
         "transformers_over_4_vs_compute_floor": round(hf_s / 4 / floor["seconds"], 2),
-        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
-        "decode_floor_demo": decode_floor(model, args.slots, max_len, bandwidth),
-        "decode_floor_64m": decode_floor(unstack_layers(from_pretrained(bench_checkpoint(args.checkpoint_64m),
-                                                                        progress=False)), 8, 192, bandwidth),
+        "code": CODE, "shared_prefix": shared_prefix(model, tok, args.prefix_prompts, args.new, stops, args.slots),
     }
     result["engine_vs_static"] = round(result["engine_tokens_per_s"] / result["static_tokens_per_s"], 2)
     result["engine_vs_transformers"] = round(result["engine_tokens_per_s"] / result["transformers_tokens_per_s"], 2)

@@ -1,4 +1,4 @@
-"""normistral-jax inference: KV cache, batched generation in one jitted while-loop, int8 weights, AOT checks.
+"""normistral-jax inference: batched generation in one jitted while-loop, the engine, int8 weights, AOT checks.
 
 `inference` imports from `jaxmodel/` only (never from `training/`).
 
@@ -6,7 +6,8 @@
   new tokens [B, max_new_tokens] as numpy (generate.py).
 - `Generator.from_pretrained(path, *, tokenizer, dtype, mesh, quantize).generate(prompts, ...)`:
   strings in, strings out, as the model card uses the model (generator.py).
-- `KVCache`, `init_cache` (kv_cache.py); `forward_cached`, `prefill`, `decode_step` (generate.py);
+- `static_pages`, `prefill`, `decode_step` (generate.py: generate's page pool and its two steps; the cache
+  itself, `Cache` / `KVPages`, lives with the model in jaxmodel/kv_cache.py);
   `quantize_model`, `QArray` (quantize.py); `compile_decode` (aot.py).
 """
 
@@ -15,13 +16,12 @@ from inference.generate import (
     bucket_batch,
     bucket_length,
     decode_step,
-    forward_cached,
     generate,  # the function; the module stays importable as inference.generate
     prefill,
+    static_pages,
 )
 from inference.generator import Generator
-from inference.kv_cache import KVCache, init_cache
 from inference.quantize import QArray, param_bytes, quantize_model
 
-__all__ = ["GenerateError", "Generator", "KVCache", "QArray", "bucket_batch", "bucket_length", "decode_step",
-           "forward_cached", "generate", "init_cache", "param_bytes", "prefill", "quantize_model"]
+__all__ = ["GenerateError", "Generator", "QArray", "bucket_batch", "bucket_length", "decode_step", "generate",
+           "param_bytes", "prefill", "quantize_model", "static_pages"]

@@ -4,25 +4,22 @@ Inside: `InferenceOptions` (the YAML `inference` section), `inference_options(tr
 `compile_decode(tree, topology) -> dict`.
 
 What is compiled (both from a CPU-only machine, for the topology's real TPU executable):
-1. The whole generation program `generate._generate_jit` for `batch_size` rows: a prompt of
+1. The static generation program `generate._generate_jit` for `batch_size` rows: a prompt of
    max_length - max_new_tokens tokens (rounded down to whole prefill chunks when longer than one),
    prefilled chunk by chunk into a cache of max_length slots, then the decode while-loop for
-   max_new_tokens tokens. This is what runs, so its memory is the verdict: `fits` and the top-level
-   byte counts are this program's (weights + the cache, which lives inside the program, + the largest
-   temporaries of prefill and decode).
-2. One decode step (`generate.decode_step`: one token for every row, attending over the full cache)
-   with the cache passed in and donated, reported under "decode_step": the steady state of decoding.
-   Its cache is compiled with the layout the compiler prefers (`Layout.AUTO`), as inside the loop;
-   with the default row-major layout a TPU re-lays out the whole cache around every step.
-
-3. The continuous-batching engine's steps (inference/engine.py) for `batch_size` slots of `max_length`
-   tokens, with the cache donated, reported under "engine": its decode step (one token for every slot,
-   each at its own length) and its largest prefill calls (prompts' first chunks packed in one row of
-   `prefill_chunk` tokens for the engine's default `PREFILL_ROWS` prompts; a long prompt's later chunk
-   of `prefill_chunk` tokens), written in place into their cache rows. All are compiled exactly as the
-   engine compiles them (`engine.cache_format`, `engine.engine_steps`): the cache in the format the
-   decode step prefers, fixed in and out of both steps, so it stays in the compiler's layout between
-   steps (the cache crosses a jit boundary every step; a row-major cache would be copied around each).
+   max_new_tokens tokens. Its memory is the top-level verdict (`fits` and the byte counts): weights + the
+   cache, which lives inside the program, + the largest temporaries of prefill and decode.
+2. The continuous-batching engine (inference/engine/, what `normistral serve` and `Generator` run),
+   reported under "engine": its pool of KV cache pages and the steps that run over it, compiled exactly
+   as the engine compiles them (`engine.programs.engine_programs`: the pool in the layout the step
+   prefers, donated, fixed in and out). The pool: `kv_cache_memory` bytes (an int or "3GiB"), or that
+   fraction of the memory left per chip after the weights (a float in (0, 1]), or by default pages for
+   `max_num_seqs` sequences of `max_model_len` tokens, at most 0.9 of what is left. Reported: its pages,
+   tokens and bytes (the values' own and as the compiler lays them out), how many sequences of
+   `average_len` tokens it holds at once (`max_concurrent_seqs`, at most max_num_seqs), and whether one
+   `max_model_len` sequence fits (the engine refuses a pool that cannot hold one). Of the step programs
+   (one per token width and prompt-logprobs flag; `programs` counts them) the narrowest (a decode step)
+   and the widest with and without prompt logprobs (the most memory) are compiled; `fits` is theirs.
 
 A program that cannot fit at all (libtpu refuses it: RESOURCE_EXHAUSTED) is reported with `fits: false`
 and the compiler's figures (`jaxmodel.aot.compile_and_report`), like one that compiles too large.
@@ -39,33 +36,45 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.layout import Format, Layout
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from inference.engine import PREFILL_ROWS, SAMPLE, TOP_LOGPROBS, cache_format, engine_steps
-from inference.generate import PREFILL_CHUNK, _generate_jit, bucket_length, decode_step
-from inference.kv_cache import KV_DTYPES, abstract_cache
+from inference.engine.programs import engine_programs, pages_format, token_widths
+from inference.generate import PREFILL_CHUNK, _generate_jit, bucket_length
 from inference.quantize import DEFAULT_GROUP_SIZE, MODES, _nbytes, abstract_quantized_state
 from jaxmodel import aot, run_config
+from jaxmodel.checks import memory_amount
 from jaxmodel.config import ConfigError
+from jaxmodel.kv_cache import KV_DTYPES, abstract_pages, page_bytes, pages_per_seq
 from jaxmodel.model import abstract_model
 from jaxmodel.sharding import logical_to_spec, make_mesh
+
+DEFAULT_FRACTION = 0.9  # the default pool's cap: this share of the memory left after the weights (as the engine)
 
 
 @dataclasses.dataclass(frozen=True)
 class InferenceOptions:
-    batch_size: int = 8
-    max_length: int = 4096  # cache slots: prompt + new tokens
+    batch_size: int = 8  # the static generation program's rows
+    max_length: int = 4096  # its cache slots: prompt + new tokens
     max_new_tokens: int = 64
     quantize: str | None = None  # None, "int8" or "int4" (weights)
     group_size: int = DEFAULT_GROUP_SIZE  # int4: inputs per scale
     kv_cache_dtype: str | None = None  # None (compute dtype) or "int8"
     prefill_chunk: int = PREFILL_CHUNK
     memory_gib: float | None = None  # judge `fits` against this much memory (GiB) instead of the chip's HBM
+    # The engine (normistral serve --max-num-seqs, --max-model-len, --kv-cache-memory, --page-size):
+    max_num_seqs: int | None = None  # sequences at once (default: batch_size)
+    max_model_len: int | None = None  # the longest sequence (default: the model's context)
+    kv_cache_memory: int | float | str | None = None  # bytes ("3GiB", 123456) or a fraction; see the docstring
+    page_size: int = 16
+    average_len: int = 1024  # the sequence length `max_concurrent_seqs` is stated at
 
     def __post_init__(self):
-        for name in ("batch_size", "max_length", "max_new_tokens", "prefill_chunk", "group_size"):
+        for name in ("batch_size", "max_length", "max_new_tokens", "prefill_chunk", "group_size", "page_size",
+                     "average_len", "max_num_seqs", "max_model_len"):
             value = getattr(self, name)
+            if value is None and name in ("max_num_seqs", "max_model_len"):
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.quantize is not None and self.quantize not in MODES:
@@ -74,6 +83,11 @@ class InferenceOptions:
             raise ValueError(f"memory_gib must be a positive number, got {self.memory_gib!r}")
         if self.kv_cache_dtype not in KV_DTYPES:
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not one of {KV_DTYPES}")
+        if self.kv_cache_memory is not None:
+            try:
+                object.__setattr__(self, "kv_cache_memory", memory_amount(self.kv_cache_memory))
+            except ValueError as e:
+                raise ValueError(f"kv_cache_memory: {e}") from None
 
 
 def inference_options(tree: dict) -> InferenceOptions:
@@ -86,13 +100,16 @@ def _sds(shape, dtype, mesh, axes=None):
 
 
 def compile_decode(tree: dict, topology: str) -> dict:
-    """Compiles generation (and one decode step) for `topology` from a run config; the memory report."""
+    """Compiles static generation and the engine's steps for `topology` from a run config; the memory report."""
     where = run_config.where(tree, "inference.max_length")
     config, shape = run_config.model_config(tree), run_config.mesh_shape(tree)
     opts = inference_options(tree)
-    if opts.max_length > config.max_position_embeddings:
-        raise ConfigError(f"{where}: inference.max_length={opts.max_length} exceeds the context "
-                          f"({config.max_position_embeddings})")
+    context = config.max_position_embeddings
+    if opts.max_length > context:
+        raise ConfigError(f"{where}: inference.max_length={opts.max_length} exceeds the context ({context})")
+    if opts.max_model_len is not None and opts.max_model_len > context:
+        raise ConfigError(f"{run_config.where(tree, 'inference.max_model_len')}: inference.max_model_len="
+                          f"{opts.max_model_len} exceeds the context ({context})")
     width = bucket_length(opts.max_new_tokens)
     prompt = opts.max_length - width
     if prompt > opts.prefill_chunk:
@@ -117,69 +134,88 @@ def compile_decode(tree: dict, topology: str) -> dict:
         report = aot.compile_and_report(_generate_jit, (state, ids, ids, _sds((batch,), jnp.bool_, mesh),
                                                         _sds((vocab,), jnp.bool_, mesh), *scalars), hbm,
                                         (graphdef, False, width, opts.kv_cache_dtype, opts.prefill_chunk))
-
-    cache = abstract_cache(config, batch, opts.max_length, kv_dtype=opts.kv_cache_dtype, mesh=mesh)
-    cache_formats = jax.tree.map(lambda s: Format(Layout.AUTO, s.sharding), cache)
-    tokens, index = _sds((batch,), jnp.int32, mesh, ("batch",)), _sds((), jnp.int32, mesh)
-    step = jax.jit(decode_step.__wrapped__, static_argnums=0, donate_argnums=3,
-                   in_shardings=(jax.tree.map(lambda s: s.sharding, state), tokens.sharding, cache_formats,
-                                 index.sharding),
-                   out_shardings=(None, cache_formats))
-    with jax.set_mesh(mesh):
-        step_report = aot.compile_and_report(step, (state, tokens, cache, index), hbm, (graphdef,))
-
-    engine = _compile_engine(graphdef, state, cache, mesh, batch, opts, hbm)
+    engine = _compile_engine(config, graphdef, state, mesh, opts, hbm)
     nbytes = lambda tree: sum(_nbytes(x) for x in jax.tree.leaves(tree))  # noqa: E731 (int4: half a byte)
     return {"mode": "decode", "topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
             "mesh": dict(mesh.shape), "batch_size": batch, "max_length": opts.max_length, "prompt_length": prompt,
             "new_tokens": width, "prefill_chunk": opts.prefill_chunk, "quantize": opts.quantize,
             "group_size": opts.group_size if opts.quantize == "int4" else None,
             "kv_cache_dtype": opts.kv_cache_dtype, "param_bytes_total": nbytes(state),
-            "cache_bytes_total": nbytes(cache), **report, "decode_step": step_report, "engine": engine}
+            "cache_bytes_total": batch * opts.max_length * page_bytes(config, 1, opts.kv_cache_dtype),
+            **report, "engine": engine}
 
 
-def _engine_does_not_fit(error, state, cache, slots: int, opts: InferenceOptions, hbm: int) -> dict:
-    """The engine's report when its decode step cannot even be compiled (libtpu: RESOURCE_EXHAUSTED)."""
-    report = aot.exhausted_report(error, (state, cache), hbm)
-    if report is None:
-        raise error
-    skipped = {"device_bytes": None, "fits": False, "compiler": "not compiled (the decode step does not fit)"}
-    return {"slots": slots, "max_model_len": opts.max_length, "top_logprobs": TOP_LOGPROBS, "decode_step": report,
-            "prefill_step": {"rows": 1, "chunk": opts.prefill_chunk, **skipped},
-            "prefill_step_first_chunk": {"prompts": min(PREFILL_ROWS, slots), "packed_tokens": opts.prefill_chunk,
-                                         **skipped},
-            "fits": False}
+def _per_device(tree) -> int:
+    """Bytes one device holds of sharded abstract arrays (int4: half a byte an element)."""
+    return sum(_nbytes(x) * int(np.prod(x.sharding.shard_shape(x.shape))) // max(1, int(np.prod(x.shape)))
+               for x in jax.tree.leaves(tree))
 
 
-def _compile_engine(graphdef, state, cache, mesh, slots: int, opts: InferenceOptions, hbm: int) -> dict:
-    """The engine's decode step and its largest prefill calls, compiled for the mesh; memory reports."""
-    vec = lambda n, dt: _sds((n,), dt, mesh)  # noqa: E731  (small per-row vectors: replicated)
-    sampling = lambda n: (vec(n, jnp.float32), vec(n, jnp.int32), vec(n, jnp.float32), vec(n, jnp.int32),  # noqa: E731
-                          vec(n, jnp.int32))
+def _pool_pages(config, mesh, opts: InferenceOptions, state, hbm: int, per_seq: int) -> tuple[int, str]:
+    """The pool's pages (as the engine sizes it, judged per chip against `hbm`) and how they were chosen."""
+    one = _per_device(abstract_pages(config, 1, opts.page_size, kv_dtype=opts.kv_cache_dtype, mesh=mesh))
+    room = int((1 - aot.HEADROOM) * hbm) - _per_device(state)  # what the weights leave on a chip
+    memory, seqs = opts.kv_cache_memory, opts.max_num_seqs or opts.batch_size
+    if isinstance(memory, float):
+        return max(0, int(memory * room)) // one, f"kv_cache_memory={memory:g} of the {room / 2**30:.2f} GiB left"
+    if memory is not None:
+        return memory // page_bytes(config, opts.page_size, opts.kv_cache_dtype), f"kv_cache_memory={memory} bytes"
+    cap = max(0, int(DEFAULT_FRACTION * room)) // one
+    wanted = seqs * per_seq
+    how = f"{seqs} sequences x max_model_len" if wanted <= cap else f"{DEFAULT_FRACTION:g} of the memory left"
+    return min(wanted, cap), how
+
+
+def _pool_layout_bytes(pages, formats) -> int | None:
+    """Bytes per device of the pool in the layout the step keeps it in (tiles padded), as the compiler counts
+    them: a program whose only argument is the pool, in those formats."""
+    bump = jax.jit(lambda p: jax.tree.map(lambda x: x.at[(0,) * (x.ndim - 1)].set(0), p), donate_argnums=0,
+                   in_shardings=(formats,), out_shardings=formats)
+    try:
+        return int(bump.lower(pages).compile().memory_analysis().argument_size_in_bytes)
+    except Exception:  # noqa: BLE001 (a pool too large for the chip on its own: its size is reported anyway)
+        return None
+
+
+def _compile_engine(config, graphdef, state, mesh, opts: InferenceOptions, hbm: int) -> dict:
+    """The engine's pool and step programs for the mesh (see the module docstring); memory reports."""
+    max_len = opts.max_model_len or config.max_position_embeddings
+    rows, page = opts.max_num_seqs or opts.batch_size, opts.page_size
+    per_seq = pages_per_seq(max_len, page)
+    num_pages, sizing = _pool_pages(config, mesh, opts, state, hbm, per_seq)
+    widths = token_widths(opts.prefill_chunk, rows)
+    per_avg = pages_per_seq(opts.average_len, page)
+    values = num_pages * page_bytes(config, page, opts.kv_cache_dtype)
+    out = {"max_num_seqs": rows, "max_model_len": max_len, "page_size": page, "kv_cache_dtype": opts.kv_cache_dtype,
+           "pool": {"pages": num_pages, "tokens": num_pages * page, "bytes": values, "sizing": sizing,
+                    "values_bytes_per_token": page_bytes(config, page, opts.kv_cache_dtype) / page},
+           "average_len": opts.average_len, "max_concurrent_seqs": min(rows, num_pages // per_avg),
+           "pool_holds_max_model_len": num_pages >= per_seq, "programs": 2 * len(widths), "widths": widths}
+    if num_pages < max(per_seq, 1):
+        return {**out, "steps": {}, "fits": False,
+                "compiler": f"not compiled: the pool ({num_pages} pages) cannot hold one sequence of max_model_len "
+                            f"{max_len} ({per_seq} pages of {page} tokens)"}
+    pages = abstract_pages(config, num_pages, page, kv_dtype=opts.kv_cache_dtype, mesh=mesh)
+    weights, pool, allowed = _per_device(state), _per_device(pages), int((1 - aot.HEADROOM) * hbm)
+    if weights + pool > allowed:  # nothing to ask the compiler: the arguments alone do not fit
+        return {**out, "steps": {}, "fits": False,
+                "compiler": f"not compiled: the weights ({weights / 2**30:.2f} GiB) and the pool ({pool / 2**30:.2f} "
+                            f"GiB) per chip exceed the {allowed / 2**30:.2f} GiB allowed"}
     with jax.set_mesh(mesh):
-        try:  # compiles the decode step to learn the cache's layout: the first program that may not fit
-            formats = cache_format(graphdef, state, cache, slots)
+        try:  # compiles a step with the pool's layout left to the compiler: the first program that may not fit
+            formats = pages_format(graphdef, state, pages, rows=rows, pages_per_row=per_seq)
         except Exception as e:  # noqa: BLE001 (JaxRuntimeError; anything but RESOURCE_EXHAUSTED is re-raised)
-            return _engine_does_not_fit(e, state, cache, slots, opts, hbm)
-        leaves, treedef = jax.tree.flatten(state)
-        decode_step, prefill_step, packed_step = engine_steps(formats, graphdef, treedef)
-        decode = aot.compile_and_report(decode_step, (leaves, cache, vec(slots, jnp.int32), vec(slots, jnp.int32),
-                                                      vec(slots, jnp.bool_), vec(slots, jnp.bool_),
-                                                      *sampling(slots), vec(slots, jnp.int32),
-                                                      _sds((), jnp.bool_, mesh)), hbm, (SAMPLE,))
-        flag = _sds((), jnp.bool_, mesh)
-        # Prompts' first chunks packed in one row of prefill_chunk tokens (each attends over itself) ...
-        rows = min(PREFILL_ROWS, slots)
-        tokens = vec(opts.prefill_chunk, jnp.int32)
-        first = aot.compile_and_report(packed_step, (leaves, cache, vec(rows, jnp.int32), vec(rows, jnp.int32), tokens,
-                                                     tokens, tokens, tokens, *sampling(rows), flag), hbm,
-                                       (SAMPLE, False, None))  # the whole row masked: the larger program
-        # ... and a long prompt's later chunk (over the filled cache blocks).
-        chunk = _sds((1, opts.prefill_chunk), jnp.int32, mesh)
-        prefill = aot.compile_and_report(prefill_step, (leaves, cache, vec(1, jnp.int32), chunk, chunk,
-                                                        vec(1, jnp.int32), chunk, *sampling(1), flag), hbm,
-                                         (SAMPLE, False))
-    return {"slots": slots, "max_model_len": opts.max_length, "top_logprobs": TOP_LOGPROBS,
-            "decode_step": decode, "prefill_step": {"rows": 1, "chunk": opts.prefill_chunk, **prefill},
-            "prefill_step_first_chunk": {"prompts": rows, "packed_tokens": opts.prefill_chunk, **first},
-            "fits": bool(decode["fits"] and prefill["fits"] and first["fits"])}
+            report = aot.exhausted_report(e, (state, pages), hbm)
+            if report is None:
+                raise
+            return {**out, "steps": {"layout": report}, "fits": False, "compiler": report["compiler"]}
+        programs = engine_programs(graphdef, state, pages, rows=rows, pages_per_row=per_seq, widths=widths,
+                                   formats=formats, mesh=mesh)
+        chosen = dict.fromkeys([programs[0][0], programs[-2][0], programs[-1][0]])  # narrowest; widest, both flags
+        steps = {name: aot.compile_and_report(step, args[1:], hbm, args[:1])
+                 for name, step, args in programs if name in chosen}
+        laid_out = _pool_layout_bytes(pages, formats)
+    per_device_values = _per_device(pages)
+    out["pool"].update(bytes_per_device=per_device_values, laid_out_bytes_per_device=laid_out,
+                       layout_ratio=None if laid_out is None else round(laid_out / per_device_values, 4))
+    return {**out, "steps": steps, "fits": all(r["fits"] for r in steps.values())}

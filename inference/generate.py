@@ -1,43 +1,35 @@
-"""Cached forward, prefill and decode steps, and batched generation in one `lax.while_loop`.
+"""Batched generation in one `lax.while_loop` over a paged KV cache, and its two steps.
 
 Inside:
-- `forward_cached(model, ids, positions, cache, write_index, ...)`: a call of the model's own forward
-  with a cache (jaxmodel/model.py; the attention over the cache is jaxmodel/kv_cache.py): new tokens
-  write their keys/values and attend over the cache; returns (float32 logits, cache).
-- `prefill` / `decode_step`: the two jitted steps (graphdef static, cache donated).
 - `generate(model, input_ids, attention_mask, *, max_new_tokens, eos_token_ids, pad_token_id, ...)`:
   greedy (or sampled) generation for a batch of prompts of different lengths -> new tokens [B, W].
-- `bucket_length`, `bucket_batch`: the shape buckets that bound recompilation.
-- `GenerateError`: every bad input (empty batch or prompt, ids out of range, too long for the context).
+- `static_pages`, `prefill` / `decode_step`: generate's pool and its two steps as separate jitted
+  functions (graphdef static, pool donated), for step-by-step use and tests; all are thin users of the
+  model's one forward with a `jaxmodel.kv_cache.Cache`.
+- `greedy`, `sample_rows` (token choice, shared with the engine); `bucket_length`, `bucket_batch`: the
+  shape buckets that bound recompilation; `GenerateError`: every bad input (empty batch or prompt, ids out
+  of range, too long for the context).
 
 How generation runs (one `jax.jit`, one compile per bucket):
 1. On the host, each row's real tokens (attention_mask == 1, in order, so left or right padding in the
    input both work) are left-padded to the bucketed prompt length P; rows are padded to the bucketed
-   batch with empty rows that start finished. Cache length S = P + bucketed max_new_tokens.
-2. Positions are the reference's: `cumsum(mask) - 1`, clipped at 0 for pads. Pads and unfilled cache
-   slots have kv segment id 0 and real tokens 1 (AttentionMask semantics), so no real query ever sees
-   a pad. Prefill runs the whole prompt in one call (up to `prefill_chunk` tokens; longer prompts in
-   chunks inside a fori_loop) and keeps only the last position's logits.
-3. Decoding is a `lax.while_loop` inside the same jit: each iteration feeds every row's last token at
-   slot P + t - 1 with position = that row's real-token count, picks the next token (argmax, or a
-   seeded sample), writes it to the output unless the row had already stopped (then `pad_token_id`),
-   and marks rows whose token is in the stop table. The loop ends when every row has stopped or
-   `max_new_tokens` tokens exist; both bounds are traced values, so they cost no recompilation.
-   Stop tokens go in as a boolean table over the vocabulary (any number of stop ids, same shape).
-The cache is created inside that jit and never leaves it: no copy between steps, and the compiler picks
-its memory layout. `prefill` / `decode_step` are the same computation as separate jitted steps, with the
-cache passed in and donated (for step-by-step use, tests, and the ahead-of-time memory check).
+   batch with empty rows that start finished.
+2. Inside the jit, an empty page pool is made in a static layout: row b owns pages [b*W, (b+1)*W), W
+   pages of 16 slots holding P + the bucketed max_new_tokens. Prefill packs the rows' real tokens back to
+   back into one ragged row (padding is never computed) and runs it in calls of up to B x `prefill_chunk`
+   tokens (a fori_loop over as many as the real tokens need), each row's last token giving its logits.
+   Positions are each token's position in its own prompt (the reference's cumsum(mask) - 1).
+3. Decoding is a `lax.while_loop` inside the same jit: each iteration feeds every row's last token (one
+   ragged row of B tokens, one per sequence) at position = that row's token count, picks the next token
+   (argmax, or a seeded sample), writes it to the output unless the row had already stopped (then
+   `pad_token_id`), and marks rows whose token is in the stop table. The loop ends when every row has
+   stopped or `max_new_tokens` tokens exist; both bounds are traced values, so they cost no
+   recompilation. Stop tokens go in as a boolean table over the vocabulary (any number of stop ids).
+The pool is created inside that jit and never leaves it: no copy between steps, and the compiler picks its
+memory layout. Attention over the pages is `jaxmodel.kv_cache.paged_attention` (the TPU kernel or plain
+XLA, as `paged_impl` picks).
 
-Attention: a prompt on an empty cache attends over its own keys with the model's `attention_impl`
-(every implementation applies, splash included: the indices are 0..P-1), then its keys are written to
-the cache. Steps on a filled cache use `cached_attention`: the xla formulation over the whole
-preallocated S, masked (a [B, N, T, S] float32 score block per layer: for decode, T = 1, small next to
-reading the weights), contracting the cache in its own [B, K, S, H] layout, int8 included. Chunked
-prefill, and decode when `attention_impl="flash"`, use `blocked_cached_attention`: blocks of 512 slots
-with an online softmax, only up to the last slot written, so it reads just the filled part of the cache.
-
-Shape letters: B batch, T new tokens of one call, P prompt length, W generated tokens (bucketed),
-S cache length, V vocab, L layers, N query heads, K kv heads, G = N // K, H head_dim.
+Shape letters: B batch, T tokens of one call, P prompt length, W generated tokens (bucketed), V vocab.
 """
 
 from __future__ import annotations
@@ -51,8 +43,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from inference.kv_cache import KVCache, empty_cache
-from jaxmodel.kv_cache import blocked_cached_attention, cached_attention  # noqa: F401  (re-exported)
+from jaxmodel.kv_cache import Cache, KVPages, empty_pages, pages_per_seq
 from jaxmodel.sharding import auto_mesh, logical_to_spec
 
 
@@ -89,44 +80,88 @@ def _split(model):
     return model
 
 
-def forward_cached(model, ids, positions, cache: KVCache, write_index, *, token_mask=None, fresh: bool = False,
-                   last_only: bool = False, attention: str | None = None):
-    """The model's own forward with a cache (`MistralForCausalLM.__call__(..., cache=...)`): new tokens
-    through the decoder -> (float32 logits, updated cache). model: an `nnx.Module` or its (graphdef,
-    state). token_mask [B, T] (1 real, 0 pad) becomes the kv segment ids of the written slots.
-    fresh=True promises the cache holds nothing before write_index (= 0). attention: "xla", "blocked"
-    or None (the model's default for its attention_impl)."""
-    m = nnx.merge(*_split(model))
-    mode = "fresh" if fresh else (attention or "auto")
-    return m(ids, positions, token_mask, cache=cache, write_index=write_index, cache_attention=mode,
-             last_only=last_only)
+PAGE_SIZE = 16  # slots per page of generate's pool
+
+
+def _row_cache(pages: KVPages, rows: int, starts, q_lens, kv_lens, logits_at=None) -> Cache:
+    """The Cache of generate's static layout: row b owns pages [b*W, (b+1)*W) of the pool (W = pages / rows);
+    this call holds q_lens[b] tokens of row b, packed from starts[b] on (rows in order), kv_lens[b] in all."""
+    width = pages.num_pages // rows
+    table = jnp.arange(rows * width, dtype=jnp.int32).reshape(rows, width)
+    cu = jnp.concatenate([starts[:1] * 0, starts + q_lens]).astype(jnp.int32)
+    return Cache(pages, table, kv_lens.astype(jnp.int32), cu, jnp.array([rows], jnp.int32), logits_at)
+
+
+def static_pages(config, rows: int, length: int, *, kv_dtype=None, per_layer: bool = False) -> KVPages:
+    """An empty pool (inside a jit) for `rows` sequences of up to `length` tokens each, in generate's layout."""
+    return empty_pages(config, rows * pages_per_seq(length, PAGE_SIZE), PAGE_SIZE, kv_dtype=kv_dtype,
+                       per_layer=per_layer)
+
+
+def _last_logits(model, ids, mask, pages: KVPages, chunk: int):
+    """Prompts [B, P] (real tokens where mask is 1, in order) into an empty pool in generate's layout ->
+    (each row's last-token logits [B, V], pool, prompt lengths [B]).
+
+    The rows' real tokens are packed back to back in one ragged row (padding is never computed) and go
+    through the model in calls of up to B x `chunk` tokens (the activations of B rows of `chunk`), a
+    fori_loop over as many calls as the real tokens need (a traced bound: no recompilation per prompt
+    mix); a call may end mid-prompt, the next continues it over the pages already written."""
+    batch, prompt = ids.shape
+    lens = mask.astype(jnp.int32).sum(-1)
+    ends = jnp.cumsum(lens)
+    starts = ends - lens
+    total = batch * prompt
+    size = min(batch * chunk, total)
+    calls = -(-total // size)
+    # The packed stream: token j is token j - starts[r] of row r's real tokens (its mask's order).
+    j = jnp.arange(calls * size, dtype=jnp.int32)
+    row = jnp.minimum(jnp.sum(ends[None, :] <= j[:, None], axis=1), batch - 1)
+    order = jnp.argsort(1 - mask, axis=1, stable=True)  # each row's real columns first, in order
+    column = jnp.take_along_axis(order[row], jnp.clip(j - starts[row], 0, prompt - 1)[:, None], axis=1)[:, 0]
+    stream = jnp.where(j < ends[-1], ids[row, column], 0)
+
+    def one_call(c, carry):
+        pages, logits = carry
+        lo, hi = c * size, (c + 1) * size
+        q_lens = jnp.clip(ends, lo, hi) - jnp.clip(starts, lo, hi)
+        kv_lens = jnp.maximum(jnp.minimum(ends, hi) - starts, 0)
+        last = ends - 1 - lo  # each row's last token, in this call's numbering
+        cache = _row_cache(pages, batch, jnp.clip(starts, lo, hi) - lo, q_lens, kv_lens, jnp.clip(last, 0, size - 1))
+        out, cache = model(jax.lax.dynamic_slice_in_dim(stream, lo, size)[None], cache=cache)
+        here = (last >= 0) & (last < size) & (lens > 0)
+        return cache.pages, jnp.where(here[:, None], out[0], logits)
+
+    init = (pages, jnp.zeros((batch, model.config.vocab_size), jnp.float32))
+    pages, logits = jax.lax.fori_loop(0, (ends[-1] + size - 1) // size, one_call, init)
+    return logits, pages, lens
+
+
+def _next_logits(model, tokens, pages: KVPages, lengths):
+    """One token per row [B] at position lengths[b] (the row's tokens so far) -> (logits [B, V], pool)."""
+    batch = tokens.shape[0]
+    rows = jnp.arange(batch, dtype=jnp.int32)
+    cache = _row_cache(pages, batch, rows, jnp.ones(batch, jnp.int32), lengths + 1)
+    logits, cache = model(tokens[None], lengths[None], cache=cache)
+    return logits[0], cache.pages
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=4)
+def prefill(graphdef, state, ids, mask, pages: KVPages, chunk: int = PREFILL_CHUNK):
+    """Prompts [B, P] (mask 1 = real token) into an empty pool in generate's layout (`static_pages`) ->
+    (last logits [B, V], pool, prompt lengths [B])."""
+    return _last_logits(nnx.merge(graphdef, state), ids, mask, pages, chunk)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def decode_step(graphdef, state, tokens, pages: KVPages, lengths):
+    """One token per row [B] after `lengths` tokens -> (logits [B, V], pool, lengths + 1)."""
+    logits, pages = _next_logits(nnx.merge(graphdef, state), tokens, pages, lengths)
+    return logits, pages, lengths + 1
 
 
 def prefill_positions(mask):
     """The reference's positions for a left-padded batch: cumsum(mask) - 1, pads clipped to 0."""
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-def prefill(graphdef, state, ids, mask, cache: KVCache):
-    """Prompt [B, P] (left-padded, mask 1 = real) into an empty cache -> (last logits [B, V], cache)."""
-    cache = _reset(cache)
-    logits, cache = forward_cached((graphdef, state), ids, prefill_positions(mask), cache, 0, token_mask=mask,
-                                   fresh=True, last_only=True)
-    return logits[:, 0], cache
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def decode_step(graphdef, state, tokens, cache: KVCache, write_index):
-    """One token per row [B] at slot write_index -> (logits [B, V], cache). Positions come from the cache."""
-    logits, cache = forward_cached((graphdef, state), tokens[:, None], cache.lengths[:, None], cache,
-                                   write_index, last_only=True)
-    return logits[:, 0], cache
-
-
-def _reset(cache: KVCache) -> KVCache:
-    """Marks every slot unfilled (stale keys/values are then never attended), so a cache can be reused."""
-    return cache._replace(segment_ids=jnp.zeros_like(cache.segment_ids), lengths=jnp.zeros_like(cache.lengths))
 
 
 # -- token choice -------------------------------------------------------------------------------------
@@ -176,51 +211,21 @@ def sample_rows(logits, keys, temperature, top_k, top_p):
 # -- the generation loop --------------------------------------------------------------------------
 
 
-def _prefill_into(graphdef, state, ids, mask, cache: KVCache, chunk: int):
-    """The prompt into an empty cache -> (last position's logits [B, V], cache).
-
-    Up to `chunk` tokens: one call, attending over the prompt itself with the model's attention_impl.
-    Longer prompts (a multiple of `chunk`: the buckets above it are) go in chunk by chunk in a
-    fori_loop, each chunk attending over the cache up to its own slots (`blocked_cached_attention`),
-    so activations stay [B, chunk, ...] whatever the prompt length, and one loop body serves every
-    chunk."""
-    batch, prompt = ids.shape
-    positions = prefill_positions(mask)
-    if prompt <= chunk:
-        logits, cache = forward_cached((graphdef, state), ids, positions, cache, 0, token_mask=mask, fresh=True,
-                                       last_only=True)
-        return logits[:, 0], cache
-    if prompt % chunk:
-        raise ValueError(f"prompt length {prompt} is not a multiple of the prefill chunk {chunk}")
-
-    def one_chunk(c, carry):
-        cache, _ = carry
-        part = lambda x: jax.lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=1)  # noqa: E731
-        logits, cache = forward_cached((graphdef, state), part(ids), part(positions), cache, c * chunk,
-                                       token_mask=part(mask), last_only=True, attention="blocked")
-        return cache, logits[:, 0]
-
-    vocab = nnx.merge(graphdef, state).config.vocab_size
-    init = (cache, jnp.zeros((batch, vocab), jnp.float32))
-    cache, logits = jax.lax.fori_loop(0, prompt // chunk, one_chunk, init)
-    return logits, cache
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _generate_jit(graphdef, do_sample, width, kv_dtype, chunk, state, ids, mask, active, stop, max_new, pad_id,
                   temperature, top_k, top_p, key):
-    """Prefill + the decode while-loop -> tokens [B, W = width]. The cache lives inside this one jit (made
+    """Prefill + the decode while-loop -> tokens [B, W = width]. The pool lives inside this one jit (made
     here, carried by the loop, dropped at the end): it never crosses a jit boundary, so it is neither
     copied nor re-laid out between steps, and the compiler picks its memory layout."""
     batch, prompt = ids.shape
     model = nnx.merge(graphdef, state)
-    cache = empty_cache(model.config, batch, prompt + width, kv_dtype=kv_dtype,
-                        per_layer=model.unstacked)  # unstacked layers: an array per layer
+    pages = static_pages(model.config, batch, prompt + width, kv_dtype=kv_dtype,
+                         per_layer=model.unstacked)  # unstacked layers: an array per layer
     rows = jnp.arange(batch, dtype=jnp.int32)
     choose = functools.partial(_choose, rows=rows, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                top_p=top_p, key=key)
 
-    logits, cache = _prefill_into(graphdef, state, ids, mask, cache, chunk)
+    logits, pages, lengths = _last_logits(model, ids, mask, pages, chunk)
     token = choose(logits, 0)
     done = ~active
     out = jnp.full((batch, width), pad_id, jnp.int32)
@@ -232,15 +237,14 @@ def _generate_jit(graphdef, do_sample, width, kv_dtype, chunk, state, ids, mask,
         return (t < max_new) & ~jnp.all(done)
 
     def body(carry):
-        t, token, done, out, cache = carry
-        logits, cache = forward_cached((graphdef, state), token[:, None], cache.lengths[:, None], cache,
-                                       prompt + t - 1, last_only=True)
-        token = choose(logits[:, 0], t)
+        t, token, done, out, pages = carry
+        logits, pages = _next_logits(model, token, pages, lengths + t - 1)
+        token = choose(logits, t)
         column = jnp.where(done, pad_id, token)[:, None]
         out = jax.lax.dynamic_update_slice(out, column, (0, t))
-        return t + 1, token, done | stop[token], out, cache
+        return t + 1, token, done | stop[token], out, pages
 
-    _, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token, done, out, cache))
+    _, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token, done, out, pages))
     return out
 
 
@@ -315,8 +319,6 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, eos_
     mesh = _mesh_of(state)
     batch = bucket_batch(len(rows), _batch_split(mesh))
     prompt = bucket_length(max(r.size for r in rows))
-    if prompt > prefill_chunk:  # chunked prefill needs whole chunks (the buckets above 512 are already)
-        prompt = -(-prompt // prefill_chunk) * prefill_chunk
     width = bucket_length(max_new_tokens)
     ids = np.zeros((batch, prompt), np.int32)
     mask = np.zeros((batch, prompt), np.int32)

@@ -1,11 +1,11 @@
 """`Generator`: text in, text out, on the continuous-batching engine (model card usage, batched).
 
-Inside: `Generator(model, tokenizer, *, slots, max_model_len, kv_cache_dtype)`,
-`Generator.from_pretrained(path or hub id, *, tokenizer, dtype, mesh, quantize, group_size)`,
-`.generate(prompts, *, max_new_tokens, stop, template, ...) -> list[str]`, `.iter_records(records, ...)`
-(the CLI's `generate --input`), `.requests` / `.engine_for` (the pieces), `.stop_ids(stop)` (the card's
-token sets), `.encode`, `.check_lengths`, `.generate_ids`, `read_jsonl(path)` (the CLI's input file) and
-`load_tokenizer(path)`.
+Inside: `Generator(model, tokenizer, *, slots, max_model_len, kv_cache_dtype, page_size, kv_cache_memory,
+prefix_caching, warmup)`, `Generator.from_pretrained(path or hub id, *, tokenizer, dtype, mesh, quantize,
+group_size, lora, ...)`, `.generate(prompts, *, max_new_tokens, stop, template, ...) -> list[str]`,
+`.iter_records(records, ...)` (the CLI's `generate --input`), `.warmup()`, `.requests` / `.engine_for` (the
+pieces), `.stop_ids(stop)` (the card's token sets), `.encode`, `.check_lengths`, `.generate_ids`,
+`read_jsonl(path)` (the CLI's input file) and `load_tokenizer(path)`.
 
 Following the model card (norallm/normistral-11b-long):
 - prompts are tokenized with the tokenizer's defaults (its `<s>` included), one prompt per row;
@@ -14,13 +14,20 @@ Following the model card (norallm/normistral-11b-long):
   of every newline token `[i for i in range(tok.vocab_size) if "\n" in tok.decode([i])]` ends it), a
   token id, or a sequence of those. EOS always ends a completion;
 - the completion is `tokenizer.decode(new_tokens, skip_special_tokens=True).strip()` (no `</s>` ever).
-All prompts of a call go to one `inference.engine.Engine` (its slots stay full: a finished row is
-replaced by the next prompt at once); results come back in input order. The engine (its cache of
-`slots` rows of `max_model_len` tokens) is kept and reused while it is large enough.
+All prompts of a call go to one `inference.engine.Engine` (up to `slots` sequences run at once, a
+finished one replaced by the next prompt at once); results come back in input order. The engine (its
+pool of KV cache pages; sequences of up to `max_model_len` tokens, by default the model's context) is
+built and every program it runs compiled at load by `from_pretrained` (`warmup()`, with a progress line on
+stderr; the constructor does it with warmup=True, else the first generating call), so no call compiles:
+the first one over a batch of prompts runs as fast as the next. Only a call asking for another
+`batch_size` than `slots` builds (and compiles) another engine. With JAX's persistent compilation cache on
+(jaxmodel/compile_cache.py, the CLI's default), a second process finds the programs there.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
@@ -29,42 +36,64 @@ import numpy as np
 from flax import nnx
 
 from inference.engine import Engine, Request
-from inference.generate import GenerateError, bucket_length
+from inference.generate import GenerateError
 from inference.quantize import DEFAULT_GROUP_SIZE, MODES, load_transform, quantize_model
 from jaxmodel.checks import check_template, json_problem
+from jaxmodel.compile_cache import CompileCount
 from jaxmodel.model import unstack_layers
 
 
 class Generator:
     def __init__(self, model: nnx.Module, tokenizer, *, kv_cache_dtype: str | None = None, slots: int = 8,
-                 max_model_len: int | None = None, prefill_chunk: int = 256):
-        """slots: decode slots of the engine (rows decoded together); max_model_len: tokens per slot
-        (prompt + completion; default: what each call needs, bucketed, grown when a call needs more)."""
+                 max_model_len: int | None = None, prefill_chunk: int = 256, page_size: int = 16,
+                 kv_cache_memory: int | float | None = None, num_pages: int | None = None,
+                 prefix_caching: bool = True, warmup: bool = False):
+        """slots: sequences the engine runs at once; max_model_len: the longest prompt + completion (default:
+        the model's context); page_size, kv_cache_memory / num_pages (the pool; default: pages for `slots`
+        sequences of max_model_len, at most 0.9 of the free memory), prefix_caching: the engine's. warmup:
+        build the engine and compile its programs now; else at the first generating call or `warmup()` (a
+        Generator made around a model only to score, as the lm-eval adapter's, then never holds a pool)."""
         self.model = model
         self.parts = nnx.split(model)
         self.config = model.config
         self.tokenizer = tokenizer
         self.kv_cache_dtype = kv_cache_dtype
         self.slots, self.max_model_len, self.prefill_chunk = slots, max_model_len, prefill_chunk
+        self.pool = {"page_size": page_size, "kv_cache_memory": kv_cache_memory, "num_pages": num_pages,
+                     "prefix_caching": prefix_caching}
         self.engine: Engine | None = None
+        self._warm: Engine | None = None  # the engine whose programs are compiled
         self._stop_sets: dict = {}
+        if warmup:
+            self.warmup()
 
     @classmethod
     def from_pretrained(cls, path: str, *, tokenizer=None, dtype=jnp.bfloat16, mesh=None, quantize: str | None = None,
                         group_size: int = DEFAULT_GROUP_SIZE, kv_cache_dtype: str | None = None,
-                        progress: bool = False, revision: str | None = None, **options) -> Generator:
+                        progress: bool = False, revision: str | None = None, slots: int = 8,
+                        max_model_len: int | None = None, prefill_chunk: int = 256, page_size: int = 16,
+                        kv_cache_memory: int | float | None = None, num_pages: int | None = None,
+                        prefix_caching: bool = True, warmup: bool = True, lora: str | None = None,
+                        **options) -> Generator:
         """Loads a Hugging Face directory or model id (`org/name[@revision]`, fetched into the hub cache),
-        or a `normistral import-hf` directory, and its tokenizer.
+        or a `normistral import-hf` directory, and its tokenizer; then builds the engine and compiles its
+        programs (`warmup`; the engine's options as the constructor's).
 
         quantize="int8" | "int4" (see quantize.py; group_size for int4): each tensor of a Hugging Face
         directory is quantized on the host as it is read and only the integer arrays are placed on the
         accelerator / mesh (host memory: about one 16-bit layer slice beyond the baseline). An import-hf
         (Orbax) directory is restored into host memory, quantized there, then placed. On CPU the layer
-        stack is then split into one module per layer (`jaxmodel.model.unstack_layers`)."""
+        stack is then split into one module per layer (`jaxmodel.model.unstack_layers`).
+
+        lora: a PEFT adapter directory (local, gs:// or hub id), checked against config.json before the
+        weights load, then merged into them (`load_peft_adapter` + `merge_lora`) before any quantization:
+        with `quantize` the model loads unquantized (host memory when on an accelerator), is merged, then
+        quantized, so the quantized model holds the merged weights."""
         from jaxmodel import storage
         from jaxmodel.config import MistralConfig
-        from jaxmodel.convert import PARAMS_DIR, config_source, from_pretrained
+        from jaxmodel.convert import PARAMS_DIR, config_source, from_pretrained, resolve_lora
         from jaxmodel.hub import resolve_model
+        from jaxmodel.lora import LoraError, error_line
         from jaxmodel.sharding import make_mesh
 
         if quantize is not None and quantize not in MODES:
@@ -74,23 +103,30 @@ class Generator:
             storage.check_bucket(path)
             raise GenerateError(f"{path}: model directory not found")
         storage.require_committed(path, "model directory")
-        MistralConfig.from_hf(config_source(path))  # a broken config.json is named as such, not as the tokenizer
+        config = MistralConfig.from_hf(config_source(path))  # a broken config.json: named as such, not as the tokenizer
+        if lora is not None:  # before the weights: a wrong adapter fails in seconds
+            try:
+                lora = resolve_lora(lora, config)
+            except LoraError as e:
+                raise GenerateError(error_line(e, "lora=", lora)) from None
         if tokenizer is None:
             tokenizer = load_tokenizer(path)
         if quantize is None:
-            model = from_pretrained(path, dtype=dtype, mesh=mesh, progress=progress, **options)
-        elif not storage.isdir(storage.join(path, PARAMS_DIR)):
+            model = _merged(from_pretrained(path, dtype=dtype, mesh=mesh, progress=progress, **options), lora)
+        elif lora is None and not storage.isdir(storage.join(path, PARAMS_DIR)):
             model = from_pretrained(path, dtype=dtype, mesh=mesh, progress=progress,
                                     transform=load_transform(quantize, group_size), **options)
         else:
             host = _host_device()
             on_host = host is not None and jax.devices()[0].platform != "cpu"
             load_mesh = make_mesh((1, 1, 1), devices=[host]) if on_host else mesh
-            model = from_pretrained(path, dtype=dtype, mesh=load_mesh, progress=progress, **options)
+            model = _merged(from_pretrained(path, dtype=dtype, mesh=load_mesh, progress=progress, **options), lora)
             quantize_model(model, quantize, mesh=mesh, place=on_host, group_size=group_size)
         if jax.tree.leaves(nnx.state(model))[0].devices().pop().platform == "cpu":
             unstack_layers(model)  # XLA CPU would copy every layer's weights out of the stack per call
-        return cls(model, tokenizer, kv_cache_dtype=kv_cache_dtype)
+        return cls(model, tokenizer, kv_cache_dtype=kv_cache_dtype, slots=slots, max_model_len=max_model_len,
+                   prefill_chunk=prefill_chunk, page_size=page_size, kv_cache_memory=kv_cache_memory,
+                   num_pages=num_pages, prefix_caching=prefix_caching, warmup=warmup)
 
     # -- stop tokens ------------------------------------------------------------------------------------
 
@@ -117,17 +153,31 @@ class Generator:
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def engine_for(self, longest: int, slots: int | None = None) -> Engine:
-        """The engine, (re)built when absent, too short for `longest` tokens, or of another slot count."""
+    def engine_for(self, slots: int | None = None) -> Engine:
+        """The engine, (re)built when absent or of another sequence count; its programs compiled (`warmup`)."""
         slots = slots or self.slots
-        context = self.config.max_position_embeddings
-        need = self.max_model_len or min(bucket_length(longest), context)
-        e = self.engine
-        if e is None or e.max_model_len < max(need, longest) or e.slots != slots:
-            self.engine = None  # free the old cache first
-            self.engine = Engine(self.parts, slots=slots, max_model_len=max(need, longest), decode=self.decode,
-                                 kv_cache_dtype=self.kv_cache_dtype, prefill_chunk=self.prefill_chunk)
+        if self.engine is None or self.engine.slots != slots:
+            self.engine = self._warm = None  # free the old pool first
+            self.engine = Engine(self.parts, slots=slots, max_model_len=self.max_model_len, decode=self.decode,
+                                 kv_cache_dtype=self.kv_cache_dtype, prefill_chunk=self.prefill_chunk, **self.pool)
+        if self._warm is not self.engine:
+            self._compile(self.engine)
         return self.engine
+
+    def warmup(self) -> Engine:
+        """Builds the engine for `slots` sequences (if not built) and compiles every program it runs, now."""
+        return self.engine_for(self.slots)
+
+    def _compile(self, engine: Engine) -> None:
+        """engine.warmup() between two progress lines on stderr (on the 11B model a program takes minutes)."""
+        t, count = time.time(), CompileCount()
+        print(f"generator: compiling the engine's programs ({engine.slots} sequences of up to "
+              f"{engine.max_model_len} tokens, {engine.num_pages} KV cache pages of {engine.page_size}) ...",
+              file=sys.stderr, flush=True)
+        programs = engine.warmup(prompt_logprobs=False)  # a Generator never asks for prompt logprobs
+        print(f"generator: {programs} programs ready in {time.time() - t:.1f} s ({count.summary()})",
+              file=sys.stderr, flush=True)
+        self._warm = engine
 
     def split_stop(self, stop) -> tuple[frozenset, tuple]:
         """`stop` -> (token ids, stop strings); EOS is always a stop token."""
@@ -185,7 +235,7 @@ class Generator:
     def _run(self, token_lists, batch_size, **kwargs) -> Iterator[Request]:
         """Requests through the engine, yielded in input order as soon as each (and those before it) is done."""
         reqs = self.requests(token_lists, **kwargs)
-        engine = self.engine_for(max(len(t) for t in token_lists) + kwargs.get("max_new_tokens", 64), batch_size)
+        engine = self.engine_for(batch_size)
         for r in reqs:
             engine.submit(r, block=True)
         try:
@@ -299,6 +349,16 @@ def load_tokenizer(path: str):
     except Exception as e:  # noqa: BLE001 (transformers raises OSError, ValueError, TypeError, KeyError, ...)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise GenerateError(f"{path}: no usable tokenizer there ({first[:200]})") from None
+
+
+def _merged(model, lora: str | None):
+    """The model with the PEFT adapter at `lora` (already checked) folded into its weights, in place."""
+    if lora is not None:
+        from jaxmodel.lora import load_peft_adapter, merge_lora
+
+        load_peft_adapter(model, lora)
+        merge_lora(model)
+    return model
 
 
 def _host_device():

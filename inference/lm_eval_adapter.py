@@ -1,10 +1,8 @@
 """The JAX model as an lm-evaluation-harness model (`lm_eval`, pinned 0.4.13): NorEval and any lm-eval task.
 
-Inside: `NorMistralLM` (registered with lm-eval as `normistral`), `EvalError`, `load_tokenizer`,
-`evaluate(lm, tasks, ...)` (a thin wrapper over `lm_eval.simple_evaluate` that checks the tasks first),
-`check_tasks`, `check_task_settings` (few-shot count and generation room, before the model loads), and
-`main()` (`python -m inference.lm_eval_adapter ...`: lm-eval's own command line with this model
-registered; a user's mistake there is one line `normistral: error: ...` and exit status 2, too).
+Inside: `NorMistralLM` (registered with lm-eval as `normistral`), `load_tokenizer`, and `main()`
+(`python -m inference.lm_eval_adapter ...`: lm-eval's own command line with this model registered; a
+user's mistake there is one line `normistral: error: ...` and exit status 2, too).
 
 Errors name what the user typed: `max_length=4` through lm-eval's `--model_args`, `--max-length 4` through
 `normistral eval` (which constructs the model with `cli=True`).
@@ -14,7 +12,8 @@ models), so importing this module registers `normistral` (`@register_model`). Th
 `lm_eval.simple_evaluate(model="normistral", model_args="pretrained=DIR,dtype=float32")` works, and so
 does lm-eval's command line run through this module:
     python -m inference.lm_eval_adapter run --model normistral --model_args pretrained=DIR --tasks norquad
-(`normistral eval` is the shorter way). An instance works too: `simple_evaluate(model=NorMistralLM(...))`.
+(`normistral eval` is the shorter way; checking and running tasks: inference/eval_tasks.py). An instance
+works too: `simple_evaluate(model=NorMistralLM(...))`.
 
 Request types, each computed so that the numbers equal lm-eval's `hf` model (HFLM) on the same weights:
 - `loglikelihood`: lm-eval's TemplateLM tokenizes (context, continuation) pairs (trailing spaces of the
@@ -34,8 +33,9 @@ Model arguments (`--model_args key=value,...`): pretrained (a Hugging Face or im
 training checkpoint step WORKDIR/checkpoints/STEP, or a hub id org/name[@revision]; passed to
 `jaxmodel.from_pretrained`), tokenizer (default: pretrained's own; for a checkpoint step, the run's
 tokenizer; never one with more tokens than the model's vocab_size), dtype (bfloat16),
-quantize (int8 or int4), group_size (int4: inputs per scale, 128), batch_size (rows of packed requests per
-call, and prompts per generation call),
+quantize (int8 or int4), group_size (int4: inputs per scale, 128), lora (a PEFT adapter directory or hub id,
+checked against the model's config.json first, merged into the weights before quantizing), batch_size (rows
+of packed requests per call, and prompts per generation call),
 max_length (default: the config's max_position_embeddings, as HFLM), mesh (DATAxFSDPxTENSOR, e.g. 1x-1x1;
 commas separate model_args), min_row (shortest packed row), max_gen_toks (256), add_bos_token,
 prefix_token_id.
@@ -52,7 +52,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
 
 import lm_eval.models  # noqa: F401  (fills the registry with lm-eval's own models before we add ours)
 from lm_eval import utils as lm_utils
@@ -61,12 +60,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs, postprocess_generated_text
 from tqdm.auto import tqdm
 
+from inference.eval_tasks import EvalError, arg_text
 from inference.scoring import MIN_ROW, ScoreError, Scorer, ScoreRequest
-
-
-class EvalError(ValueError):
-    """An evaluation that cannot run as asked (one line naming the culprit)."""
-
 
 # -- model loading ------------------------------------------------------------------------------------
 
@@ -133,11 +128,6 @@ def _mesh(spec):
     return make_mesh(tuple(spec)) if isinstance(spec, (tuple, list)) else spec
 
 
-def _arg(name: str, value, cli: bool) -> str:
-    """How the user spelled an argument: `--max-length 4` (normistral eval) or `max_length=4` (model_args)."""
-    return f"--{name.replace('_', '-')} {value}" if cli else f"{name}={value!r}"
-
-
 def _positive(name: str, value, default=None, cli: bool = False) -> int:
     if value is None or value == "auto":
         return default
@@ -146,7 +136,7 @@ def _positive(name: str, value, default=None, cli: bool = False) -> int:
     except (TypeError, ValueError):
         number = 0
     if number < 1 or str(number) != str(value).strip():
-        raise EvalError(f"{_arg(name, value, cli)}: expected a positive integer")
+        raise EvalError(f"{arg_text(name, value, cli)}: expected a positive integer")
     return number
 
 
@@ -168,7 +158,8 @@ class NorMistralLM(TemplateLM):
     training run's current parameters) with `tokenizer` (a path or a transformers tokenizer)."""
 
     def __init__(self, pretrained: str | None = None, *, model=None, tokenizer=None, dtype: str = "bfloat16",
-                 quantize: str | None = None, group_size=None, batch_size=8, max_length=None, mesh=None,
+                 quantize: str | None = None, group_size=None, lora: str | None = None, batch_size=8,
+                 max_length=None, mesh=None,
                  min_row=MIN_ROW, max_gen_toks=256, add_bos_token: bool | None = None, prefix_token_id=None,
                  device=None, max_batch_size=None, progress: bool = True, cli: bool = False, **unknown):
         """cli: name arguments in errors as `normistral eval`'s flags (`--max-length 4`), not as
@@ -197,25 +188,36 @@ class NorMistralLM(TemplateLM):
 
             from jaxmodel import storage
             from jaxmodel.config import MistralConfig
-            from jaxmodel.convert import config_source
+            from jaxmodel.convert import config_source, resolve_lora
             from jaxmodel.hub import resolve_model
+            from jaxmodel.lora import LoraError, error_line
 
             path = resolve_model(pretrained)  # a hub id -> its snapshot in the cache (a HubError if it cannot be)
             if not storage.isdir(path):
                 raise EvalError(f"{pretrained}: model directory not found")
             if quantize not in (None, *MODES):
-                raise EvalError(f"{_arg('quantize', quantize, cli)}: expected one of {', '.join(MODES)}")
+                raise EvalError(f"{arg_text('quantize', quantize, cli)}: expected one of {', '.join(MODES)}")
             try:
                 jdtype = jnp.dtype(dtype)
             except TypeError:
-                raise EvalError(f"{_arg('dtype', dtype, cli)}: expected float32, bfloat16 or float16") from None
+                raise EvalError(f"{arg_text('dtype', dtype, cli)}: expected float32, bfloat16 or float16") from None
             tok = load_tokenizer(tokenizer, path, flag="--tokenizer " if cli else "tokenizer=")
             # Before the weights load: the tokenizer must fit the model's vocabulary.
-            _check_vocabulary(tok, MistralConfig.from_hf(config_source(path)), self._tokenizer_name(tokenizer))
+            config = MistralConfig.from_hf(config_source(path))
+            _check_vocabulary(tok, config, self._tokenizer_name(tokenizer))
+            if lora is not None:  # the adapter against config.json, before the weights load
+                try:
+                    lora = resolve_lora(lora, config)
+                except LoraError as e:
+                    raise EvalError(error_line(e, "--lora " if cli else "lora=", lora)) from None
+            # warmup=False: no KV cache pool at load (scoring needs none); the first generation builds it
             self.generator = Generator.from_pretrained(path, tokenizer=tok, dtype=jdtype, mesh=_mesh(mesh),
-                                                       quantize=quantize, group_size=group_size, progress=progress)
+                                                       quantize=quantize, group_size=group_size, progress=progress,
+                                                       lora=lora, warmup=False)
             self.pretrained = pretrained
         else:
+            if lora is not None:  # it would be ignored: merge_lora the model first
+                raise EvalError("lora= needs pretrained=PATH (merge the adapter into model= with merge_lora)")
             tok = load_tokenizer(tokenizer, None) if isinstance(tokenizer, str) else tokenizer
             if tok is None:
                 raise EvalError("model= needs tokenizer= (a directory or a transformers tokenizer)")
@@ -227,14 +229,14 @@ class NorMistralLM(TemplateLM):
         context = self.config.max_position_embeddings
         self._max_length = _positive("max_length", max_length, context, cli)
         if self._max_length > context:
-            raise EvalError(f"{_arg('max_length', self._max_length, cli)}: exceeds the model's context of {context} "
-                            "tokens")
+            raise EvalError(f"{arg_text('max_length', self._max_length, cli)}: exceeds the model's context of "
+                            f"{context} tokens")
         self.scorer = Scorer(self.generator.parts, max_length=self._max_length,
                              batch_size=self.batch_size_per_call, min_row=self._min_row)
 
     def _tokenizer_name(self, tokenizer) -> str:
         if isinstance(tokenizer, str):
-            return _arg("tokenizer", tokenizer, self.cli)
+            return arg_text("tokenizer", tokenizer, self.cli)
         return "the tokenizer" if tokenizer is not None else "the model's own tokenizer"
 
     # lm-eval's properties ----------------------------------------------------------------------------
@@ -313,7 +315,7 @@ class NorMistralLM(TemplateLM):
                 results = self.scorer.score([ScoreRequest(ctx, cont) for _, ctx, cont in requests],
                                             progress=bar.update)
             except ScoreError as e:  # a continuation longer than the window: the user's max_length
-                raise EvalError(f"{_arg('max_length', self.max_length, self.cli)}: {e}") from None
+                raise EvalError(f"{arg_text('max_length', self.max_length, self.cli)}: {e}") from None
         for (key, _, _), answer in zip(requests, results):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, answer)
@@ -354,7 +356,7 @@ class NorMistralLM(TemplateLM):
                 max_gen = int(kwargs.pop("max_gen_toks"))
                 max_ctx = self.max_length - max_gen
                 if max_ctx <= 0:
-                    raise EvalError(f"{_arg('max_length', self.max_length, self.cli)}: leaves no room for a prompt "
+                    raise EvalError(f"{arg_text('max_length', self.max_length, self.cli)}: leaves no room for a prompt "
                                     f"with max_gen_toks={max_gen}")
                 sampling = _sampling(kwargs)
                 stop_ids = self.generator.stop_ids([s for s in until if s])
@@ -381,99 +383,6 @@ def _sampling(kwargs: dict) -> dict:
     if do_sample:
         out.update(temperature=temperature, top_k=int(kwargs.get("top_k", 0) or 0),
                    top_p=float(kwargs.get("top_p", 1.0) or 1.0), seed=int(kwargs.get("seed", 0) or 0))
-    return out
-
-
-# -- running tasks ------------------------------------------------------------------------------------
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-def check_tasks(tasks: Sequence[str], include_path: str | None = None):
-    """(TaskManager, loaded tasks) after checking every task exists and its data loads; EvalError if not.
-    Runs before the model is loaded, so a typo or a missing dataset costs seconds, not a model load."""
-    from lm_eval.tasks import TaskManager
-
-    if not tasks:
-        raise EvalError("no tasks given (--tasks T1,T2)")
-    if include_path is not None and not os.path.isdir(include_path):
-        raise EvalError(f"{include_path}: task directory not found (--include-path)")
-    manager = TaskManager(include_path=include_path)
-    known = set(manager.all_tasks)
-    unknown = [t for t in tasks if t not in known and not os.path.isfile(t)]
-    if unknown:
-        raise EvalError(f"unknown task(s): {', '.join(unknown)} (list them with `lm_eval ls tasks`"
-                        + (f"; --include-path {include_path} was searched too)" if include_path else ")"))
-    try:
-        loaded = manager.load(list(tasks))
-    except Exception as e:  # noqa: BLE001 (datasets raises many types; the user needs the first line)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        hint = " (offline: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)" if _offline() else ""
-        raise EvalError(f"task(s) {', '.join(tasks)}: could not load the data: {type(e).__name__}: "
-                        f"{first}{hint}") from None
-    return manager, loaded
-
-
-def _leaf_tasks(loaded):
-    """The tasks of a TaskManager.load() result (groups are dicts of their members, nested)."""
-    for value in loaded.values():
-        if isinstance(value, dict):
-            yield from _leaf_tasks(value)
-        elif value is not None:
-            yield value
-
-
-def check_task_settings(loaded, *, num_fewshot: int | None = None, max_length: int | None = None,
-                        max_gen_toks: int = 256, cli: bool = False) -> None:
-    """Settings the loaded tasks cannot honour, refused before the model loads (lm-eval would fail later with
-    a traceback): more few-shot examples than a task has to draw from, and a generation task whose
-    max_gen_toks leaves no room for a prompt in max_length."""
-    for task in _leaf_tasks(loaded):
-        name = task.config.task
-        if num_fewshot:
-            pool = task.fewshot_docs()
-            available = len(pool) if pool is not None else 0
-            # lm-eval draws one more when the examples come from the split being evaluated (it drops the
-            # document being asked about).
-            fewshot_split = getattr(getattr(task, "fewshot_cfg", None), "split", None)
-            same_split = fewshot_split is not None and fewshot_split == task.config.test_split
-            if num_fewshot + same_split > available:
-                raise EvalError(f"{_arg('num_fewshot', num_fewshot, cli)}: task {name} has only {available} "
-                                f"documents to draw few-shot examples from")
-        if max_length is not None and task.config.output_type == "generate_until":
-            gen = normalize_gen_kwargs(dict(task.config.generation_kwargs or {}), max_gen_toks)["max_gen_toks"]
-            if int(gen) >= max_length:
-                raise EvalError(f"{_arg('max_length', max_length, cli)}: leaves no room for a prompt in task {name}, "
-                                f"which generates up to {gen} tokens (max_gen_toks)")
-
-
-def evaluate(lm, tasks: Sequence[str], *, num_fewshot: int | None = None, limit: float | None = None,
-             include_path: str | None = None, log_samples: bool = False, task_manager=None, **kwargs) -> dict:
-    """`lm_eval.simple_evaluate` for an lm-eval model (a NorMistralLM, or any lm-eval LM); returns its
-    results dict. Tasks are checked first (check_tasks) unless a task_manager is given."""
-    import lm_eval
-
-    # lm-eval bootstraps stderrs in a fork()ed process pool, which can deadlock a process running JAX's
-    # threads; this switch (lm-eval's own) makes it bootstrap in-process.
-    os.environ.setdefault("DISABLE_MULTIPROC", "1")
-    if task_manager is None:
-        task_manager, _ = check_tasks(tasks, include_path)
-    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                   task_manager=task_manager, log_samples=log_samples, **kwargs)
-
-
-def scores(results: dict) -> dict[str, float]:
-    """Flat {"task/metric": value} of a results dict's numbers (stderr and non-numbers left out)."""
-    out = {}
-    for task, metrics in (results.get("results") or {}).items():
-        for key, value in metrics.items():
-            if "_stderr" in key or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            if key in ("sample_len",):
-                continue
-            out[f"{task}/{key.replace(',none', '')}"] = float(value)
     return out
 
 

@@ -3,7 +3,7 @@ shutdown and the process, nothing about what a request asks.
 
 Inside: `Limits` (the serve flags' limits), `Door` (what every connection shares: each live request's update
 queue, draining, a dead engine; `Halt` is what it posts to end a request), `read_body` (a body under the
-limits) and `watch_disconnect`, `bind_socket` and `check_memory` (both run before the model loads),
+limits) and `watch_disconnect`, `bind_socket` and `check_memory` -> `Pool` (both run before the model loads),
 `url_of`, and `run` (uvicorn with the door's h11 protocol and signal handling). Also what the API shares
 with the door: `ApiError` (an OpenAI-shaped error with its status), `unavailable` (a 503 with Retry-After),
 `ServeError` (a serve option that cannot work), `MAX_BODY_BYTES`, `RETRY_AFTER`. This module never imports
@@ -34,7 +34,7 @@ from fastapi import Request as HttpRequest
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from inference.engine import Engine, Request, cache_length
+from inference.engine import Engine, Request
 from inference.generate import GenerateError
 
 MAX_BODY_BYTES = 4 << 20
@@ -230,27 +230,68 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def check_memory(config, *, slots: int, max_model_len: int, dtype, kv_cache_dtype: str | None,
-                 quantize: str | None, devices) -> int:
-    """Refuses (ServeError naming --slots and the bytes) a KV cache that, with the weights, cannot fit in
-    the devices' free memory (host memory on CPU), before anything is allocated; returns the cache's
-    bytes. The cache's shapes come from the same function that builds it."""
-    import jax
+@dataclass(frozen=True)
+class Pool:
+    """The KV cache pool `check_memory` settled on: `num_pages` pages of `page_bytes` (all layers)."""
+    num_pages: int
+    page_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        return self.num_pages * self.page_bytes
+
+
+DEFAULT_FRACTION = 0.9  # of the memory free after the weights: the default pool's cap (vLLM's default too)
+
+
+def check_memory(config, *, max_num_seqs: int, max_model_len: int, page_size: int, kv_cache_memory: int | float | None,
+                 dtype, kv_cache_dtype: str | None, quantize: str | None, devices,
+                 seqs_flag: str = "--max-num-seqs") -> Pool:
+    """The KV cache pool for the serve flags, or a ServeError naming the flag, before anything is allocated.
+    Free memory is the devices' (host memory on CPU) less the weights (estimated from the parameter count).
+    --kv-cache-memory bytes: that many; a fraction: that share of the free memory; unset: pages for
+    --max-num-seqs sequences of --max-model-len tokens, at most DEFAULT_FRACTION of the free memory. Refused:
+    a pool that with the weights exceeds the free memory, one that cannot hold one --max-model-len sequence
+    (the engine would have to refuse requests it accepted), and more sequences than pages (each running
+    sequence holds at least one). Page bytes come from the function that sizes the pool (jaxmodel/kv_cache.py).
+    `generate` checks its flags here too (its --batch-size is the sequence count: `seqs_flag`)."""
     import jax.numpy as jnp
 
-    from inference.kv_cache import abstract_cache
+    from jaxmodel.kv_cache import page_bytes, pages_per_seq
 
-    length = cache_length(max_model_len)
-    shapes = jax.tree.leaves(abstract_cache(config, slots, length, dtype=jnp.dtype(dtype), kv_dtype=kv_cache_dtype))
-    cache = sum(math.prod(s.shape) * s.dtype.itemsize for s in shapes)
+    page = page_bytes(config, page_size, kv_cache_dtype, jnp.dtype(dtype))
+    per_seq = pages_per_seq(max_model_len, page_size)
     per_weight = {"int8": 1.0, "int4": 0.5}.get(quantize, jnp.dtype(dtype).itemsize)
     weights = int(config.num_params() * per_weight)
     free, where = _free_memory(devices)
-    if free is not None and cache + weights > free:
-        raise ServeError(f"--slots {slots}: the KV cache needs {cache} bytes ({cache / 2**30:.1f} GiB: {slots} slots "
-                         f"x {length} tokens) and the weights about {weights / 2**30:.1f} GiB, more than the "
-                         f"{free / 2**30:.1f} GiB of {where} memory free; lower --slots or --max-model-len")
-    return cache
+    room = None if free is None else free - weights
+    if room is not None and room <= 0:
+        raise ServeError(f"the weights need about {weights / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB of "
+                         f"{where} memory free; try --quantize int8 or a --mesh over more devices")
+    if isinstance(kv_cache_memory, float):
+        if room is None:
+            raise ServeError(f"--kv-cache-memory {kv_cache_memory}: the {where} does not report its free memory; "
+                             "give the pool in bytes (e.g. 4GiB)")
+        pool = int(kv_cache_memory * room)
+    elif kv_cache_memory is not None:
+        pool = kv_cache_memory
+    else:
+        pool = max_num_seqs * per_seq * page
+        if room is not None:
+            pool = min(pool, int(DEFAULT_FRACTION * room))
+    flag = "the KV cache pool" if kv_cache_memory is None else f"--kv-cache-memory {kv_cache_memory}"
+    if room is not None and pool > room:
+        raise ServeError(f"{flag}: {pool / 2**30:.2f} GiB of pages and about {weights / 2**30:.1f} GiB of weights "
+                         f"are more than the {free / 2**30:.1f} GiB of {where} memory free")
+    pages = pool // page
+    if pages < per_seq:
+        raise ServeError(f"{flag}: {pages} pages of {page_size} tokens ({pool} bytes at {page} bytes a page) cannot "
+                         f"hold one sequence of --max-model-len {max_model_len} ({per_seq} pages); raise "
+                         "--kv-cache-memory or lower --max-model-len")
+    if max_num_seqs > pages:
+        raise ServeError(f"{seqs_flag} {max_num_seqs}: more sequences than the pool's {pages} pages (each running "
+                         "sequence holds at least one); lower it or raise --kv-cache-memory")
+    return Pool(pages, page)
 
 
 def _free_memory(devices) -> tuple[int | None, str]:

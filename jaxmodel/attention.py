@@ -133,24 +133,24 @@ def resolve_impl(impl: str, *, length: int, dtype=None) -> str:
 
     `length` is the query length; `dtype` the inputs' dtype (on GPU, `auto` picks cuDNN only for 16-bit
     inputs, which is all its flash kernel accepts)."""
-    platform = _platform()
+    target = platform()
     if impl == "auto":
-        if platform == "tpu":
+        if target == "tpu":
             return "splash"
-        if platform == "gpu":
+        if target == "gpu":
             half = dtype is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
             return "cudnn" if half else "flash"
         # CPU: xla's [T, S] float32 scores are small up to 1K tokens; beyond, they grow as T^2.
         return "xla" if length <= 1024 else "flash"
     if impl not in ("xla", "flash", "splash", "cudnn"):
         raise ValueError(f"attention_impl={impl!r} is not one of auto, xla, flash, cudnn, splash")
-    if impl == "cudnn" and platform != "gpu":
+    if impl == "cudnn" and target != "gpu":
         raise NotImplementedError(
-            f"attention_impl='cudnn' runs only on NVIDIA GPUs (this is {platform!r}); use 'flash' or 'auto'")
+            f"attention_impl='cudnn' runs only on NVIDIA GPUs (this is {target!r}); use 'flash' or 'auto'")
     return impl
 
 
-def _platform() -> str:
+def platform() -> str:
     """The platform the program is compiled for: the mesh's when one is set (an ahead-of-time TPU compile
     on a CPU machine must get the real kernel, not the interpreter), else the default device's."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -195,7 +195,7 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, impl: str = "auto"):
     if impl == "splash":
         from jaxmodel.splash import splash_attention  # lazy: Pallas is only needed on this path
 
-        kernel = partial(splash_attention, scale=scale, interpret=_platform() != "tpu")
+        kernel = partial(splash_attention, scale=scale, interpret=platform() != "tpu")
         return _per_device(kernel, q, k, v, mask)
     if impl == "cudnn":
         # jax.nn has no segment-id input, so the exact mask goes in as a dense [B, 1, T, S] boolean (cuDNN

@@ -10,12 +10,15 @@ Inside:
   an existing one is replaced only when asked (`--overwrite`).
 - `is_utf8(text)`: False for a str that UTF-8 cannot encode (a lone surrogate: from JSON's `\ud800`, or a
   command-line argument holding bytes that were not UTF-8).
+- `memory_amount(value)`: a KV cache size as bytes (123456, "512MiB", "4GiB", "2GB") or a fraction in (0, 1]
+  of free device memory (0.9), or a ValueError saying what is expected.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import string
 
 from jaxmodel import storage
@@ -30,6 +33,39 @@ def is_utf8(text: str) -> bool:
 
 
 # -- parser errors ----------------------------------------------------------------------------------------
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40}
+
+
+def memory_amount(value) -> int | float:
+    """Bytes (an int >= 1: 123456, "512MiB", "4GiB", "1.5GB") or a fraction of free memory (a float in
+    (0, 1]: 0.9); a ValueError naming what is expected otherwise. A number with a point below or at 1 is a
+    fraction; a whole number is bytes (so 1 is one byte, 1.0 all free memory)."""
+    expected = f"expected bytes (e.g. 4GiB, 512MiB, 123456) or a fraction of free memory in (0, 1], got {value!r}"
+    if isinstance(value, bool):
+        raise ValueError(expected)
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(expected)
+        return value
+    if isinstance(value, float):
+        if not 0 < value <= 1:
+            raise ValueError(expected)
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(value))
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise ValueError(expected)
+    number, unit = m.group(1), m.group(2).lower()
+    if not unit and "." in number:
+        if not 0 < float(number) <= 1:
+            raise ValueError(expected)
+        return float(number)
+    nbytes = float(number) * _UNITS[unit]
+    if nbytes < 1 or not nbytes.is_integer() and unit in ("", "b"):
+        raise ValueError(expected)
+    return int(nbytes)
 
 
 def json_problem(e: json.JSONDecodeError) -> str:

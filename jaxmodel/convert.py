@@ -7,7 +7,10 @@ Inside:
   `TensorTransform`: a per-tensor hook applied while reading (how inference quantizes at load time).
 - `save_pretrained(model, path)`: a Hugging Face directory (config.json, sharded safetensors, index)
   that `transformers.AutoModelForCausalLM.from_pretrained` loads.
-- `import_hf(hf_dir, ckpt_dir)` / `export_hf(ckpt_dir, hf_dir)`: the CLI's conversions (Orbax on our side).
+- `import_hf(hf_dir, ckpt_dir)` / `export_hf(ckpt_dir, hf_dir, merge_lora=None)`: the CLI's conversions
+  (Orbax on our side; `merge_lora`: a PEFT adapter folded into the weights as they stream out).
+- `resolve_lora(path, config)`: a PEFT adapter directory (local, gs:// or hub id) checked against a
+  config (peft_type, target modules, every tensor's shape), nothing loaded: what `--lora` checks first.
 - `copy_tokenizer_files`: the tokenizer files a complete model directory carries.
 The key table and per-tensor layout changes live in `jaxmodel/weights.py`; paths and never-half-written
 outputs in `jaxmodel/storage.py`.
@@ -64,7 +67,8 @@ from tqdm.auto import tqdm
 
 from jaxmodel import storage
 from jaxmodel.config import ConfigError, MistralConfig
-from jaxmodel.hub import resolve_model
+from jaxmodel.hub import resolve_adapter, resolve_model
+from jaxmodel.lora import PeftDeltas, check_peft_adapter
 from jaxmodel.model import MistralForCausalLM, abstract_model
 from jaxmodel.orbax_stream import _trim_malloc, _tune_malloc
 from jaxmodel.safetensors_io import SafetensorsWriter, WeightFileError, WeightFiles, shard_plan
@@ -592,24 +596,51 @@ def tensor_reader(path: str, config: MistralConfig, *, allow_pickle: bool = Fals
     return read
 
 
+def resolve_lora(path: str, config: MistralConfig) -> str:
+    """The local (or gs://) directory of a PEFT adapter (a hub id fetched into the cache), checked against
+    `config` on an abstract model: a LoraError (one line) for anything `load_peft_adapter` would refuse."""
+    path = resolve_adapter(path)
+    check_peft_adapter(abstract_model(config), path)
+    return path
+
+
 def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, progress: bool = True,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES, block_bytes: int = EXPORT_BLOCK_BYTES) -> None:
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, block_bytes: int = EXPORT_BLOCK_BYTES,
+              merge_lora: str | None = None) -> None:
     """An `import_hf` directory or a training checkpoint step (or a Hugging Face directory) -> a Hugging
     Face directory, streamed: each tensor (each layer's slice of a stacked one) is read from the files,
     converted and written on its own (in HF row blocks of about block_bytes), so host memory holds about one
-    block whatever the model's size."""
+    block whatever the model's size. merge_lora: a PEFT adapter directory (or hub id), checked before any
+    tensor is read, whose scale * A @ B is added to each target projection in float32 (the block's rows of
+    A and B only) before the cast to `dtype`: PEFT's merge_and_unload, then save_pretrained."""
     ckpt_dir = resolve_model(ckpt_dir)
     ckpt_dir = storage.check_input_dir(ckpt_dir, "checkpoint directory (import-hf output or WORKDIR/checkpoints/STEP)")
     storage.check_output_dir(hf_dir)  # before the weights load: a bad destination fails at once
     config = MistralConfig.from_hf(config_source(ckpt_dir))
+    deltas = PeftDeltas(abstract_model(config), resolve_adapter(merge_lora)) if merge_lora is not None else None
+    try:
+        _export(ckpt_dir, hf_dir, config, deltas, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                progress=progress, block_bytes=block_bytes)
+    finally:
+        if deltas is not None:
+            deltas.close()
+
+
+def _export(ckpt_dir, hf_dir, config, deltas, *, dtype, max_shard_bytes, progress, block_bytes) -> None:
     params_dir = storage.join(ckpt_dir, PARAMS_DIR)
     if storage.isdir(params_dir):  # shapes vs config.json from the metadata, before any array is read
         import orbax.checkpoint as ocp
 
         _check_orbax_metadata(ocp.StandardCheckpointer(), params_dir, _orbax_target(config))
     read = tensor_reader(ckpt_dir, config)
-    _write_hf(config, hf_dir, lambda t, box: read(t.rule.path, t.layer, box), dtype=dtype,
-              max_shard_bytes=max_shard_bytes, progress=progress, block_bytes=block_bytes)
+
+    def merged(t, box):
+        value = read(t.rule.path, t.layer, box)
+        delta = None if deltas is None else deltas(t.rule.path, t.layer, box)
+        return value if delta is None else value.astype(np.float32) + delta
+
+    _write_hf(config, hf_dir, merged, dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress,
+              block_bytes=block_bytes)
     if jax.process_index() == 0:
         copy_tokenizer_files(ckpt_dir, hf_dir)
 

@@ -2,7 +2,8 @@
 
 Inside: `HubError`, `is_hub_id(text)`, `check_revision(text)` (an empty `org/name@`), `resolve_model(path, *,
 revision=None, allow_pickle=False)` (a local directory, a `gs://` URL, or a hub id -> what the loaders read),
-`WEIGHT_PATTERNS`, `TOKENIZER_PATTERNS`.
+`resolve_adapter(path)` (the same for a PEFT adapter: only adapter_config.json and adapter_model.safetensors
+are fetched), `WEIGHT_PATTERNS`, `TOKENIZER_PATTERNS`, `ADAPTER_PATTERNS`.
 
 Rules (one place, used by `jaxmodel.from_pretrained`, `import_hf`, `export_hf`, `parity`,
 `inference.Generator.from_pretrained`, a run config's `model.init_from` and the CLI commands that take a
@@ -33,6 +34,7 @@ from jaxmodel.storage import StorageError, is_remote
 WEIGHT_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json")
 TOKENIZER_PATTERNS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 PICKLE_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
+ADAPTER_PATTERNS = ("adapter_config.json", "adapter_model.safetensors")  # jaxmodel.lora's files (never pickles)
 
 # org/name, each part as the hub allows it (letters, digits, -, _, .), and an optional @revision.
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?")
@@ -93,6 +95,17 @@ def resolve_model(path, *, revision: str | None = None, allow_pickle: bool = Fal
     if allow_pickle and not any(n.endswith(".safetensors") for n in os.listdir(folder)):
         folder = _snapshot(repo, revision, shown, (*WEIGHT_PATTERNS, *TOKENIZER_PATTERNS, *PICKLE_PATTERNS))
     return folder
+
+
+def resolve_adapter(path) -> str:
+    """`resolve_model` for a PEFT adapter (`--lora`, `--merge-lora`): a hub id fetches only its adapter files."""
+    path = os.fspath(path)
+    check_revision(path)
+    if not is_hub_id(path):
+        return path
+    match = _HUB_ID.fullmatch(path)
+    shown = match["repo"] + (f"@{match['revision']}" if match["revision"] else "")
+    return _snapshot(match["repo"], match["revision"], shown, ADAPTER_PATTERNS)
 
 
 def endpoint() -> str:

@@ -5,9 +5,10 @@ Inside: `RMSNorm`, `rope_cos_sin` / `apply_rope`, `Attention`, `MLP`, `DecoderLa
 `init_model` / `abstract_model` helpers.
 
 One network: `model(ids, positions, segment_ids)` is the training forward, and the same call with
-`cache=` (a `jaxmodel.kv_cache.KVCache`) and `write_index=` is prefill and decode: each layer writes its
-new keys/values into the cache (carried through the layer scan, updated in place) and attends over it;
-it then returns (logits, cache). There is no second copy of the layer stack anywhere.
+`cache=` (a `jaxmodel.kv_cache.Cache`: the page pool, page tables and the call's ragged layout) is prefill
+and decode, any mix of both in one ragged row: each layer writes its new keys/values into their pages
+(the pool rides the layer scan's carry, updated in place) and attends over its sequence's pages; it then
+returns (logits, cache). There is no second copy of the layer stack anywhere.
 
 Numerics follow transformers' `MistralForCausalLM` (the parity reference):
 - RMSNorm: the input is cast to float32, normalized, cast back to the input dtype, *then* scaled by the
@@ -30,25 +31,18 @@ F MLP width, V vocab, L layers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxmodel.attention import AttentionMask, dot_product_attention
+from jaxmodel.attention import AttentionMask
 from jaxmodel.config import MistralConfig
-from jaxmodel.kv_cache import (
-    KVCache,
-    blocked_cached_attention,
-    cache_mask,
-    cached_attention,
-    kv_block,
-    layer_of,
-    layer_shape,
-    take_rows,
-    write_kv,
-    write_segments,
-)
+from jaxmodel.context_parallel import attention, sequence_indices
+from jaxmodel.kv_cache import Cache, paged_attention, paged_impl, token_rows, write_pages
+from jaxmodel.lora import mirror_adapters, project
 from jaxmodel.sharding import constrain, under_auto_axes
 
 _INIT = nnx.initializers.normal(stddev=0.02)  # transformers' initializer_range default
@@ -104,37 +98,27 @@ class Attention(nnx.Module):
 
     def qkv(self, x, cos, sin):
         """Projections with RoPE applied: q [B,T,N,H], k/v [B,T,K,H]."""
-        dt = x.dtype
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dt))
+        q = project(x, self, "q_proj", "BTD,DNH->BTNH")
+        k = project(x, self, "k_proj", "BTD,DKH->BTKH")
+        v = project(x, self, "v_proj", "BTD,DKH->BTKH")
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def out(self, o):
-        return jnp.einsum("BTNH,NHD->BTD", o, self.o_proj[...].astype(o.dtype))
+        return project(o, self, "o_proj", "BTNH,NHD->BTD")
 
-    def __call__(self, x, cos, sin, mask: AttentionMask, impl: str, kv=None):
-        """Without `kv`: self-attention over x. With `kv` = (layer index, (k, v, k_scale, v_scale) caches,
-        write_index, mode, cache rows or None): the new keys/values are written into the cache first;
-        mode "fresh" (the cache held nothing before) attends over the new tokens alone with `impl`, "xla"
-        over the whole cache masked, "blocked" over key blocks up to the last slot written. Returns
-        (out, caches or None)."""
+    def __call__(self, x, cos, sin, mask: AttentionMask | None, impl: str, kv=None):
+        """Without `kv`: self-attention over x (mask and impl as `dot_product_attention`). With `kv` =
+        (layer index, pool, cache, sliding window): x is the call's one ragged row [1, T, D]; the new
+        keys/values are written into their pages first, then the tokens attend over their sequences'
+        pages (`paged_attention` with impl "kernel" or "xla"; mask unused). Returns (out, pool or None)."""
         q, k, v = self.qkv(x, cos, sin)
         if kv is None:
-            return self.out(dot_product_attention(q, k, v, mask, impl=impl)), None
-        i, (ck, cv, cks, cvs), write_index, mode, rows = kv
-        ck, cks = write_kv(ck, cks, k, i, write_index, rows)
-        cv, cvs = write_kv(cv, cvs, v, i, write_index, rows)
-        if mode == "fresh":
-            o = dot_product_attention(q, k, v, mask, impl=impl)
-        else:
-            layer = [take_rows(layer_of(c, i), rows) for c in (ck, cv, cks, cvs)]  # this layer; its rows
-            if mode == "blocked":
-                o = blocked_cached_attention(q, *layer[:2], mask, write_index, *layer[2:],
-                                             block=kv_block(layer_shape(ck)[2]))
-            else:
-                o = cached_attention(q, *layer[:2], mask, *layer[2:])
-        return self.out(o), (ck, cv, cks, cvs)
+            return self.out(attention(q, k, v, mask, impl=impl)), None  # split over `context` if the mesh has it
+        i, pages, cache, window = kv
+        pages = write_pages(pages, i, k[0], v[0], cache)
+        kv_layer, scale = pages.layer(i)
+        o = paged_attention(q[0], kv_layer, scale, cache, impl=impl, window=window)
+        return self.out(o[None]), pages
 
 
 class MLP(nnx.Module):
@@ -145,10 +129,9 @@ class MLP(nnx.Module):
         self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dt)
 
     def __call__(self, x):
-        dt = x.dtype
-        gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj[...].astype(dt))
-        up = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...].astype(dt))
-        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_proj[...].astype(dt))
+        gate = project(x, self, "gate_proj", "BTD,DF->BTF")
+        up = project(x, self, "up_proj", "BTD,DF->BTF")
+        return project(jax.nn.silu(gate) * up, self, "down_proj", "BTF,FD->BTD")
 
 
 class DecoderLayer(nnx.Module):
@@ -158,7 +141,7 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.weight_dtype, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask: AttentionMask, impl: str, kv=None):
+    def __call__(self, x, cos, sin, mask: AttentionMask | None, impl: str, kv=None):
         o, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, impl, kv)
         x = x + o
         return x + self.mlp(self.post_attention_layernorm(x)), kv
@@ -205,22 +188,24 @@ class MistralForCausalLM(nnx.Module):
         w = self.lm_head[...].astype(x.dtype)
         return jnp.einsum("BTD,DV->BTV", x, w, preferred_element_type=jnp.float32)
 
-    def run_layers(self, x, cos, sin, mask: AttentionMask, *, collect: bool = False, kv=None):
-        """All decoder layers over x [B,T,D]; with `collect`, also each layer's output [L,B,T,D].
-        With `kv` = (caches, write_index, mode, cache rows) (see `Attention`), the caches ride in the scan's carry
-        (each layer updates its slice in place) and come back as the second output."""
+    def run_layers(self, x, cos, sin, mask: AttentionMask | None, *, collect: bool = False,
+                   cache: Cache | None = None):
+        """All decoder layers over x [B,T,D]; with `collect`, also each layer's output [L,B,T,D] (second
+        output). With `cache`, x is the call's ragged row [1,T,D] and the page pool rides in the scan's
+        carry (each layer updates its pages in place); the pool comes back as the third output."""
         cfg = self.config
-        impl = cfg.attention_impl
+        impl = cfg.attention_impl if cache is None else paged_impl(cfg, cache.pages)
 
         def layer_step(layer, carry, i):
-            h, caches = carry
-            layer_kv = None if caches is None else (i, caches, *kv[1:])
-            h, caches = layer(h, cos, sin, mask, impl, layer_kv)
-            return constrain(h, ACT_BTD), caches  # layer boundary: batch-sharded, model dim whole
+            h, pages = carry
+            layer_kv = None if pages is None else (i, pages, kv, cfg.sliding_window)
+            h, pages = layer(h, cos, sin, mask, impl, layer_kv)
+            return constrain(h, ACT_BTD), pages  # layer boundary: batch-sharded, model dim whole
 
-        carry = (x, None if kv is None else kv[0])
-        if kv is not None and isinstance(kv[0][0], tuple) and not self.unstacked:
-            raise ValueError("a per-layer KV cache needs unstacked layers (jaxmodel.model.unstack_layers)")
+        kv = None if cache is None else dataclasses.replace(cache, pages=None)  # the pool travels in the carry
+        carry = (x, None if cache is None else cache.pages)
+        if cache is not None and cache.pages.per_layer and not self.unstacked:
+            raise ValueError("a per-layer page pool needs unstacked layers (jaxmodel.model.unstack_layers)")
         if self.unstacked:  # each layer its own arrays
             outputs = []
             for i, layer in enumerate(self.layers):
@@ -252,95 +237,64 @@ class MistralForCausalLM(nnx.Module):
 
         positions [B,T] (default 0..T-1) feed RoPE and may restart per packed document;
         segment_ids [B,T] (default all 1) restrict attention to tokens of the same document;
-        causal=False attends bidirectionally within each document (the masked-token objective)."""
+        causal=False attends bidirectionally within each document (the masked-token objective).
+        Under a mesh whose `context` axis is > 1, tokens arrive and leave in jaxmodel.context_parallel's
+        balanced order (`balance` / `unbalance`); the result is the unsplit one, permuted."""
         cfg = self.config
         batch, length = input_ids.shape
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+            positions = sequence_indices(batch, length)  # 0..T-1 (in context_parallel's order under a context mesh)
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
-        mask = AttentionMask.for_sequence(segment_ids, causal=causal, window=cfg.sliding_window)
+        idx = sequence_indices(batch, length)  # the mask orders tokens by their index in the sequence
+        mask = AttentionMask(segment_ids, segment_ids, idx, idx, causal, cfg.sliding_window)
         x = constrain(self.embed(input_ids), ACT_BTD)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         h, per_layer, _ = self.run_layers(x, cos, sin, mask, collect=collect)
         return self.norm(h), (x, per_layer)
 
     @under_auto_axes
-    def __call__(self, input_ids, positions=None, segment_ids=None, *, return_hidden_states: bool = False,
-                 cache: KVCache | None = None, write_index=0, cache_rows=None, cache_attention: str = "auto",
-                 last_only: bool = False, logits_at=None, prompt_window: int | None = None):
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, cache: Cache | None = None,
+                 return_hidden_states: bool = False):
         """input_ids [B,T] -> float32 logits [B,T,V] (arguments as in `hidden`).
 
         With return_hidden_states, returns (logits, hidden [L+1,B,T,D]): the embeddings, then each
         layer's output, the last one after the final norm (as transformers reports them).
 
-        With `cache`, the same network runs over new tokens and returns (logits, updated cache):
-        positions [B,T] are required (RoPE positions of the new tokens); segment_ids [B,T] is the token
-        mask (1 real, 0 padding; default all real), written as the kv segment ids of the slots
-        write_index..write_index+T-1 (write_index: a scalar, or [B] for one slot per row), and
-        `lengths` grows by each row's real count. cache_rows [B] (with a [B] write_index): row b of the
-        new tokens is cache row cache_rows[b] of a cache with more rows (one past the end: a padding row
-        that reads clipped and writes nothing); the other cache rows are untouched.
-        Packed prompts ("fresh" only): segment_ids numbers several prompts in one row (1, 2, ...; 0
-        padding; each attends only over its own tokens), and cache_rows / write_index are [B, T]: token
-        (b, t) is written to slot write_index[b, t] of cache row cache_rows[b, t] (whose length grows by
-        one).
-        cache_attention: "fresh" (a promise that the cache holds nothing the new tokens may see: they
-        attend over themselves with the model's attention_impl, splash included), "xla" (the whole
-        cache, masked), "blocked" (key blocks up to the last slot written), "auto" (blocked if
-        attention_impl is flash, else xla).
-        prompt_window ("fresh" only): every (packed) prompt of this call has at most this many tokens, so
-        attention may run as a sliding window of that size (exact for such prompts): the engine's packed
-        calls of short prompts, where a window short against the row lets attention visit a band of keys
-        instead of the whole row (`attention.xla_attention`'s banded path; splash and flash skip blocks).
-        last_only: logits of the last position only ([B, 1, V]), all that generation needs; logits_at
-        [B]: of that position in each row instead (a right-padded chunk's last real token), or [B, P]:
-        of P positions per row ([B, P, V]: the last token of each packed prompt)."""
+        With `cache` (a `jaxmodel.kv_cache.Cache`), the same network runs over one ragged row of new
+        tokens and returns (float32 logits [1,Q,V] at cache.logits_at (all T tokens when None), the cache
+        with its pool updated): input_ids [1,T] are the call's tokens, sequence after sequence, as
+        cache.cu_q_lens lays them out (each sequence's last q_len tokens); positions [1,T] are their RoPE
+        positions, their positions in their sequences (None: computed from the cache's layout);
+        segment_ids must be None (the cache says which tokens belong together). Every layer writes its
+        new keys/values into their pages, then attends over its sequence's pages: prefill chunks and
+        decode tokens of any number of sequences in one call."""
         if cache is None:
             h, (x, per_layer) = self.hidden(input_ids, positions, segment_ids, collect=return_hidden_states)
             logits = constrain(self.unembed(h), ("batch", "length", "act_vocab"))
             if not return_hidden_states:
                 return logits
             return logits, jnp.concatenate([x[None], per_layer[:-1], h[None]], axis=0)
+        return self._cached(input_ids, positions, segment_ids, cache, return_hidden_states)
+
+    def _cached(self, input_ids, positions, segment_ids, cache: Cache, return_hidden_states: bool):
+        """The forward over a ragged row with the paged cache (see `__call__`)."""
+        if segment_ids is not None:
+            raise ValueError("segment_ids must be None with a cache (cache.cu_q_lens says which tokens go together)")
+        if return_hidden_states:
+            raise ValueError("return_hidden_states is not available with a cache")
+        if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"with a cache, input_ids is one ragged row [1, T], got shape {input_ids.shape}")
         cfg = self.config
-        batch, length = input_ids.shape
-        prompts = jnp.ones((batch, length), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-        token_mask = (prompts > 0).astype(jnp.int32)
-        write_index = jnp.asarray(write_index, jnp.int32)
-        mode = cache_attention
-        if mode == "auto":
-            mode = "blocked" if cfg.attention_impl == "flash" else "xla"
-        if mode not in ("fresh", "xla", "blocked"):
-            raise ValueError(f"cache_attention={cache_attention!r} is not one of auto, fresh, xla, blocked")
-        rows = None if cache_rows is None else jnp.asarray(cache_rows, jnp.int32)
-        packed = write_index.ndim == 2
-        if packed and (mode != "fresh" or rows is None or rows.shape != write_index.shape):
-            raise ValueError("a write_index per token (packed prompts) needs cache_rows of its shape and "
-                             "cache_attention='fresh'")
-        segments = write_segments(cache.segment_ids, token_mask, write_index, rows)
-        if prompt_window is not None and mode != "fresh":
-            raise ValueError("prompt_window needs cache_attention='fresh'")
-        if mode == "fresh":
-            windows = [w for w in (cfg.sliding_window, prompt_window) if w is not None]
-            mask = AttentionMask.for_sequence(prompts, causal=True, window=min(windows) if windows else None)
-        else:
-            mask = cache_mask(token_mask, take_rows(segments, rows), write_index, cfg.sliding_window)
+        if positions is None:
+            positions = token_rows(cache, input_ids.shape[1])[1][None]
         x = constrain(self.embed(input_ids), ACT_BTD)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        caches = (cache.k, cache.v, cache.k_scale, cache.v_scale)
-        h, _, (k, v, ks, vs) = self.run_layers(x, cos, sin, mask, kv=(caches, write_index, mode, rows))
-        if logits_at is not None:
-            at = jnp.asarray(logits_at, jnp.int32)
-            h = jnp.take_along_axis(h, (at[:, None] if at.ndim == 1 else at)[..., None], axis=1)
-        elif last_only:
-            h = h[:, -1:]
+        h, _, pages = self.run_layers(x, cos, sin, None, cache=cache)
+        if cache.logits_at is not None:
+            h = jnp.take(h, cache.logits_at, axis=1)
         logits = constrain(self.unembed(self.norm(h)), ("batch", "length", "act_vocab"))
-        if packed:  # each token counts for its own cache row
-            lengths = cache.lengths.at[rows].add(token_mask, mode="drop")
-        else:
-            counts = token_mask.sum(-1)
-            lengths = cache.lengths + counts if rows is None else cache.lengths.at[rows].add(counts, mode="drop")
-        return logits, KVCache(k, v, ks, vs, segments, lengths)
+        return logits, dataclasses.replace(cache, pages=pages)
 
 
 def _slice_of_stack(stacked: jax.Array, i: int) -> jax.Array:
@@ -365,6 +319,8 @@ def unstack_layers(model: MistralForCausalLM) -> MistralForCausalLM:
         return model
     cfg = model.config
     layers = [nnx.eval_shape(lambda: DecoderLayer(cfg, rngs=nnx.Rngs(0))) for _ in range(cfg.num_hidden_layers)]
+    for layer in layers:  # LoRA adapters are attached after construction (lora.add_lora): give each its own
+        mirror_adapters(layer, model.layers)
     targets = [dict(nnx.to_flat_state(nnx.state(layer))) for layer in layers]
     for path, var in nnx.to_flat_state(nnx.state(model.layers)):
         stacked = var.get_value()

@@ -41,7 +41,7 @@ PRESETS = {
 
 
 # Every section a run config may have (each package reads its own); any other top-level key is an error.
-SECTIONS = ("model", "mesh", "train", "optimizer", "data", "checkpoint", "inference")
+SECTIONS = ("model", "mesh", "train", "optimizer", "data", "checkpoint", "inference", "lora")
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
           "list[int]": (list,), "dict": (dict,), "Any": (object,)}
 

@@ -1,8 +1,8 @@
 """Device meshes and the one table that maps logical axis names to mesh axes.
 
 Inside:
-- `MESH_AXES` = ("data", "fsdp", "tensor"); `MeshShape` (sizes, one may be -1 = the rest) and
-  `make_mesh(shape)`.
+- `MESH_AXES` = ("data", "fsdp", "context", "tensor"); `MeshShape` (sizes, one may be -1 = the rest;
+  `context` defaults to 1) and `make_mesh(shape)` (which leaves `context` out when it is 1).
 - `RULES`: logical axis -> mesh axis (or axes). `logical_to_spec` applies it to one array and refuses
   a spec that would put two logical axes on one mesh axis.
 - `param_sharding(var, mesh)`, `model_shardings(model, mesh)`, `shard_model(model, mesh)`.
@@ -31,6 +31,8 @@ Design choices:
   every step gather a whole layer onto each device.
 - FSDP shards `embed` (the model dimension every weight has), so each weight is split over `fsdp`;
   tensor parallelism splits heads, MLP width and vocabulary.
+- `context` splits the activations' `length` (context parallelism, jaxmodel/context_parallel.py); no
+  weight is ever split over it: weights are replicated over `context` and split over `fsdp` only.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")  # tensor innermost: the fastest links
 
 # Logical axis -> mesh axis (a tuple means the dimension is split over several mesh axes, in order).
 RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -57,17 +59,19 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "norm": None,
     "layers": None,
+    "lora_rank": None,  # LoRA adapters (jaxmodel/lora.py): a few columns, never split
     # Activations.
     "batch": ("data", "fsdp"),
-    "length": None,
+    "length": "context",  # context parallelism: each context shard holds two chunks of every sequence
     "act_embed": None,
     "act_heads": "tensor",
     "act_kv_heads": "tensor",
     "act_mlp": "tensor",
     "act_vocab": "tensor",
-    # KV cache.
-    "cache_batch": ("data", "fsdp"),
-    "cache_length": None,
+    # KV cache pages (jaxmodel/kv_cache.py): one pool every sequence draws from, so pages stay whole on each
+    # device (a sequence's pages are anywhere in the pool); the combined key/value heads go like kv heads.
+    "cache_pages": None,
+    "page": None,
 }
 
 
@@ -77,20 +81,25 @@ class ShardingError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class MeshShape:
+    """Mesh sizes. Positional order stays (data, fsdp, tensor) as before `context` existed, so a 3-tuple
+    means what it always did; `resolve` returns them in `MESH_AXES` order."""
+
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    context: int = 1
 
-    def resolve(self, num_devices: int) -> tuple[int, int, int]:
-        sizes = [self.data, self.fsdp, self.tensor]
+    def resolve(self, num_devices: int) -> tuple[int, int, int, int]:
+        sizes = [self.data, self.fsdp, self.context, self.tensor]
+        named = dict(zip(MESH_AXES, sizes))
         if sizes.count(-1) > 1:
-            raise ShardingError(f"mesh {sizes}: at most one axis may be -1")
-        if any(s == 0 or s < -1 for s in sizes):
-            raise ShardingError(f"mesh {sizes}: sizes must be positive (or -1 for the rest)")
+            raise ShardingError(f"mesh {named}: at most one axis may be -1")
+        if any(not isinstance(s, int) or s == 0 or s < -1 for s in sizes):
+            raise ShardingError(f"mesh {named}: sizes must be positive integers (or -1 for the rest)")
         known = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
             if num_devices % known:
-                raise ShardingError(f"mesh {sizes}: {num_devices} devices are not divisible by {known}")
+                raise ShardingError(f"mesh {named}: {num_devices} devices are not divisible by {known}")
             sizes[sizes.index(-1)] = num_devices // known
         if math.prod(sizes) != num_devices:
             raise ShardingError(
@@ -107,15 +116,54 @@ def auto_mesh(mesh: Mesh) -> Mesh:
 
 
 def make_mesh(shape: MeshShape | Sequence[int] | dict, devices: Sequence | None = None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh over `devices` (default: all devices)."""
+    """A ("data", "fsdp", "context", "tensor") mesh over `devices` (default: all devices), without the
+    `context` axis when its size is 1. A sequence of sizes is (data, fsdp, tensor) or (data, fsdp, tensor,
+    context), as `MeshShape`'s fields."""
     devices = list(devices if devices is not None else jax.devices())
     if isinstance(shape, dict):
         shape = MeshShape(**shape)
     elif not isinstance(shape, MeshShape):
         shape = MeshShape(*shape)
     sizes = shape.resolve(len(devices))
-    # jax.make_mesh orders devices for the physical topology (ICI rings on TPU).
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    # Without context parallelism the mesh has no `context` axis: a size-1 axis would split nothing and only
+    # change every mesh a report or log prints (the rules skip axes a mesh lacks).
+    axes = [(name, size) for name, size in zip(MESH_AXES, sizes) if name != "context" or size > 1]
+    sizes, names, types = tuple(n for _, n in axes), tuple(a for a, _ in axes), (AxisType.Auto,) * len(axes)
+    if shape.context > 1:
+        grid = _host_local_context(sizes, devices)
+        if grid is not None:
+            return Mesh(grid, names, axis_types=types)
+    try:
+        # jax.make_mesh orders devices for the physical topology (ICI rings on TPU).
+        return jax.make_mesh(sizes, names, axis_types=types, devices=devices)
+    except NotImplementedError:
+        if shape.context == 1:
+            raise
+    # A context axis often leaves sizes that are no product of whole physical axes (fsdp 128 x context 2 on
+    # a 4x8x8 v5p slice): let the topology's axes be split, as jax.make_mesh does not.
+    from jax.experimental import mesh_utils
+
+    grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    return Mesh(grid, names, axis_types=types)
+
+
+def _host_local_context(sizes, devices):
+    """A device grid for (data, fsdp, context, tensor) `sizes` spanning several processes (hosts) in which
+    every context x tensor group lies within one host (each host reads whole rows of its sequences; see
+    jaxmodel/context_parallel.py `check_hosts`): each host holds (1, fsdp/hosts', context, tensor) and the
+    hosts line up along data and fsdp. None for one process, or when the sizes do not allow it (the plain
+    layout is taken and `check_hosts` then names the problem)."""
+    from jax.experimental import mesh_utils
+
+    hosts = len({d.process_index for d in devices})
+    data, fsdp, context, tensor = sizes
+    local = len(devices) // hosts
+    if hosts == 1 or local % (context * tensor) or fsdp % (local // (context * tensor)):
+        return None
+    per_host_fsdp = local // (context * tensor)
+    return mesh_utils.create_hybrid_device_mesh((1, per_host_fsdp, context, tensor),
+                                                (data, fsdp // per_host_fsdp, 1, 1), devices,
+                                                process_is_granule=True, allow_split_physical_axes=True)
 
 
 def logical_to_spec(

@@ -7,6 +7,10 @@ arithmetic anyway; on TPU it stops bf16 passes inside float32 matmuls).
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (the [tpu] extra) would otherwise probe for a TPU
+# The commands' persistent compilation cache (on by default, in ~/.cache) stays off in tests, in process and in
+# the CLI subprocesses that inherit this environment: nothing written to the user's cache, no test depending on
+# what an earlier run left there. tests/inference/test_paged_serving.py turns it on, in a temporary directory.
+os.environ.setdefault("NORMISTRAL_COMPILE_CACHE", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

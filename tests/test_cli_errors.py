@@ -164,10 +164,10 @@ def _section_options() -> dict[str, list[str]]:
 
     from inference.aot import InferenceOptions
     from jaxmodel.sharding import MeshShape
-    from training.config import CheckpointConfig, DataConfig, OptimizerConfig, TrainConfig
+    from training.config import CheckpointConfig, DataConfig, LoraSection, OptimizerConfig, TrainConfig
 
     classes = {"mesh": MeshShape, "train": TrainConfig, "optimizer": OptimizerConfig, "data": DataConfig,
-               "checkpoint": CheckpointConfig, "inference": InferenceOptions}
+               "checkpoint": CheckpointConfig, "inference": InferenceOptions, "lora": LoraSection}
     options = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in classes.items()}
     options["model"] = [f.name for f in dataclasses.fields(MistralConfig)] + ["preset", "hf_config", "init_from"]
     return options

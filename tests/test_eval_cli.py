@@ -43,7 +43,7 @@ def _eval(capsys, model, out, *extra):
 
 
 def _scores(results):
-    from inference.lm_eval_adapter import scores
+    from inference.eval_tasks import scores
 
     return scores(results)
 

@@ -17,6 +17,11 @@ the fit check runs offline before any data exists, and a config's `gs://BUCKET` 
 as not checked instead of stalling on the network. A program that cannot fit is reported with
 `fits: false` and the compiler's figures (`jaxmodel.aot.compile_and_report`).
 
+With context parallelism (mesh `context` > 1) the report adds `context_all_gathers`: the all-gathers in the
+compiled program whose result spans the whole sequence (the per-layer K/V and mask-vector gathers of
+jaxmodel/context_parallel.py), their count and per-chip result bytes as the program text holds them. The
+layers run in a scanned loop, so these are one layer's worth (forward, and the backward's recompute).
+
 Must run on the CPU backend with libtpu loadable (the CLI sets JAX_PLATFORMS=cpu before JAX starts).
 """
 
@@ -27,8 +32,9 @@ import re
 import jax
 
 from jaxmodel import storage
-from jaxmodel.aot import compile_and_report, hbm_bytes, tpu_devices
+from jaxmodel.aot import compile_and_report, exhausted_report, hbm_bytes, memory_report, tpu_devices
 from jaxmodel.config import ConfigError
+from jaxmodel.context_parallel import context_size
 from jaxmodel.sharding import make_mesh
 from training import step as steps_lib
 from training.config import load
@@ -101,6 +107,45 @@ def _check_data(run, workdir: str | None, check: bool = False) -> str:
     return "; ".join(parts) or "no data configured"
 
 
+_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
+_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8, "s64": 8}
+
+
+def sequence_gathers(hlo_text: str, seq_len: int) -> dict:
+    """{"count", "bytes"}: all-gathers (sync or async) in an HLO module's text whose result has a dimension
+    of `seq_len` (per-chip result bytes summed). Weight gathers never have one (no weight dimension is a
+    sequence length)."""
+    count = total = 0
+    for line in hlo_text.splitlines():
+        lhs, sep, rhs = line.partition(" = ")
+        if not sep or not re.search(r"\ball-gather(-start)?\(", rhs):
+            continue
+        shapes = _SHAPE.findall(rhs.split(" all-gather")[0])
+        if not shapes:
+            continue
+        dtype, dims = shapes[-1]  # an async start returns (operand, result): the result is last
+        sizes = [int(d) for d in dims.split(",") if d]
+        if seq_len in sizes:
+            count += 1
+            n = _BYTES.get(dtype, 4)
+            for d in sizes:
+                n *= d
+            total += n
+    return {"count": count, "bytes": total}
+
+
+def _compile_with_gathers(jitted, args, hbm: int, seq_len: int) -> dict:
+    """`compile_and_report`, plus the sequence all-gathers of the compiled program (module docstring)."""
+    try:
+        compiled = jitted.lower(*args).compile()
+    except Exception as e:  # JaxRuntimeError (libtpu refuses a program that cannot fit)
+        report = exhausted_report(e, args, hbm)
+        if report is None:
+            raise
+        return report
+    return memory_report(compiled, hbm) | {"context_all_gathers": sequence_gathers(compiled.as_text(), seq_len)}
+
+
 def compile_train(tree: dict, topology: str, *, workdir: str | None = None, check_data: bool = False) -> dict:
     """Compiles the train step of run config `tree` for `topology` (e.g. "v5p:4x4x4"); returns the
     memory report plus the workload's shape. `workdir`: the run's (its data is checked as train would);
@@ -112,9 +157,12 @@ def compile_train(tree: dict, topology: str, *, workdir: str | None = None, chec
     data = _check_data(run, workdir, check_data)
     ts = steps_lib.setup(run, mesh)
     train_step = steps_lib.make_train_step(ts)
+    args = (steps_lib.abstract_state(ts), steps_lib.abstract_batch(ts))
     with jax.set_mesh(ts.mesh):
-        report = compile_and_report(train_step, (steps_lib.abstract_state(ts), steps_lib.abstract_batch(ts)),
-                                    hbm_bytes(devices[0]))
+        if context_size(ts.mesh) == 1:
+            report = compile_and_report(train_step, args, hbm_bytes(devices[0]))
+        else:
+            report = _compile_with_gathers(train_step, args, hbm_bytes(devices[0]), run.train.seq_len)
     t = run.train
     return {"mode": "train", "topology": topology, "devices": len(devices),
             "device_kind": devices[0].device_kind, "mesh": dict(ts.mesh.shape),

@@ -5,7 +5,8 @@ fault-injection hook.
 
 Layout (one directory per saved step, written by Orbax):
     <checkpoint.dir>/<step>/params/      the parameters (float32 master weights), the same nested tree
-                                         as an `import-hf` directory's params/ (Orbax PyTree)
+                                         as an `import-hf` directory's params/ (Orbax PyTree); with a
+                                         `lora:` section only the adapters (the frozen base is never saved)
     <checkpoint.dir>/<step>/opt_state/   optax state (Adam moments sharded like the params, counters)
     <checkpoint.dir>/<step>/progress/    {step, skipped, rng}: what else the next step depends on
     <checkpoint.dir>/<step>/meta/        JSON: the run's settings (model config, mesh, sections)

@@ -1,7 +1,8 @@
 """The training sections of a run config, each a small frozen dataclass, and `RunConfig` holding them all.
 
 Inside: `TrainConfig` (`train:`), `DataConfig` (`data:`), `CheckpointConfig` (`checkpoint:`),
-`OptimizerConfig` (`optimizer:`), `RunConfig` and `load(tree)`, which also reads the `model:` and `mesh:`
+`OptimizerConfig` (`optimizer:`), `LoraSection` (`lora:`, optional: LoRA/QLoRA instead of full
+fine-tuning), `RunConfig` and `load(tree)`, which also reads the `model:` and `mesh:`
 sections through `jaxmodel.run_config` (the same YAML file serves `normistral train` and
 `normistral compile-check`).
 
@@ -16,6 +17,7 @@ Design choices:
   with no directory of that name beside the YAML is a Hugging Face model id (`jaxmodel.hub`): kept as the
   id, fetched when the trainer loads it (so `compile-check`, which never opens the weights, downloads
   nothing), and only its config.json fetched here when the architecture must come from it.
+- `lora.init_from_adapter` is relative to the YAML file, as `model.init_from`.
 - Every value is validated when the section is read; an unknown key is an error naming it.
 """
 
@@ -27,6 +29,7 @@ import os
 
 from jaxmodel import hub
 from jaxmodel.config import ConfigError, MistralConfig
+from jaxmodel.lora import TARGETS, LoraConfig, LoraError
 from jaxmodel.run_config import from_section, mesh_shape, model_config, section, where
 from jaxmodel.sharding import MeshShape
 
@@ -181,6 +184,49 @@ class OptimizerConfig:
         _check(self.weight_decay >= 0, f"optimizer.weight_decay must be non-negative, got {self.weight_decay!r}")
 
 
+BASE_QUANTIZE = (None, "int8", "int4")  # jaxmodel.quant.MODES, or a full-precision frozen base
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """`lora:` train rank-`rank` adapters on `target_modules` (PEFT's names) over a frozen base, which is
+    kept in the model's param_dtype or quantized at load (`base_quantize`: QLoRA). `init_from_adapter`: a
+    PEFT adapter directory to start from (its rank, alpha, rslora and target modules must equal these)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = tuple(TARGETS)
+    rslora: bool = False
+    base_quantize: str | None = None
+    init_from_adapter: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):  # --set lora.target_modules=q_proj,v_proj
+            names = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+            object.__setattr__(self, "target_modules", names)
+        _check(isinstance(self.target_modules, (list, tuple)), "lora.target_modules must be a list of names, got "
+               f"{self.target_modules!r}")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        try:
+            self.lora_config()
+        except LoraError as e:  # "LoRA rank must be ..." -> "lora.rank must be ..."
+            message = str(e)
+            for key in ("rank", "alpha", "dropout", "target_modules"):
+                message = message.replace(f"LoRA {key}", f"lora.{key}")
+            if not message.startswith("lora."):  # "unknown LoRA target module 'x_proj' (known: ...)"
+                message = f"lora.target_modules: {message}"
+            raise ValueError(message) from None
+        _check(self.base_quantize in BASE_QUANTIZE,
+               f"lora.base_quantize must be null, int8 or int4, got {self.base_quantize!r}")
+        _check(self.init_from_adapter is None or (isinstance(self.init_from_adapter, str) and self.init_from_adapter),
+               f"lora.init_from_adapter must be a PEFT adapter directory, got {self.init_from_adapter!r}")
+
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                          target_modules=self.target_modules, rslora=self.rslora)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: MistralConfig
@@ -192,6 +238,7 @@ class RunConfig:
     optimizer: OptimizerConfig
     path: str  # the YAML file
     origins: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)  # key -> FILE:LINE / --set
+    lora: LoraSection | None = None  # None: full fine-tuning
 
     def where(self, key: str) -> str:
         """The culprit to name in an error about `key` (run_config.where)."""
@@ -203,7 +250,8 @@ class RunConfig:
                                                ("dtype", "param_dtype", "attention_impl", "remat")},
                 "init_from": self.init_from, "mesh": dataclasses.asdict(self.mesh),
                 **{name: dataclasses.asdict(getattr(self, name))
-                   for name in ("train", "data", "checkpoint", "optimizer")}}
+                   for name in ("train", "data", "checkpoint", "optimizer")},
+                "lora": dataclasses.asdict(self.lora) if self.lora is not None else None}
 
 
 def load(tree: dict) -> RunConfig:
@@ -224,8 +272,20 @@ def load(tree: dict) -> RunConfig:
         if "preset" not in model and "hf_config" not in model:
             model["hf_config"] = hub.resolve_model(init_from, config_only=True) if hub_id else init_from
     tree["model"] = model
+    lora = _lora_section(tree, path)
     return RunConfig(model=model_config(tree), init_from=init_from, mesh=mesh_shape(tree),
                      train=from_section(TrainConfig, tree, "train"), data=from_section(DataConfig, tree, "data"),
                      checkpoint=from_section(CheckpointConfig, tree, "checkpoint"),
                      optimizer=from_section(OptimizerConfig, tree, "optimizer"), path=path,
-                     origins=dict(tree.get("_origins", {})))
+                     origins=dict(tree.get("_origins", {})), lora=lora)
+
+
+def _lora_section(tree: dict, path: str) -> LoraSection | None:
+    """The `lora:` section (None when absent), its adapter directory made relative to the YAML file."""
+    if tree.get("lora") is None:
+        return None
+    lora = from_section(LoraSection, tree, "lora")
+    adapter = lora.init_from_adapter
+    if adapter is not None and not os.path.isabs(adapter) and "://" not in adapter:
+        lora = dataclasses.replace(lora, init_from_adapter=os.path.join(os.path.dirname(path), adapter))
+    return lora

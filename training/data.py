@@ -10,6 +10,12 @@ On disk (one directory; `index.json` is written last, so a directory with an `in
   reader simple; positions are stored although derivable, so the reader does no per-row work.
 - `index.json`: format, seq_len, vocab_size, max_token_id, tokenizer (name, path, bos/eos/pad ids), the
   sources (name, path, weight, documents, tokens, row range [start, stop)), the shards (file names, rows).
+- Prompt/completion data (format 2, `MASKED_FORMAT`) adds per shard `unit-UUUUUU-SSS.loss_mask.npy`, uint8
+  [rows, seq_len], token-aligned: 1 where the token is one to learn (a completion token or the `</s>` after
+  it), 0 on prompt tokens (`<s>` included) and padding; the index adds `instruction` (the fields and the
+  template) and per source `trained_tokens`. uint8: a quarter of int32's bytes, and the mask is all it
+  holds. Plain text stays format 1 with no mask (every token learned), so data prepared before reads as it
+  did; a reader that knows only format 1 refuses format 2 rather than train on prompts.
 
 Packing (training/prepare.py: per work unit, in document order; rows never mix sources, so weights are exact):
 - A document is its tokens with `<s>` (the tokenizer's post-processor; prepended here if a tokenizer
@@ -41,7 +47,8 @@ iterator state, so a resumed run sees exactly the batches it would have seen.
 - `Prefetcher` computes the next steps' batches on a background thread (a bounded queue keyed by step),
   so a step does not wait for data when the loader is faster than the step.
 - `targets` are the inputs shifted left within the row; `loss_mask` is 1 where the target is the next
-  token of the same document (so 0 after `</s>`, on padding and at the row's last position).
+  token of the same document (so 0 after `</s>`, on padding and at the row's last position) and, for
+  prompt/completion data, that token's stored mask is 1: position t is trained iff token t+1 is one to learn.
 """
 
 from __future__ import annotations
@@ -56,10 +63,12 @@ import numpy as np
 from jaxmodel import storage
 from training.documents import DataError
 
-FORMAT = 1
+FORMAT = 1  # plain text: every token is learned
+MASKED_FORMAT = 2  # prompt/completion records: a stored per-token loss mask
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64 Mi tokens: 256 MiB per int32 array
 MIX_RESOLUTION = 4096
-ARRAYS = ("tokens", "segment_ids", "positions")
+ARRAYS = ("tokens", "segment_ids", "positions")  # int32, in every shard
+MASK = "loss_mask"  # uint8, in the shards of MASKED_FORMAT data only
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,6 +115,8 @@ class PackedDataset:
         self.source_rows = np.array([s["rows"][1] - s["rows"][0] for s in index["sources"]], np.int64)
         self.weights = weights
         self.shard_starts = np.cumsum([0] + [s["rows"] for s in index["shards"]])
+        self.masked = index["format"] == MASKED_FORMAT
+        self.arrays = ARRAYS + (MASK,) if self.masked else ARRAYS
         self._arrays: dict[tuple[int, str], object] = {}
         self._blocks = _LRU(4)
         self._perms = _LRU(2 * len(self.source_names) + 2)
@@ -125,8 +136,13 @@ class PackedDataset:
             index = storage.read_json(path)
         except ValueError as e:
             raise DataError(f"{path}: not valid JSON ({e})") from None
-        if index.get("format") != FORMAT:
-            raise DataError(f"{path}: format {index.get('format')!r}, this reader knows {FORMAT}")
+        if index.get("format") not in (FORMAT, MASKED_FORMAT):
+            raise DataError(f"{path}: format {index.get('format')!r}, this reader knows {FORMAT} and {MASKED_FORMAT}")
+        if index["format"] == MASKED_FORMAT:
+            unmasked = next((i for i, sh in enumerate(index["shards"]) if not isinstance(sh.get(MASK), str)), None)
+            if unmasked is not None:
+                raise DataError(f"{path}: format {MASKED_FORMAT} (prompt/completion data), but shard {unmasked} "
+                                f"lists no {MASK} file")
         stored = [s["weight"] for s in index["sources"]]
         if weights is not None and len(weights) != len(stored):
             names = ", ".join(s["name"] for s in index["sources"])
@@ -204,21 +220,23 @@ class PackedDataset:
                 raise FileNotFoundError(f"{self.directory}: shard file {file} is missing") from None
             except ValueError as e:
                 raise DataError(f"{path}: not a readable .npy shard ({e})") from None
-            if array.shape != expected or array.dtype != np.int32:
-                raise DataError(f"{path}: int32 {list(array.shape)} {array.dtype}, index.json says int32 "
+            dtype = np.uint8 if name == MASK else np.int32
+            if array.shape != expected or array.dtype != dtype:
+                raise DataError(f"{path}: {array.dtype} {list(array.shape)}, index.json says {np.dtype(dtype)} "
                                 f"{list(expected)}")
             self._arrays[key] = array
         return self._arrays[key]
 
     def read_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """tokens, segment_ids, positions of the given global rows (in that order), int32 [len(rows), seq_len].
-        Only these rows are read from the memory maps."""
-        out = {name: np.empty((len(rows), self.seq_len), np.int32) for name in ARRAYS}
+        """tokens, segment_ids, positions (and, for prompt/completion data, the stored loss_mask, uint8) of the
+        given global rows (in that order), int32 [len(rows), seq_len]. Only these rows are read."""
+        out = {name: np.empty((len(rows), self.seq_len), np.uint8 if name == MASK else np.int32)
+               for name in self.arrays}
         shard_of = np.searchsorted(self.shard_starts, rows, side="right") - 1
         for shard in np.unique(shard_of):
             mine = np.nonzero(shard_of == shard)[0]
             local = rows[mine] - self.shard_starts[shard]
-            for name in ARRAYS:
+            for name in self.arrays:
                 out[name][mine] = self._array(int(shard), name)[local]
         return out
 
@@ -234,6 +252,8 @@ class PackedDataset:
         targets[:, :-1] = tokens[:, 1:]
         loss_mask = np.zeros_like(tokens)
         loss_mask[:, :-1] = (segments[:, :-1] != 0) & (segments[:, 1:] == segments[:, :-1])
+        if self.masked:  # the target at t is token t+1: learned only where that token is
+            loss_mask[:, :-1] &= data[MASK][:, 1:] != 0
         return {"input_ids": tokens, "segment_ids": segments, "positions": data["positions"],
                 "targets": targets, "loss_mask": loss_mask}
 

@@ -13,6 +13,7 @@ visits them, each chunk computing unembed -> float32 logits -> logsumexp - targe
 summed. The chunk function is wrapped in `jax.checkpoint`, so the backward pass recomputes one chunk's
 logits at a time instead of keeping every chunk's softmax: peak memory holds [B, chunk, V] float32
 twice, whatever the length. The cost is one more unembedding matmul (~2 D V FLOPs per token).
+Under context parallelism each chunk takes an equal part of every context shard's tokens (`_chunks`).
 Returning sums (not a mean) lets microbatches and hosts be added before the one division by the token
 count, so accumulated gradients equal the unaccumulated ones.
 
@@ -44,10 +45,36 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxmodel.context_parallel import context_size
 from jaxmodel.sharding import constrain, logical_to_spec
 
 MAX_SPAN = 3
 LOGITS_AXES = ("batch", "length", "act_vocab")
+
+
+def _chunks(h, targets, weights, chunk: int):
+    """[B, T, ...] -> [n, B, C, ...] chunks of C tokens for the scan; the tail padded with zero weight.
+
+    Under a mesh with context > 1 (T split into S = context shards), chunk j takes C/S tokens from each
+    shard (positions j*C/S.. of every shard's T/S), so each chunk stays split over `context` like the
+    sequence and no shard's hidden states move; the loss is a sum, so the grouping changes nothing else.
+    S = 1 is the plain cut into consecutive chunks."""
+    batch, length = targets.shape
+    shards = context_size()
+    shards = shards if length % shards == 0 else 1
+    local = length // shards
+    per = max(1, min(chunk, length) // shards)  # tokens per shard and chunk
+    pad = (-local) % per
+    n = (local + pad) // per
+
+    def split(x):
+        x = x.reshape(batch, shards, local, *x.shape[2:])
+        if pad:
+            x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+        x = x.reshape(batch, shards, n, per, *x.shape[3:])
+        return jnp.moveaxis(x, 2, 0).reshape(n, batch, shards * per, *x.shape[4:])
+
+    return split(h), split(targets), split(weights)
 
 
 def cross_entropy_sums(unembed, h, targets, weights, *, chunk: int = 2048):
@@ -56,19 +83,8 @@ def cross_entropy_sums(unembed, h, targets, weights, *, chunk: int = 2048):
     unembed: hidden [B, C, D] -> float32 logits [B, C, V] (e.g. `model.unembed`); h [B, T, D] final
     normed hidden states; targets [B, T] int; weights [B, T] (0/1 loss mask, any float). T need not be a
     multiple of `chunk`: the tail is padded with zero weight."""
-    batch, length, width = h.shape
-    chunk = min(chunk, length)
-    pad = (-length) % chunk
     weights = weights.astype(jnp.float32)
-    if pad:
-        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        weights = jnp.pad(weights, ((0, 0), (0, pad)))
-    n = (length + pad) // chunk
-    # [B, n*C, ...] -> [n, B, C, ...]: the scan walks the sequence; batch sharding is kept per chunk.
-    h_c = jnp.moveaxis(h.reshape(batch, n, chunk, width), 1, 0)
-    t_c = jnp.moveaxis(targets.reshape(batch, n, chunk), 1, 0)
-    w_c = jnp.moveaxis(weights.reshape(batch, n, chunk), 1, 0)
+    h_c, t_c, w_c = _chunks(h, targets, weights, chunk)
 
     def chunk_loss(h_chunk, t_chunk, w_chunk):
         logits = constrain(unembed(h_chunk), LOGITS_AXES)  # float32 [B, C, V]
@@ -85,7 +101,7 @@ def cross_entropy_sums(unembed, h, targets, weights, *, chunk: int = 2048):
         # where, not multiply: a token with weight 0 must not turn a non-finite logit into NaN.
         return jnp.sum(jnp.where(w_chunk != 0, (lse - target_logit) * w_chunk, 0.0))
 
-    if n > 1:
+    if h_c.shape[0] > 1:
         # The backward pass recomputes each chunk's logits rather than saving all of them (docstring).
         # A single chunk gains nothing from it: its logits are needed again as soon as the backward
         # pass starts, so saving them peaks no higher than recomputing, and costs no extra matmul.

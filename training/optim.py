@@ -1,6 +1,6 @@
 """The optimizer: AdamW with decoupled weight decay, global-norm clipping and a learning-rate schedule.
 
-Inside: `learning_rate_schedule(opt, steps)`, `decay_mask(model)`, `make_optimizer(opt, steps, model)`,
+Inside: `learning_rate_schedule(opt, steps)`, `decay_mask(model, wrt)`, `make_optimizer(opt, steps, model, wrt)`,
 `optimizer_shardings(optimizer, params, param_shardings, replicated)`.
 
 Design choices:
@@ -17,6 +17,9 @@ Design choices:
 - Schedules are optax's: `warmup_constant_schedule`, `warmup_cosine_decay_schedule`, and `join_schedules`
   for warmup-stable-decay. optax's warmup schedules with `warmup_steps=0` stay at their initial value
   forever, so zero warmup is built without the warmup piece.
+- LoRA (`wrt=jaxmodel.lora.TRAINABLE`): the optimizer sees only the adapters, so the frozen base has no
+  moments at all; weight decay then applies to every adapter matrix (as torch.optim.AdamW over PEFT's
+  trainable parameters).
 - Gradient accumulation is not an optax wrapper: the train step scans over microbatches and calls this
   optimizer once per step (training/step.py), so one step is one update and the schedule counts updates.
 """
@@ -51,9 +54,9 @@ def learning_rate_schedule(opt: OptimizerConfig, steps: int) -> optax.Schedule:
     return optax.join_schedules(pieces, boundaries)
 
 
-def decay_mask(model: nnx.Module, *, decay_embeddings: bool = True) -> dict:
-    """Pure-dict tree of bools (the params' structure): True where weight decay applies."""
-    _, state = nnx.split(model)
+def decay_mask(model: nnx.Module, *, decay_embeddings: bool = True, wrt=nnx.Param) -> dict:
+    """Pure-dict tree of bools (the structure of the parameters `wrt` selects): True where weight decay applies."""
+    state = nnx.state(model, wrt)
 
     def decays(var) -> bool:
         axes = tuple(var.get_metadata().get("out_sharding") or ())
@@ -64,11 +67,12 @@ def decay_mask(model: nnx.Module, *, decay_embeddings: bool = True) -> dict:
     return nnx.to_pure_dict(jax.tree.map(decays, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def make_optimizer(opt: OptimizerConfig, steps: int, model: nnx.Module) -> optax.GradientTransformation:
-    """clip_by_global_norm -> adamw(schedule, mask); `model` (abstract is fine) supplies the decay mask."""
+def make_optimizer(opt: OptimizerConfig, steps: int, model: nnx.Module, wrt=nnx.Param) -> optax.GradientTransformation:
+    """clip_by_global_norm -> adamw(schedule, mask) over the parameters `wrt` selects; `model` (abstract is
+    fine) supplies the decay mask."""
     schedule = learning_rate_schedule(opt, steps)
     adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                        mask=decay_mask(model, decay_embeddings=opt.decay_embeddings))
+                        mask=decay_mask(model, decay_embeddings=opt.decay_embeddings, wrt=wrt))
     if opt.clip_norm is None:
         return adamw
     return optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw)

@@ -8,13 +8,15 @@ same code on every engine), `pending_units`, `finalize`, `load_tokenizer`, the p
 How a run goes:
 1. Plan: each `--input` is one source; `training.sources` expands it and cuts it into work units (files,
    line-aligned byte ranges of `.jsonl`, runs of Parquet row groups). The job's settings (tokenizer
-   fingerprint, seq_len, shard size, unit size, text column) and the unit list are fixed here.
+   fingerprint, seq_len, shard size, unit size, text column or record fields and template) and the unit list
+   are fixed here.
 2. Work: each unit is tokenized and packed by itself into `unit-UUUUUU-SSS.{tokens,segment_ids,positions}.npy`
-   (one or more shards), then its marker `unit-UUUUUU.json` is written (rows, documents, tokens). A unit
-   counts as done only with a marker whose key matches the plan; its files are written under temporary
-   names and renamed (local) or uploaded whole (gs://, an object appears only when complete), so a kill
-   at any point leaves either a complete unit or nothing that counts. Workers: `workers` processes on
-   this machine (`multiprocessing`, spawn), or a Ray cluster (`training.prepare_ray`).
+   (and `.loss_mask.npy` for prompt/completion records; one or more shards), then its marker
+   `unit-UUUUUU.json` is written (rows, documents, tokens). A unit counts as done only with a marker whose key
+   matches the plan; its files are written under temporary names and renamed (local) or uploaded whole (gs://,
+   an object appears only when complete), so a kill at any point leaves either a complete unit or nothing that
+   counts. Workers: `workers` processes on this machine (`multiprocessing`, spawn), or a Ray cluster
+   (`training.prepare_ray`).
 3. Finish: the index lists the units' shards in unit order (the source row ranges follow), then
    index.json is written last. Locally the work happens in a hidden sibling `.NAME.partial` renamed to
    NAME at the end (NAME appears only complete, as before); on gs:// in NAME itself between the storage
@@ -36,6 +38,22 @@ Packing (within one unit, in document order; rows never mix units, hence never s
   what makes units independent. It costs at most one padded row per unit (32 MiB units of text are ~8M
   tokens: under 0.5% padding at 32K-token rows, negligible at 4K).
 - `segment_ids` count 1, 2, 3, ... per document (or chunk) within a row; 0 only for padding.
+
+Prompt/completion records (`instruction=`: the CLI's `--prompt-field`, `--completion-field`, `--template`):
+- Each record is one document: `<s>` + template.format(prompt) + completion + `</s>` (the template as
+  `generate --template` takes it: `{0}` is the prompt, `{{`/`}}` literal braces; no template: the prompt as
+  is; no separator is added: a completion that should follow a space starts with one). That text is
+  tokenized as one string, exactly as plain text would be, so the model trains on the tokens the text has;
+  a token is a completion token when its character span ends inside the completion (a token spanning the
+  boundary counts as completion). Tokenizing prompt and completion apart would differ here: the
+  tokenizer's normalizer prepends a space to every text it encodes.
+- A uint8 mask next to the tokens (training.data.MASK) is 1 on the completion tokens and the `</s>` after
+  them, 0 on `<s>`, the prompt and padding; it is packed (and cut into chunks) with the tokens. Records
+  are all kept, an empty prompt or completion included (an empty completion still teaches `</s>`).
+- Every record is read once before any output exists (sources.check_records): a missing or non-string
+  field is one line naming the file, the line or row, and the field, with nothing written.
+- The index is format 2 (training.data.MASKED_FORMAT) with the settings under `instruction` and each
+  source's `trained_tokens`; plain text stays format 1, byte-identical to what it was.
 """
 
 from __future__ import annotations
@@ -53,8 +71,9 @@ from collections.abc import Callable
 import numpy as np
 
 from jaxmodel import storage
+from jaxmodel.checks import TemplateError, check_template
 from training import sources as src
-from training.data import ARRAYS, DEFAULT_SHARD_TOKENS, FORMAT
+from training.data import ARRAYS, DEFAULT_SHARD_TOKENS, FORMAT, MASK, MASKED_FORMAT
 from training.documents import DataError
 
 JOB = "job.json"
@@ -154,15 +173,48 @@ def _encoder(job: dict):
 
 
 def plan(tokenizer: dict, inputs: list[str], seq_len: int, *, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-         unit_bytes: int = src.DEFAULT_UNIT_BYTES, text_column: str = "text") -> dict:
-    """The job: settings that shape the output, and its units in packing order."""
+         unit_bytes: int = src.DEFAULT_UNIT_BYTES, text_column: str = "text", instruction: dict | None = None
+         ) -> dict:
+    """The job: settings that shape the output, and its units in packing order. `instruction` (from
+    `instruction_settings`): prompt/completion records, every one of them read here first."""
+    fields = src.text_fields(text_column) if instruction is None else _record_fields(instruction)
     units = []
     for s, spec in enumerate(inputs):
-        units += src.plan_units(s, spec, unit_bytes=unit_bytes, text_column=text_column)
+        units += src.plan_units(s, spec, unit_bytes=unit_bytes, fields=fields)
+    if instruction is not None:
+        src.check_records(units, fields)  # a bad record is refused before any output exists
     settings = {"format": FORMAT, "seq_len": int(seq_len), "rows_per_shard": max(1, int(shard_tokens) // int(seq_len)),
                 "unit_bytes": int(unit_bytes), "text_column": text_column, "tokenizer": tokenizer["sha256"],
                 "inputs": [storage.resolve(i) if not i.startswith("hf:") else i for i in inputs]}
+    if instruction is not None:  # (plain text keeps exactly its old settings: an old partial run resumes)
+        settings.update(format=MASKED_FORMAT, text_column=None, instruction=instruction)
     return {"settings": settings, "tokenizer": tokenizer, "inputs": list(inputs), "units": units}
+
+
+def instruction_settings(prompt_field: str | None, completion_field: str | None, template: str | None
+                         ) -> dict | None:
+    """The `instruction` settings of `prepare_data` from its arguments (None: plain text, when all are None);
+    a missing field name defaults to "prompt" / "completion". One-line errors."""
+    if prompt_field is None and completion_field is None and template is None:
+        return None
+    prompt_field = "prompt" if prompt_field is None else prompt_field
+    completion_field = "completion" if completion_field is None else completion_field
+    for flag, name in (("--prompt-field", prompt_field), ("--completion-field", completion_field)):
+        if not isinstance(name, str) or not name:
+            raise DataError(f"{flag} must be a field name, got {name!r}")
+    if prompt_field == completion_field:
+        raise DataError(f"--prompt-field and --completion-field are both {prompt_field!r}; name two fields")
+    if template is not None:
+        try:
+            check_template(template, "--template")
+        except TemplateError as e:
+            raise DataError(str(e)) from None
+    return {"prompt_field": prompt_field, "completion_field": completion_field, "template": template}
+
+
+def _record_fields(instruction: dict) -> dict[str, str]:
+    """The record fields to read (training.sources), prompt first."""
+    return {instruction["prompt_field"]: "--prompt-field", instruction["completion_field"]: "--completion-field"}
 
 
 def _unit_name(i: int) -> str:
@@ -197,25 +249,30 @@ class _Shards:
     """Rows of one unit, written as shards of at most `rows_per_shard` rows (buffers grow as rows come, so a
     small unit costs little memory)."""
 
-    def __init__(self, work_dir: str, name: str, seq_len: int, rows_per_shard: int, pad_id: int):
+    def __init__(self, work_dir: str, name: str, seq_len: int, rows_per_shard: int, pad_id: int, *,
+                 masked: bool = False):
         self.work_dir, self.name, self.seq_len, self.rows_per_shard = work_dir, name, seq_len, rows_per_shard
-        self.pad_id = pad_id
+        self.pad_id, self.masked = pad_id, masked
         self.shards: list[dict] = []
         self._new_buffer(min(64, rows_per_shard))
 
     def _new_buffer(self, rows: int) -> None:
         self.tokens = np.full((rows, self.seq_len), self.pad_id, np.int32)
         self.segments = np.zeros((rows, self.seq_len), np.int32)
+        self.mask = np.zeros((rows, self.seq_len), np.uint8) if self.masked else None
         self.used = 0
 
-    def open_row(self) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens, segments) views of the next row (pad and 0 until written); `commit_row` keeps it."""
+    def open_row(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(tokens, segments, mask or None) views of the next row (pad and 0 until written); `commit_row`
+        keeps it."""
         if self.used == len(self.tokens):  # grow (doubling, up to a shard)
-            old_t, old_s = self.tokens, self.segments
+            old_t, old_s, old_m = self.tokens, self.segments, self.mask
             self._new_buffer(min(2 * len(old_t), self.rows_per_shard))
             self.tokens[:len(old_t)], self.segments[:len(old_s)] = old_t, old_s
+            if self.masked:
+                self.mask[:len(old_m)] = old_m
             self.used = len(old_t)
-        return self.tokens[self.used], self.segments[self.used]
+        return self.tokens[self.used], self.segments[self.used], None if self.mask is None else self.mask[self.used]
 
     def commit_row(self) -> None:
         self.used += 1
@@ -234,7 +291,10 @@ class _Shards:
         positions = (idx - np.maximum.accumulate(np.where(change, idx, 0))).reshape(segments.shape)
         positions = np.where(segments == 0, 0, positions).astype(np.int32)
         entry = {"rows": self.used}
-        for arr_name, arr in zip(ARRAYS, (tokens, segments, positions)):
+        arrays = list(zip(ARRAYS, (tokens, segments, positions)))
+        if self.masked:
+            arrays.append((MASK, self.mask[:self.used]))
+        for arr_name, arr in arrays:
             entry[arr_name] = f"{self.name}-{len(self.shards):03d}.{arr_name}.npy"
             _write_npy(storage.join(self.work_dir, entry[arr_name]), np.ascontiguousarray(arr))
         self.shards.append(entry)
@@ -262,17 +322,21 @@ class _Packer:
         self.fill = 0
         self.segment = 0
 
-    def add(self, doc: np.ndarray) -> None:
+    def add(self, doc: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """One document's tokens (and, for masked shards, its per-token mask, cut and placed alike)."""
         t = self.seq_len
         if len(doc) > t:
             self.close_row()
             full = len(doc) - len(doc) % t
             for start in range(0, full, t):
-                tokens, segments = self.out.open_row()
+                tokens, segments, row_mask = self.out.open_row()
                 tokens[:] = doc[start:start + t]
                 segments[:] = 1
+                if row_mask is not None:
+                    row_mask[:] = mask[start:start + t]
                 self.out.commit_row()
             doc = doc[full:]
+            mask = None if mask is None else mask[full:]
             if not len(doc):
                 return
         if self.fill + len(doc) > t:
@@ -280,9 +344,11 @@ class _Packer:
         if self.row is None:
             self.row, self.fill, self.segment = self.out.open_row(), 0, 0
         self.segment += 1
-        tokens, segments = self.row
+        tokens, segments, row_mask = self.row
         tokens[self.fill:self.fill + len(doc)] = doc
         segments[self.fill:self.fill + len(doc)] = self.segment
+        if row_mask is not None:
+            row_mask[self.fill:self.fill + len(doc)] = mask
         self.fill += len(doc)
 
     def close_row(self) -> None:
@@ -291,49 +357,106 @@ class _Packer:
             self.row, self.fill = None, 0
 
 
+def _encode_texts(tok, texts: list[str], bos: int | None, eos: int) -> list[tuple[list[int], None]]:
+    """Plain documents: (`<s>` + tokens + `</s>`, no mask) each."""
+    docs = []
+    for enc in tok.encode_batch_fast(texts, add_special_tokens=True):
+        ids = enc.ids
+        if bos is not None and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+        ids.append(eos)
+        docs.append((ids, None))
+    return docs
+
+
+def _encode_records(tok, records: list[tuple[str, str]], template: str | None, bos: int | None, eos: int
+                    ) -> list[tuple[list[int], list[int]]]:
+    """Prompt/completion records: (`<s>` + tokens of template(prompt) + completion + `</s>`, per-token mask:
+    1 for the tokens ending inside the completion and the `</s>`) each; see the module docstring."""
+    prompts = [prompt if template is None else template.format(prompt) for prompt, _ in records]
+    # encode_batch, not encode_batch_fast: the character offsets place the prompt/completion boundary.
+    encs = tok.encode_batch([p + c for p, (_, c) in zip(prompts, records)], add_special_tokens=True)
+    docs = []
+    for prompt, enc in zip(prompts, encs):
+        boundary = len(prompt)
+        ids = enc.ids
+        mask = [int(end > boundary and not special) for (_, end), special in zip(enc.offsets, enc.special_tokens_mask)]
+        if bos is not None and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+            mask.insert(0, 0)
+        ids.append(eos)
+        mask.append(1)
+        docs.append((ids, mask))
+    return docs
+
+
+class _UnitCounts:
+    """What a unit's marker counts: documents, tokens, trained tokens (masked data), the largest id."""
+
+    def __init__(self):
+        self.documents = self.tokens = self.trained = 0
+        self.max_id = -1
+
+
+def _pack(packer: _Packer, docs: list[tuple[list[int], list[int] | None]], counts: _UnitCounts) -> None:
+    """Packs encoded documents in order (one numpy array for the batch: no per-token Python work)."""
+    lengths = [len(ids) for ids, _ in docs]
+    flat = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in docs), np.int64, sum(lengths))
+    masks = None
+    if docs and docs[0][1] is not None:
+        masks = np.fromiter(itertools.chain.from_iterable(m for _, m in docs), np.uint8, sum(lengths))
+        counts.trained += int(masks.sum(dtype=np.int64))
+    counts.max_id = max(counts.max_id, int(flat.max()))
+    start = 0
+    for n in lengths:
+        packer.add(flat[start:start + n], None if masks is None else masks[start:start + n])
+        start += n
+    counts.tokens += start
+    counts.documents += len(docs)
+
+
 def run_unit(job: dict, i: int, work_dir: str) -> dict:
     """Tokenize and pack unit `i` of `job` into `work_dir`; write its marker last; return the marker."""
     unit, settings, tokenizer = job["units"][i], job["settings"], job["tokenizer"]
     tok = _encoder(job)
     bos, eos = tokenizer["bos_id"], tokenizer["eos_id"]
-    out = _Shards(work_dir, _unit_name(i), settings["seq_len"], settings["rows_per_shard"], tokenizer["pad_id"])
-    packer = _Packer(out)
-    documents = tokens = 0
-    max_id = -1
-    batch: list[str] = []
+    instruction = settings.get("instruction")
+    out = _Shards(work_dir, _unit_name(i), settings["seq_len"], settings["rows_per_shard"], tokenizer["pad_id"],
+                  masked=instruction is not None)
+    packer, counts = _Packer(out), _UnitCounts()
+    if instruction is None:
+        items = src.unit_documents(unit, settings["text_column"])
 
-    def encode(texts):
-        nonlocal tokens, max_id
-        docs = []
-        for enc in tok.encode_batch_fast(texts, add_special_tokens=True):
-            ids = enc.ids
-            if bos is not None and (not ids or ids[0] != bos):
-                ids.insert(0, bos)
-            ids.append(eos)
-            docs.append(ids)
-        lengths = [len(d) for d in docs]
-        flat = np.fromiter(itertools.chain.from_iterable(docs), np.int64, sum(lengths))
-        max_id = max(max_id, int(flat.max()))
-        start = 0
-        for n in lengths:
-            packer.add(flat[start:start + n])
-            start += n
-        tokens += start
+        def encode(batch):
+            return _encode_texts(tok, batch, bos, eos)
+    else:
+        items = src.unit_records(unit, _record_fields(instruction))
 
-    for text in src.unit_documents(unit, settings["text_column"]):
-        batch.append(text)
-        documents += 1
-        if len(batch) == _TOKENIZE_BATCH:
-            encode(batch)
-            batch = []
-    if batch:
-        encode(batch)
+        def encode(batch):
+            return _encode_records(tok, batch, instruction["template"], bos, eos)
+
+    for batch in _batched(items):
+        _pack(packer, encode(batch), counts)
     packer.close_row()
     out.flush()
-    marker = {"key": src.as_key(unit), "shards": out.shards, "documents": documents, "tokens": tokens,
-              "max_token_id": max_id}
+    marker = {"key": src.as_key(unit), "shards": out.shards, "documents": counts.documents, "tokens": counts.tokens,
+              "max_token_id": counts.max_id}
+    if instruction is not None:
+        marker["trained_tokens"] = counts.trained
     _write_json(storage.join(work_dir, _unit_name(i) + ".json"), marker)
     return marker
+
+
+def _batched(items):
+    """Lists of `_TOKENIZE_BATCH` items (itertools.batched needs Python 3.12)."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == _TOKENIZE_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _read_marker(job: dict, work_dir: str, i: int) -> dict | None:
@@ -505,8 +628,9 @@ def finalize(job: dict, work_dir: str, output: str, markers: dict[int, dict], we
     settings, tokenizer, inputs = job["settings"], job["tokenizer"], job["inputs"]
     shards, sources_ = [], []
     rows = 0
+    masked = "instruction" in settings
     for s, spec in enumerate(inputs):
-        start, documents, tokens = rows, 0, 0
+        start, documents, tokens, trained = rows, 0, 0, 0
         for i, unit in enumerate(job["units"]):
             if unit["source"] != s:
                 continue
@@ -515,22 +639,28 @@ def finalize(job: dict, work_dir: str, output: str, markers: dict[int, dict], we
             rows += sum(sh["rows"] for sh in m["shards"])
             documents += m["documents"]
             tokens += m["tokens"]
+            trained += m.get("trained_tokens", 0)
         if documents == 0:
-            raise DataError(f"{spec}: no documents")
+            raise DataError(f"{spec}: no {'records' if masked else 'documents'}")
         sources_.append({"name": spec, "path": settings["inputs"][s], "documents": documents, "tokens": tokens,
                          "rows": [start, rows]})
+        if masked:
+            sources_[-1]["trained_tokens"] = trained
     counts = [s["rows"][1] - s["rows"][0] for s in sources_]
     resolved = list(weights) if weights is not None else counts
     for source, w in zip(sources_, resolved):
         source["weight"] = float(w) / float(sum(resolved))
     index = {
-        "format": FORMAT, "seq_len": settings["seq_len"], "num_rows": rows, "vocab_size": tokenizer["vocab_size"],
+        "format": settings["format"], "seq_len": settings["seq_len"], "num_rows": rows,
+        "vocab_size": tokenizer["vocab_size"],
         "max_token_id": max(m["max_token_id"] for m in markers.values()),
         "tokenizer": {"name": tokenizer["name"], "path": tokenizer["path"], "bos_id": tokenizer["bos_id"],
                       "eos_id": tokenizer["eos_id"], "pad_id": tokenizer["pad_id"]},
         "sources": sources_, "shards": shards,
     }
-    keep = {INDEX} | {sh[a] for sh in shards for a in ARRAYS}
+    if masked:
+        index["instruction"] = settings["instruction"]
+    keep = {INDEX} | {sh[a] for sh in shards for a in (*ARRAYS, MASK) if a in sh}
     stale = [n for n in storage.listdir(work_dir)  # markers, job.json, files of an earlier plan's units
              if n not in keep and n not in (storage.WRITING, storage.COMMITTED)]
     storage.map_threads(lambda n: storage.remove(storage.join(work_dir, n)), stale)
@@ -583,11 +713,18 @@ def _after_failure(job: dict, work_dir: str, new_ancestor: str | None) -> None:
 
 def prepare_data(tokenizer_dir: str, inputs: list[str], output_dir: str, seq_len: int, *,
                  weights: list[float] | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                 workers: int | None = None, unit_bytes: int = src.DEFAULT_UNIT_BYTES, text_column: str = "text",
-                 engine: str = "local", progress: bool = True, vocab_size: int | None = None) -> dict:
+                 workers: int | None = None, unit_bytes: int = src.DEFAULT_UNIT_BYTES, text_column: str | None = None,
+                 engine: str = "local", progress: bool = True, vocab_size: int | None = None,
+                 prompt_field: str | None = None, completion_field: str | None = None, template: str | None = None
+                 ) -> dict:
     """Tokenize and pack `inputs` (one source each) into `output_dir` (local or gs://); return the index.
 
+    Prompt/completion records instead of text when any of `prompt_field` (default "prompt"),
+    `completion_field` (default "completion") or `template` (holding `{0}` once) is given: only the
+    completions and their `</s>` are trained on (the module docstring; the index is then format 2).
+
     `weights` (one per input) set the sampling mix; by default each source weighs its number of rows.
+    `text_column` (plain text; default "text"): the text field of JSON lines, column of Parquet and datasets.
     `workers`: processes on this machine (default: all cores); `engine="ray"` runs the units as Ray tasks
     on the cluster `ray.init()` finds (training.prepare_ray). Rerunning after an interruption resumes.
     `vocab_size` (the model's): a tokenizer with a larger vocabulary is refused before any work, so no
@@ -595,6 +732,11 @@ def prepare_data(tokenizer_dir: str, inputs: list[str], output_dir: str, seq_len
     """
     inputs = [os.fspath(i) for i in inputs]
     _check_args(inputs, weights, seq_len, shard_tokens, unit_bytes, workers)
+    instruction = instruction_settings(prompt_field, completion_field, template)
+    if instruction is not None and text_column is not None:
+        raise DataError("--text-column is for plain text; prompt/completion records are read with --prompt-field "
+                        "and --completion-field")
+    text_column = "text" if text_column is None else text_column
     if engine not in ("local", "ray"):
         raise DataError(f"engine must be 'local' or 'ray', got {engine!r}")
     if engine == "ray":
@@ -607,7 +749,7 @@ def prepare_data(tokenizer_dir: str, inputs: list[str], output_dir: str, seq_len
 
         check_vocabulary(tokenizer["vocab_size"], vocab_size, f"{tokenizer_dir}: the tokenizer has")
     job = plan(tokenizer, inputs, int(seq_len), shard_tokens=shard_tokens, unit_bytes=unit_bytes,
-               text_column=text_column)
+               text_column=text_column, instruction=instruction)
     output = storage.resolve(output_dir)
     new_ancestor = _new_ancestor(output)
     try:

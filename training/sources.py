@@ -2,7 +2,13 @@
 documents are read. Every path goes through `jaxmodel.storage` (local or gs://, compressed or not).
 
 Inside: `Unit` (a dict: kind, file, range, key), `file_format(path)`, `expand_source(spec)` -> files or a
-dataset, `plan_units(source_index, spec, ...)` -> [Unit], `unit_documents(unit, text_column)` -> texts.
+dataset, `plan_units(source_index, spec, ...)` -> [Unit], `unit_documents(unit, text_column)` -> texts,
+`unit_records(unit, fields)` -> tuples of strings (prompt/completion records), `check_records(units, fields)`.
+
+`fields` name what is read of each record: a dict {field name: the flag that chose it}, in order: the text
+column (`{"text": "--text-column"}`), or a prompt and a completion field (`{"prompt": "--prompt-field",
+"completion": "--completion-field"}`); the flag only words the errors. Plain text skips blank documents;
+records are all kept (an empty prompt or completion is data too).
 
 What one `--input` may be (one source, one weight):
 - a file, by its extension, letter case ignored (`.JSONL` is `.jsonl`): `.jsonl` (one JSON object per line,
@@ -19,8 +25,10 @@ What one `--input` may be (one source, one weight):
 - `hf:NAME:SPLIT` or `hf:NAME:CONFIG:SPLIT`: a dataset on the Hugging Face hub, streamed (needs network).
 
 Checked when planning, before any work: a compressed file starts with its codec's signature (a `.zst` that
-is gzip, plain text or empty is refused, saying what it is); a `.txt` starts as UTF-8; Parquet and Arrow
-files have the column `--text-column`. While reading, a bad JSON record (one without the field names the
+is gzip, plain text or empty is refused, saying what it is); a `.txt` starts as UTF-8 (and holds no records:
+refused when prompt/completion fields are asked for); Parquet and Arrow files have the string columns.
+`check_records` reads every record of the units once more (prepare-data calls it for prompt/completion
+records before writing anything). While reading, a bad JSON record (one without the field names the
 fields it has), a truncated compressed file (its stream ends before the end marker; zstandard's own reader
 would end quietly there, so `.zst` is decoded here frame by frame) and corrupt data are errors naming the
 file; a unit that fails keeps nothing (corrupt compressed data that decodes to garbage is reported as the
@@ -151,14 +159,34 @@ def _hub_parts(spec: str) -> tuple[str, str | None, str]:
     return (parts[0], None, parts[1]) if len(parts) == 2 else (parts[0], parts[1], parts[2])
 
 
-def plan_units(source: int, spec: str, *, unit_bytes: int = DEFAULT_UNIT_BYTES, text_column: str = "text"
-               ) -> list[dict]:
-    """The work units of one source, in packing order (each file probed first: see the module docstring)."""
+def text_fields(text_column: str = "text") -> dict[str, str]:
+    """The `fields` of plain text: its one text column."""
+    return {text_column: "--text-column"}
+
+
+def _as_fields(fields: dict[str, str] | str) -> dict[str, str]:
+    return text_fields(fields) if isinstance(fields, str) else fields
+
+
+def plan_units(source: int, spec: str, *, unit_bytes: int = DEFAULT_UNIT_BYTES,
+               fields: dict[str, str] | str = "text") -> list[dict]:
+    """The work units of one source, in packing order (each file probed first: see the module docstring).
+    `fields`: what is read of each record (a text column's name stands for `text_fields(name)`)."""
     kind, files = expand_source(spec)
     if kind == "hub":
         return _hub_units(source, spec)
-    per_file = storage.map_threads(lambda path: _file_units(source, kind, path, unit_bytes, text_column), files)
+    fields = _as_fields(fields)
+    per_file = storage.map_threads(lambda path: _file_units(source, kind, path, unit_bytes, fields), files)
     return [unit for units in per_file for unit in units]
+
+
+def check_records(units: list[dict], fields: dict[str, str]) -> None:
+    """Reads every record of `units` (hub shards excepted: streamed, read once) and raises the first bad
+    one's error, in unit order; run before any output exists."""
+    def count(unit):
+        return sum(1 for _ in unit_records(unit, fields))
+
+    storage.map_threads(count, [u for u in units if u["kind"] != "hub"])
 
 
 def _hub_units(source: int, spec: str) -> list[dict]:
@@ -176,17 +204,20 @@ def _hub_units(source: int, spec: str) -> list[dict]:
     return [{"source": source, "kind": "hub", "file": spec, "start": i, "stop": shards} for i in range(shards)]
 
 
-def _file_units(source: int, kind: str, path: str, unit_bytes: int, text_column: str) -> list[dict]:
+def _file_units(source: int, kind: str, path: str, unit_bytes: int, fields: dict[str, str]) -> list[dict]:
     """The units of one file, after its probe."""
     base = {"source": source, "kind": kind, "file": path, **_stamp(path)}
     if kind == "arrow":
         with _reading(path), storage.open(path, "rb") as f:
-            _arrow_reader(path, f, text_column)
+            _arrow_reader(path, f, fields)
         return [{**base, "start": 0, "stop": -1}]
     fmt, codec = file_format(path)
     if fmt == "parquet":
         return [{**base, "kind": "parquet", "start": start, "stop": stop}
-                for start, stop in _parquet_ranges(path, unit_bytes, text_column)]
+                for start, stop in _parquet_ranges(path, unit_bytes, fields)]
+    if fmt == "text" and len(fields) > 1:
+        raise DataError(f"{path}: a .txt file holds plain text, not {'/'.join(fields)} records (give those as "
+                        ".jsonl or .parquet)")
     with _reading(path):
         _probe(path, fmt)
     if fmt == "jsonl" and codec is None:
@@ -213,21 +244,22 @@ def _parquet_file(path: str):
         raise DataError(f"{path}: not a Parquet file ({str(e).splitlines()[0]})") from None
 
 
-def _check_string_column(path: str, schema, text_column: str) -> None:
+def _check_string_columns(path: str, schema, fields: dict[str, str]) -> None:
     import pyarrow as pa
 
-    if text_column not in schema.names:
-        raise DataError(f"{path}: no column {text_column!r} (columns: {', '.join(schema.names)}); "
-                        "choose one with --text-column")
-    kind = schema.field(text_column).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise DataError(f"{path}: column {text_column!r} holds {kind}, expected strings")
+    for column, flag in fields.items():
+        if column not in schema.names:
+            raise DataError(f"{path}: no column {column!r} (columns: {', '.join(schema.names)}); "
+                            f"choose one with {flag}")
+        kind = schema.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"{path}: column {column!r} holds {kind}, expected strings")
 
 
-def _parquet_ranges(path: str, unit_bytes: int, text_column: str) -> list[tuple[int, int]]:
+def _parquet_ranges(path: str, unit_bytes: int, fields: dict[str, str]) -> list[tuple[int, int]]:
     """[start, stop) row-group ranges whose uncompressed size reaches `unit_bytes` (the last may be less)."""
     pf = _parquet_file(path)
-    _check_string_column(path, pf.schema_arrow, text_column)
+    _check_string_columns(path, pf.schema_arrow, fields)
     meta, ranges, start, acc = pf.metadata, [], 0, 0
     for g in range(meta.num_row_groups):
         acc += meta.row_group(g).total_byte_size
@@ -244,18 +276,26 @@ def _parquet_ranges(path: str, unit_bytes: int, text_column: str) -> list[tuple[
 
 def unit_documents(unit: dict, text_column: str = "text") -> Iterator[str]:
     """The non-empty documents of one unit, in order."""
+    for (text,) in unit_records(unit, text_fields(text_column)):
+        if text.strip():
+            yield text
+
+
+def unit_records(unit: dict, fields: dict[str, str]) -> Iterator[tuple[str, ...]]:
+    """Every record of one unit, in order: the strings of `fields`, in their order (a `.txt` unit: its
+    documents, as 1-tuples)."""
     kind, path = unit["kind"], unit["file"]
     with _reading(path):
         if kind == "jsonl":
-            yield from _jsonl(path, unit["start"], unit["stop"], text_column)
+            yield from _jsonl(path, unit["start"], unit["stop"], fields)
         elif kind == "text":
-            yield from _text(path)
+            yield from ((block,) for block in _text(path))
         elif kind == "parquet":
-            yield from _parquet(path, unit["start"], unit["stop"], text_column)
+            yield from _parquet(path, unit["start"], unit["stop"], fields)
         elif kind == "arrow":
-            yield from _arrow(path, text_column)
+            yield from _arrow(path, fields)
         elif kind == "hub":
-            yield from _hub(path, unit["start"], unit["stop"], text_column)
+            yield from _hub(path, unit["start"], unit["stop"], fields)
         else:
             raise DataError(f"{path}: unknown unit kind {kind!r}")
 
@@ -410,22 +450,32 @@ class _BadRecord(ValueError):
     """What is wrong with one JSON line; the caller adds `FILE:LINE`."""
 
 
-def _record_text(line: bytes, text_column: str) -> str:
-    """The string field `text_column` of one JSON line, or _BadRecord."""
+def _record_fields(line: bytes, fields: dict[str, str]) -> tuple[str, ...]:
+    """The string fields `fields` of one JSON line, or _BadRecord naming the first missing or not a string."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise _BadRecord(json_problem(e).partition(":")[2].strip()) from None
-    text = record.get(text_column) if isinstance(record, dict) else None
-    if not isinstance(text, str):
-        problem = f"expected a JSON object with a string field {text_column!r}"
-        if isinstance(record, dict) and text_column not in record:  # the wrong field name, most likely
-            problem += f"; its fields: {', '.join(map(str, record)) or 'none'} (choose one with --text-column)"
-        raise _BadRecord(problem)
-    return text
+    values = []
+    for name, flag in fields.items():
+        value = record.get(name) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            problem = f"expected a JSON object with a string field {name!r}"
+            if isinstance(record, dict) and name not in record:  # the wrong field name, most likely
+                problem += f"; its fields: {', '.join(map(str, record)) or 'none'} (choose one with {flag})"
+            elif isinstance(record, dict):
+                problem += f"; it is {_short(value)}"
+            raise _BadRecord(problem)
+        values.append(value)
+    return tuple(values)
 
 
-def _jsonl(path: str, start: int, stop: int, text_column: str) -> Iterator[str]:
+def _short(value) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _jsonl(path: str, start: int, stop: int, fields: dict[str, str]) -> Iterator[tuple[str, ...]]:
     """Documents of the lines starting in [start, stop) (stop -1: to the end; then lines are counted)."""
     with _open_bytes(path) as f:
         pos = 0
@@ -440,12 +490,11 @@ def _jsonl(path: str, start: int, stop: int, text_column: str) -> Iterator[str]:
             line_start, pos = pos, pos + len(line)
             if line.strip():
                 try:
-                    text = _record_text(line, text_column)
+                    record = _record_fields(line, fields)
                 except _BadRecord as e:
                     where = number if number is not None else _line_number(path, line_start)
                     raise DataError(f"{path}:{where}: {e}") from None
-                if text.strip():
-                    yield text
+                yield record
             if number is not None:
                 number += 1
 
@@ -455,54 +504,56 @@ def _text(path: str) -> Iterator[str]:
         yield from text_blocks(io.TextIOWrapper(f, encoding="utf-8"))
 
 
-def _strings(path: str, values: list, first_row: int, text_column: str) -> Iterator[str]:
-    for i, text in enumerate(values):
-        if not isinstance(text, str):
-            raise DataError(f"{path}: row {first_row + i}: column {text_column!r} is {text!r}, expected a string")
-        if text.strip():
-            yield text
+def _rows(path: str, batch, first_row: int, fields: dict[str, str]) -> Iterator[tuple[str, ...]]:
+    """The records of one Arrow record batch (null values are errors naming the row and the column)."""
+    columns = [batch.column(name).to_pylist() for name in fields]
+    for i, record in enumerate(zip(*columns)):
+        for name, value in zip(fields, record):
+            if not isinstance(value, str):
+                raise DataError(f"{path}: row {first_row + i}: column {name!r} is {value!r}, expected a string")
+        yield record
 
 
-def _parquet(path: str, start: int, stop: int, text_column: str) -> Iterator[str]:
+def _parquet(path: str, start: int, stop: int, fields: dict[str, str]) -> Iterator[tuple[str, ...]]:
     pf = _parquet_file(path)
-    _check_string_column(path, pf.schema_arrow, text_column)
+    _check_string_columns(path, pf.schema_arrow, fields)
     row = sum(pf.metadata.row_group(g).num_rows for g in range(start))
-    for batch in pf.iter_batches(batch_size=1024, row_groups=list(range(start, stop)), columns=[text_column]):
-        yield from _strings(path, batch.column(0).to_pylist(), row, text_column)
+    for batch in pf.iter_batches(batch_size=1024, row_groups=list(range(start, stop)), columns=list(fields)):
+        yield from _rows(path, batch, row, fields)
         row += batch.num_rows
 
 
-def _arrow_reader(path: str, f, text_column: str):
-    """The record batch reader of an Arrow stream file, its text column checked."""
+def _arrow_reader(path: str, f, fields: dict[str, str]):
+    """The record batch reader of an Arrow stream file, its columns checked."""
     import pyarrow as pa
 
     try:
         reader = pa.ipc.open_stream(f)
     except Exception as e:
         raise DataError(f"{path}: not an Arrow stream ({_first_line(e)})") from None
-    _check_string_column(path, reader.schema, text_column)
+    _check_string_columns(path, reader.schema, fields)
     return reader
 
 
-def _arrow(path: str, text_column: str) -> Iterator[str]:
+def _arrow(path: str, fields: dict[str, str]) -> Iterator[tuple[str, ...]]:
     with storage.open(path, "rb") as f:
         row = 0
-        for batch in _arrow_reader(path, f, text_column):
-            yield from _strings(path, batch.column(text_column).to_pylist(), row, text_column)
+        for batch in _arrow_reader(path, f, fields):
+            yield from _rows(path, batch, row, fields)
             row += batch.num_rows
 
 
-def _hub(spec: str, shard: int, shards: int, text_column: str) -> Iterator[str]:
+def _hub(spec: str, shard: int, shards: int, fields: dict[str, str]) -> Iterator[tuple[str, ...]]:
     from datasets import load_dataset
 
     name, config, split = _hub_parts(spec)
     ds = load_dataset(name, config, split=split, streaming=True).shard(num_shards=shards, index=shard)
     for i, record in enumerate(ds):
-        text = record.get(text_column)
-        if not isinstance(text, str):
-            raise DataError(f"{spec}: shard {shard} row {i}: field {text_column!r} is {text!r}, expected a string")
-        if text.strip():
-            yield text
+        values = tuple(record.get(field) for field in fields)
+        for field, value in zip(fields, values):
+            if not isinstance(value, str):
+                raise DataError(f"{spec}: shard {shard} row {i}: field {field!r} is {value!r}, expected a string")
+        yield values
 
 
 def describe(unit: dict) -> str:

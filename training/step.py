@@ -3,13 +3,16 @@
 Inside:
 - `TrainSetup` (`setup(run, mesh)`): graphdef, optimizer, schedule and every sharding of a run.
 - `abstract_state`, `init_state` (random init, sharded at creation) and `state_from_params`
-  (from loaded weights), `put_batch` (host numpy -> global arrays).
+  (from loaded weights), `put_batch` (host numpy -> global arrays; under a mesh with context > 1 each
+  sequence in jaxmodel.context_parallel's balanced token order).
 - `make_train_step` / `make_eval_step`: pure functions of (state, batch), jitted with explicit
   in/out shardings, the state donated.
 
-The train state is a plain dict pytree, which is what is checkpointed:
+The train state is a plain dict pytree, which is what is checkpointed (all but `frozen`):
     params     the model's parameters as a nested dict (nnx.to_pure_dict; model.param_dtype: float32
-               master weights, or bfloat16 ones updated by a float32 update rounded once per step)
+               master weights, or bfloat16 ones updated by a float32 update rounded once per step);
+               with a `lora:` section only the adapters (training/lora_train.py)
+    frozen     LoRA only: the frozen base (possibly int8/int4 QArrays), passed through unchanged
     opt_state  optax state; Adam moments have the params' structure and shardings, float32 always
     step       int32, optimizer steps taken (skipped ones included: the data position)
     skipped    int32, steps whose update was dropped because the loss or a gradient was not finite
@@ -26,6 +29,11 @@ One step (`make_train_step`):
 4. if loss and gradient norm are finite, the optimizer updates params and opt_state; otherwise both are
    kept bit-for-bit (`lax.cond`) and `skipped` grows. `nonfinite: abort` is decided on the
    host from the returned flag; either way no non-finite value ever enters the state.
+
+Context parallelism (mesh `context` > 1): the batch is [B, T] with T split over `context`, its tokens in
+the balanced order (`put_batch`); the forward and the loss are per token, so only the masked objective,
+whose spans follow the sequence, computes its corruption in sequence order and permutes it back.
+The step functions trace under the run's mesh (whoever calls them), so the model sees its `context` axis.
 """
 
 from __future__ import annotations
@@ -39,8 +47,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxmodel.context_parallel import balance, context_size, unbalance
+from jaxmodel.lora import TRAINABLE, set_lora_dropout_key
 from jaxmodel.model import MistralForCausalLM, abstract_model
 from jaxmodel.sharding import auto_mesh, constrain, logical_to_spec, model_shardings
+from training import lora_train
 from training.config import RunConfig
 from training.loss import MaskingConfig, cross_entropy_sums, mask_for_mntp
 from training.optim import learning_rate_schedule, make_optimizer, optimizer_shardings
@@ -58,25 +69,34 @@ class TrainSetup:
     schedule: optax.Schedule
     state_shardings: dict
     batch_sharding: NamedSharding
+    abstract_frozen: dict | None = None  # LoRA: the frozen base's ShapeDtypeStructs, with shardings
 
 
 def setup(run: RunConfig, mesh: Mesh) -> TrainSetup:
     mesh = auto_mesh(mesh)
-    model = abstract_model(run.model)
-    graphdef, state = nnx.split(model)
+    model = abstract_model(run.model) if run.lora is None else lora_train.abstract_lora_model(run)
+    graphdef, state, frozen = lora_train.split(model)
     abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
-    param_shardings = nnx.to_pure_dict(model_shardings(model, mesh))
-    optimizer = make_optimizer(run.optimizer, run.train.steps, model)
+    if frozen is None:
+        param_shardings = nnx.to_pure_dict(model_shardings(model, mesh))
+        optimizer = make_optimizer(run.optimizer, run.train.steps, model)
+    else:  # LoRA: params, gradients and optimizer state are the adapters'
+        param_shardings = lora_train.variable_shardings(state, mesh)
+        optimizer = make_optimizer(run.optimizer, run.train.steps, model, wrt=TRAINABLE)
     replicated = NamedSharding(mesh, PartitionSpec())
     state_shardings = {
         "params": param_shardings,
         "opt_state": optimizer_shardings(optimizer, abstract_params, param_shardings, replicated),
         "step": replicated, "skipped": replicated, "rng": replicated,
     }
+    abstract_frozen = None if frozen is None else lora_train.abstract_frozen(run, mesh)
+    if abstract_frozen is not None:
+        state_shardings["frozen"] = jax.tree.map(lambda s: s.sharding, abstract_frozen)
     shape = (run.train.global_batch_size, run.train.seq_len)
     batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "length"), shape, mesh))
     return TrainSetup(run, mesh, graphdef, abstract_params, optimizer,
-                      learning_rate_schedule(run.optimizer, run.train.steps), state_shardings, batch_sharding)
+                      learning_rate_schedule(run.optimizer, run.train.steps), state_shardings, batch_sharding,
+                      abstract_frozen)
 
 
 def _init_opt_state(ts: TrainSetup, params):
@@ -91,8 +111,9 @@ def abstract_state(ts: TrainSetup) -> dict:
     opt = jax.eval_shape(lambda p: _init_opt_state(ts, p), ts.abstract_params)
     shapes = {"params": ts.abstract_params, "opt_state": opt, "step": jax.ShapeDtypeStruct((), jnp.int32),
               "skipped": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                        ts.state_shardings)
+    sh = {k: v for k, v in ts.state_shardings.items() if k != "frozen"}
+    out = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, sh)
+    return out if ts.abstract_frozen is None else {**out, "frozen": ts.abstract_frozen}
 
 
 def _rng(seed: int) -> jax.Array:
@@ -100,8 +121,9 @@ def _rng(seed: int) -> jax.Array:
 
 
 def state_from_params(ts: TrainSetup, params: dict) -> dict:
-    """A fresh train state (step 0) around parameters already placed on the mesh."""
-    sh = ts.state_shardings
+    """A fresh train state (step 0) around parameters already placed on the mesh (LoRA: the adapters; the
+    caller adds `frozen`)."""
+    sh = {k: v for k, v in ts.state_shardings.items() if k != "frozen"}
 
     def fresh(params):
         return {"params": params, "opt_state": _init_opt_state(ts, params), "step": jnp.zeros((), jnp.int32),
@@ -124,11 +146,11 @@ def init_state(ts: TrainSetup) -> dict:
 
 
 def put_batch(ts: TrainSetup, batch: dict) -> dict:
-    """This process's rows (numpy [B / processes, T]) -> global [B, T] arrays sharded over the batch axis.
-    loss_mask becomes float32 (a weight)."""
-    out = {}
+    """This process's rows (numpy [B / processes, T]) -> global [B, T] arrays sharded over the batch axis
+    (and the length over `context`, in its balanced order). loss_mask becomes float32 (a weight)."""
+    out, context = {}, context_size(ts.mesh)
     for key in BATCH_KEYS:
-        value = np.asarray(batch[key], np.float32 if key == "loss_mask" else np.int32)
+        value = balance(np.asarray(batch[key], np.float32 if key == "loss_mask" else np.int32), context)
         out[key] = jax.make_array_from_process_local_data(ts.batch_sharding, value)
     return out
 
@@ -140,14 +162,17 @@ def abstract_batch(ts: TrainSetup) -> dict:
 
 
 def _loss_sums(ts: TrainSetup):
-    """loss_sums(params, batch, key, use_mntp) -> (sum of token losses, token count)."""
+    """loss_sums(params, batch, key, use_mntp, frozen=None) -> (sum of token losses, token count). With a
+    LoRA base (`frozen`) and a key, the adapters' dropout draws from the key."""
     run = ts.run
     masking = MaskingConfig(vocab_size=run.model.vocab_size, mask_token_id=run.train.mask_token_id,
                             num_special_tokens=run.train.num_special_tokens)
     chunk = run.train.loss_chunk
 
-    def loss_sums(params, batch, key, use_mntp):
-        model = nnx.merge(ts.graphdef, params)
+    def loss_sums(params, batch, key, use_mntp, frozen=None):
+        model = lora_train.merged_model(ts.graphdef, params, frozen)
+        if frozen is not None and key is not None and run.lora.dropout > 0:
+            set_lora_dropout_key(model, lora_train.dropout_key(key))
         ids, seg, pos = batch["input_ids"], batch["segment_ids"], batch["positions"]
 
         def causal():
@@ -155,7 +180,11 @@ def _loss_sums(ts: TrainSetup):
             return cross_entropy_sums(model.unembed, h, batch["targets"], batch["loss_mask"], chunk=chunk)
 
         def masked():
-            new_ids, targets, weights, _ = mask_for_mntp(key, ids, seg, batch["loss_mask"], masking)
+            # Spans follow the sequence: corrupt in sequence order (the same draws as without context).
+            c = context_size()
+            new_ids, targets, weights, _ = mask_for_mntp(key, unbalance(ids, c), unbalance(seg, c),
+                                                         unbalance(batch["loss_mask"], c), masking)
+            new_ids, targets, weights = (balance(x, c) for x in (new_ids, targets, weights))
             h, _ = model.hidden(new_ids, pos, seg, causal=False)
             return cross_entropy_sums(model.unembed, h, targets, weights, chunk=chunk)
 
@@ -176,7 +205,7 @@ def _microbatches(batch: dict, m: int) -> dict:
 
 
 def make_loss_and_grads(ts: TrainSetup):
-    """loss_and_grads(params, batch, step_key) -> (loss, loss tokens, grads, mntp): what one train step
+    """loss_and_grads(params, batch, step_key, frozen=None) -> (loss, loss tokens, grads, mntp): what one train step
     computes before the optimizer (not jitted). loss is the mean over the batch's loss tokens, grads its
     float32 gradient; microbatches are scanned and summed before the one division (module docstring)."""
     run = ts.run
@@ -184,21 +213,22 @@ def make_loss_and_grads(ts: TrainSetup):
     m = run.train.microbatches
     mntp_p = float(run.train.mntp_probability)
 
-    def sum_and_grads(params, batch, key, use_mntp):
+    def sum_and_grads(params, batch, key, use_mntp, frozen):
         # Gradients of the loss *sum*; the count rides along as aux. float32 whatever the param dtype.
-        (s, n), g = jax.value_and_grad(lambda p: loss_sums(p, batch, key, use_mntp), has_aux=True)(params)
+        # Only `params` is differentiated: a LoRA base (`frozen`) gets no gradient.
+        (s, n), g = jax.value_and_grad(lambda p: loss_sums(p, batch, key, use_mntp, frozen), has_aux=True)(params)
         return s, n, jax.tree.map(lambda x: x.astype(jnp.float32), g)
 
-    def loss_and_grads(params, batch, key):
+    def loss_and_grads(params, batch, key, frozen=None):
         use_mntp = (jax.random.uniform(jax.random.fold_in(key, 0)) < mntp_p) if mntp_p > 0 else None
         if m == 1:
-            loss_sum, count, grads = sum_and_grads(params, batch, jax.random.fold_in(key, 1), use_mntp)
+            loss_sum, count, grads = sum_and_grads(params, batch, jax.random.fold_in(key, 1), use_mntp, frozen)
         else:
             def body(carry, xs):
                 g_acc, s_acc, n_acc = carry
                 micro, i = xs
                 micro = {k: constrain(v, ("batch", "length")) for k, v in micro.items()}
-                s, n, g = sum_and_grads(params, micro, jax.random.fold_in(key, i + 1), use_mntp)
+                s, n, g = sum_and_grads(params, micro, jax.random.fold_in(key, i + 1), use_mntp, frozen)
                 return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, n_acc + n), None
 
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -226,7 +256,7 @@ def make_train_step(ts: TrainSetup):
 
     def train_step(state, batch):
         params, step = state["params"], state["step"]
-        loss, count, grads, mntp = loss_and_grads(params, batch, step_key(state))
+        loss, count, grads, mntp = loss_and_grads(params, batch, step_key(state), state.get("frozen"))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         applied = step - state["skipped"]  # updates applied so far: the schedule's (and optax's) count
@@ -240,17 +270,35 @@ def make_train_step(ts: TrainSetup):
         new_params, new_opt = jax.lax.cond(finite, update, lambda: (params, state["opt_state"]))
         new_state = {"params": new_params, "opt_state": new_opt, "step": step + 1,
                      "skipped": state["skipped"] + jnp.where(finite, 0, 1).astype(jnp.int32), "rng": state["rng"]}
+        if "frozen" in state:  # donated and returned as is: aliased, never copied
+            new_state["frozen"] = state["frozen"]
         metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": ts.schedule(applied),
                    "loss_tokens": count, "finite": finite, "mntp": mntp, "skipped": new_state["skipped"]}
         return new_state, metrics
 
     sh = ts.state_shardings
     batch_sh = {k: ts.batch_sharding for k in BATCH_KEYS}
-    return jax.jit(train_step, in_shardings=(sh, batch_sh), out_shardings=(sh, None), donate_argnums=0)
+    return jax.jit(_under_mesh(ts, train_step), in_shardings=(sh, batch_sh), out_shardings=(sh, None),
+                   donate_argnums=0)
+
+
+def _under_mesh(ts: TrainSetup, fn):
+    """fn traced under the run's mesh, so the model's constraints and its `context` axis apply whether or
+    not the caller set the mesh (a batch in the balanced order must meet a model that knows it)."""
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(ts.mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced
 
 
 def make_eval_step(ts: TrainSetup):
-    """eval_step(params, batch) -> (loss sum, token count): next-token loss, causal, no masking."""
+    """eval_step(params, batch) -> (loss sum, token count): next-token loss, causal, no masking (LoRA:
+    eval_step(params, batch, frozen), dropout off)."""
     loss_sums = _loss_sums(ts)
     batch_sh = {k: ts.batch_sharding for k in BATCH_KEYS}
-    return jax.jit(lambda p, b: loss_sums(p, b, None, None), in_shardings=(ts.state_shardings["params"], batch_sh))
+    if ts.abstract_frozen is not None:
+        return jax.jit(_under_mesh(ts, lambda p, b, f: loss_sums(p, b, None, None, f)),
+                       in_shardings=(ts.state_shardings["params"], batch_sh, ts.state_shardings["frozen"]))
+    return jax.jit(_under_mesh(ts, lambda p, b: loss_sums(p, b, None, None)),
+                   in_shardings=(ts.state_shardings["params"], batch_sh))

@@ -22,6 +22,9 @@ What a run does, in order:
    restored straight into the current mesh's shardings, whatever mesh saved it), else
    `model.init_from` (a Hugging Face or import-hf directory, loaded shard by shard onto the mesh), else a
    random init (seeded by `train.seed`);
+   with a `lora:` section (training/lora_train.py) the trained state is the adapters only: the frozen
+   base (possibly quantized at load: QLoRA) is loaded from `model.init_from` (or is the random init of
+   `train.seed`) at every start, resumes included, and never saved;
 4. steps until `train.steps`: batch `s` is `PackedDataset.batch(s, ...)`, a pure function of the step,
    so a resumed run sees exactly the batches the uninterrupted run would have: resumed losses are
    bit-identical. Each step writes one JSON line to `<workdir>/metrics.jsonl` (process 0): step, loss
@@ -67,6 +70,7 @@ from jaxmodel.config import ARCHITECTURE_FIELDS, ConfigError
 from jaxmodel.hub import HubError, resolve_model
 from jaxmodel.run_config import load_run_config
 from jaxmodel.sharding import make_mesh
+from training import lora_train
 from training import step as steps_lib
 from training.checkpoint import Checkpointer, fault
 from training.config import RunConfig, load
@@ -210,6 +214,8 @@ def _host_batch(dataset, index: int, run: RunConfig) -> dict:
 
 
 def _initial_state(ts: steps_lib.TrainSetup, run: RunConfig) -> dict:
+    if run.lora is not None:
+        return _initial_lora_state(ts, run)
     if run.init_from is None:
         _log(f"random init ({run.model.num_params():,} parameters, seed {run.train.seed})")
         return steps_lib.init_state(ts)
@@ -229,6 +235,17 @@ def _initial_state(ts: steps_lib.TrainSetup, run: RunConfig) -> dict:
              f"(of {jax.process_count()})")
     params = nnx.to_pure_dict(nnx.split(model)[1])
     return steps_lib.state_from_params(ts, params)
+
+
+def _initial_lora_state(ts: steps_lib.TrainSetup, run: RunConfig) -> dict:
+    """Step 0 of a LoRA run: the frozen base (quantized if asked) and the starting adapters."""
+    base = run.init_from or f"a random base (seed {run.train.seed})"
+    quantized = f", quantized to {run.lora.base_quantize}" if run.lora.base_quantize else ""
+    start = run.lora.init_from_adapter or "fresh adapters"
+    _log(f"LoRA rank {run.lora.rank} on {', '.join(run.lora.target_modules)} over {base}{quantized}; "
+         f"starting from {start}")
+    frozen, adapters = lora_train.load_base(run, ts.mesh, ts.state_shardings["frozen"])
+    return {**steps_lib.state_from_params(ts, adapters), "frozen": frozen}
 
 
 def _check_same_model(meta: dict, run: RunConfig, where: str) -> None:
@@ -279,10 +296,11 @@ class _Preemption:
 # -- the loop -------------------------------------------------------------------------------------------------
 
 
-def _evaluate(eval_step, ts, params, dataset, run: RunConfig) -> float:
+def _evaluate(eval_step, ts, state, dataset, run: RunConfig) -> float:
     total, count = 0.0, 0.0
+    frozen = () if "frozen" not in state else (state["frozen"],)
     for i in range(run.train.eval_batches):
-        s, n = eval_step(params, steps_lib.put_batch(ts, _host_batch(dataset, i, run)))
+        s, n = eval_step(state["params"], steps_lib.put_batch(ts, _host_batch(dataset, i, run)), *frozen)
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
 
@@ -404,8 +422,9 @@ def run_training(config_path: str, workdir: str, overrides=(), *, datasets=None,
     resolved = storage.resolve(workdir)
     latest = _latest_step(run, resolved)
     _check_steps(run, latest, resolved)
-    if latest is None:  # a resumed run no longer reads init_from
+    if latest is None or run.lora is not None:  # a resumed run no longer reads init_from (LoRA: its base)
         _check_init_from(run)
+    lora_train.check_lora(run)
     if _finished(run, latest, resolved):
         return {"start_step": latest, "step": latest, "loss": None, "preempted": False, "workdir": resolved,
                 "nothing_to_do": True}
@@ -462,10 +481,13 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption, eval
         except Exception as e:  # noqa: BLE001 (Orbax raises several kinds for an unreadable file)
             raise TrainingError(_unreadable(step_dir, e)) from None
         _check_same_model(meta, run, checkpointer.directory)
+        lora_train.check_resume(meta, run, checkpointer.directory)
         try:
             state = checkpointer.restore(latest, steps_lib.abstract_state(ts))
         except Exception as e:  # noqa: BLE001 (TensorStore raises bare Exceptions for truncated chunks)
             raise TrainingError(_unreadable(step_dir, e)) from None
+        if run.lora is not None:  # checkpoints hold the adapters only: the frozen base is loaded again
+            state["frozen"] = lora_train.load_base(run, ts.mesh, ts.state_shardings["frozen"], with_adapters=False)[0]
     else:
         state = _initial_state(ts, run)
     step = int(jax.device_get(state["step"]))
@@ -477,7 +499,10 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption, eval
     peak_total = peak * jax.device_count() if peak else None
     summary = {"start_step": step, "step": step, "loss": None, "preempted": False, "workdir": workdir,
                "nothing_to_do": step >= run.train.steps}  # at train.steps: only the export was left
-    _log(f"training {run.model.num_params():,} parameters on mesh {dict(ts.mesh.shape)} "
+    trained = f"{run.model.num_params():,} parameters" if run.lora is None else (
+        f"{sum(x.size for x in jax.tree.leaves(ts.abstract_params)):,} adapter parameters over a frozen "
+        f"{run.model.num_params():,}-parameter base")
+    _log(f"training {trained} on mesh {dict(ts.mesh.shape)} "
          f"({jax.device_count()} x {jax.devices()[0].device_kind}); steps {step} -> {run.train.steps}, "
          f"{run.train.global_batch_size} x {run.train.seq_len} tokens per step")
 
@@ -518,11 +543,9 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption, eval
                     _log(f"step {step}: non-finite loss or gradients, update skipped "
                          f"({record['skipped_steps']} skipped so far)")
                 if eval_step is not None and (step % run.train.eval_every == 0 or step == run.train.steps):
-                    record["eval_loss"] = _evaluate(eval_step, ts, state["params"], eval_ds, run)
+                    record["eval_loss"] = _evaluate(eval_step, ts, state, eval_ds, run)
                 if run.train.eval_tasks and (step % run.train.eval_every == 0 or step == run.train.steps):
-                    from flax import nnx
-
-                    scores = eval_hook(nnx.merge(ts.graphdef, state["params"]), step)
+                    scores = eval_hook(lora_train.merged_model(ts.graphdef, state["params"], state.get("frozen")), step)
                     record.update({f"eval/{k}": float(v) for k, v in scores.items()})
                 metrics_log.write(record)
                 bar.update(1)
@@ -570,8 +593,6 @@ def _exported(path: str) -> bool:
 
 
 def _export(ts, state, path: str, run: RunConfig) -> None:
-    from flax import nnx
-
     from jaxmodel.convert import copy_tokenizer_files, save_pretrained
 
     exists = _exported(path)
@@ -584,8 +605,12 @@ def _export(ts, state, path: str, run: RunConfig) -> None:
                             "during the run; not overwritten (the final weights are in the last checkpoint: "
                             "normistral export-hf)")
     _log(f"exporting the final weights to {path} (Hugging Face format)")
-    save_pretrained(nnx.merge(ts.graphdef, state["params"]), path, dtype=run.train.export_dtype,
-                    progress=False)
+    model = lora_train.merged_model(ts.graphdef, state["params"], state.get("frozen"))
+    if run.lora is not None:  # the adapters folded into the (full-precision) base: a plain checkpoint
+        from jaxmodel.lora import merge_lora
+
+        merge_lora(model)
+    save_pretrained(model, path, dtype=run.train.export_dtype, progress=False)
     # The starting directory's tokenizer goes along, so the export is a complete model directory.
     if run.init_from and jax.process_index() == 0:
         copy_tokenizer_files(resolve_model(run.init_from), path)

@@ -5,7 +5,9 @@ Inside:
 - `ValidationError` (a ConfigError: the CLI prints it as one line, exit 2).
 - `check_run(run, mesh)`: the global batch and each microbatch against `data x fsdp`, and every parameter
   and activation dimension against its mesh axis (`jaxmodel.sharding.check_divisible`; the deliberate
-  replications are listed there). Needs no data and no weights.
+  replications are listed there), and `train.seq_len` against 2 x `context` (context parallelism holds
+  two equal chunks of every sequence per shard; `jaxmodel.context_parallel.check_length`), with each
+  sequence's context shards on one host (`check_hosts`). Needs no data and no weights.
 - `check_dataset(index, run, where, tokenizer_dir=None)`: a prepared data directory's `index.json`
   against the run: its `seq_len` equals `train.seq_len`; its vocabulary and largest token id are below
   the model's `vocab_size`; its bos/eos/pad ids agree with the model config's and with the tokenizer's.
@@ -22,10 +24,12 @@ trains the model to end documents with a token it will never be asked to stop at
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from jaxmodel import storage
 from jaxmodel.config import ConfigError
+from jaxmodel.context_parallel import check_hosts, check_length
 from jaxmodel.sharding import check_divisible
 
 
@@ -41,6 +45,19 @@ def check_run(run, mesh) -> None:
         batches.append((f"train.global_batch_size / train.microbatches ({t.global_batch_size} / "
                         f"{t.microbatches})", t.global_batch_size // t.microbatches))
     check_divisible(run.model, mesh, batches=batches)
+    impl = run.model.attention_impl
+    if impl == "auto" and _platform(mesh) == "tpu":
+        impl = "splash"  # what attention.resolve_impl picks there
+    check_length(t.seq_len, mesh, impl)
+    check_hosts(mesh)
+
+
+def _platform(mesh) -> str | None:
+    """The platform of a concrete mesh's devices or an abstract mesh's (None when it names none)."""
+    if isinstance(mesh, jax.sharding.Mesh):
+        return mesh.devices.flat[0].platform
+    device = getattr(mesh, "abstract_device", None)
+    return None if device is None else device.platform
 
 
 def check_vocabulary(tokenizer_vocab: int, model_vocab: int | None, where: str) -> None:

@@ -84,11 +84,15 @@ def test_compile_check_decode_for_a_tpu_slice(quantize):
     assert report["mode"] == "decode" and report["devices"] == 4 and report["device_kind"] == "TPU v5 lite"
     assert report["quantize"] == quantize and report["kv_cache_dtype"] == "int8"
     assert report["batch_size"] == 8 and report["prompt_length"] + report["new_tokens"] == report["max_length"]
-    assert report["fits"] and report["decode_step"]["fits"]
-    assert report["decode_step"]["alias_bytes"] > 0  # the donated cache is updated in place
-    engine = report["engine"]  # the continuous-batching engine's steps, slots = the config's batch size
-    assert engine["slots"] == 8 and engine["max_model_len"] == report["max_length"] and engine["fits"]
-    assert engine["decode_step"]["alias_bytes"] > 0 and engine["prefill_step"]["alias_bytes"] > 0
+    assert report["fits"]
+    engine = report["engine"]  # the paged engine: max_num_seqs = the config's batch size, the model's context
+    assert engine["max_num_seqs"] == 8 and engine["max_model_len"] == 32768 and engine["fits"]
+    pool = engine["pool"]  # default: pages for 8 sequences of max_model_len
+    assert pool["pages"] == 8 * 32768 // 16 and pool["tokens"] == pool["pages"] * 16
+    assert engine["pool_holds_max_model_len"]
+    assert engine["max_concurrent_seqs"] == 8 and pool["laid_out_bytes_per_device"] >= pool["bytes_per_device"] > 0
+    assert engine["programs"] == 2 * len(engine["widths"]) and len(engine["steps"]) == 3
+    assert all(step["fits"] and step["alias_bytes"] > 0 for step in engine["steps"].values())  # the pool in place
 
 
 @pytest.mark.parametrize("name", ["v5e-1-int8", "v5e-4", "v6e-1", "gpu-80gb", "v5e-1-int4", "8gb-int4"])

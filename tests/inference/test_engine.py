@@ -1,9 +1,10 @@
-"""The continuous-batching engine: token-for-token parity with transformers' generate on each prompt alone
-under a mixed workload (more requests than slots, arrivals while others decode, chunked prefill, stop
-tokens, stop strings, max tokens), no recompilation in steady state, slots freed the step a row stops,
-int8 weights and int8 KV cache, EOS never in a completion, Generator on the engine, a bad request failing
-alone while the engine keeps serving, a fatal loop error failing every request and calling on_fatal, and
-the metrics' memory staying bounded."""
+"""The continuous-batching engine (inference/engine/): token-for-token parity with transformers' generate
+on each prompt alone under a mixed workload (more requests than slots, arrivals while others decode,
+chunked prefill, stop tokens, stop strings, max tokens), no recompilation in steady state, a sequence's
+pages freed the step its stop is read, int8 weights and int8 KV cache, EOS never in a completion,
+Generator on the engine, a bad request failing alone while the engine keeps serving, a fatal loop error
+failing every request and calling on_fatal, and the metrics' memory staying bounded. (The paged pool's
+own acceptance tests -- preemption, prefix caching, 48 requests -- are in test_paged_engine.py.)"""
 
 
 import collections
@@ -80,8 +81,10 @@ def _decode_fn(tokenizer):
 
 
 def test_engine_greedy_matches_transformers_each_prompt_alone(tiny_model, tokenizer, workload):
-    engine = Engine(tiny_model, slots=SLOTS, max_model_len=512, prefill_chunk=64, prefill_rows=2,
-                    decode=_decode_fn(tokenizer))
+    engine = Engine(tiny_model, slots=SLOTS, max_model_len=512, prefill_chunk=64, decode=_decode_fn(tokenizer))
+    plans = []  # the scheduler's plans, as the engine sent them (spied, not replaced)
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: plans.append(schedule()) or plans[-1]
     requests = [Request(c["prompt"], max_tokens=c["max_new"], stop_ids=frozenset(c["stop_ids"]),
                         stop_strings=c["stop_strings"]) for c in workload]
     for r in requests[:8]:  # more requests than slots from the start
@@ -90,14 +93,15 @@ def test_engine_greedy_matches_transformers_each_prompt_alone(tiny_model, tokeni
     while not all(r.finished for r in requests):
         engine.step()
         steps += 1
-        # A row that stopped this step has already given up its slot.
-        assert all(r is None or not r.finished for r in engine.requests)
-        seen_mixed |= bool((engine.phase == 1).any() and (engine.phase == 2).any())
+        # A sequence whose stop was read this step has already given up its place and pages.
+        assert all(not r.finished for r in engine.running)
+        kinds = {e.count == 1 and e.start >= e.seq.prompt_len for e in plans[-1].entries}
+        seen_mixed |= kinds == {True, False}  # decode tokens and a prompt chunk in one call
         if pending and steps % 3 == 0:  # arrivals while others decode
             for _ in range(2):
                 if pending:
                     engine.submit(pending.pop(0))
-    assert seen_mixed, "a prompt should have been prefilled in chunks while other rows decoded"
+    assert seen_mixed, "a prompt should have been prefilled in chunks while other sequences decoded"
     for i, (r, c) in enumerate(zip(requests, workload)):
         assert r.tokens == c["expected"], f"request {i} (prompt {len(c['prompt'])} tokens, stop {c['stop_ids'][:1]}" \
                                           f" {c['stop_strings']}): {r.tokens} != {c['expected']}"
@@ -108,21 +112,22 @@ def test_engine_greedy_matches_transformers_each_prompt_alone(tiny_model, tokeni
             assert r.text == tokenizer.decode(r.tokens, skip_special_tokens=True)
     metrics = engine.metrics()
     assert metrics["finished_requests_total"] == N_REQUESTS and engine.active_slots == 0
-    # Every prompt token went through a prefill call, padding counted on top.
-    assert metrics["prefill_tokens_total"] >= sum(len(c["prompt"]) for c in workload)
+    # Every prompt token went through a call (no two prompts here share a full page), padding not counted.
+    prompts = sum(len(c["prompt"]) for c in workload)
+    assert metrics["prompt_tokens_total"] == prompts and metrics["prefill_tokens_total"] >= prompts
+    assert metrics["kv_pages_free"] + metrics["kv_pages_cached"] == metrics["kv_pages_total"]
 
 
 def test_no_recompilation_in_steady_state(tiny_model):
     """After warmup, greedy, sampled, top-logprob and echo (prompt logprobs) requests of every length
     compile nothing: neither jit's caches grow nor does XLA compile (counted by the engine too)."""
-    engine = Engine(tiny_model, slots=SLOTS, max_model_len=512, prefill_chunk=128, prefill_rows=2)
-    steps = (engine._packed_step, engine._prefill_step, engine._decode_step)  # jitted once per model: shared
+    engine = Engine(tiny_model, slots=SLOTS, max_model_len=512, prefill_chunk=128)
+    steps = (engine._step_fn,)  # jitted once per model and pool format: shared by engines
     cached = sum(step._cache_size() for step in steps)  # programs earlier tests' engines compiled
     shapes = engine.warmup()
-    # with and without prompt logprobs: packed first chunks at each width {16, 24, 32, 48, 64, 96, 128} (at
-    # 128 banded too: prompts of at most PROMPT_WINDOW tokens) and later chunks [1, 128]; then the decode
-    # step (sampling and top logprobs are run-time flags)
-    assert shapes == 2 * (7 + 1 + 1) + 1
+    # with and without prompt logprobs, one program per token width: 16, 24, ..., 128, then the step's
+    # budget (128 + 4 rows, rounded up to 8); sampling and top logprobs are run-time flags
+    assert engine.widths == [16, 24, 32, 48, 64, 96, 128, 136] and shapes == 2 * 8
     sizes = tuple(step._cache_size() for step in steps)
     warm = engine.metrics()["compiles_total"]
     assert warm == sum(sizes) - cached  # each program this warmup added compiled once, and counted
@@ -143,22 +148,24 @@ def test_no_recompilation_in_steady_state(tiny_model):
     assert engine.metrics()["compiles_total"] == warm
 
 
-def test_a_row_that_stops_frees_its_slot_in_the_same_step(tiny_model):
+def test_a_sequence_that_stops_frees_its_place_in_the_step_that_reads_it(tiny_model):
     engine = Engine(tiny_model, slots=1, max_model_len=64)
     first, second = Request([5, 6, 7], max_tokens=1), Request([8, 9], max_tokens=3)
     engine.submit(first)
     engine.submit(second)
-    engine.step()  # first: prefill gives its one token -> finished, slot free at once
+    engine.step()  # first's prompt goes out; its token is read one step late, while the next call runs
+    assert not first.finished and engine.running == [first] and engine.queue_depth == 1
+    engine.step()  # nothing more to compute for first (max_tokens=1): its token is read, place freed at once
     assert first.finished and first.finish_reason == "length" and len(first.tokens) == 1
-    assert engine.requests == [None] and engine.queue_depth == 1
-    engine.step()  # second is admitted and prefilled the next step; its first decode call goes out with it
-    assert engine.requests == [second] and len(second.tokens) == 1
-    engine.step()  # that call's token is read while the next call runs (results are read one step late)
-    assert len(second.tokens) == 2
+    assert engine.running == [] and engine.queue_depth == 1 and engine.metrics()["kv_pages_free"] == engine.num_pages
+    engine.step()  # second is admitted; its prompt goes out
+    assert engine.running == [second] and second.tokens == []
+    engine.step()  # its first decode goes out (fed the prompt call's token on the device), that token is read
+    assert len(second.tokens) == 1
     while not second.finished:
         engine.step()
-    # max_tokens: no row is computed past it (one call per token after the first), and first (max_tokens=1)
-    # never needed a decode call at all
+    # max_tokens: no sequence is computed past it (one decode call per token after the first), and first
+    # (max_tokens=1) never needed a decode call at all
     assert len(second.tokens) == 3 and engine.decode_steps == 2 and engine.idle()
 
 
@@ -170,8 +177,8 @@ def test_cancel_and_queue_bound(tiny_model):
     engine.step()
     engine.step()
     engine.cancel(a)
-    engine.step()  # a's slot goes to b
-    assert a.finish_reason == "abort" and engine.requests == [b]
+    engine.step()  # a's place goes to b in the same step
+    assert a.finish_reason == "abort" and engine.running == [b] and engine.queue_depth == 0
     with pytest.raises(EngineError, match="exceeds max_model_len=64"):
         engine.submit(Request(list(range(4, 60)), max_tokens=10))
     with pytest.raises(EngineError, match="out of range"):
@@ -188,7 +195,7 @@ def test_int8_weights_and_int8_cache_in_the_engine(tiny_dir, tiny_model):
     assert [r.tokens for r in engine.run([Request(p.tolist(), max_tokens=10) for p in prompts])] == static
 
     engine = Engine(int8, slots=2, max_model_len=128, prefill_chunk=32, kv_cache_dtype="int8")
-    assert engine.cache.k.dtype == np.int8
+    assert all(leaf.dtype == np.int8 for leaf in jax.tree.leaves(engine.pages.kv))
     reqs = engine.run([Request(p.tolist(), max_tokens=10) for p in prompts])
     graphdef, state = nnx.split(int8)
     worst = 0.0
@@ -233,70 +240,25 @@ def test_generator_on_the_engine_no_special_tokens_and_input_order(tiny_dir, tin
 def test_engine_on_a_mesh_matches_one_device(tiny_dir, tiny_model):
     from jaxmodel.sharding import make_mesh
 
-    mesh = make_mesh((2, 1, 4))  # slots over data, heads over tensor
+    mesh = make_mesh((4, 1, 2))  # heads over tensor (2 divides the 2 KV heads: the pool is split too)
     model = unstack_layers(from_pretrained(tiny_dir, mesh=mesh, progress=False))  # as Generator runs on CPU
     q_proj = model.layers[0].self_attn.q_proj[...]
-    assert q_proj.sharding.mesh.shape["tensor"] == 4 and q_proj.sharding.spec[1] == "tensor"  # heads, kept
+    assert q_proj.sharding.mesh.shape["tensor"] == 2 and q_proj.sharding.spec[1] == "tensor"  # heads, kept
     prompts = random_prompts(tiny_model.config.vocab_size, (4, 40, 9, 23, 70), seed=13)
     single = Engine(tiny_model, slots=2, max_model_len=128, prefill_chunk=32)
     sharded = Engine(model, slots=2, max_model_len=128, prefill_chunk=32)
     expected = [r.tokens for r in single.run([Request(p.tolist(), max_tokens=8) for p in prompts])]
     assert [r.tokens for r in sharded.run([Request(p.tolist(), max_tokens=8) for p in prompts])] == expected
-    assert isinstance(sharded.cache.k, tuple) and len(sharded.cache.k) == model.config.num_hidden_layers  # per layer
-    assert sharded.cache.k[0].sharding.mesh.shape["data"] == 2
+    kv = sharded.pages.kv
+    assert isinstance(kv, tuple) and len(kv) == model.config.num_hidden_layers  # per layer
+    assert kv[0].sharding.mesh.shape["tensor"] == 2 and "tensor" in kv[0].sharding.spec  # pages over kv heads
 
 
-@pytest.mark.parametrize("window", [None, 32], ids=["whole_row", "banded"])
-def test_packed_prompts_fill_the_cache_as_each_prompt_alone(tiny_model, window):
-    """Five prompts packed in one row (the engine's first-chunk prefill): the logits at each prompt's
-    last token, its keys/values, segment ids and length in its own cache row equal the same forward run
-    on that prompt alone; unaddressed cache rows stay empty; per-token addressing outside "fresh" mode is
-    refused. With a prompt_window (every prompt at most that long) attention runs banded, the same."""
-    from inference.kv_cache import init_cache
-    from jaxmodel.attention import bands
-    from jaxmodel.kv_cache import layer_of
-
-    cfg, slots = tiny_model.config, 32
-    per_layer = tiny_model.unstacked
-    prompts = random_prompts(cfg.vocab_size, [5, 9, 3, 30, 32], seed=3)
-    rows = [2, 0, 3, 5, 6]  # cache row of each prompt; rows 1, 4 and 7 are left alone
-    width = 128
-    assert window is None or bands(window, width)
-    ids, segments, positions = (np.zeros(width, np.int32) for _ in range(3))
-    token_rows, ends, at = np.full(width, 8, np.int32), [], 0  # padding tokens address row 8: nowhere
-    for i, (p, row) in enumerate(zip(prompts, rows)):
-        n = len(p)
-        ids[at:at + n], segments[at:at + n], positions[at:at + n], token_rows[at:at + n] = p, i + 1, np.arange(n), row
-        ends.append(at + n - 1)
-        at += n
-    cache = init_cache(cfg, 8, slots, per_layer=per_layer)
-    logits, packed = tiny_model(ids[None], positions[None], segments[None], cache=cache, write_index=positions[None],
-                                cache_rows=token_rows[None], logits_at=np.array([ends]), cache_attention="fresh",
-                                prompt_window=window)
-    assert logits.shape == (1, len(prompts), cfg.vocab_size)
-    for i, (p, row) in enumerate(zip(prompts, rows)):
-        n = len(p)
-        empty = init_cache(cfg, 1, slots, per_layer=per_layer)
-        alone_logits, alone = tiny_model(p[None], np.arange(n)[None], None, cache=empty,
-                                         write_index=np.zeros(1, np.int32), last_only=True, cache_attention="fresh")
-        np.testing.assert_allclose(logits[0, i], alone_logits[0, 0], atol=1e-5, rtol=1e-5)
-        for layer in range(cfg.num_hidden_layers):
-            for a, b in ((packed.k, alone.k), (packed.v, alone.v)):
-                np.testing.assert_allclose(layer_of(a, layer)[row, :, :n], layer_of(b, layer)[0, :, :n], atol=1e-5)
-        assert int(packed.lengths[row]) == n
-        assert np.asarray(packed.segment_ids[row]).tolist() == [1] * n + [0] * (slots - n)
-    for untouched in (1, 4, 7):
-        assert int(packed.lengths[untouched]) == 0 and not np.asarray(packed.segment_ids[untouched]).any()
-    with pytest.raises(ValueError, match="packed prompts"):
-        tiny_model(ids[None], positions[None], segments[None], cache=cache, write_index=positions[None],
-                   cache_rows=token_rows[None], cache_attention="xla")
-
-
-def test_prompt_logprobs_across_packed_and_later_chunks_equal_transformers(tiny_model, hf_model):
-    """Prompt log-probabilities (what echo + logprobs asks for) of prompts packed together and of long
-    prompts prefilled in chunks (a packed first chunk, then later chunks over the cache) equal
-    transformers' log-softmax of the whole prompt, with the top alternatives."""
-    engine = Engine(tiny_model, slots=4, max_model_len=128, prefill_chunk=16, prefill_rows=4)
+def test_prompt_logprobs_across_ragged_calls_and_chunks_equal_transformers(tiny_model, hf_model):
+    """Prompt log-probabilities (what echo + logprobs asks for) of prompts sharing a call and of long
+    prompts prefilled in chunks over several calls equal transformers' log-softmax of the whole prompt,
+    with the top alternatives."""
+    engine = Engine(tiny_model, slots=4, max_model_len=128, prefill_chunk=16)
     prompts = random_prompts(tiny_model.config.vocab_size, [5, 40, 9, 23, 3], seed=11)
     requests = [Request(p.tolist(), max_tokens=0, prompt_logprobs=True) for p in prompts]
     engine.run(requests)
@@ -367,7 +329,7 @@ def test_a_fatal_loop_error_finishes_every_request_with_an_error_and_calls_on_fa
     engine.step()
     engine.step()  # the first request decodes, the two others wait for its slot
     assert len(reqs[0].tokens) >= 1 and engine.queue_depth == 2
-    for leaf in jax.tree.leaves(engine.cache):
+    for leaf in jax.tree.leaves(engine.pages):
         leaf.delete()
     engine.start()
     assert all(r.done.wait(120) for r in reqs)
@@ -402,14 +364,14 @@ def test_token_rate_memory_stays_bounded_and_metrics_stay_right(tiny_model):
         return engine.run(reqs)
 
     def sizes():
-        return {k: len(v) for k, v in vars(engine).items() if isinstance(v, (list, dict, collections.deque))
-                and k != "ttft"}
+        return {k: len(v) for part in (engine, engine.stats) for k, v in vars(part).items()
+                if isinstance(v, (list, dict, collections.deque)) and k != "ttft"}
 
     first = batch(8, 40, seed=1)
     before = sizes()
     second = batch(8, 100, seed=2)
     assert sizes() == before
-    assert engine.ttft.maxlen == 1000 and len(engine.ttft) == 16
+    assert engine.stats.ttft.maxlen == 1000 and len(engine.stats.ttft) == 16
     t0 = time.perf_counter()
     m = engine.metrics()
     t1 = time.perf_counter()

@@ -8,10 +8,10 @@ import pytest
 import torch
 from flax import nnx
 
-from inference import GenerateError, bucket_batch, bucket_length, decode_step, generate, init_cache, prefill
-from inference.generate import _generate_jit, _prefill_into, prefill_positions
-from inference.kv_cache import empty_cache
+from inference import GenerateError, bucket_batch, bucket_length, decode_step, generate, prefill, static_pages
+from inference.generate import PAGE_SIZE, _generate_jit, _last_logits, prefill_positions
 from jaxmodel import from_pretrained
+from jaxmodel.kv_cache import Cache, init_pages
 from jaxmodel.sharding import make_mesh
 
 from .conftest import count_compiles, left_pad, random_prompts
@@ -78,19 +78,24 @@ def test_right_padded_input_gives_the_same_tokens(tiny_model, prompts, reference
     np.testing.assert_array_equal(generate(tiny_model, ids, mask, max_new_tokens=NEW, pad_token_id=PAD), reference)
 
 
-def _stepwise_logits(model, ids, mask, steps):
-    """Prefill + `steps` greedy decode steps with the jitted step functions; logits [B, steps + 1, V]."""
+def _pool(config, batch, length, kv_dtype=None):
+    return jax.jit(lambda: static_pages(config, batch, length, kv_dtype=kv_dtype))()
+
+
+def _stepwise_logits(model, ids, mask, steps, kv_dtype=None):
+    """Prefill + `steps` greedy decode steps with the jitted step functions -> (logits [B, steps + 1, V],
+    tokens [B, steps], pool, lengths [B])."""
     graphdef, state = nnx.split(model)
     batch, prompt = ids.shape
-    cache = init_cache(model.config, batch, prompt + steps)
-    logits, cache = prefill(graphdef, state, ids, mask, cache)
+    pages = _pool(model.config, batch, prompt + steps, kv_dtype)
+    logits, pages, lengths = prefill(graphdef, state, ids, mask, pages)
     out, tokens = [logits], []
-    for t in range(steps):
+    for _ in range(steps):
         token = jnp.argmax(logits, -1).astype(jnp.int32)
         tokens.append(token)
-        logits, cache = decode_step(graphdef, state, token, cache, prompt + t)
+        logits, pages, lengths = decode_step(graphdef, state, token, pages, lengths)
         out.append(logits)
-    return np.stack(out, 1), np.stack(tokens, 1), cache
+    return np.stack(out, 1), np.stack(tokens, 1), pages, lengths
 
 
 @nnx.jit
@@ -106,20 +111,10 @@ def test_cached_decode_matches_full_forward(tiny_dir, tiny_model, variant):
     prompts = random_prompts(model.config.vocab_size, (5, 20), seed=5)
     ids, mask = left_pad(prompts)
     steps = 6
+    cached, tokens, pages, lengths = _stepwise_logits(model, ids, mask, steps, "int8" if variant == "int8_kv" else None)
     if variant == "int8_kv":
-        graphdef, state = nnx.split(model)
-        cache = init_cache(model.config, 2, ids.shape[1] + steps, kv_dtype="int8")
-        assert cache.k.dtype == jnp.int8 and cache.k_scale.shape == cache.k.shape[:-1]
-        logits, cache = prefill(graphdef, state, ids, mask, cache)
-        out, tokens = [logits], []
-        for t in range(steps):
-            tokens.append(jnp.argmax(logits, -1).astype(jnp.int32))
-            logits, cache = decode_step(graphdef, state, tokens[-1], cache, ids.shape[1] + t)
-            out.append(logits)
-        cached, tokens = np.stack(out, 1), np.stack(tokens, 1)
-    else:
-        cached, tokens, cache = _stepwise_logits(model, ids, mask, steps)
-        assert np.asarray(cache.lengths).tolist() == [5 + steps, 20 + steps]
+        assert pages.kv.dtype == jnp.int8 and pages.scale.shape == pages.kv.shape[:-1]
+    assert np.asarray(lengths).tolist() == [5 + steps, 20 + steps]
     full_ids = np.concatenate([ids, tokens], 1)
     full_mask = np.concatenate([mask, np.ones_like(tokens)], 1)
     full = np.asarray(_full_forward(tiny_model, full_ids, full_mask))[:, ids.shape[1] - 1:]
@@ -133,8 +128,9 @@ def test_chunked_prefill_matches_one_call(tiny_model):
     ids, mask = left_pad(prompts)
     ids, mask = np.pad(ids, ((0, 0), (4, 0))), np.pad(mask, ((0, 0), (4, 0)))  # 64: four 16-token chunks
     graphdef, state = nnx.split(tiny_model)
-    run = jax.jit(lambda s, i, m, chunk: _prefill_into(graphdef, s, i, m, empty_cache(tiny_model.config, 3, 80),
-                                                       chunk)[0], static_argnums=3)
+    run = jax.jit(lambda s, i, m, chunk: _last_logits(nnx.merge(graphdef, s), i, m,
+                                                      static_pages(tiny_model.config, 3, 80), chunk)[0],
+                  static_argnums=3)
     whole, chunked = np.asarray(run(state, ids, mask, 64)), np.asarray(run(state, ids, mask, 16))
     full = np.asarray(_full_forward(tiny_model, ids, mask))[:, -1]
     assert np.abs(whole - full).max() <= 1e-4 and np.abs(chunked - full).max() <= 1e-4
@@ -206,37 +202,35 @@ def test_sharded_generation_matches_single_device(tiny_dir, prompts, reference):
 
 
 @pytest.mark.parametrize("kv_dtype", [None, "int8"])
-def test_cache_rows_write_and_read_only_their_rows(tiny_model, kv_dtype):
-    """The forward's `cache_rows`: two new rows go to cache rows 2 and 0 of a 4-row cache (a third, past
-    the end, is padding): logits equal the forward over a 2-row cache of just those rows, their cache
-    rows equal that cache's rows, and rows 1 and 3 (and everything for the padding row) are untouched."""
+def test_a_call_writes_and_reads_only_its_sequences_pages(tiny_model, kv_dtype):
+    """Two prompts whose page-table rows hold the pages of rows 2 and 0 of a 4-row pool already full of
+    other values (and a padding row): logits equal the same call over a fresh 2-row pool, their pages
+    equal that pool's pages, and the pages of rows 1 and 3 are untouched."""
     config = tiny_model.config
-    prompts = random_prompts(config.vocab_size, (7, 12, 5), seed=11)
-    ids, mask = np.zeros((3, 12), np.int32), np.zeros((3, 12), np.int32)
-    for b, p in enumerate(prompts):  # right-padded, as the engine sends a chunk
-        ids[b, :len(p)], mask[b, :len(p)] = p, 1
-    positions = np.broadcast_to(np.arange(12, dtype=np.int32), (3, 12))
-    start = np.zeros(3, np.int32)
+    prompts = random_prompts(config.vocab_size, (7, 12), seed=11)
+    ids = np.concatenate(prompts).astype(np.int32)[None]
+    width = 2
     graphdef, state = nnx.split(tiny_model)
-    run = jax.jit(lambda s, c, i, m, p, w, r: nnx.merge(graphdef, s)(i, p, m, cache=c, write_index=w, cache_rows=r))
-    big = jax.tree.map(lambda x: x + 1 if x.dtype == jnp.int8 else x, init_cache(config, 4, 16, kv_dtype=kv_dtype))
-    logits, after = run(state, big, ids, mask, positions, start, np.array([2, 0, 4], np.int32))
-    small_run = jax.jit(lambda s, c, i, m, p, w: nnx.merge(graphdef, s)(i, p, m, cache=c, write_index=w))
-    ref_logits, ref = small_run(state, init_cache(config, 2, 16, kv_dtype=kv_dtype), ids[:2], mask[:2],
-                                positions[:2], start[:2])
-    np.testing.assert_allclose(np.asarray(logits)[:2], np.asarray(ref_logits), atol=1e-5)
-    for name in ("k", "v", "k_scale", "v_scale"):
-        new, old, want = getattr(after, name), getattr(big, name), getattr(ref, name)
-        if new is None:
-            continue
+    run = jax.jit(lambda s, c, i: nnx.merge(graphdef, s)(i, cache=c))
+
+    def call(pages, table):
+        cache = Cache(pages, jnp.asarray(table, jnp.int32), jnp.array([7, 12, 0], jnp.int32),
+                      jnp.array([0, 7, 19, 19], jnp.int32), jnp.array([2], jnp.int32))
+        logits, cache = run(state, cache, ids)
+        return np.asarray(logits), cache.pages
+
+    rows = np.arange(4 * width).reshape(4, width)
+    big = jax.tree.map(lambda x: x + 1, init_pages(config, 4 * width, PAGE_SIZE, kv_dtype=kv_dtype))
+    logits, after = call(big, rows[[2, 0, 1]])
+    ref_logits, ref = call(init_pages(config, 2 * width, PAGE_SIZE, kv_dtype=kv_dtype), rows[[0, 1, 0]])
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+    for new, old, want in zip(jax.tree.leaves(after), jax.tree.leaves(big), jax.tree.leaves(ref)):
         new, old, want = np.asarray(new), np.asarray(old), np.asarray(want)
-        filled = np.pad(np.asarray(mask[:2], bool), ((0, 0), (0, 4)))  # slots written (of 16)
-        for b, row in ((0, 2), (1, 0)):
-            np.testing.assert_allclose(new[:, row][:, :, filled[b]], want[:, b][:, :, filled[b]], atol=1e-6)
-        np.testing.assert_array_equal(new[:, [1, 3]], old[:, [1, 3]])
-    np.testing.assert_array_equal(np.asarray(after.segment_ids)[[2, 0]], np.asarray(ref.segment_ids))
-    np.testing.assert_array_equal(np.asarray(after.segment_ids)[[1, 3]], 0)
-    assert np.asarray(after.lengths).tolist() == [12, 0, 7, 0]
+        for b, (length, row) in enumerate(((7, 2), (12, 0))):
+            np.testing.assert_allclose(new[:, rows[row]].reshape(new.shape[0], -1, *new.shape[3:])[:, :length],
+                                       want[:, rows[b]].reshape(want.shape[0], -1, *want.shape[3:])[:, :length],
+                                       atol=1e-6)
+        np.testing.assert_array_equal(new[:, rows[[1, 3]]], old[:, rows[[1, 3]]])
 
 
 def test_unstacked_layers_generate_what_the_stack_does(tiny_dir, tiny_model, prompts):

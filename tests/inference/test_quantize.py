@@ -6,25 +6,30 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from inference import Generator, QArray, forward_cached, generate, param_bytes, quantize_model
-from inference.kv_cache import empty_cache
+from inference import Generator, QArray, generate, param_bytes, quantize_model, static_pages
 from inference.quantize import QUANTIZED, abstract_quantized_state, quantize_array
 from jaxmodel import MistralConfig, abstract_model, from_pretrained
 from jaxmodel.aot import abstract_state
+from jaxmodel.kv_cache import Cache
 from jaxmodel.sharding import make_mesh
 
 from .conftest import left_pad, random_prompts
 
 
 def _logits(model, ids):
-    """Logits at every position via the cached forward (the path generation uses, QArray-aware)."""
+    """Logits at every position via the cached forward (the path generation uses, QArray-aware): the rows
+    packed in one ragged call over generate's page pool."""
     graphdef, state = nnx.split(model)
-    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    batch, length = ids.shape
 
     @jax.jit
     def run(state, ids):
-        cache = empty_cache(model.config, ids.shape[0], ids.shape[1])
-        return forward_cached((graphdef, state), ids, positions, cache, 0, fresh=True)[0]
+        pages = static_pages(model.config, batch, length)
+        width = pages.num_pages // batch
+        cache = Cache(pages, jnp.arange(batch * width, dtype=jnp.int32).reshape(batch, width),
+                      jnp.full(batch, length, jnp.int32), jnp.arange(batch + 1, dtype=jnp.int32) * length,
+                      jnp.array([batch], jnp.int32))
+        return nnx.merge(graphdef, state)(ids.reshape(1, -1), cache=cache)[0].reshape(batch, length, -1)
 
     return np.asarray(run(state, ids))
 

@@ -49,13 +49,13 @@ def _complete(base, **body) -> list[dict]:
 def test_no_request_kind_compiles_after_warmup(server):
     base, log = server
     with open(log) as f:
-        warmed = int(re.search(r"compiled (\d+) step shapes", f.read()).group(1))
+        warmed = int(re.findall(r"normistral serve: (\d+) programs ready", f.read())[-1])
     start = _metrics(base)
-    # one XLA compilation per program: with and without prompt logprobs, a packed first chunk (width 16)
-    # and a later chunk; and the decode step
-    assert warmed == 2 * 2 + 1 and start["compiles_total"] == warmed
+    # one XLA compilation per program: the step at each token width (16, and the budget 16 + 2 slots rounded
+    # up to 24), with and without prompt logprobs
+    assert warmed == 2 * 2 and start["compiles_total"] == warmed
     rng = np.random.default_rng(4)
-    short, long = (rng.integers(4, 300, size=n).tolist() for n in (5, 40))  # 40: a packed chunk, then 2 later
+    short, long = (rng.integers(4, 300, size=n).tolist() for n in (5, 40))  # 40: prefilled over 3 steps
     for prompt in (short, long):
         greedy = _complete(base, prompt=prompt, max_tokens=6, temperature=0)
         assert greedy[0]["finish_reason"] in ("stop", "length")

@@ -454,7 +454,7 @@ def test_serve_refuses_bad_flags_before_loading_the_model(tiny_dir):
                  (["--served-model-name", ""], "--served-model-name ''"),
                  (["--port", str(port)], f"--port {port}: cannot listen there (address already in use)"),
                  (["--host", "no-such-host.invalid"], "--host no-such-host.invalid: not an address"),
-                 (["--slots", "10000000"], "--slots 10000000: the KV cache needs ")]
+                 (["--slots", "10000000"], "--max-num-seqs 10000000: more sequences than the pool's ")]
         for flags, message in cases:
             r = subprocess.run([sys.executable, "-m", "normistral", "serve", tiny_dir, "--dtype", "float32", *flags],
                                cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)

@@ -7,11 +7,12 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxmodel import convert, from_pretrained, import_hf
-from jaxmodel.sharding import MESH_AXES, MeshShape, ShardingError, auto_mesh, describe, logical_to_spec, make_mesh
+from jaxmodel.sharding import MeshShape, ShardingError, auto_mesh, describe, logical_to_spec, make_mesh
 
 from ..conftest import PARITY_CONFIGS
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4), (1, 1, 8)]
+AXES = ("data", "fsdp", "tensor")  # a user's mesh may leave out `context` (MESH_AXES has it, size 1 by default)
 
 
 def _logits(model, ids, mesh=None):
@@ -32,10 +33,10 @@ def reference(hf_checkpoints):
 @pytest.mark.parametrize("shape", MESHES)
 def test_sharded_logits_equal_single_device(reference, shape):
     path, ids, expected = reference
-    mesh = jax.make_mesh(shape, MESH_AXES)  # the public contract: a plain jax.make_mesh mesh
+    mesh = jax.make_mesh(shape, AXES)  # the public contract: a plain jax.make_mesh mesh
     model = from_pretrained(path, mesh=mesh, progress=False)
     q = model.layers.self_attn.q_proj[...]
-    assert q.sharding.mesh.shape == dict(zip(MESH_AXES, shape))
+    assert q.sharding.mesh.shape == dict(zip(AXES, shape))
     np.testing.assert_allclose(_logits(model, ids, mesh), expected, atol=1e-5, rtol=0)
 
 
@@ -44,7 +45,7 @@ def test_the_model_runs_under_jax_set_mesh_of_a_plain_make_mesh(reference, shape
     """JAX's own idiom: `jax.make_mesh` (Explicit axes) and `jax.set_mesh`, with no auto_mesh; input ids as
     NumPy and as an array explicitly sharded over the batch axes. Single-device logits within 1e-5."""
     path, ids, expected = reference
-    mesh = jax.make_mesh(shape, MESH_AXES)
+    mesh = jax.make_mesh(shape, AXES)
     assert all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
     model = from_pretrained(path, mesh=mesh, progress=False)
     forward = nnx.jit(lambda m, x: m(x))
@@ -129,7 +130,7 @@ def test_rules_refuse_two_logical_axes_on_one_mesh_axis():
 
 
 def test_mesh_shape_resolves_minus_one_and_rejects_bad_sizes():
-    assert MeshShape(2, -1, 2).resolve(8) == (2, 2, 2)
+    assert MeshShape(2, -1, 2).resolve(8) == (2, 2, 1, 2)  # in MESH_AXES order: data, fsdp, context, tensor
     assert make_mesh({"data": 1, "fsdp": -1, "tensor": 2}).shape == {"data": 1, "fsdp": 4, "tensor": 2}
     with pytest.raises(ShardingError, match="at most one axis"):
         MeshShape(-1, -1, 1).resolve(8)

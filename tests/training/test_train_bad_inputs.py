@@ -192,9 +192,14 @@ def test_compile_check_of_a_program_too_large_to_compile_reports_fits_false():
     """libtpu refuses the generation program (RESOURCE_EXHAUSTED, ~10 s): the verdict and the compiler's
     figures, not its traceback. Exit 0: `fits: false` is the check's answer, not a failure to check."""
     proc = _cli("compile-check", "--config", "normistral-11b-long-infer-v6e-1", "--topology", "v6e:1x1", "--mode",
-                "decode", "--json", "--set", "inference.batch_size=2", "--set", "inference.max_length=32768")
+                "decode", "--json", "--set", "inference.batch_size=2", "--set", "inference.max_length=32768",
+                "--kv-cache-memory", "12GiB")  # the engine's pool too large as well
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["fits"] is False and report["device_bytes"] > report["hbm_bytes"] == 32 * 1024**3
     assert report["compiler"].startswith("RESOURCE_EXHAUSTED") and report["engine"]["fits"] is False
+    engine = report["engine"]  # 12 GiB of pages beside 21.3 GiB of weights: refused before compiling
+    assert engine["pool"]["pages"] == 12 * 1024**3 // (16 * 163840) and engine["steps"] == {}
+    assert engine["compiler"].startswith("not compiled: the weights (21.") and "exceed the 30.40 GiB allowed" in \
+        engine["compiler"]

@@ -184,14 +184,16 @@ def test_the_shipped_configs_pass(tmp_path):
     import jax
 
     from jaxmodel.run_config import load_run_config
+    from jaxmodel.sharding import MESH_AXES
     from training.config import load
 
     for name, devices in (("normistral-11b-long-32k-v5p.yaml", 64), ("normistral-11b-long-8k-gpu.yaml", 8),
-                          ("tiny-cpu.yaml", 8)):
+                          ("tiny-cpu.yaml", 8), ("normistral-11b-long-32k-v5p-512.yaml", 256),
+                          ("normistral-11b-long-128k-v5p.yaml", 64), ("normistral-11b-long-32k-gpu.yaml", 8)):
         tree = load_run_config(os.path.join(REPO, "configs", name), [])
         tree["model"].pop("init_from", None)
         run = load(tree)
-        check_run(run, jax.sharding.AbstractMesh(run.mesh.resolve(devices), ("data", "fsdp", "tensor")))
+        check_run(run, jax.sharding.AbstractMesh(run.mesh.resolve(devices), MESH_AXES))
 
 
 def test_prepare_data_refuses_a_vocabulary_larger_than_the_model(data, tmp_path):
