@@ -186,11 +186,11 @@ def static_runner(model, encoded, new, stops, pad, batch):
     return timed
 
 
-def engine_runner(model, encoded, new, stops, slots, max_len):
+def engine_runner(model, encoded, new, stops, slots, max_len, options=None):
     """A callable: one timed pass of the engine (its default prefill settings, as `normistral serve`
     runs it) -> (outputs, seconds, decode steps, prefill calls, padded prefill tokens); compiled and warmed
     first."""
-    engine = Engine(model, slots=slots, max_model_len=max_len)
+    engine = Engine(model, slots=slots, max_model_len=max_len, **(options or {}))
     engine.warmup()
     engine.run([Request(e, max_tokens=new, stop_ids=frozenset(stops)) for e in encoded[:slots * 2]])
 
@@ -295,6 +295,9 @@ def main():
     parser.add_argument("--repeat", type=int, default=3,
                         help="interleaved passes of (a), (b) and (c); the best of each counts")
     parser.add_argument("--prefix-prompts", type=int, default=64, help="requests of the shared-prefix workload")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="the card workload's engine without prefix caching (its passes repeat the same prompts, "
+                             "so later passes would reuse the first's pages)")
     parser.add_argument("--code", help="a checkout whose engine runs instead of this one's (see the docstring)")
     args = parser.parse_args()
 
@@ -309,7 +312,8 @@ def main():
 
     hf = transformers_runner(args.model, encoded, args.new, stops, pad)
     static, engine = (static_runner(model, encoded, args.new, stops, pad, args.slots),
-                      engine_runner(model, encoded, args.new, stops, args.slots, max_len))
+                      engine_runner(model, encoded, args.new, stops, args.slots, max_len,
+                                    {"prefix_caching": False} if args.no_prefix_caching else None))
     hf_s = static_s = engine_s = float("inf")
     ratios, hf_ratios = [], []
     for _ in range(args.repeat):  # interleaved: a slow spell of a shared machine hits all three alike
@@ -319,7 +323,8 @@ def main():
         ratios.append(round(s_s / e_s, 2))
         hf_ratios.append(round(h_s / e_s, 2))
         hf_s, static_s, engine_s = min(hf_s, h_s), min(static_s, s_s), min(engine_s, e_s)
-    server_tokens, server_s, ttft, tpot = run_server(args.model, texts, args.new, args.slots, max_len, args.clients)
+    server_tokens, server_s, ttft, tpot = run_server(os.path.abspath(args.model), texts, args.new, args.slots,
+                                                     max_len, args.clients)
 
     n_tokens = sum(len(o) for o in engine_out)
     lengths = np.array([len(o) for o in engine_out])
@@ -346,7 +351,8 @@ def main():
                           "engine": {"prompt_tokens": engine_prompt_tokens, "row_steps": engine_steps * args.slots}},
         "compute_floor": floor, "engine_vs_compute_floor": round(engine_s / floor["seconds"], 2),
         "transformers_over_4_vs_compute_floor": round(hf_s / 4 / floor["seconds"], 2),
-        "code": CODE, "shared_prefix": shared_prefix(model, tok, args.prefix_prompts, args.new, stops, args.slots),
+        "code": CODE, "card_prefix_caching": not args.no_prefix_caching,
+        "shared_prefix": shared_prefix(model, tok, args.prefix_prompts, args.new, stops, args.slots),
     }
     result["engine_vs_static"] = round(result["engine_tokens_per_s"] / result["static_tokens_per_s"], 2)
     result["engine_vs_transformers"] = round(result["engine_tokens_per_s"] / result["transformers_tokens_per_s"], 2)

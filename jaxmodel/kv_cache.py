@@ -66,6 +66,7 @@ SCALE_AXES = KV_AXES[:-1]
 BLOCK_TOKENS = 128  # cached key slots per block of the xla path (whole pages)
 OWN_BLOCK = 32  # query/key block of the xla path's attention over the call's own tokens
 PER_TOKEN_UPTO = 64  # calls of up to this many tokens gather cached keys per token (see `_xla_attention`)
+PER_TOKEN_ELEMENTS = 1 << 24  # ... and larger calls too while one key block gathered per token stays this small
 
 
 @jax.tree_util.register_dataclass
@@ -343,9 +344,14 @@ def _xla_attention(q, kv, scale, cache: Cache, window):
     init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros(shape + (head_dim,), jnp.float32))
     carry = _own_keys(init, qg, kv, scale, cache, (rows, positions, valid), window, block)
-    # Small calls (decode steps: a token per sequence) gather per token, one loop step per key block;
-    # larger ones by query blocks, so a prefill chunk gathers its sequence's pages once per block.
-    cached_block = 1 if padded <= PER_TOKEN_UPTO else block
+    # Small calls (decode steps: a token per sequence), and any call whose per-token gather of one key block
+    # stays under PER_TOKEN_ELEMENTS (short contexts), gather per token, one loop step per key block; larger
+    # ones by query blocks, so a long prefill chunk gathers its sequence's pages once per block (a block
+    # mixing decode tokens of many sequences then takes a loop step per sequence).
+    page_size, width = kv.shape[1], cache.page_table.shape[1]
+    span = max(1, min(width, BLOCK_TOKENS // page_size)) * page_size  # key slots per block (`_cached_keys`)
+    small = padded <= PER_TOKEN_UPTO or padded * span * kv.shape[2] * head_dim <= PER_TOKEN_ELEMENTS
+    cached_block = 1 if small else block
     _, denom, acc = _cached_keys(carry, qg, kv, scale, cache, (rows, positions, valid), window, cached_block)
     out = acc / jnp.where(denom == 0, 1.0, denom)[..., None]
     return out.reshape(padded, heads, head_dim)[:length].astype(dt)
