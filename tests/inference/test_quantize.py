@@ -229,7 +229,10 @@ def test_int4_quarter_memory_and_sharded_generation(tiny_dir, int4_model):
     prompts = random_prompts(int4_model.config.vocab_size, (4, 30), seed=2)
     single = generate(int4_model, *left_pad(prompts), max_new_tokens=8)
     mesh = make_mesh((2, 1, 4))  # streamed straight onto the mesh, each part placed by the rules
-    sharded = Generator.from_pretrained(tiny_dir, dtype=jnp.bfloat16, quantize="int4", group_size=32, mesh=mesh)
+    # warmup=False: this test is about the sharded int4 weights and the static generate; in the full suite
+    # the engine's warm-up compile on this mesh aborted XLA's CPU compiler (not in this file alone; issue 25)
+    sharded = Generator.from_pretrained(tiny_dir, dtype=jnp.bfloat16, quantize="int4", group_size=32, mesh=mesh,
+                                        warmup=False)
     assert sharded.model.layers[0].mlp.gate_proj[...].q.sharding.mesh.shape["tensor"] == 4  # unstacked on CPU
     np.testing.assert_array_equal(generate(sharded.model, *left_pad(prompts), max_new_tokens=8), single)
 
