@@ -16,8 +16,12 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(BIN)/normistral demo --workdir demo-run
 
+# The suite in four processes (each compiles fewer XLA programs: one process for all of it crashed in XLA's
+# CPU compiler late in the run, see tests/conftest.py); every group runs, and any failure fails the target.
+TEST_GROUPS = "tests/inference/test_[a-l]*.py" "tests/inference/test_[m-z]*.py" tests/jaxmodel \
+	"tests --ignore=tests/inference --ignore=tests/jaxmodel"
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	@status=0; for group in $(TEST_GROUPS); do $(BIN)/python -m pytest -q $$group || status=1; done; exit $$status
 
 # The CPU benchmarks of BENCHMARKS.md (about 20 minutes on 2 cores; long_context alone ~10).
 bench: $(STAMP)

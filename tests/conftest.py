@@ -148,3 +148,16 @@ def repo_cwd():
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     yield
     os.chdir(previous)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, JAX's caches of compiled programs are cleared (`jax.clear_caches`): one pytest
+    process of the whole suite compiles thousands of XLA programs, and with every executable kept the
+    process crashed in a later module's compile (an abort, then a segfault, at different tests; each passes
+    alone), the likely cause being the executables' accumulated memory mappings (vm.max_map_count 65530)."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
