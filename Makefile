@@ -16,12 +16,17 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(BIN)/normistral demo --workdir demo-run
 
-# The suite in four processes (each compiles fewer XLA programs: one process for all of it crashed in XLA's
-# CPU compiler late in the run, see tests/conftest.py); every group runs, and any failure fails the target.
-TEST_GROUPS = "tests/inference/test_[a-l]*.py" "tests/inference/test_[m-z]*.py" tests/jaxmodel \
-	"tests --ignore=tests/inference --ignore=tests/jaxmodel"
+# The suite in six pytest processes, two at a time on the two cores, the longest groups first (one process for
+# all of it crashed in XLA's CPU compiler late in the run, see tests/conftest.py). Each group's output is
+# printed whole when it ends (logs in .pytest-groups/); every group runs, and any failure fails the target.
+TEST_GROUPS = "tests/test_[m-z]*.py" "tests/test_[a-l]*.py" tests/training "tests/inference/test_[a-l]*.py" \
+	"tests/inference/test_[m-z]*.py" tests/jaxmodel
+TEST_JOBS ?= 2
 test: $(STAMP)
-	@status=0; for group in $(TEST_GROUPS); do $(BIN)/python -m pytest -q $$group || status=1; done; exit $$status
+	@rm -rf .pytest-groups && mkdir .pytest-groups
+	@printf '%s\n' $(TEST_GROUPS) | xargs -P $(TEST_JOBS) -I GROUP sh -c 'log=".pytest-groups/$$(echo "GROUP" \
+	| tr -c "a-zA-Z0-9\n" _).log"; $(BIN)/python -m pytest -q -p no:cacheprovider --durations=5 GROUP >"$$log" 2>&1; \
+	status=$$?; echo "=== pytest GROUP: exit $$status"; cat "$$log"; exit $$status'
 
 # The CPU benchmarks of BENCHMARKS.md (about 20 minutes on 2 cores; long_context alone ~10).
 bench: $(STAMP)

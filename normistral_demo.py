@@ -52,7 +52,7 @@ def _random_hf_checkpoint(path: str, config) -> None:
 
         make_hf_checkpoint(path, config, seed=0)
         return
-    from jaxmodel.convert import save_pretrained
+    from jaxmodel.export import save_pretrained
     from jaxmodel.model import init_model
 
     save_pretrained(init_model(config, seed=0), path, progress=False)
@@ -62,7 +62,7 @@ def _step(number: int, text: str) -> None:
     print(f"\n[{number}/8] {text}", flush=True)
 
 
-def _pairs(count: int) -> list[tuple[str, str]]:
+def translation_pairs(count: int) -> list[tuple[str, str]]:
     """(English, Bokmål) pairs from the bundled corpus, spread over the file."""
     with open(os.path.join(CORPUS, "translation_pairs.jsonl"), encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f if line.strip()]
@@ -178,7 +178,7 @@ def run_demo(workdir: str, *, steps: int = 300) -> dict:
     parity = _parity(export)
 
     _step(8, f"translating a batch with the card's template {TEMPLATE!r}, greedy, stopping at newlines")
-    pairs = _pairs(6)
+    pairs = translation_pairs(6)
     generator = Generator.from_pretrained(export, dtype="float32")
     outputs = generator.generate([english for english, _ in pairs], template=TEMPLATE, stop="\n",
                                  max_new_tokens=32)

@@ -45,6 +45,10 @@ configurations, eager torch; under 3 minutes) and --tiny (MistralConfig.tiny sha
 test suite; under a minute on 2 idle cores: its numbers mean nothing, so it also sets XLA's backend
 optimization level to 0 unless XLA_FLAGS is set, which halves the compile time).
 SIGTERM ends a run as Ctrl-C does (exit 130, no JSON written); a bad flag is one line before any work.
+
+Files: the timing pieces are in accelerator_parts.py and the table/JSON in accelerator_report.py; what stays
+here (~560 lines, a tenth of them this docstring) is the plans and the measuring loop (`Bench`), whose rows
+share one device, one time budget and the ceilings, and read best in one place.
 """
 
 from __future__ import annotations
@@ -54,7 +58,6 @@ import dataclasses
 import datetime
 import functools
 import itertools
-import json
 import os
 import platform
 import signal
@@ -68,6 +71,7 @@ try:  # the one line a machine without the project's dependencies gets (e.g. a n
     import jax
     import numpy as np
     from accelerator_parts import copy_ceiling, datasheet, device_memory, failure, layer_vs_torch, matmul_ceiling, timed
+    from accelerator_report import COLUMNS, header, table, versions, write_json
     from flax import nnx
 
     from inference.engine.programs import (
@@ -95,10 +99,6 @@ TRAIN_RECIPE = "normistral-11b-long-8k-gpu"
 SERVE_RECIPE = "normistral-11b-long-infer-gpu-80gb"
 IMPLS = {"gpu": ("cudnn", "flash"), "tpu": ("splash",), "cpu": ("xla",)}  # what runs on each backend
 NA = "-"  # a cell that does not apply to the row's kind
-COLUMNS = ("part", "config", "first_call_s", "layer_ms", "step_ms", "tokens_per_s", "mfu", "mfu_datasheet",
-           "bw_fraction", "bw_fraction_datasheet", "torch_ratio", "status")
-HEADERS = ("part", "configuration", "1st call s", "ms/layer", "ms/step ({L} layers)", "tok/s/chip", "MFU meas",
-           "MFU sheet", "BW meas", "BW sheet", "torch/ours", "status")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,7 +331,7 @@ class Bench:
                 if weights == "int8":
                     quantize_model(model, "int8")
             graphdef, state = nnx.split(model)
-            weight_bytes = sum(_nbytes(v) for p, v in nnx.to_flat_state(state) if p[0] != "embed_tokens")
+            weight_bytes = sum(stored_bytes(v) for p, v in nnx.to_flat_state(state) if p[0] != "embed_tokens")
             self._models[key] = (graphdef, state, weight_bytes)
         return self._models[key]
 
@@ -457,67 +457,12 @@ def _step_inputs(rows: int, context: int, width_of: int, prefill_chunk: int, chu
 PAGE = 16  # tokens per page, the engine's default
 
 
-def _nbytes(x) -> int:
+def stored_bytes(x) -> int:
     return sum(int(leaf.size) * leaf.dtype.itemsize for leaf in jax.tree.leaves(x))
 
 
 def _short(dtype: str) -> str:
     return {"bfloat16": "bf16"}.get(dtype, dtype)
-
-
-# -- output -------------------------------------------------------------------------------------------------
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1e5 else f"{value:,.0f}"
-    return str(value)
-
-
-def table(rows: list[dict], layers: int) -> str:
-    lines = ["| " + " | ".join(h.format(L=layers) for h in HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def header(result: dict) -> str:
-    c = result["ceilings"]
-    sheet = result["datasheet"]
-    peak = f"{sheet['bf16_flops'] / 1e12:.0f} TFLOP/s, {sheet['bytes_per_s'] / 1e12:.2f} TB/s" \
-        if sheet["bf16_flops"] else "n/a (device kind not in the table)"
-    return "\n".join([
-        f"device: {result['device_kind']} ({result['platform']}), JAX {result['jax']}, {result['date']}, "
-        f"plan {result['plan']}, {result['layers']} layers extrapolated from {result['layer_counts']}",
-        f"measured: bf16 matmul {c['matmul_n']}^3 {c['matmul_flops'] / 1e12:.2f} TFLOP/s, copy "
-        f"{c['copy_bytes_per_s'] / 1e12:.3f} TB/s; datasheet: {peak}; torch: {result['torch']}",
-    ])
-
-
-def write_json(path: str, result: dict) -> None:
-    """Whole or not at all: a temporary file beside it, renamed."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _versions() -> dict:
-    """The installed versions that explain a run's numbers (absent ones left out)."""
-    from importlib import metadata
-
-    names = ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu", "flax", "optax", "torch",
-             "transformers", "numpy")
-    out = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def _torch_state(platform_: str) -> tuple[str | None, str]:
@@ -593,7 +538,7 @@ def main(argv=None) -> int:
     result = {"bench": "accelerator", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
               "device_kind": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
               "jax": jax.__version__, "python": platform.python_version(), "torch": torch_version,
-              "versions": _versions(),
+              "versions": versions(),
               "plan": plan.name, "layers": bench.layers, "layer_counts": list(plan.layer_counts),
               "ceilings": bench.ceilings, "datasheet": {"bf16_flops": flops, "bytes_per_s": bw},
               "rows": bench.rows, "columns": list(COLUMNS), "wall_s": time.monotonic() - started}

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from common import median_seconds
 from flax import nnx
 
-from jaxmodel.attention import AttentionMask
+from jaxmodel.masks import AttentionMask
 from jaxmodel.model import DecoderLayer, rope_cos_sin
 
 # device_kind word -> (dense bf16 FLOP/s, memory bandwidth in bytes/s), public datasheets. First match wins

@@ -58,7 +58,7 @@ def write_synthetic(path: str, layers: int) -> int:
     return total
 
 
-def _vm_hwm(pid: int) -> int | None:
+def vm_hwm(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -76,7 +76,7 @@ def peak_rss_of(cmd: list[str]) -> tuple[int, float]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, _vm_hwm(proc.pid) or 0)
+        peak = max(peak, vm_hwm(proc.pid) or 0)
         time.sleep(0.01)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")

@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 from common import machine  # noqa: E402
-from convert_memory import _vm_hwm, write_synthetic  # noqa: E402
+from convert_memory import vm_hwm, write_synthetic  # noqa: E402
 
 PROBE = """
 import json, sys, time
@@ -62,7 +62,7 @@ def _run(hf: str, work: str, processes: int) -> list[dict]:
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     peaks = [0] * processes
     while any(p.poll() is None for p in procs):
-        peaks = [max(peak, _vm_hwm(p.pid) or 0) for peak, p in zip(peaks, procs)]
+        peaks = [max(peak, vm_hwm(p.pid) or 0) for peak, p in zip(peaks, procs)]
         time.sleep(0.01)
     for p in procs:
         if p.returncode != 0:

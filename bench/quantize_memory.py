@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 
 from common import machine  # noqa: E402
-from convert_memory import _vm_hwm  # noqa: E402
+from convert_memory import vm_hwm  # noqa: E402
 
 from jaxmodel.config import MistralConfig  # noqa: E402
 from jaxmodel.safetensors_io import SafetensorsWriter, shard_plan  # noqa: E402
@@ -88,7 +88,7 @@ def run_child(code: str, *args: str) -> tuple[int, float, dict]:
                             text=True)
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, _vm_hwm(proc.pid) or 0)
+        peak = max(peak, vm_hwm(proc.pid) or 0)
         time.sleep(0.01)
     out, err = proc.communicate()
     if proc.returncode != 0:

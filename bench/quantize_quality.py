@@ -20,7 +20,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import machine  # noqa: E402
 
 from inference import Generator  # noqa: E402
-from normistral_demo import CORPUS, TEMPLATE, _pairs  # noqa: E402
+from inference.generate import all_logits  # noqa: E402
+from normistral_demo import CORPUS, TEMPLATE, translation_pairs  # noqa: E402
 
 
 def heldout_rows(tokenizer, length: int, rows: int) -> np.ndarray:
@@ -40,24 +40,9 @@ def heldout_rows(tokenizer, length: int, rows: int) -> np.ndarray:
 
 
 def logits_of(model, ids) -> np.ndarray:
-    """Logits at every position through the cached forward (the generation path, QArray-aware): each batch's
-    rows packed in one ragged call over generate's page pool."""
-    from inference import static_pages
-    from jaxmodel.kv_cache import Cache
-
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state, x):
-        batch, length = x.shape
-        pages = static_pages(model.config, batch, length)
-        width = pages.num_pages // batch
-        cache = Cache(pages, jnp.arange(batch * width, dtype=jnp.int32).reshape(batch, width),
-                      jnp.full(batch, length, jnp.int32), jnp.arange(batch + 1, dtype=jnp.int32) * length,
-                      jnp.array([batch], jnp.int32))
-        return nnx.merge(graphdef, state)(x.reshape(1, -1), cache=cache)[0].reshape(batch, length, -1)
-
-    return np.concatenate([np.asarray(run(state, ids[i:i + 8])) for i in range(0, len(ids), 8)])
+    """Logits at every position through the cached forward (the generation path, quantized weights
+    included), 8 rows at a time."""
+    return np.concatenate([np.asarray(all_logits(model, ids[i:i + 8])) for i in range(0, len(ids), 8)])
 
 
 def compare(reference: np.ndarray, other: np.ndarray) -> dict:
@@ -75,7 +60,7 @@ def main():
     parser.add_argument("--group-size", type=int, default=128)
     args = parser.parse_args()
     models = args.models or [os.path.join(args.workdir, "hf"), os.path.join(args.workdir, "run", "hf")]
-    pairs = _pairs(6)
+    pairs = translation_pairs(6)
     report = {"bench": "quantize_quality", "machine": machine(), "group_size": args.group_size, "models": []}
     for path in models:
         gens = {"float32": Generator.from_pretrained(path, dtype=jnp.float32),

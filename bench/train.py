@@ -39,7 +39,7 @@ from jaxmodel.sharding import make_mesh  # noqa: E402
 from training import config as train_config  # noqa: E402
 from training import step as steps_lib  # noqa: E402
 from training.metrics import train_flops_per_step  # noqa: E402
-from training.train import _initial_state  # noqa: E402
+from training.train import initial_state  # noqa: E402
 
 
 def _timed(fn) -> float:
@@ -81,7 +81,7 @@ def main():
             "optimizer": opt}
     run = train_config.load(tree)
     ts = steps_lib.setup(run, make_mesh((1, 1, 1), devices=jax.devices()[:1]))
-    state = _initial_state(ts, run)
+    state = initial_state(ts, run)
     train_step = steps_lib.make_train_step(ts)
     jbatch = steps_lib.put_batch(ts, batch)
     holder = {"state": state}

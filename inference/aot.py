@@ -1,10 +1,10 @@
 """Ahead-of-time compile of generation for a TPU topology, and its memory verdict.
 
-Inside: `InferenceOptions` (the YAML `inference` section), `inference_options(tree)`,
-`compile_decode(tree, topology) -> dict`.
+Inside: `compile_decode(tree, topology) -> dict`; the settings are the YAML `inference:` section read into
+`inference.config.InferenceConfig`.
 
 What is compiled (both from a CPU-only machine, for the topology's real TPU executable):
-1. The static generation program `generate._generate_jit` for `batch_size` rows: a prompt of
+1. The static generation program `generate.generate_jit` for `batch_size` rows: a prompt of
    max_length - max_new_tokens tokens (rounded down to whole prefill chunks when longer than one),
    prefilled chunk by chunk into a cache of max_length slots, then the decode while-loop for
    max_new_tokens tokens. Its memory is the top-level verdict (`fits` and the byte counts): weights + the
@@ -32,66 +32,22 @@ topology's chip (the model card's "4-bit on an 8 GB card"): `fits` is then judge
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from inference.config import InferenceConfig, inference_config
 from inference.engine.programs import engine_programs, pages_format, token_widths
-from inference.generate import PREFILL_CHUNK, _generate_jit, bucket_length
-from inference.quantize import DEFAULT_GROUP_SIZE, MODES, _nbytes, abstract_quantized_state
+from inference.generate import bucket_length, generate_jit
+from inference.quantize import abstract_quantized_state, stored_bytes
 from jaxmodel import aot, run_config
-from jaxmodel.checks import memory_amount
 from jaxmodel.config import ConfigError
-from jaxmodel.kv_cache import KV_DTYPES, abstract_pages, page_bytes, pages_per_seq
+from jaxmodel.kv_cache import abstract_pages, page_bytes, pages_per_seq
 from jaxmodel.model import abstract_model
 from jaxmodel.sharding import logical_to_spec, make_mesh
 
 DEFAULT_FRACTION = 0.9  # the default pool's cap: this share of the memory left after the weights (as the engine)
-
-
-@dataclasses.dataclass(frozen=True)
-class InferenceOptions:
-    batch_size: int = 8  # the static generation program's rows
-    max_length: int = 4096  # its cache slots: prompt + new tokens
-    max_new_tokens: int = 64
-    quantize: str | None = None  # None, "int8" or "int4" (weights)
-    group_size: int = DEFAULT_GROUP_SIZE  # int4: inputs per scale
-    kv_cache_dtype: str | None = None  # None (compute dtype) or "int8"
-    prefill_chunk: int = PREFILL_CHUNK
-    memory_gib: float | None = None  # judge `fits` against this much memory (GiB) instead of the chip's HBM
-    # The engine (normistral serve --max-num-seqs, --max-model-len, --kv-cache-memory, --page-size):
-    max_num_seqs: int | None = None  # sequences at once (default: batch_size)
-    max_model_len: int | None = None  # the longest sequence (default: the model's context)
-    kv_cache_memory: int | float | str | None = None  # bytes ("3GiB", 123456) or a fraction; see the docstring
-    page_size: int = 16
-    average_len: int = 1024  # the sequence length `max_concurrent_seqs` is stated at
-
-    def __post_init__(self):
-        for name in ("batch_size", "max_length", "max_new_tokens", "prefill_chunk", "group_size", "page_size",
-                     "average_len", "max_num_seqs", "max_model_len"):
-            value = getattr(self, name)
-            if value is None and name in ("max_num_seqs", "max_model_len"):
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.quantize is not None and self.quantize not in MODES:
-            raise ValueError(f"quantize={self.quantize!r} is not one of {MODES} (or null)")
-        if self.memory_gib is not None and not (isinstance(self.memory_gib, (int, float)) and self.memory_gib > 0):
-            raise ValueError(f"memory_gib must be a positive number, got {self.memory_gib!r}")
-        if self.kv_cache_dtype not in KV_DTYPES:
-            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not one of {KV_DTYPES}")
-        if self.kv_cache_memory is not None:
-            try:
-                object.__setattr__(self, "kv_cache_memory", memory_amount(self.kv_cache_memory))
-            except ValueError as e:
-                raise ValueError(f"kv_cache_memory: {e}") from None
-
-
-def inference_options(tree: dict) -> InferenceOptions:
-    return run_config.from_section(InferenceOptions, tree, "inference")
 
 
 def _sds(shape, dtype, mesh, axes=None):
@@ -103,7 +59,7 @@ def compile_decode(tree: dict, topology: str) -> dict:
     """Compiles static generation and the engine's steps for `topology` from a run config; the memory report."""
     where = run_config.where(tree, "inference.max_length")
     config, shape = run_config.model_config(tree), run_config.mesh_shape(tree)
-    opts = inference_options(tree)
+    opts = inference_config(tree)
     context = config.max_position_embeddings
     if opts.max_length > context:
         raise ConfigError(f"{where}: inference.max_length={opts.max_length} exceeds the context ({context})")
@@ -131,11 +87,11 @@ def compile_decode(tree: dict, topology: str) -> dict:
     if opts.memory_gib is not None:
         hbm = min(hbm, int(opts.memory_gib * 1024**3))
     with jax.set_mesh(mesh):  # a program that cannot fit is reported (fits: false), not raised
-        report = aot.compile_and_report(_generate_jit, (state, ids, ids, _sds((batch,), jnp.bool_, mesh),
+        report = aot.compile_and_report(generate_jit, (state, ids, ids, _sds((batch,), jnp.bool_, mesh),
                                                         _sds((vocab,), jnp.bool_, mesh), *scalars), hbm,
                                         (graphdef, False, width, opts.kv_cache_dtype, opts.prefill_chunk))
     engine = _compile_engine(config, graphdef, state, mesh, opts, hbm)
-    nbytes = lambda tree: sum(_nbytes(x) for x in jax.tree.leaves(tree))  # noqa: E731 (int4: half a byte)
+    nbytes = lambda tree: sum(stored_bytes(x) for x in jax.tree.leaves(tree))  # noqa: E731 (int4: half a byte)
     return {"mode": "decode", "topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
             "mesh": dict(mesh.shape), "batch_size": batch, "max_length": opts.max_length, "prompt_length": prompt,
             "new_tokens": width, "prefill_chunk": opts.prefill_chunk, "quantize": opts.quantize,
@@ -147,15 +103,15 @@ def compile_decode(tree: dict, topology: str) -> dict:
 
 def _per_device(tree) -> int:
     """Bytes one device holds of sharded abstract arrays (int4: half a byte an element)."""
-    return sum(_nbytes(x) * int(np.prod(x.sharding.shard_shape(x.shape))) // max(1, int(np.prod(x.shape)))
+    return sum(stored_bytes(x) * int(np.prod(x.sharding.shard_shape(x.shape))) // max(1, int(np.prod(x.shape)))
                for x in jax.tree.leaves(tree))
 
 
-def _pool_pages(config, mesh, opts: InferenceOptions, state, hbm: int, per_seq: int) -> tuple[int, str]:
+def _pool_pages(config, mesh, opts: InferenceConfig, state, hbm: int, per_seq: int) -> tuple[int, str]:
     """The pool's pages (as the engine sizes it, judged per chip against `hbm`) and how they were chosen."""
     one = _per_device(abstract_pages(config, 1, opts.page_size, kv_dtype=opts.kv_cache_dtype, mesh=mesh))
     room = int((1 - aot.HEADROOM) * hbm) - _per_device(state)  # what the weights leave on a chip
-    memory, seqs = opts.kv_cache_memory, opts.max_num_seqs or opts.batch_size
+    memory, seqs = opts.kv_cache_memory, opts.seqs
     if isinstance(memory, float):
         return max(0, int(memory * room)) // one, f"kv_cache_memory={memory:g} of the {room / 2**30:.2f} GiB left"
     if memory is not None:
@@ -177,10 +133,10 @@ def _pool_layout_bytes(pages, formats) -> int | None:
         return None
 
 
-def _compile_engine(config, graphdef, state, mesh, opts: InferenceOptions, hbm: int) -> dict:
+def _compile_engine(config, graphdef, state, mesh, opts: InferenceConfig, hbm: int) -> dict:
     """The engine's pool and step programs for the mesh (see the module docstring); memory reports."""
     max_len = opts.max_model_len or config.max_position_embeddings
-    rows, page = opts.max_num_seqs or opts.batch_size, opts.page_size
+    rows, page = opts.seqs, opts.page_size
     per_seq = pages_per_seq(max_len, page)
     num_pages, sizing = _pool_pages(config, mesh, opts, state, hbm, per_seq)
     widths = token_widths(opts.prefill_chunk, rows)

@@ -3,6 +3,8 @@
 Inside:
 - `generate(model, input_ids, attention_mask, *, max_new_tokens, eos_token_ids, pad_token_id, ...)`:
   greedy (or sampled) generation for a batch of prompts of different lengths -> new tokens [B, W].
+- `all_logits(model, ids)`: logits at every position of full rows through the cached forward (quality
+  checks of quantized weights: tests, bench/quantize_quality.py).
 - `static_pages`, `prefill` / `decode_step`: generate's pool and its two steps as separate jitted
   functions (graphdef static, pool donated), for step-by-step use and tests; all are thin users of the
   model's one forward with a `jaxmodel.kv_cache.Cache`.
@@ -74,7 +76,7 @@ def bucket_batch(n: int, multiple: int = 1) -> int:
 # -- the cached forward ------------------------------------------------------------------------------
 
 
-def _split(model):
+def split_model(model):
     if isinstance(model, nnx.Module):
         return nnx.split(model)
     return model
@@ -96,6 +98,23 @@ def static_pages(config, rows: int, length: int, *, kv_dtype=None, per_layer: bo
     """An empty pool (inside a jit) for `rows` sequences of up to `length` tokens each, in generate's layout."""
     return empty_pages(config, rows * pages_per_seq(length, PAGE_SIZE), PAGE_SIZE, kv_dtype=kv_dtype,
                        per_layer=per_layer)
+
+
+def all_logits(model, ids):
+    """Logits at every position [B, T, V] of full rows `ids` [B, T] through the cached forward (the path
+    generation takes, quantized weights included): the rows packed in one ragged call over generate's pool."""
+    graphdef, state = nnx.split(model)
+    return _all_logits(graphdef, state, jnp.asarray(ids))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _all_logits(graphdef, state, ids):
+    model = nnx.merge(graphdef, state)
+    batch, length = ids.shape
+    lens = jnp.full(batch, length, jnp.int32)
+    cache = _row_cache(static_pages(model.config, batch, length), batch, jnp.arange(batch, dtype=jnp.int32) * length,
+                       lens, lens)
+    return model(ids.reshape(1, -1), cache=cache)[0].reshape(batch, length, -1)
 
 
 def _last_logits(model, ids, mask, pages: KVPages, chunk: int):
@@ -212,7 +231,7 @@ def sample_rows(logits, keys, temperature, top_k, top_p):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _generate_jit(graphdef, do_sample, width, kv_dtype, chunk, state, ids, mask, active, stop, max_new, pad_id,
+def generate_jit(graphdef, do_sample, width, kv_dtype, chunk, state, ids, mask, active, stop, max_new, pad_id,
                   temperature, top_k, top_p, key):
     """Prefill + the decode while-loop -> tokens [B, W = width]. The pool lives inside this one jit (made
     here, carried by the loop, dropped at the end): it never crosses a jit boundary, so it is neither
@@ -248,7 +267,7 @@ def _generate_jit(graphdef, do_sample, width, kv_dtype, chunk, state, ids, mask,
     return out
 
 
-def _mesh_of(state):
+def mesh_of(state):
     for leaf in jax.tree.leaves(state):
         sharding = getattr(leaf, "sharding", None)
         if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
@@ -309,14 +328,14 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, eos_
     prefilled chunk by chunk (bounded activation memory)."""
     if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
         raise GenerateError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
-    graphdef, state = _split(model)
+    graphdef, state = split_model(model)
     config = nnx.merge(graphdef, state).config
     eos = [int(e) for e in eos_token_ids]
     rows = _prepare(config, input_ids, attention_mask, max_new_tokens, eos)
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
 
-    mesh = _mesh_of(state)
+    mesh = mesh_of(state)
     batch = bucket_batch(len(rows), _batch_split(mesh))
     prompt = bucket_length(max(r.size for r in rows))
     width = bucket_length(max_new_tokens)
@@ -337,7 +356,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, eos_
         args = tuple(jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec), lambda i, a=a: a[i])
                      for a in args)
     sampling = (np.float32(temperature), np.int32(top_k), np.float32(top_p), jax.random.key(seed))
-    call = functools.partial(_generate_jit, graphdef, bool(do_sample), width, kv_cache_dtype, prefill_chunk, state,
+    call = functools.partial(generate_jit, graphdef, bool(do_sample), width, kv_cache_dtype, prefill_chunk, state,
                              *args, active, stop,
                              np.int32(max_new_tokens), np.int32(pad_token_id), *sampling)
     if mesh is None:

@@ -1,19 +1,12 @@
 """Weight-only int8/int4 quantization for inference: the implementation lives in `jaxmodel.quant` (training's
-QLoRA uses it too, and training must not import inference/); every name is re-exported here unchanged."""
+QLoRA uses it too, and training must not import inference/); every public name is re-exported here unchanged."""
 
 from jaxmodel.quant import (  # noqa: F401
-    _INT8_IN_INT4_MODE,
-    _QMAX,
     DEFAULT_GROUP_SIZE,
     LOAD_CHUNK_ELEMENTS,
     MODES,
     QUANTIZED,
     QArray,
-    _host_quantizer,
-    _nbytes,
-    _path,
-    _placement,
-    _quantize_jit,
     abstract_quantized_state,
     dequantize,
     effective_group,
@@ -26,4 +19,5 @@ from jaxmodel.quant import (  # noqa: F401
     quantize_numpy,
     quantized_shapes,
     scale_shape,
+    stored_bytes,
 )

@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from inference.generate import _mesh_of
+from inference.generate import mesh_of
 from jaxmodel.sharding import logical_to_spec
 
 MIN_ROW = 512  # default shortest row: short requests are packed several to a row
@@ -248,7 +248,7 @@ class Scorer:
     def __init__(self, model, *, max_length: int, batch_size: int = 8, min_row: int = MIN_ROW):
         self.graphdef, self.state = nnx.split(model) if isinstance(model, nnx.Module) else model
         self.max_length, self.batch_size, self.min_row = int(max_length), int(batch_size), int(min_row)
-        self.mesh = _mesh_of(self.state)
+        self.mesh = mesh_of(self.state)
         self.batch_multiple = 1
         if self.mesh is not None:
             self.batch_multiple = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))

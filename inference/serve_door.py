@@ -257,9 +257,9 @@ def check_memory(config, *, max_num_seqs: int, max_model_len: int, page_size: in
     `generate` checks its flags here too (its --batch-size is the sequence count: `seqs_flag`)."""
     import jax.numpy as jnp
 
-    from jaxmodel.kv_cache import page_bytes, pages_per_seq
+    from jaxmodel.kv_cache import page_bytes, pages_per_seq, pool_dtype
 
-    page = page_bytes(config, page_size, kv_cache_dtype, jnp.dtype(dtype))
+    page = page_bytes(config, page_size, kv_cache_dtype, pool_dtype(config, dtype=dtype, kv_dtype=kv_cache_dtype))
     per_seq = pages_per_seq(max_model_len, page_size)
     per_weight = {"int8": 1.0, "int4": 0.5}.get(quantize, jnp.dtype(dtype).itemsize)
     weights = int(config.num_params() * per_weight)

@@ -181,8 +181,9 @@ def compile_prefill(config, mesh_shape, topology: str, *, batch_size: int, seq_l
 
     devices = tpu_devices(topology)
     mesh = make_mesh(mesh_shape, devices=devices)
-    check_divisible(config, mesh)  # every weight and activation dimension vs the mesh, before compiling
-    graphdef, state = abstract_state(abstract_model(config), mesh)
+    model = abstract_model(config)
+    check_divisible(model, mesh)  # every weight and activation dimension vs the mesh, before compiling
+    graphdef, state = abstract_state(model, mesh)
     ids = jax.ShapeDtypeStruct(
         (batch_size, seq_len),
         jnp.int32,

@@ -1,9 +1,7 @@
-"""Attention: the mask description and the implementations chosen by `MistralConfig.attention_impl`.
+"""Attention: the implementations chosen by `MistralConfig.attention_impl`, and the dispatcher over them.
 
 Inside:
-- `AttentionMask`: what decides which key a query may see, described by per-token vectors (segment ids
-  and sequence indices) instead of a materialized [T, S] matrix, so blockwise kernels can build only
-  the blocks they need.
+- `AttentionMask` (defined in masks.py, re-exported here): which key a query may see, as per-token vectors.
 - `xla_attention`: the plain reference (one einsum for scores, float32 softmax, one einsum for the
   output), grouped-query without repeating KV heads; with a causal sliding window short against the
   sequence, by query blocks over their band of keys (`_banded`: the same sums, no scores for keys the
@@ -17,50 +15,24 @@ Inside:
 Shape letters: B batch, T query length, S key length, N query heads, K kv heads, G = N // K query heads
 per kv head, H head_dim.
 
-Mask semantics (one definition shared by every implementation): query t may attend key s iff
-  q_segment_ids[t] == kv_segment_ids[s]                        (same packed document; 0 marks padding)
-  and (not causal or kv_indices[s] <= q_indices[t])            (order by position in the sequence,
-                                                                not by RoPE position, which restarts)
-  and (window is None or q_indices[t] - kv_indices[s] < window) (Mistral's sliding window, as HF masks it)
-A query always sees itself, so no softmax row is empty.
+Mask semantics: see masks.py (one definition shared by every implementation).
+
+Imports go one way: this dispatcher sits on top of the kernels (flash_attention.py, splash.py), which
+import only masks.py; `platform` (re-exported here) lives in sharding.py, at the bottom.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-
-class AttentionMask(NamedTuple):
-    q_segment_ids: jax.Array  # [B, T] int32
-    kv_segment_ids: jax.Array  # [B, S] int32
-    q_indices: jax.Array  # [B, T] int32, order of the query in the sequence (or the cache slot)
-    kv_indices: jax.Array  # [B, S] int32
-    causal: bool = True
-    window: int | None = None
-
-    @classmethod
-    def for_sequence(cls, segment_ids, *, causal=True, window=None) -> AttentionMask:
-        """Self-attention over one [B, T] sequence (training and prefill)."""
-        batch, length = segment_ids.shape
-        idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        return cls(segment_ids, segment_ids, idx, idx, causal, window)
-
-    def dense(self) -> jax.Array:
-        """The [B, T, S] boolean mask (only the reference implementations materialize it); any leading
-        axes: q fields [..., T] and kv fields [..., S] -> [..., T, S] (the banded path's blocks)."""
-        allowed = self.q_segment_ids[..., :, None] == self.kv_segment_ids[..., None, :]
-        distance = self.q_indices[..., :, None] - self.kv_indices[..., None, :]  # >= 0 looks back
-        if self.causal:
-            allowed &= distance >= 0
-        if self.window is not None:
-            allowed &= distance < self.window
-        return allowed
-
+from jaxmodel.flash_attention import flash_attention
+from jaxmodel.masks import AttentionMask
+from jaxmodel.sharding import logical_to_spec, platform
 
 BAND_BLOCK = 32  # query block of the banded path (xla_attention with a causal sliding window)
 
@@ -150,13 +122,6 @@ def resolve_impl(impl: str, *, length: int, dtype=None) -> str:
     return impl
 
 
-def platform() -> str:
-    """The platform the program is compiled for: the mesh's when one is set (an ahead-of-time TPU compile
-    on a CPU machine must get the real kernel, not the interpreter), else the default device's."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return jax.devices()[0].platform if mesh.empty else mesh.abstract_device.platform
-
-
 def _per_device(kernel, q, k, v, mask: AttentionMask):
     """Runs a per-device kernel (Pallas cannot be partitioned by XLA) under `shard_map` when a mesh is set.
 
@@ -166,10 +131,6 @@ def _per_device(kernel, q, k, v, mask: AttentionMask):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return kernel(q, k, v, mask)
-    from jax.sharding import PartitionSpec as P
-
-    from jaxmodel.sharding import logical_to_spec
-
     batch_axes = logical_to_spec(("batch",), q.shape[:1], mesh)[0]
     q_heads = logical_to_spec(("act_heads",), q.shape[2:3], mesh)[0]
     kv_heads = logical_to_spec(("act_kv_heads",), k.shape[2:3], mesh)[0]
@@ -189,11 +150,9 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, impl: str = "auto"):
     scale = q.shape[-1] ** -0.5
     impl = resolve_impl(impl, length=q.shape[1], dtype=q.dtype)
     if impl == "flash":
-        from jaxmodel.flash_attention import flash_attention  # lazy: that module imports this one
-
         return flash_attention(q, k, v, mask, scale=scale)
     if impl == "splash":
-        from jaxmodel.splash import splash_attention  # lazy: Pallas is only needed on this path
+        from jaxmodel.splash import splash_attention  # lazy: Pallas TPU ops load only on this path
 
         kernel = partial(splash_attention, scale=scale, interpret=platform() != "tpu")
         return _per_device(kernel, q, k, v, mask)

@@ -10,7 +10,6 @@ Inside:
   parallel attention below.
 - `check_length(length, mesh, impl, what)`: refuses a length that 2 x context does not divide (and, for
   splash, a shard that is not a multiple of the kernel's 128-token blocks), one line naming the fix;
-  `check_hosts(mesh)`: refuses context groups that span processes (each host reads whole rows).
 
 Design choices:
 - Load balancing. With causal attention the last tokens of a sequence see all keys and the first see
@@ -34,8 +33,9 @@ Design choices:
   order, and the kernel's mask tables are split over `context` with the queries (`q_seq_shards`).
   Bidirectional attention without a window (the masked objective) allows every pair of a document in any
   key order: there each shard runs the plain kernel over its queries and the gathered keys.
-- Hosts: each host reads whole rows of its part of the batch, so a sequence's context shards must share a
-  host; `sharding.make_mesh` lays multi-host meshes out that way and `check_hosts` refuses other meshes.
+- Hosts: each host reads only the rows and sequence columns its own devices hold (training/step.py
+  `batch_part`), so context groups may span hosts; `sharding.make_mesh` still keeps them within one host
+  where the sizes allow (the all-gathers then stay on a host's fast links).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxmodel.attention import AttentionMask, dot_product_attention, platform, resolve_impl
-from jaxmodel.sharding import ShardingError, logical_to_spec
+from jaxmodel.attention import dot_product_attention, resolve_impl
+from jaxmodel.masks import AttentionMask
+from jaxmodel.sharding import ShardingError, logical_to_spec, platform
 
 CONTEXT = "context"
 _SPLASH_BLOCK = 128  # the splash kernel's smallest query block (TPU lanes)
@@ -109,21 +110,6 @@ def check_length(length: int, mesh, impl: str, what: str = "train.seq_len") -> N
         raise ShardingError(
             f"{what}={length} gives {shard} tokens per context shard (mesh context={context}); splash attention "
             f"needs a multiple of {_SPLASH_BLOCK}: make {what} a multiple of {_SPLASH_BLOCK * context}")
-
-
-def check_hosts(mesh) -> None:
-    """Refuses (ShardingError, one line) a mesh whose `context` groups span processes: each process reads
-    whole rows of its part of the batch (training/data.py) and hands them to its own devices, so the shards
-    of one sequence must live on one host."""
-    if context_size(mesh) == 1 or not isinstance(mesh, jax.sharding.Mesh):  # an AbstractMesh places nothing
-        return
-    axis = mesh.axis_names.index(CONTEXT)
-    groups = np.moveaxis(mesh.devices, axis, -1).reshape(-1, mesh.devices.shape[axis])
-    for group in groups:
-        if len({d.process_index for d in group}) > 1:
-            raise ShardingError(
-                f"mesh context={context_size(mesh)}: one sequence's context shards would span hosts (processes "
-                f"{sorted({d.process_index for d in group})}); keep context x tensor within one host's devices")
 
 
 def attention(q, k, v, mask: AttentionMask, *, impl: str = "auto"):

@@ -1,19 +1,20 @@
-"""Checkpoint reading and writing: Hugging Face directories, `import-hf` directories, exports.
+"""Checkpoint reading: Hugging Face directories, `import-hf` directories, training checkpoint steps.
 
 Inside:
 - `from_pretrained(path, *, dtype, mesh=None)`: a model from a Hugging Face directory (single or sharded
   safetensors; `.bin` only with `allow_pickle=True`) or from a directory written by `import_hf`.
 - `load_hf_state`: the flat model state read from a Hugging Face directory, placed per a mesh;
   `TensorTransform`: a per-tensor hook applied while reading (how inference quantizes at load time).
-- `save_pretrained(model, path)`: a Hugging Face directory (config.json, sharded safetensors, index)
-  that `transformers.AutoModelForCausalLM.from_pretrained` loads.
-- `import_hf(hf_dir, ckpt_dir)` / `export_hf(ckpt_dir, hf_dir, merge_lora=None)`: the CLI's conversions
-  (Orbax on our side; `merge_lora`: a PEFT adapter folded into the weights as they stream out).
+- `import_hf(hf_dir, ckpt_dir)`: the CLI's conversion into an Orbax checkpoint.
+- `tensor_reader`, `config_source`, `flat_arrays`, `orbax_target` / `check_orbax_metadata`: the readers
+  and checks the writing direction (`jaxmodel.export`: `save_pretrained`, `export_hf`) uses too; this
+  module does not import it.
 - `resolve_lora(path, config)`: a PEFT adapter directory (local, gs:// or hub id) checked against a
   config (peft_type, target modules, every tensor's shape), nothing loaded: what `--lora` checks first.
 - `copy_tokenizer_files`: the tokenizer files a complete model directory carries.
 The key table and per-tensor layout changes live in `jaxmodel/weights.py`; paths and never-half-written
-outputs in `jaxmodel/storage.py`.
+outputs in `jaxmodel/storage.py`. About 530 lines, this docstring a tenth of them: reading is one pipeline
+(header checks -> per-process placement -> load-time transforms) that reads best in one file.
 
 Streaming. Every check (missing, unexpected, duplicate keys, shapes, dtypes, truncation) runs on the
 headers before any tensor is converted. Arrays are then built in their sharding from each process's
@@ -22,10 +23,7 @@ parameter, that region of every layer's tensor), as sliced reads of the safetens
 (`HFTensor.read_box` maps the JAX box through the transpose/reshape to the HF rows and columns), so on
 a pod each host reads about its share of the checkpoint, not all of it; one process reads everything,
 through the same code. Host memory: this process's share of one parameter. Load-time transforms
-(below) convert whole tensors, so they read each tensor whole on every process. Exports stream the other way,
-one tensor per write (`export_hf` reads each slice straight from the Orbax files with TensorStore, the
-largest in blocks of HF rows, so the embedding and head are never whole in host memory;
-`save_pretrained` gathers one slice of a sharded model at a time). Outputs go through
+(below) convert whole tensors, so they read each tensor whole on every process. `import_hf` writes through
 `storage.atomic_directory`, so a failure leaves nothing half-written.
 
 Paths: every directory here is local or a `gs://` URL (`jaxmodel.storage`; safetensors through range
@@ -56,7 +54,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
 import jax
@@ -68,10 +65,10 @@ from tqdm.auto import tqdm
 from jaxmodel import storage
 from jaxmodel.config import ConfigError, MistralConfig
 from jaxmodel.hub import resolve_adapter, resolve_model
-from jaxmodel.lora import PeftDeltas, check_peft_adapter
+from jaxmodel.lora import check_peft_adapter
 from jaxmodel.model import MistralForCausalLM, abstract_model
-from jaxmodel.orbax_stream import _trim_malloc, _tune_malloc
-from jaxmodel.safetensors_io import SafetensorsWriter, WeightFileError, WeightFiles, shard_plan
+from jaxmodel.orbax_stream import trim_malloc, tune_malloc
+from jaxmodel.safetensors_io import WeightFileError, WeightFiles
 from jaxmodel.storage import atomic_directory
 from jaxmodel.weights import WEIGHT_RULES, ConvertError, check_files, expected_hf_tensors, param_shapes
 
@@ -81,7 +78,6 @@ from jaxmodel.weights import WEIGHT_RULES, ConvertError, check_files, expected_h
 PARAMS_DIR = "params"  # the Orbax checkpoint inside an import_hf directory or a training checkpoint step
 MODEL_CONFIG_ITEM = "model_config"  # an Orbax JSON item holding config.json's dict (training checkpoint steps)
 DEFAULT_SHARD_BYTES = 5 * 1024**3
-EXPORT_BLOCK_BYTES = 16 * 2**20  # export-hf reads and writes each tensor in HF row blocks of about this size
 
 
 def _bounds(index, shape) -> tuple[tuple[int, int], ...]:
@@ -161,7 +157,7 @@ def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=F
     if transform is not None:
         # Freed pieces and slices go back to the OS instead of raising glibc's dynamic mmap threshold and
         # piling up in the heap (as in tensor_reader); measured in BENCHMARKS.md's streaming-quantization rows.
-        _tune_malloc()
+        tune_malloc()
     sharding_of = _sharding_fn(mesh)
     _, abstract = nnx.split(abstract_model(config))
     arrays = {}
@@ -186,7 +182,7 @@ def load_hf_state(path: str, config: MistralConfig, *, mesh=None, allow_pickle=F
                 rule = by_slot[(p, 0 if stacked else None)][1].rule
                 axis = rule.in_dims or 0  # the first output axis of a slice (see _pieces)
                 arrays[p] = plan.combine(_place_parts(plan, var, mesh, pieces, layers, axis))
-                _trim_malloc()
+                trim_malloc()
             bar.update(layers or 1)
     files.close()
     return arrays
@@ -332,95 +328,10 @@ def from_pretrained(
     return _merge(config, arrays)
 
 
-# -- export -------------------------------------------------------------------------------------------
-
-
-def _flat_arrays(model: MistralForCausalLM) -> dict[tuple[str, ...], jax.Array]:
+def flat_arrays(model: MistralForCausalLM) -> dict[tuple[str, ...], jax.Array]:
+    """The model's arrays by state path (strings): what `_merge` takes back."""
     _, state = nnx.split(model)
     return {tuple(str(x) for x in p): v.get_value() for p, v in nnx.to_flat_state(state)}
-
-
-def save_pretrained(
-    model: MistralForCausalLM,
-    path: str,
-    *,
-    dtype: str | None = None,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    progress: bool = True,
-) -> None:
-    """Writes a Hugging Face directory; tensors are stored in `dtype` (default: the config's torch_dtype,
-    i.e. the dtype the imported checkpoint had, which makes HF -> JAX -> HF bit-exact).
-
-    From any mesh and any number of processes: each tensor (each layer's slice of a stacked parameter)
-    is gathered to the host on its own, written, and dropped, so host memory holds one tensor, not the
-    model. Every process takes part in each gather (a collective); process 0 writes."""
-    arrays = _flat_arrays(model)
-
-    def read(t, box):  # whole tensors (box None): one gather each
-        value = arrays[t.rule.path]
-        return _to_host(value if t.layer is None else value[t.layer])
-
-    _write_hf(model.config, path, read, dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress)
-
-
-def _row_blocks(t, block_bytes: int | None):
-    """[start, stop) ranges of HF rows, whole `row_unit`s of at most ~block_bytes (float32) each."""
-    rows = t.hf_shape[0] if t.hf_shape else 1
-    if block_bytes is None or len(t.hf_shape) < 2:
-        return [(0, rows)]
-    unit = t.row_unit
-    step = unit * max(1, block_bytes // (4 * int(np.prod(t.hf_shape[1:])) * unit))
-    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
-
-
-def _write_hf(config: MistralConfig, path: str, read, *, dtype, max_shard_bytes: int, progress: bool,
-              block_bytes: int | None = None) -> None:
-    """The Hugging Face directory writer behind save_pretrained and export_hf: `read(hf tensor, box)` gives
-    that tensor (a layer's slice for stacked parameters) in JAX layout, one call at a time: whole (box
-    None) or, with block_bytes, one block of its HF rows at a time (`HFTensor.rows_box`), so the largest
-    tensors (embedding, lm_head) never sit whole in host memory."""
-    dtype = np.dtype(jnp.dtype(dtype or config.torch_dtype))
-    tensors = expected_hf_tensors(config)
-    specs = {name: (t.hf_shape, dtype) for name, t in tensors.items()}
-    shards = list(shard_plan(specs, max_shard_bytes))
-    # Multi-process runs: every process takes part in gathering each tensor (a collective); process 0 writes.
-    primary = jax.process_index() == 0
-    with atomic_directory(path) if primary else nullcontext() as tmp:
-        if primary:
-            storage.write_json(storage.join(tmp, "config.json"),
-                               config.replace(torch_dtype=jnp.dtype(dtype).name).to_hf())
-        weight_map, total = {}, 0
-        with tqdm(total=len(tensors), desc="writing tensors", unit="tensor", disable=not (progress and primary)) as bar:
-            for k, names in enumerate(shards):
-                file = (
-                    "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-                )
-                specs_k = {n: specs[n] for n in names}
-                with SafetensorsWriter(storage.join(tmp, file), specs_k) if primary else nullcontext() as writer:
-                    for name in names:
-                        t = tensors[name]
-                        for start, stop in _row_blocks(t, block_bytes):
-                            hf = t.to_hf(read(t, None if block_bytes is None else t.rows_box(start, stop)))
-                            hf = hf.astype(dtype, copy=False)
-                            if writer is not None:
-                                writer.write_rows(name, hf)
-                            total += hf.nbytes
-                            del hf
-                            _trim_malloc()
-                        weight_map[name] = file
-                        bar.update(1)
-        if primary:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            storage.write_json(storage.join(tmp, "model.safetensors.index.json"), index)
-
-
-def _to_host(value) -> np.ndarray:
-    """A (possibly multi-process) jax.Array as one host array; a collective when not fully addressable."""
-    if getattr(value, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(value))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
 
 
 # -- Orbax side (normistral import-hf / export-hf) ------------------------------------------------------------
@@ -458,7 +369,7 @@ def import_hf(hf_dir: str, ckpt_dir: str, *, allow_pickle: bool = False, progres
     files.close()
 
 
-def _orbax_target(config: MistralConfig, sharding_of=None) -> dict:
+def orbax_target(config: MistralConfig, sharding_of=None) -> dict:
     """The nested tree of abstract arrays an Orbax params/ item restores into (with shardings if given)."""
     _, abstract = nnx.split(abstract_model(config))
     target: dict = {}
@@ -475,9 +386,9 @@ def _orbax_target(config: MistralConfig, sharding_of=None) -> dict:
 def _restore_orbax(params_dir: str, config: MistralConfig, mesh) -> dict:
     import orbax.checkpoint as ocp
 
-    target = _orbax_target(config, _sharding_fn(mesh))
+    target = orbax_target(config, _sharding_fn(mesh))
     checkpointer = ocp.StandardCheckpointer()
-    _check_orbax_metadata(checkpointer, params_dir, target)
+    check_orbax_metadata(checkpointer, params_dir, target)
     try:
         restored = checkpointer.restore(storage.resolve(params_dir), target)
     except Exception as e:  # noqa: BLE001 (TensorStore raises bare Exceptions for unreadable chunks)
@@ -497,7 +408,7 @@ def _restore_orbax(params_dir: str, config: MistralConfig, mesh) -> dict:
     return out
 
 
-def _check_orbax_metadata(checkpointer, params_dir: str, target: dict) -> None:
+def check_orbax_metadata(checkpointer, params_dir: str, target: dict) -> None:
     """Compares the stored shapes with the config before any array is read: a restore that fails half-way
     leaves TensorStore callbacks behind that print a stray traceback when the process exits."""
     try:
@@ -555,7 +466,7 @@ def tensor_reader(path: str, config: MistralConfig, *, allow_pickle: bool = Fals
     straight from the files: an `import_hf` directory or a training
     checkpoint step (its Orbax `params/`, sliced reads through TensorStore), or a Hugging Face directory
     (memory-mapped safetensors). Nothing is cached: host memory holds what the caller keeps."""
-    _tune_malloc()  # freed tensors go back to the OS instead of piling up in TensorStore threads' arenas
+    tune_malloc()  # freed tensors go back to the OS instead of piling up in TensorStore threads' arenas
     params = storage.join(path, PARAMS_DIR)
     if storage.isdir(params):
         import tensorstore as ts
@@ -604,46 +515,6 @@ def resolve_lora(path: str, config: MistralConfig) -> str:
     return path
 
 
-def export_hf(ckpt_dir: str, hf_dir: str, *, dtype: str | None = None, progress: bool = True,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES, block_bytes: int = EXPORT_BLOCK_BYTES,
-              merge_lora: str | None = None) -> None:
-    """An `import_hf` directory or a training checkpoint step (or a Hugging Face directory) -> a Hugging
-    Face directory, streamed: each tensor (each layer's slice of a stacked one) is read from the files,
-    converted and written on its own (in HF row blocks of about block_bytes), so host memory holds about one
-    block whatever the model's size. merge_lora: a PEFT adapter directory (or hub id), checked before any
-    tensor is read, whose scale * A @ B is added to each target projection in float32 (the block's rows of
-    A and B only) before the cast to `dtype`: PEFT's merge_and_unload, then save_pretrained."""
-    ckpt_dir = resolve_model(ckpt_dir)
-    ckpt_dir = storage.check_input_dir(ckpt_dir, "checkpoint directory (import-hf output or WORKDIR/checkpoints/STEP)")
-    storage.check_output_dir(hf_dir)  # before the weights load: a bad destination fails at once
-    config = MistralConfig.from_hf(config_source(ckpt_dir))
-    deltas = PeftDeltas(abstract_model(config), resolve_adapter(merge_lora)) if merge_lora is not None else None
-    try:
-        _export(ckpt_dir, hf_dir, config, deltas, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                progress=progress, block_bytes=block_bytes)
-    finally:
-        if deltas is not None:
-            deltas.close()
-
-
-def _export(ckpt_dir, hf_dir, config, deltas, *, dtype, max_shard_bytes, progress, block_bytes) -> None:
-    params_dir = storage.join(ckpt_dir, PARAMS_DIR)
-    if storage.isdir(params_dir):  # shapes vs config.json from the metadata, before any array is read
-        import orbax.checkpoint as ocp
-
-        _check_orbax_metadata(ocp.StandardCheckpointer(), params_dir, _orbax_target(config))
-    read = tensor_reader(ckpt_dir, config)
-
-    def merged(t, box):
-        value = read(t.rule.path, t.layer, box)
-        delta = None if deltas is None else deltas(t.rule.path, t.layer, box)
-        return value if delta is None else value.astype(np.float32) + delta
-
-    _write_hf(config, hf_dir, merged, dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress,
-              block_bytes=block_bytes)
-    if jax.process_index() == 0:
-        copy_tokenizer_files(ckpt_dir, hf_dir)
-
 
 __all__ = [
     "ConvertError",
@@ -651,9 +522,7 @@ __all__ = [
     "WEIGHT_RULES",
     "expected_hf_tensors",
     "from_pretrained",
-    "save_pretrained",
     "import_hf",
-    "export_hf",
     "load_hf_state",
     "check_hf_weights",
     "TensorTransform",

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmodel.attention import AttentionMask
+from jaxmodel.masks import AttentionMask
 
 _PAD_SEGMENT = -1
 _PAD_INDEX = jnp.iinfo(jnp.int32).max

@@ -5,8 +5,8 @@ and `generate` build pools with the helpers below.
 Inside:
 - `KVPages` (the pool: what persists between calls) and `Cache` (the forward's one cache argument: the pool
   plus this call's page tables and ragged layout), both frozen dataclass pytrees.
-- Sizing and building: `pages_per_seq`, `page_bytes`, `abstract_pages`, `init_pages`, `empty_pages` (inside a
-  jit), `pages_shardings`; `KV_DTYPES`.
+- Sizing and building: `pages_per_seq`, `page_bytes`, `pool_dtype` (float32 for a 16-bit pool on CPU),
+  `abstract_pages`, `init_pages`, `empty_pages` (inside a jit), `pages_shardings`; `KV_DTYPES`.
 - `quantize_kv`, `token_rows` (each token's sequence and position), `write_pages` (one layer's new keys and
   values into their pages), `paged_attention` (impl "kernel": the TPU Pallas ragged paged attention kernel;
   impl "xla": plain XLA over key blocks gathered through the page table), `paged_impl` (which of the two).
@@ -27,7 +27,11 @@ attend to nothing (their outputs are 0 on the xla path).
 Design choices:
 - The pool rides the layer scan's carry in the forward, and each layer scatters its new keys/values into
   it in place (a while-loop carry is updated in place; a second pool would double the memory).
-- The xla path is one online softmax in two parts, both by query blocks of 32 tokens: (a) the call's own
+- The xla path, for calls whose longest sequence fits a few hundred slots (most steps of short requests):
+  each token gathers its sequence's first 32/64/128/256 slots (the shortest that holds the call's longest
+  sequence, a run-time `switch`; each gather kept under GATHER_ELEMENTS) and takes ONE masked softmax: no
+  loop (on XLA CPU a loop step, its gathers and batched dots cost more than the wasted slots). Otherwise
+  one online softmax in two parts, both by query blocks of 32 tokens: (a) the call's own
   tokens as keys (read back from their slots; each query block visits key blocks back to its sequences'
   first tokens: packed short prompts cost a band, not the [T, T] square), (b) the keys earlier calls
   cached, key blocks of a few pages gathered through the page table once per (query block, sequence in
@@ -49,6 +53,7 @@ sequence, T tokens of the call, N query heads, K kv heads, G = N // K, H head_di
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -56,9 +61,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
 
-from jaxmodel.attention import platform  # the mesh's platform when one is set (AOT TPU compiles)
 from jaxmodel.config import MistralConfig
-from jaxmodel.sharding import auto_mesh, logical_to_spec
+from jaxmodel.sharding import auto_mesh, logical_to_spec, platform  # platform: the mesh's when one is set
 
 KV_DTYPES = (None, "int8")
 KV_AXES = ("layers", "cache_pages", "page", "act_kv_heads", "head_dim")
@@ -66,7 +70,11 @@ SCALE_AXES = KV_AXES[:-1]
 BLOCK_TOKENS = 128  # cached key slots per block of the xla path (whole pages)
 OWN_BLOCK = 32  # query/key block of the xla path's attention over the call's own tokens
 PER_TOKEN_UPTO = 64  # calls of up to this many tokens gather cached keys per token (see `_xla_attention`)
-PER_TOKEN_ELEMENTS = 1 << 24  # ... and larger calls too while one key block gathered per token stays this small
+# A per-token gather's elements at most (`_cached_keys` by token, `_dense_keys`): on XLA CPU a step's time
+# jumps ~10-30x once one gather outgrows a few MB (measured, bench/engine_steps.py: a 256-token step's
+# per-token gather of 128 slots, 4M elements, took 60 ms, its 32-token query blocks 6 ms).
+GATHER_ELEMENTS = 1 << 21
+DENSE_KEYS = (32, 64, 128, 256)  # the key slots per token `_dense_keys` may gather (one branch each)
 
 
 @jax.tree_util.register_dataclass
@@ -160,8 +168,23 @@ def _is_leaf(x) -> bool:
     return isinstance(x, _Leaf)
 
 
+def pool_dtype(config: MistralConfig, *, dtype=None, kv_dtype=None, mesh=None):
+    """The dtype a pool is held in: int8, or the compute dtype (`dtype`, default the config's) except on
+    CPU, where a 16-bit float pool is held in float32 (the same values: keys are written rounded to the
+    compute dtype and read back cast to it). XLA CPU gathers from and scatters into a bfloat16 array by
+    converting ALL of it to float32 and back, every layer of every step (bench/engine_steps.py --dtype
+    bfloat16 --max-model-len 32768, 32,768 pages: 1.66 s a decode step against 2.4 ms held in float32).
+    The platform: the mesh's, else the default (`sharding.platform`)."""
+    store = jnp.dtype(jnp.int8 if kv_dtype == "int8" else dtype or config.compute_dtype)
+    where = platform() if mesh is None else mesh.devices.flat[0].platform
+    if where == "cpu" and store.itemsize == 2 and jnp.issubdtype(store, jnp.floating):
+        return jnp.dtype(jnp.float32)
+    return store
+
+
 def page_bytes(config: MistralConfig, page_size: int, kv_dtype=None, dtype=None) -> int:
-    """Bytes of one page over all layers (values, plus the float32 scales of an int8 pool)."""
+    """Bytes of one page over all layers (values, plus the float32 scales of an int8 pool), held in `dtype`
+    (default the config's compute dtype; what a CPU pool takes: `pool_dtype`)."""
     leaves = jax.tree.leaves(_leaves(config, 1, page_size, dtype, kv_dtype, False), is_leaf=_is_leaf)
     return int(sum(np.prod(t.shape) * np.dtype(t.dtype).itemsize for t in leaves))
 
@@ -183,7 +206,8 @@ def pages_shardings(config: MistralConfig, num_pages: int, page_size: int, mesh,
 
 def abstract_pages(config: MistralConfig, num_pages: int, page_size: int, *, dtype=None, kv_dtype=None, mesh=None,
                    per_layer: bool = False) -> KVPages:
-    """The pool as ShapeDtypeStructs (with shardings when a mesh is given): no memory."""
+    """The pool as ShapeDtypeStructs (with shardings when a mesh is given): no memory. Held in `pool_dtype`."""
+    dtype = pool_dtype(config, dtype=dtype, kv_dtype=kv_dtype, mesh=mesh)
     leaves = _leaves(config, num_pages, page_size, dtype, kv_dtype, per_layer)
     if mesh is None:
         return jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype), leaves, is_leaf=_is_leaf)
@@ -195,7 +219,8 @@ def abstract_pages(config: MistralConfig, num_pages: int, page_size: int, *, dty
 
 def init_pages(config: MistralConfig, num_pages: int, page_size: int, *, dtype=None, kv_dtype=None, mesh=None,
                per_layer: bool = False) -> KVPages:
-    """A zeroed pool, built directly in its sharding when a mesh is given."""
+    """A zeroed pool (held in `pool_dtype`), built directly in its sharding when a mesh is given."""
+    dtype = pool_dtype(config, dtype=dtype, kv_dtype=kv_dtype, mesh=mesh)
     shapes = abstract_pages(config, num_pages, page_size, dtype=dtype, kv_dtype=kv_dtype, per_layer=per_layer)
     make = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
     if mesh is None:
@@ -207,8 +232,9 @@ def init_pages(config: MistralConfig, num_pages: int, page_size: int, *, dtype=N
 def empty_pages(config: MistralConfig, num_pages: int, page_size: int, *, dtype=None, kv_dtype=None,
                 per_layer: bool = False) -> KVPages:
     """A zeroed pool built inside a jitted function, each leaf constrained to its logical sharding (under a
-    mesh context); inside one jit the compiler also picks the pool's memory layout."""
-    leaves = _leaves(config, num_pages, page_size, dtype, kv_dtype, per_layer)
+    mesh context); inside one jit the compiler also picks the pool's memory layout. Held in `pool_dtype`."""
+    leaves = _leaves(config, num_pages, page_size, pool_dtype(config, dtype=dtype, kv_dtype=kv_dtype), kv_dtype,
+                     per_layer)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or any(t != AxisType.Auto for t in mesh.axis_types):  # as `sharding.constrain`: no-op
         return jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), leaves, is_leaf=_is_leaf)
@@ -330,31 +356,79 @@ def _kernel_attention(q, kv, cache: Cache, window):
 
 
 def _xla_attention(q, kv, scale, cache: Cache, window):
-    """One online softmax over (a) the call's own keys (`_own_keys`) and (b) the keys cached before the
-    call (`_cached_keys`), both by query blocks of OWN_BLOCK tokens (the call padded to whole blocks)."""
+    """One online softmax over the keys of each token's sequence: `_dense_keys` (one gather, no loop) at the
+    shortest of `_dense_bounds` that holds the call's longest sequence (a run-time `switch`), else (a) the
+    call's own keys (`_own_keys`) then (b) the keys cached before the call (`_cached_keys`). The call is
+    padded to whole query blocks of OWN_BLOCK tokens."""
     length, heads, head_dim = q.shape
     kv_heads = kv.shape[2] // 2
     dt = q.dtype
     block = min(OWN_BLOCK, length)
     padded = -(-length // block) * block  # whole query blocks for (a); the extra tokens are padding
     q = jnp.pad(q, ((0, padded - length), (0, 0), (0, 0)))
-    rows, positions, valid = token_rows(cache, padded)
+    tokens = token_rows(cache, padded)
     qg = q.reshape(padded, kv_heads, heads // kv_heads, head_dim)
     shape = (padded, kv_heads, heads // kv_heads)
     init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros(shape + (head_dim,), jnp.float32))
-    carry = _own_keys(init, qg, kv, scale, cache, (rows, positions, valid), window, block)
-    # Small calls (decode steps: a token per sequence), and any call whose per-token gather of one key block
-    # stays under PER_TOKEN_ELEMENTS (short contexts), gather per token, one loop step per key block; larger
-    # ones by query blocks, so a long prefill chunk gathers its sequence's pages once per block (a block
-    # mixing decode tokens of many sequences then takes a loop step per sequence).
-    page_size, width = kv.shape[1], cache.page_table.shape[1]
-    span = max(1, min(width, BLOCK_TOKENS // page_size)) * page_size  # key slots per block (`_cached_keys`)
-    small = padded <= PER_TOKEN_UPTO or padded * span * kv.shape[2] * head_dim <= PER_TOKEN_ELEMENTS
-    cached_block = 1 if small else block
-    _, denom, acc = _cached_keys(carry, qg, kv, scale, cache, (rows, positions, valid), window, cached_block)
+
+    def blocked(carry):
+        carry = _own_keys(carry, qg, kv, scale, cache, tokens, window, block)
+        # Small calls (decode steps: a token per sequence), and any call whose per-token gather of one key
+        # block stays under PER_TOKEN_ELEMENTS (short contexts), gather per token, one loop step per key
+        # block; larger ones by query blocks, so a long prefill chunk gathers its sequence's pages once per
+        # block (a block mixing decode tokens of many sequences then takes a loop step per sequence).
+        small = padded <= PER_TOKEN_UPTO or padded * _span(kv, cache) * kv.shape[2] * head_dim <= GATHER_ELEMENTS
+        return _cached_keys(carry, qg, kv, scale, cache, tokens, window, 1 if small else block)
+
+    # The shortest dense gather that holds the call's longest sequence, else the blocked loops (`switch`).
+    full = kv.shape[1] * cache.page_table.shape[1]  # the page table's slots: every sequence fits
+    bounds = _dense_bounds(padded, kv, cache)
+    branches = [functools.partial(_dense_keys, qg=qg, kv=kv, scale=scale, cache=cache, tokens=tokens, window=window,
+                                  bound=bound) for bound in bounds]
+    if not bounds or bounds[-1] < full:
+        branches.append(blocked)
+    if len(branches) == 1:
+        carry = branches[0](init)
+    else:
+        longest = jnp.max(jnp.where(jnp.arange(cache.kv_lens.shape[0]) < cache.num_seqs[0], cache.kv_lens, 0))
+        index = sum((longest > bound).astype(jnp.int32) for bound in bounds)
+        carry = jax.lax.switch(index, branches, init)
+    _, denom, acc = carry
     out = acc / jnp.where(denom == 0, 1.0, denom)[..., None]
     return out.reshape(padded, heads, head_dim)[:length].astype(dt)
+
+
+def _span(kv, cache: Cache) -> int:
+    """Key slots per block of `_cached_keys` (whole pages)."""
+    page_size, width = kv.shape[1], cache.page_table.shape[1]
+    return max(1, min(width, BLOCK_TOKENS // page_size)) * page_size
+
+
+def _dense_bounds(length: int, kv, cache: Cache) -> list[int]:
+    """The key slots per token `_dense_keys` may gather for a call of `length` tokens, ascending: DENSE_KEYS
+    rounded up to whole pages, capped at the page table's slots, each gather at most GATHER_ELEMENTS."""
+    page_size, width = kv.shape[1], cache.page_table.shape[1]
+    per_slot = length * kv.shape[2] * kv.shape[3]
+    bounds = {min(-(-slots // page_size), width) * page_size for slots in DENSE_KEYS}
+    return sorted(b for b in bounds if b * per_slot <= GATHER_ELEMENTS)
+
+
+def _dense_keys(carry, *, qg, kv, scale, cache: Cache, tokens, window, bound: int):
+    """Every token over the first `bound` slots of its own sequence, gathered through the page table in one
+    step (the call's own keys included: they are written before attention, and read back from their
+    slots as `_own_keys` reads them): one gather and one masked softmax, no loop. Valid when no sequence
+    of the call is longer than `bound`."""
+    padded, kv_heads, group, head_dim = qg.shape
+    rows, positions, valid = tokens
+    pages = cache.page_table[rows][:, :bound // kv.shape[1]]  # [T, bound / page]
+    keys = kv[pages].reshape(padded, bound, kv_heads, 2, head_dim)
+    key_scale = None if scale is None else scale[pages].reshape(padded, bound, kv_heads, 2)
+    slots = jnp.arange(bound, dtype=jnp.int32)
+    allowed = valid[:, None] & (slots[None, :] <= positions[:, None])  # [T, S]
+    if window is not None:
+        allowed &= positions[:, None] - slots[None, :] < window
+    return _attend(carry, qg[:, None], keys, key_scale, allowed[:, None])
 
 
 def _cached_keys(carry, qg, kv, scale, cache: Cache, tokens, window, block: int):
@@ -365,7 +439,6 @@ def _cached_keys(carry, qg, kv, scale, cache: Cache, tokens, window, block: int)
     block of decode tokens: one per token, each its own history), all bounds traced values. Under a cond,
     skipped when nothing is cached (a fresh prefill): XLA CPU peels a loop's first gather out of it."""
     padded, kv_heads, group, head_dim = qg.shape
-    dt = qg.dtype
     rows, positions, valid = tokens
     num = padded // block
     page_size = kv.shape[1]
@@ -373,10 +446,10 @@ def _cached_keys(carry, qg, kv, scale, cache: Cache, tokens, window, block: int)
     live = jnp.arange(cache.kv_lens.shape[0]) < cache.num_seqs[0]
     cached = jnp.where(live, cache.kv_lens - q_lens, 0)  # [R] tokens written by earlier calls
     width = cache.page_table.shape[1]
-    per_block = max(1, min(width, BLOCK_TOKENS // page_size))
+    span = _span(kv, cache)
+    per_block = span // page_size
     blocks_total = -(-width // per_block)
     table = jnp.pad(cache.page_table, ((0, 0), (0, blocks_total * per_block - width)))
-    span = per_block * page_size
     by_block = lambda x: x.reshape(num, block)  # noqa: E731
     q_rows, q_pos, q_valid = by_block(rows), by_block(positions), by_block(valid)
     first = jnp.min(jnp.where(q_valid, q_rows, rows.shape[0]), axis=1)  # [J] first sequence of each block
@@ -391,23 +464,12 @@ def _cached_keys(carry, qg, kv, scale, cache: Cache, tokens, window, block: int)
         seq = jnp.clip(first + i, 0, total_rows - 1)  # [J]
         pages = jax.lax.dynamic_slice_in_dim(table[seq], j * per_block, per_block, axis=1)  # [J, bp]
         keys = kv[pages].reshape(num, span, kv_heads, 2, head_dim)
-        s = jnp.einsum("JCKGH,JSKH->JCKGS", qb, keys[:, :, :, 0].astype(dt), preferred_element_type=jnp.float32)
-        v_scale = 1.0
-        if scale is not None:
-            key_scale = scale[pages].reshape(num, span, kv_heads, 2).transpose(0, 2, 3, 1)  # [J, K, 2, S]
-            s, v_scale = s * key_scale[:, None, :, None, 0], key_scale[:, None, :, None, 1]
+        key_scale = None if scale is None else scale[pages].reshape(num, span, kv_heads, 2)
         slots = j * span + jnp.arange(span, dtype=jnp.int32)
         allowed = ((q_rows == (first + i)[:, None]) & q_valid)[:, :, None] & (slots < cached[seq][:, None])[:, None]
         if window is not None:
             allowed &= q_pos[:, :, None] - slots[None, None, :] < window
-
-        def product(p):
-            p = (p.reshape(num, block, kv_heads, group, span) * v_scale).astype(dt)
-            pv = jnp.einsum("JCKGS,JSKH->JCKGH", p, keys[:, :, :, 1].astype(dt), preferred_element_type=jnp.float32)
-            return pv.reshape(padded, kv_heads, group, head_dim)
-
-        s = s.reshape(padded, kv_heads, group, span) * head_dim**-0.5
-        return _online(carry, s, allowed.reshape(padded, span), product)
+        return _attend(carry, qb, keys, key_scale, allowed)
 
     steps = key_blocks * per_query_block
     return jax.lax.cond(steps > 0, lambda c: jax.lax.fori_loop(0, steps, visit, c), lambda c: c, carry)
@@ -418,9 +480,9 @@ def _own_keys(carry, qg, kv, scale, cache: Cache, tokens, window, block: int):
     int8 pool gives the values it holds, as a later call would see them). By query blocks of `block`
     tokens: step j pairs every query block b with key block b - j, for as many steps as the longest
     sequence of the call spans blocks (a traced trip count), so packed short prompts cost a band of
-    blocks instead of the [T, T] square, and a decode step one block. Letters: J blocks, C = block."""
+    blocks instead of the [T, T] square, and a decode step one block; one block (block = T): one step, no
+    loop. Letters: J blocks, C = block."""
     padded, kv_heads, group, head_dim = qg.shape
-    dt = qg.dtype
     rows, positions, valid = tokens
     num = padded // block
     page, offset = _token_slots(cache, kv.shape[1], kv.shape[0], padded)
@@ -429,35 +491,47 @@ def _own_keys(carry, qg, kv, scale, cache: Cache, tokens, window, block: int):
     qb = qg.reshape(num, block, kv_heads, group, head_dim)
     by_block = lambda x: x.reshape(num, block)  # noqa: E731
     q_rows, q_pos, q_valid = by_block(rows), by_block(positions), by_block(valid)
-    # Blocks back to the first token of the token's sequence in this call (cu_q_lens[row]).
-    t = jnp.arange(padded, dtype=jnp.int32)
-    back = jnp.where(valid, t // block - cache.cu_q_lens[rows] // block, 0)
-    steps = jnp.minimum(jnp.max(back) + 1, num)
 
     def visit(j, carry):
         kb = jnp.arange(num) - j  # each query block's key block
         at = jnp.maximum(kb, 0)
-        keys = own[at]  # [J, C, K, 2, H]
-        s = jnp.einsum("JCKGH,JSKH->JCKGS", qb, keys[:, :, :, 0].astype(dt), preferred_element_type=jnp.float32)
-        v_scale = 1.0
-        if own_scale is not None:
-            key_scale = own_scale[at].transpose(0, 2, 3, 1)  # [J, K, 2, S]
-            s, v_scale = s * key_scale[:, None, :, None, 0], key_scale[:, None, :, None, 1]
         distance = q_pos[:, :, None] - q_pos[at][:, None, :]  # [J, C, S]
         allowed = ((kb >= 0)[:, None, None] & (q_rows[:, :, None] == q_rows[at][:, None, :]) & (distance >= 0)
                    & q_valid[:, :, None] & q_valid[at][:, None, :])
         if window is not None:
             allowed &= distance < window
+        return _attend(carry, qb, own[at], None if own_scale is None else own_scale[at], allowed)
 
-        def product(p):
-            p = (p.reshape(num, block, kv_heads, group, block) * v_scale).astype(dt)
-            pv = jnp.einsum("JCKGS,JSKH->JCKGH", p, keys[:, :, :, 1].astype(dt), preferred_element_type=jnp.float32)
-            return pv.reshape(padded, kv_heads, group, head_dim)
-
-        s = s.reshape(padded, kv_heads, group, block) * head_dim**-0.5
-        return _online(carry, s, allowed.reshape(padded, block), product)
-
+    if num == 1:
+        return visit(0, carry)
+    # Blocks back to the first token of the token's sequence in this call (cu_q_lens[row]).
+    t = jnp.arange(padded, dtype=jnp.int32)
+    back = jnp.where(valid, t // block - cache.cu_q_lens[rows] // block, 0)
+    steps = jnp.minimum(jnp.max(back) + 1, num)
     return jax.lax.fori_loop(0, steps, visit, carry)
+
+
+def _attend(carry, qb, keys, key_scale, allowed):
+    """One online-softmax step of query blocks qb [J, C, K, G, H] (compute dtype) over their key blocks
+    keys [J, S, K, 2, H] (key head k at [..., k, 0, :], its values at [..., k, 1, :]; int8 with key_scale
+    [J, S, K, 2], or the compute dtype and None), allowed [J, C, S] -> the updated carry. An int8 block
+    enters the matmuls as int8 -> compute dtype: its key scales multiply the float32 scores and its value
+    scales the probabilities, so no dequantized copy is made."""
+    num, block, kv_heads, group, head_dim = qb.shape
+    span, dt = keys.shape[1], qb.dtype
+    s = jnp.einsum("JCKGH,JSKH->JCKGS", qb, keys[:, :, :, 0].astype(dt), preferred_element_type=jnp.float32)
+    v_scale = 1.0
+    if key_scale is not None:
+        key_scale = key_scale.transpose(0, 2, 3, 1)  # [J, K, 2, S]
+        s, v_scale = s * key_scale[:, None, :, None, 0], key_scale[:, None, :, None, 1]
+
+    def product(p):
+        p = (p.reshape(num, block, kv_heads, group, span) * v_scale).astype(dt)
+        pv = jnp.einsum("JCKGS,JSKH->JCKGH", p, keys[:, :, :, 1].astype(dt), preferred_element_type=jnp.float32)
+        return pv.reshape(num * block, kv_heads, group, head_dim)
+
+    s = s.reshape(num * block, kv_heads, group, span) * head_dim**-0.5
+    return _online(carry, s, allowed.reshape(num * block, span), product)
 
 
 def _online(carry, s, allowed, product):

@@ -38,11 +38,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxmodel.attention import AttentionMask
 from jaxmodel.config import MistralConfig
 from jaxmodel.context_parallel import attention, sequence_indices
 from jaxmodel.kv_cache import Cache, paged_attention, paged_impl, token_rows, write_pages
 from jaxmodel.lora import mirror_adapters, project
+from jaxmodel.masks import AttentionMask
 from jaxmodel.sharding import constrain, under_auto_axes
 
 _INIT = nnx.initializers.normal(stddev=0.02)  # transformers' initializer_range default

@@ -7,6 +7,10 @@ Inside:
       How many times `progress` will be called (a tqdm `total`).
   CHUNK_BYTE_SIZE
       Upper bound on the byte size of one stored chunk.
+  tune_malloc(), trim_malloc()
+      glibc malloc settings that return freed buffers to the OS (convert.py and parity.py use them too).
+  orbax_internals(), OrbaxInternalsError, ORBAX_CHECKED
+      The private Orbax helpers this module needs, resolved in one place (see the end of this docstring).
 
 Why: converting an 11B Hugging Face checkpoint produces stacked layer weights such
 as (40, 5120, 14336) bf16 = 5.9 GB, while the source yields one layer at a time.
@@ -42,7 +46,7 @@ Design choices that are not obvious:
   writes in one atomic OCDBT transaction, which keeps every value in memory until
   the commit. Here each slice is a small OCDBT commit of its own. Orbax's finalize
   step merges the per-process OCDBT tree into the root as usual.
-* glibc malloc is tuned for the rest of the process (see `_tune_malloc`), and
+* glibc malloc is tuned for the rest of the process (see `tune_malloc`), and
   trimmed after every slice. Without that, freed buffers stay in the arenas of
   TensorStore's threads, and RSS climbs to several slices.
 * `fill` and `progress` run on an Orbax background thread, one call at a time,
@@ -66,8 +70,13 @@ Design choices that are not obvious:
   save raises KeyboardInterrupt once nothing writes into the staging directory.
 
 Single process only (an offline conversion tool, not multi-host training).
-Relies on Orbax internals (`orbax.checkpoint._src`), tested with
-orbax-checkpoint 0.12.8; tests/jaxmodel/test_orbax_stream.py catches layout drift.
+
+Orbax internals: the writer calls the helpers Orbax's own ArrayHandler uses (so the files follow the
+installed Orbax's layout), which live in the private `orbax.checkpoint._src`, and reads three private
+attributes of ArrayHandler. All of them are named in `_PRIVATE` / `_HANDLER_ATTRIBUTES` and resolved only
+by `orbax_internals()`, checked against orbax-checkpoint `ORBAX_CHECKED`; a name that moved raises
+`OrbaxInternalsError` naming it (before anything is written), and tests/jaxmodel/test_orbax_internals.py
+fails the same way. tests/jaxmodel/test_orbax_stream.py catches layout drift.
 """
 
 from __future__ import annotations
@@ -77,6 +86,8 @@ import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
+import functools
+import importlib
 import os
 import shutil
 import signal
@@ -84,6 +95,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -91,15 +103,56 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-# The helpers ArrayHandler itself uses, so the files we write follow this Orbax version's layout.
-from orbax.checkpoint._src.futures import future as ocp_future
-from orbax.checkpoint._src.metadata import array_metadata_store as ocp_array_metadata_store
-from orbax.checkpoint._src.multihost import multihost as ocp_multihost
-from orbax.checkpoint._src.serialization import jax_array_handlers as ocp_jax_array_handlers
-from orbax.checkpoint._src.serialization import ocdbt_utils as ocp_ocdbt_utils
-from orbax.checkpoint._src.serialization import tensorstore_utils as ocp_ts_utils
+__all__ = ["CHUNK_BYTE_SIZE", "ORBAX_CHECKED", "OrbaxInternalsError", "num_writes", "orbax_internals",
+           "save_streaming", "trim_malloc", "tune_malloc"]
 
-__all__ = ["CHUNK_BYTE_SIZE", "num_writes", "save_streaming"]
+# The orbax-checkpoint version whose private names (`_PRIVATE`, `_HANDLER_ATTRIBUTES`) were checked.
+ORBAX_CHECKED = "0.12.8"
+
+# What this module takes from Orbax's private `_src` package: our name -> (module, attribute). These are
+# the helpers ArrayHandler itself uses, so the files we write follow the installed Orbax's layout.
+_PRIVATE = {
+    "CommitFuture": ("orbax.checkpoint._src.futures.future", "CommitFutureAwaitingContractedSignals"),
+    "ArrayMetadataStore": ("orbax.checkpoint._src.metadata.array_metadata_store", "Store"),
+    "process_index": ("orbax.checkpoint._src.multihost.multihost", "process_index"),
+    "serialize_shardings": ("orbax.checkpoint._src.serialization.jax_array_handlers", "_async_serialize_shardings"),
+    "subdir_process_index": ("orbax.checkpoint._src.serialization.ocdbt_utils", "get_process_index_for_subdir"),
+    "build_array_write_spec": ("orbax.checkpoint._src.serialization.tensorstore_utils", "build_array_write_spec"),
+}
+# Private attributes an `ocp.type_handlers.ArrayHandler` sets in __init__ and the writer reads.
+_HANDLER_ATTRIBUTES = ("_primary_host", "_metadata_key", "_array_metadata_store")
+
+
+class OrbaxInternalsError(RuntimeError):
+    """A private Orbax name this module relies on is gone from the installed orbax-checkpoint."""
+
+
+def _moved(what: str) -> OrbaxInternalsError:
+    from importlib.metadata import version
+
+    return OrbaxInternalsError(
+        f"orbax-checkpoint {version('orbax-checkpoint')}: {what} is gone or moved (jaxmodel/orbax_stream.py "
+        f"was checked against orbax-checkpoint {ORBAX_CHECKED}); install orbax-checkpoint=={ORBAX_CHECKED} "
+        "or update orbax_stream._PRIVATE")
+
+
+@functools.cache
+def orbax_internals() -> SimpleNamespace:
+    """The private Orbax helpers of `_PRIVATE` (by our names), the only place this module reaches into
+    `orbax.checkpoint._src`, and the check of ArrayHandler's private attributes. Raises
+    OrbaxInternalsError naming the first one that moved."""
+    found = {}
+    for ours, (module, name) in _PRIVATE.items():
+        try:
+            found[ours] = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            raise _moved(f"{module}.{name}") from None
+    handler = ocp.type_handlers.ArrayHandler()
+    for name in _HANDLER_ATTRIBUTES:
+        if not hasattr(handler, name):
+            raise _moved(f"orbax.checkpoint.type_handlers.ArrayHandler().{name}")
+    return SimpleNamespace(**found)
+
 
 # 16 MiB gives a few chunks per layer slice: small enough for sharded reads and
 # parallel compression, large enough to keep OCDBT keys and per-chunk overhead low
@@ -162,11 +215,7 @@ class _StreamingArrayHandler(ocp.type_handlers.ArrayHandler):
         args = args or [ocp.SaveArgs()] * len(values)
         # As in the stock handlers, all I/O happens in the commit future. That
         # future starts only once Orbax has created the directory.
-        return [
-            ocp_future.CommitFutureAwaitingContractedSignals(
-                self._write_all(values, infos, args), name="streaming_array_handler"
-            )
-        ]
+        return [orbax_internals().CommitFuture(self._write_all(values, infos, args), name="streaming_array_handler")]
 
     async def _write_all(self, leaves, infos, args) -> None:
         for info in infos:
@@ -174,28 +223,28 @@ class _StreamingArrayHandler(ocp.type_handlers.ArrayHandler):
         # Record the sharding that `jax.device_put(x)` would give. A restore with
         # no target then behaves as it does for an Orbax save of host arrays.
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        await ocp_jax_array_handlers._async_serialize_shardings(  # pylint: disable=protected-access
-            [sharding] * len(leaves), infos, primary_host=self._primary_host
-        )
+        orbax = orbax_internals()
+        await orbax.serialize_shardings([sharding] * len(leaves), infos, primary_host=self._primary_host)
         metadatas = [await self._write_leaf(*lia) for lia in zip(leaves, infos, args)]
         # Per-array write_shape/chunk_shape records. Orbax copies write_shape into
         # _METADATA and cross-checks these records at finalize.
         await self._array_metadata_store.write(
             checkpoint_dir=infos[0].parent_dir,
             array_metadatas=metadatas,
-            process_index=ocp_multihost.process_index(),
+            process_index=orbax.process_index(),
         )
 
     async def _write_leaf(self, leaf: _Leaf, info, arg):
         write_shape = (1, *leaf.shape[1:]) if leaf.stacked else leaf.shape
-        spec = ocp_ts_utils.build_array_write_spec(
+        orbax = orbax_internals()
+        spec = orbax.build_array_write_spec(
             info=info,
             arg=arg,
             global_shape=leaf.shape,
             local_shape=write_shape,
             dtype=leaf.dtype,
             use_ocdbt=info.is_ocdbt_checkpoint,
-            process_index=ocp_ocdbt_utils.get_process_index_for_subdir(info.is_ocdbt_checkpoint),
+            process_index=orbax.subdir_process_index(info.is_ocdbt_checkpoint),
             metadata_key=self._metadata_key,
         )
         array = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
@@ -208,7 +257,7 @@ class _StreamingArrayHandler(ocp.type_handlers.ArrayHandler):
             # a time. Referencing `value` avoids a copy; we drop it right after.
             await target.write(value, can_reference_source_data_indefinitely=True)
             del value
-            _trim_malloc()
+            trim_malloc()
             if self._progress is not None:
                 self._progress(1)
         return spec.metadata
@@ -237,7 +286,7 @@ except (OSError, TypeError):  # e.g. Windows
 _MMAP_THRESHOLD = 2**20
 
 
-def _tune_malloc() -> None:
+def tune_malloc() -> None:
     """Fix the thresholds, as MALLOC_MMAP_THRESHOLD_ would at startup. Blocks of 1 MiB or more are
     then mmapped and returned to the OS on free, and arena tops are trimmed. Small allocations are
     unaffected. No-op without glibc, or if the user set either variable."""
@@ -249,7 +298,7 @@ def _tune_malloc() -> None:
     mallopt(M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD)  # the ratio glibc itself uses
 
 
-def _trim_malloc() -> None:
+def trim_malloc() -> None:
     """Release free memory already sitting inside the arenas. Threshold changes only affect later frees."""
     malloc_trim = getattr(_LIBC, "malloc_trim", None)
     if malloc_trim is not None:
@@ -294,7 +343,9 @@ def save_streaming(
     `directory` must not exist. It appears only once the save is complete, through
     an atomic rename of a staging sibling. On any exception the staging directory is
     deleted and the exception is re-raised. Side effect: in this process, glibc
-    malloc's mmap/trim thresholds stay fixed afterwards (see `_tune_malloc`).
+    malloc's mmap/trim thresholds stay fixed afterwards (see `tune_malloc`).
+    Raises OrbaxInternalsError, before anything is written, when the installed Orbax lacks a private name
+    this module uses.
     Restore with plain Orbax, e.g. `ocp.StandardCheckpointer().restore(directory, target)`.
     """
     from jaxmodel import storage
@@ -303,13 +354,14 @@ def save_streaming(
         raise FileExistsError(f"{directory} already exists")
     if jax.process_count() != 1:
         raise NotImplementedError("save_streaming supports a single process only")
+    orbax = orbax_internals()  # fails here, on a moved name, not halfway through the save
     leaves = _leaves(abstract_tree)
-    _tune_malloc()
+    tune_malloc()
 
     # A registry private to this call, leaving Orbax's global one untouched. Both
     # handlers share one ArrayMetadata store: the pytree handler finds the store
     # through the jax.Array entry, so it reads the records our handler writes.
-    store = ocp_array_metadata_store.Store()
+    store = orbax.ArrayMetadataStore()
     handler = _StreamingArrayHandler(fill, progress, store)
     registry = ocp.type_handlers.create_type_handler_registry(
         (_Leaf, handler),

@@ -150,11 +150,11 @@ def compare_layers(
     from transformers.models.mistral import modeling_mistral as hf_mistral
 
     from jaxmodel import storage
-    from jaxmodel.attention import AttentionMask
     from jaxmodel.convert import tensor_reader
     from jaxmodel.hub import resolve_model
+    from jaxmodel.masks import AttentionMask
     from jaxmodel.model import MistralForCausalLM, RMSNorm, abstract_model, rope_cos_sin
-    from jaxmodel.orbax_stream import _trim_malloc
+    from jaxmodel.orbax_stream import trim_malloc
     from jaxmodel.safetensors_io import WeightFiles
 
     hf_dir, jax_dir = resolve_model(hf_dir), resolve_model(jax_dir)  # hub ids -> their cached snapshots
@@ -243,7 +243,7 @@ def compare_layers(
             record(f"layer {i}", mine, out.numpy(), own)
             hidden = out
             del state, mine
-            _trim_malloc()  # freed layer buffers back to the OS, not left in the arenas of XLA's threads
+            trim_malloc()  # freed layer buffers back to the OS, not left in the arenas of XLA's threads
         del ref_layer, ref_params
 
         # Final norm and head, on the reference's last hidden states; the logits one vocabulary block at a

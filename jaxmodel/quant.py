@@ -145,13 +145,13 @@ class QArray:
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.q) + _nbytes(self.scale)
+        return stored_bytes(self.q) + stored_bytes(self.scale)
 
     def __repr__(self):
         return f"QArray({self.mode}{list(self.shape)}, scale{list(self.scale.shape)})"
 
 
-def _nbytes(x) -> int:
+def stored_bytes(x) -> int:
     """Bytes as stored on the device: int4 is packed two per byte (numpy's itemsize says 1)."""
     dtype = jnp.dtype(x.dtype)
     if dtype in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)):
@@ -368,4 +368,4 @@ def abstract_quantized_state(state: nnx.State, mesh, mode: str = "int8",
 def param_bytes(model_or_state) -> int:
     """Bytes of all parameters (integer values and scales counted for quantized ones)."""
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.split(model_or_state)[1]
-    return sum(_nbytes(x) for x in jax.tree.leaves(state))
+    return sum(stored_bytes(x) for x in jax.tree.leaves(state))

@@ -9,8 +9,11 @@ Inside:
 - `constrain(x, logical_axes)`: an activation sharding constraint, a no-op outside a mesh context.
 - `under_auto_axes(method)`: lets the model's entry points run under a user's `jax.set_mesh(jax.make_mesh(...))`
   (Explicit axes) as well as under Auto ones.
-- `REPLICATED_BY_DESIGN` (the deliberate replications, each with why) and `check_divisible(config, mesh,
-  batches=...)`: the validation every run does before compiling (below).
+- `REPLICATED_BY_DESIGN` (the deliberate replications, each with why) and `check_divisible(model, mesh,
+  batches=...)`: the validation every run does before compiling (below); `model` is the caller's
+  (`model.abstract_model(config)` is enough: shapes only), so this module imports no model and stays at
+  the bottom of the import graph, under model.py and attention.py.
+- `platform()`: the platform a program is compiled for (the mesh's when one is set).
 
 Design choices:
 - Meshes are used with `AxisType.Auto` axes: the model is written once, with shardings on parameters and
@@ -149,10 +152,10 @@ def make_mesh(shape: MeshShape | Sequence[int] | dict, devices: Sequence | None 
 
 def _host_local_context(sizes, devices):
     """A device grid for (data, fsdp, context, tensor) `sizes` spanning several processes (hosts) in which
-    every context x tensor group lies within one host (each host reads whole rows of its sequences; see
-    jaxmodel/context_parallel.py `check_hosts`): each host holds (1, fsdp/hosts', context, tensor) and the
-    hosts line up along data and fsdp. None for one process, or when the sizes do not allow it (the plain
-    layout is taken and `check_hosts` then names the problem)."""
+    every context x tensor group lies within one host (its all-gathers then stay on the host's fast links;
+    a host reads only what its devices hold either way): each host holds (1, fsdp/hosts', context, tensor)
+    and the hosts line up along data and fsdp. None for one process, or when the sizes do not allow it (the
+    plain layout is taken: context groups then span hosts)."""
     from jax.experimental import mesh_utils
 
     hosts = len({d.process_index for d in devices})
@@ -193,6 +196,13 @@ def logical_to_spec(
             targets = targets[:-1]
         spec.append(None if not targets else targets[0] if len(targets) == 1 else targets)
     return PartitionSpec(*spec)
+
+
+def platform() -> str:
+    """The platform the program is compiled for: the mesh's when one is set (an ahead-of-time TPU compile
+    on a CPU machine must get the real kernel, not the interpreter), else the default device's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.devices()[0].platform if mesh.empty else mesh.abstract_device.platform
 
 
 def _axes_of(var) -> tuple:
@@ -303,11 +313,13 @@ def _mesh_text(mesh: Mesh) -> str:
     return "mesh {" + ", ".join(f"{k}: {v}" for k, v in mesh.shape.items()) + "}"
 
 
-def check_divisible(config, mesh: Mesh, *, batches: Sequence[tuple[str, int]] = (), rules: dict | None = None):
-    """Refuses (ShardingError, one line naming the numbers and the fix) any dimension of the model's
-    parameters or activations, or any of `batches` ((what, size) pairs such as ("train.global_batch_size",
-    64)), that its mesh axes do not divide, except `REPLICATED_BY_DESIGN`. Shapes only: nothing is
-    allocated, so it runs before any compile."""
+def check_divisible(model: nnx.Module, mesh: Mesh, *, batches: Sequence[tuple[str, int]] = (),
+                    rules: dict | None = None):
+    """Refuses (ShardingError, one line naming the numbers and the fix) any dimension of `model`'s
+    parameters or activations (its `config`'s heads, MLP width, vocabulary), or any of `batches` ((what,
+    size) pairs such as ("train.global_batch_size", 64)), that its mesh axes do not divide, except
+    `REPLICATED_BY_DESIGN`. Shapes only: pass `model.abstract_model(config)`, nothing is allocated, so it
+    runs before any compile."""
     rules = RULES if rules is None else rules
     for what, size in batches:
         bad = _undivided("batch", size, mesh, rules)
@@ -316,9 +328,8 @@ def check_divisible(config, mesh: Mesh, *, batches: Sequence[tuple[str, int]] = 
             raise ShardingError(
                 f"{what}={size} is not divisible by {axes} = {n} ({_mesh_text(mesh)}): the batch would be "
                 f"replicated, every device computing all of it; use a multiple of {n} or change the mesh")
-    from jaxmodel.model import abstract_model  # (model.py imports this module)
-
-    _, state = nnx.split(abstract_model(config))
+    config = model.config
+    _, state = nnx.split(model)
     for path, var in nnx.to_flat_state(state):
         for axis, (name, size) in enumerate(zip(_axes_of(var), var.shape)):
             bad = name and _undivided(name, size, mesh, rules)

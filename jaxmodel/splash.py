@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from jaxmodel.attention import AttentionMask
+from jaxmodel.masks import AttentionMask
 
 _PAD_SEGMENT = -1
 _LANES = 128  # the kernel's key blocks must be multiples of the TPU lane width

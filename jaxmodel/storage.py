@@ -24,25 +24,20 @@ Design choices:
   and not the second (an interrupted write) and name it. A directory written by other tools (an HF model
   uploaded with gsutil) has neither and reads as usual. A single object is atomic by itself (an upload
   appears only when finalized), so `atomic_file` writes locally and uploads once at the end.
-- Bounded waits on `gs://`: gcsfs retries every failed request 6 times with backoff (~35 s) and logs a
-  traceback each time, so a host that cannot be reached at all (no network, a wrong emulator address)
-  stalled a command for minutes. Here a connection that cannot be opened is tried `CONNECT_ATTEMPTS` times
-  (a `CONNECT_TIMEOUT_S` each), other transient failures (5xx, 429, a dropped connection) keep gcsfs'
-  6 attempts, an open connection that stays silent for `READ_TIMEOUT_S` fails, and gcsfs' own log lines
-  are silenced: the StorageError says it once.
+- gs:// waits are bounded (a host that cannot be reached fails within ~20 s, not minutes of gcsfs retries)
+  and its failures are one line: `jaxmodel.gcs`.
+- One file (~550 lines) on purpose: it is the one door every user path goes through (STYLE: one storage
+  layer), so a caller imports one module; only the gs:// backend, which nothing else calls, lives apart.
 """
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import contextlib
 import errno
 import functools
 import json
-import logging
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -50,13 +45,11 @@ import uuid
 
 import fsspec
 
+from jaxmodel import gcs
+
 WRITING = "_WRITING"
 COMMITTED = "_COMMITTED"
 _TMP_INFIX = ".tmp-"
-CONNECT_TIMEOUT_S = 5  # opening a TCP connection (DNS and TLS excluded)
-READ_TIMEOUT_S = 120  # silence on an open connection (a large object streams; only a stall fails)
-CONNECT_ATTEMPTS = 3  # a host that cannot be reached at all: fail within ~20 s
-ATTEMPTS = 6  # other transient failures, as gcsfs
 
 
 class StorageError(ValueError):
@@ -112,146 +105,24 @@ def basename(path) -> str:
     return path.rpartition("/")[2] if is_remote(path) else os.path.basename(path)
 
 
-def _fs(path):
+def fs_and_path(path):
     """(file system, path as that file system spells it) for a local path or URL."""
     path = resolve(path)
     if path.startswith(("gs://", "gcs://")):
-        # No listings cache: other processes (the other hosts, a rerun, Orbax) change the bucket meanwhile.
-        fs = _gcs_class()(use_listings_cache=False, requests_timeout=_gcs_timeout(), **_gcs_token())
+        fs = gcs.filesystem()
         return fs, fs._strip_protocol(path)
     if is_remote(path):
         return fsspec.core.url_to_fs(path, use_listings_cache=False)
     return fsspec.filesystem("file", auto_mkdir=True), path  # writes create parents, as on object stores
 
 
-# -- Google Cloud Storage: bounded retries, one line per failure ---------------------------------------
-
-
-@functools.cache
-def _gcs_class():
-    """gcsfs' file system with this module's retry policy (gcsfs binds its own at class creation)."""
-    import gcsfs
-
-    # Each failed request would log a warning or a traceback; the StorageError raised instead says it once.
-    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
-    core = gcsfs.core.GCSFileSystem
-    bounded = type("BoundedGCSFileSystem", (core,), {
-        "_request": _with_retries(core._request.__wrapped__),
-        "_get_file_request": _with_retries(core._get_file_request.__wrapped__),
-        # Its inner requests (_info, _get_file_request, _cat_file) retry already; retrying the whole
-        # download again would multiply the attempts.
-        "_get_file_concurrent": core._get_file_concurrent.__wrapped__,
-    })
-    if gcsfs.GCSFileSystem is core:
-        return bounded
-    # The experimental file system (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT, on by default) overrides some of these
-    # and calls super(): with `bounded` after it in the MRO, those calls land on the bounded versions.
-    return type("BoundedExtendedGcsFileSystem", (gcsfs.GCSFileSystem, bounded), {})
-
-
-@functools.cache
-def _gcs_token() -> dict:
-    """gcsfs' `token` argument: unless the user configured one (fsspec's config, FSSPEC_GS_TOKEN), the
-    application default credentials when there are some, else anonymous access. gcsfs' own sequence would
-    next ask the metadata server ("cloud"), which off Google Cloud retries for ~15 s; on Google Cloud the
-    default credentials already come from it."""
-    import google.auth
-    import google.auth.exceptions
-
-    if any("token" in fsspec.config.conf.get(protocol, {}) for protocol in ("gs", "gcs")):
-        return {}
-    try:
-        google.auth.default()
-    except google.auth.exceptions.DefaultCredentialsError:
-        return {"token": "anon"}
-    return {"token": "google_default"}
-
-
-def _gcs_timeout():
-    import aiohttp
-
-    return aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
-
-
-def _with_retries(request):
-    """`request` (an undecorated gcsfs coroutine method) retried with this module's bounds."""
-    from gcsfs.retry import is_retriable
-
-    @functools.wraps(request)
-    async def retried(self, *args, **kwargs):
-        attempt = 0
-        while True:
-            try:
-                return await request(self, *args, **kwargs)
-            except Exception as e:
-                attempt += 1
-                limit = CONNECT_ATTEMPTS if _cannot_connect(e) else ATTEMPTS
-                if attempt >= limit or getattr(e, "status", None) == 404 or not is_retriable(e):
-                    raise
-                await asyncio.sleep(min(2 ** (attempt - 1), 16) * (0.5 + random.random() / 2))
-
-    return retried
-
-
-def _cannot_connect(e: BaseException) -> bool:
-    import aiohttp
-
-    return isinstance(e, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
-
-
 def unreachable(e: BaseException, path) -> StorageError | None:
     """A StorageError naming `path` when `e` says Google Cloud Storage could not be used (no network, a
     timeout, refused or missing credentials); None for any other error."""
-    if "gcsfs" not in sys.modules or not is_remote(path):
+    if not is_remote(path):
         return None
-    import aiohttp
-    import fsspec.exceptions
-    import google.auth.exceptions
-    from gcsfs.retry import HttpError
-
-    shown = os.fspath(path)
-    if _cannot_connect(e):
-        host = f"{e.host}:{e.port}" if isinstance(e, aiohttp.ClientConnectorError) else "the storage server"
-        os_error = getattr(e, "os_error", None)
-        code = getattr(os_error, "errno", None)
-        if code:  # a name that does not resolve has a negative (getaddrinfo) code and its own text
-            cause = os_error.strerror if code < 0 else os.strerror(code)
-        else:
-            cause = "timed out" if isinstance(e, TimeoutError) else str(e)
-        return StorageError(f"{shown}: cannot connect to Google Cloud Storage at {host} ({cause.lower()}; "
-                            f"{CONNECT_ATTEMPTS} tries)")
-    if isinstance(e, (TimeoutError, asyncio.TimeoutError, fsspec.exceptions.FSTimeoutError)):
-        return StorageError(f"{shown}: Google Cloud Storage did not answer within {READ_TIMEOUT_S} s")
-    if isinstance(e, aiohttp.ClientError):
-        return StorageError(f"{shown}: Google Cloud Storage connection failed ({e or type(e).__name__})")
-    if isinstance(e, google.auth.exceptions.GoogleAuthError):
-        return StorageError(f"{shown}: Google Cloud credentials failed ({_auth_cause(str(e))})")
-    denied = type(e) is OSError and str(e).startswith("Forbidden")  # gcsfs' 403
-    if denied or (isinstance(e, HttpError) and e.code in (401, 403)):
-        return StorageError(f"{shown}: access denied by Google Cloud Storage{_credentials_hint(path)}")
-    if isinstance(e, HttpError):
-        return StorageError(f"{shown}: Google Cloud Storage answered {e.code} ({str(e).splitlines()[0]})")
-    return None
-
-
-def _auth_cause(text: str) -> str:
-    """google-auth's text for a token server it could not reach (urllib3's nested "Max retries exceeded
-    ... Caused by ... [Errno N] reason" chain) as "cannot reach HOST (reason)"; other texts' first line."""
-    import re
-
-    host = re.search(r"host='([^']+)'", text)
-    reason = re.findall(r"\[Errno -?\d+\] ([^)\]]+)", text)
-    if host and reason:
-        return f"cannot reach {host.group(1)} ({reason[-1].strip().lower()})"
-    return text.splitlines()[0] if text else "no reason given"
-
-
-def _credentials_hint(path) -> str:
-    with contextlib.suppress(Exception):
-        if _fs(path)[0].credentials.method == "anon":
-            return ("; no credentials were found (run `gcloud auth application-default login` or set "
-                    "GOOGLE_APPLICATION_CREDENTIALS)")
-    return ""
+    line = gcs.failure(e, path)
+    return None if line is None else StorageError(line)
 
 
 def remote_errors(func):
@@ -296,26 +167,26 @@ def bucket(path) -> str | None:
 
 @remote_errors
 def exists(path) -> bool:
-    fs, p = _fs(path)
+    fs, p = fs_and_path(path)
     return fs.exists(p)
 
 
 @remote_errors
 def isdir(path) -> bool:
-    fs, p = _fs(path)
+    fs, p = fs_and_path(path)
     return fs.isdir(p)
 
 
 @remote_errors
 def isfile(path) -> bool:
-    fs, p = _fs(path)
+    fs, p = fs_and_path(path)
     return fs.isfile(p)
 
 
 @remote_errors
 def listdir(path) -> list[str]:
     """Entry names (not paths) of a directory, sorted; [] if it does not exist."""
-    fs, p = _fs(path)
+    fs, p = fs_and_path(path)
     if not fs.isdir(p):
         return []
     return sorted({e.rstrip("/").rpartition("/")[2] for e in fs.ls(p, detail=False)} - {""})
@@ -324,19 +195,19 @@ def listdir(path) -> list[str]:
 @remote_errors
 def glob(pattern) -> list[str]:
     """Sorted paths (URLs for remote patterns) matching a glob pattern."""
-    fs, p = _fs(pattern)
+    fs, p = fs_and_path(pattern)
     return sorted(_url(fs, m, os.fspath(pattern)) for m in fs.glob(p))
 
 
 @remote_errors
 def size(path) -> int:
-    fs, p = _fs(path)
+    fs, p = fs_and_path(path)
     return int(fs.size(p))
 
 
 def makedirs(path) -> None:
     """Creates a directory and its parents (a no-op on object stores, which have no directories)."""
-    fs, p = _fs(path)
+    fs, p = fs_and_path(path)
     if is_remote(path):
         return
     fs.makedirs(p, exist_ok=True)
@@ -345,7 +216,7 @@ def makedirs(path) -> None:
 @remote_errors
 def remove(path) -> None:
     """Removes a file or a directory tree; a missing path is fine."""
-    fs, p = _fs(path)
+    fs, p = fs_and_path(path)
     with contextlib.suppress(FileNotFoundError):
         if fs.isdir(p):
             fs.rm(p, recursive=True)
@@ -356,7 +227,7 @@ def remove(path) -> None:
 @remote_errors
 def open(path, mode: str = "r", *, encoding: str | None = "utf-8", **kwargs):  # noqa: A001
     """A file object (text with UTF-8 by default; pass a "b" mode for bytes)."""
-    fs, p = _fs(path)
+    fs, p = fs_and_path(path)
     if "b" in mode:
         return fs.open(p, mode, **kwargs)
     return fs.open(p, mode, encoding=encoding, **kwargs)
@@ -366,7 +237,7 @@ def open(path, mode: str = "r", *, encoding: str | None = "utf-8", **kwargs):  #
 def read_ranges(path, starts, ends) -> list[bytes]:
     """The byte ranges [start, end) of one file; on object stores fetched concurrently (one request
     each, all in flight together)."""
-    fs, p = _fs(path)
+    fs, p = fs_and_path(path)
     starts, ends = [int(s) for s in starts], [int(e) for e in ends]
     return fs.cat_ranges([p] * len(starts), starts, ends)
 
@@ -413,11 +284,11 @@ def copy_file(src, dst) -> None:
         shutil.copy(src, dst)
         return
     if is_remote(dst) and not is_remote(src):
-        fs, p = _fs(dst)
+        fs, p = fs_and_path(dst)
         fs.put_file(src, p)
         return
     if is_remote(src) and not is_remote(dst):
-        fs, p = _fs(src)
+        fs, p = fs_and_path(src)
         fs.get_file(p, dst)
         return
     with open(src, "rb") as fin, open(dst, "wb") as fout:
@@ -429,7 +300,7 @@ def copy_dir(src, dst) -> None:
     """Copies a directory tree between any two locations (commit markers excepted: the copy's own
     writer commits it)."""
     src = resolve(src)
-    fs, p = _fs(src)
+    fs, p = fs_and_path(src)
     p = p.rstrip("/")
     for inner in fs.find(p):
         rel = inner[len(p) + 1:] if inner.startswith(p + "/") else inner.rpartition("/")[2]

@@ -16,6 +16,7 @@ import pytest
 
 import normistral
 from jaxmodel import MistralConfig
+from jaxmodel import cli as jaxmodel_cli
 from tests.test_cli_errors import _fails
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,8 +134,8 @@ def test_eval_limit_must_be_a_whole_count_or_a_fraction(models, capfd, limit):
 
 
 def test_eval_limit_keeps_counts_and_fractions():
-    assert normistral._limit("3") == 3 and isinstance(normistral._limit("3.0"), int)
-    assert normistral._limit("0.25") == 0.25
+    assert jaxmodel_cli.limit("3") == 3 and isinstance(jaxmodel_cli.limit("3.0"), int)
+    assert jaxmodel_cli.limit("0.25") == 0.25
 
 
 # -- items 9 and 14: empty prompts, --group-size, bad bytes ------------------------------------------------------
@@ -167,7 +168,7 @@ def test_group_size_default_is_the_quantizer_s():
     from inference.quantize import DEFAULT_GROUP_SIZE
 
     args = normistral.build_parser().parse_args(["generate", "m", "--prompt", "x", "--quantize", "int4"])
-    assert normistral.DEFAULT_GROUP_SIZE == DEFAULT_GROUP_SIZE == args.group_size
+    assert jaxmodel_cli.DEFAULT_GROUP_SIZE == DEFAULT_GROUP_SIZE == args.group_size
 
 
 def test_input_with_invalid_utf8_names_the_file_and_line(models, tmp_path, capfd):

@@ -162,12 +162,12 @@ def _section_options() -> dict[str, list[str]]:
     """Every documented section and its known keys (the dataclasses that read them)."""
     import dataclasses
 
-    from inference.aot import InferenceOptions
+    from inference.config import InferenceConfig
     from jaxmodel.sharding import MeshShape
     from training.config import CheckpointConfig, DataConfig, LoraSection, OptimizerConfig, TrainConfig
 
     classes = {"mesh": MeshShape, "train": TrainConfig, "optimizer": OptimizerConfig, "data": DataConfig,
-               "checkpoint": CheckpointConfig, "inference": InferenceOptions, "lora": LoraSection}
+               "checkpoint": CheckpointConfig, "inference": InferenceConfig, "lora": LoraSection}
     options = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in classes.items()}
     options["model"] = [f.name for f in dataclasses.fields(MistralConfig)] + ["preset", "hf_config", "init_from"]
     return options

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,57 +15,15 @@ import time
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "tiny-cpu.yaml")
+from tests.multihost import REPO
+from tests.multihost import cpu_env as _env
+from tests.multihost import free_port as _port
+from tests.multihost import losses as _losses
+from tests.multihost import train_cmd as _train_cmd
+from tests.multihost import train_one as _one
+from tests.multihost import train_two as _two
+
 RUN = ["train.steps=9", "checkpoint.every=3", "checkpoint.keep=5", "train.eval_every=0"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices: int, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NORMISTRAL_FAULTS")}
-    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), **extra)
-    return env
-
-
-def _train_cmd(workdir, overrides):
-    cmd = [sys.executable, "-m", "normistral", "train", "--config", CONFIG, "--workdir", workdir]
-    for item in overrides:
-        cmd += ["--set", item]
-    return cmd
-
-
-def _one(workdir, overrides, data):
-    proc = subprocess.run(_train_cmd(workdir, overrides + data), env=_env(8), capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-def _two(workdir, overrides, data, *, faults=(None, None), heartbeat=30, wait=True):
-    port = _port()
-    procs = []
-    for pid in (0, 1):
-        cmd = _train_cmd(workdir, overrides + data) + [
-            "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid),
-            "--heartbeat-timeout", str(heartbeat)]
-        extra = {"NORMISTRAL_FAULTS": faults[pid]} if faults[pid] else {}
-        procs.append(subprocess.Popen(cmd, env=_env(4, **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, cwd=REPO))
-    if not wait:
-        return procs
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-    return procs
-
-
-def _losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
 def _params(workdir, step):

@@ -1,6 +1,7 @@
 """Every `normistral compile-check` command the README, the docs and the shipped configs' headers show works
 offline on this CPU machine: exit 0, a JSON report, no traceback, and for training the data placeholders
-(gs://BUCKET/...) and the local placeholder paths (/data/...) reported as not checked instead of contacted (`--check-data` refuses them, in one line).
+(gs://BUCKET/...) and the local placeholder paths (/data/...) reported as not checked instead of contacted
+(`--check-data` refuses them, in one line).
 
 Cost: as written, these commands compile the 11B model for their topologies; the v5p:4x4x4 training one
 alone takes ~85 s of CPU here, a decode one several minutes. So each runs with `--set` overrides that

@@ -28,7 +28,7 @@ from tests.hub_cache import make_hub_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", "demo-run",
-                              ".pytest_cache", ".ruff_cache")
+                              ".pytest_cache", ".ruff_cache", ".pytest-groups")
 
 
 @pytest.fixture(scope="module")

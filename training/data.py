@@ -17,7 +17,7 @@ On disk (one directory; `index.json` is written last, so a directory with an `in
   holds. Plain text stays format 1 with no mask (every token learned), so data prepared before reads as it
   did; a reader that knows only format 1 refuses format 2 rather than train on prompts.
 
-Packing (training/prepare.py: per work unit, in document order; rows never mix sources, so weights are exact):
+Packing (training/prepare_unit.py: per work unit, in document order; rows never mix sources, so weights are exact):
 - A document is its tokens with `<s>` (the tokenizer's post-processor; prepended here if a tokenizer
   lacks one) and `</s>` appended here. Text that spells a special token ("</s>") is encoded as text
   (`split_special_tokens=True`): a document cannot forge document boundaries.
@@ -29,8 +29,9 @@ Packing (training/prepare.py: per work unit, in document order; rows never mix s
   a row is all the model sees, and positions past seq_len would be ones it never learns a context for.
 - `segment_ids` count 1, 2, 3, ... per document (or chunk) within a row; 0 only for padding.
 
-Batches (`PackedDataset.batch`) are a pure function of (step, process_index, process_count, seed): no
-iterator state, so a resumed run sees exactly the batches it would have seen.
+Batches (`PackedDataset.batch`) are a pure function of (step, seed, and the part read: process_index /
+process_count, or rows x columns): no iterator state, so a resumed run sees exactly the batches it would
+have seen, and the parts of any split tile the one global batch.
 - Mixing: the stream of sample slots is cut into blocks of R >= 4096 slots (a multiple of the global
   batch). Each block holds a fixed number of slots per source (largest-remainder rounding of R *
   weight), in a seeded random order. The k-th slot of a source thus has a closed form, and over any
@@ -38,9 +39,13 @@ iterator state, so a resumed run sees exactly the batches it would have seen.
 - Rows: the k-th draw of source s is row `perm(seed, s, epoch)[k % rows_s]`, epoch = k // rows_s,
   with `perm = np.random.default_rng([seed, s, epoch]).permutation`: every row once per epoch of its
   source, a fresh order each epoch.
-- A process takes its contiguous slice of the global batch and reads only those rows from the shards:
-  local shards through memory maps, shards on gs:// through concurrent range reads (one request per row
-  and array, all in flight together; `jaxmodel.storage.read_ranges`), each .npy header read once.
+- A process reads only its part of the global batch: by default a contiguous slice of rows; `train` asks
+  for the rows x sequence columns its devices hold (training/step.py `batch_part`, from the batch's
+  sharding: under context parallelism spanning hosts, a host reads only its context shards' chunks of each
+  sequence, plus the one column after each run, whose token is a target). Local shards are sliced
+  through memory maps (rows x column runs), shards on gs:// through concurrent range reads (one request
+  per row, column run and array, all in flight together; `jaxmodel.storage.read_ranges`), each .npy
+  header read once.
 - `open` reads index.json only (no per-shard work, so thousands of shards open at once); a missing or
   malformed shard file is reported, by name, when a batch first needs it. On gs:// a directory whose
   upload was interrupted (no commit marker) is refused.
@@ -120,6 +125,7 @@ class PackedDataset:
         self._arrays: dict[tuple[int, str], object] = {}
         self._blocks = _LRU(4)
         self._perms = _LRU(2 * len(self.source_names) + 2)
+        self.bytes_read = 0  # bytes of shard data read so far (read_rows)
 
     @classmethod
     def open(cls, directory: str, *, weights: list[float] | None = None) -> PackedDataset:
@@ -172,23 +178,21 @@ class PackedDataset:
             [seed, source, epoch]).permutation(int(self.source_rows[source])))
 
     def row_ids(self, step: int, *, global_batch_size: int, process_index: int = 0, process_count: int = 1,
-                seed: int = 0) -> np.ndarray:
-        """Global row ids of this process's slice of the batch at `step` (int64 [global // count])."""
+                seed: int = 0, rows: np.ndarray | None = None) -> np.ndarray:
+        """Global row ids of this process's slice of the batch at `step` (int64 [global // count]), or of
+        the batch's rows `rows` (positions in [0, global_batch_size), in the order given)."""
         if step < 0 or global_batch_size <= 0 or seed < 0:
             raise DataError(f"need step >= 0, global_batch_size > 0 and seed >= 0, got {step}, {global_batch_size} "
                             f"and {seed}")
-        if process_count <= 0 or not 0 <= process_index < process_count:
-            raise DataError(f"process_index {process_index} is not in [0, {process_count})")
-        if global_batch_size % process_count:
-            raise DataError(f"global_batch_size {global_batch_size} is not divisible by {process_count} processes")
-        local = global_batch_size // process_count
-        first = step * global_batch_size + process_index * local
-        slots = np.arange(first, first + local, dtype=np.int64)
+        positions = self._positions(global_batch_size, process_index, process_count, rows)
+        first = step * global_batch_size
+        slots = first + positions
         # Blocks are a whole number of global batches, so one batch never straddles two blocks.
         size = global_batch_size * max(1, -(-MIX_RESOLUTION // global_batch_size))
         block_slots, block_rank = self._block(seed, int(first // size), size)
         offset = slots % size
         source, draw = block_slots[offset], block_rank[offset] - 1  # draw: 0-based count within the source
+        local = len(positions)
         rows = np.empty(local, np.int64)
         for s in np.unique(source):
             mine = source == s
@@ -200,6 +204,23 @@ class PackedDataset:
                 picked[sel] = self._permutation(seed, int(s), int(e))[within[sel]]
             rows[mine] = self.source_starts[s] + picked
         return rows
+
+    @staticmethod
+    def _positions(global_batch_size: int, process_index: int, process_count: int, rows) -> np.ndarray:
+        """The batch positions to read: `rows` as given, else the process's contiguous slice."""
+        if rows is not None:
+            if process_count != 1 or process_index != 0:
+                raise DataError("give either rows or process_index/process_count, not both")
+            rows = np.asarray(rows, np.int64).reshape(-1)
+            if rows.size and (rows.min() < 0 or rows.max() >= global_batch_size):
+                raise DataError(f"batch rows must lie in [0, {global_batch_size}), got {rows.min()}..{rows.max()}")
+            return rows
+        if process_count <= 0 or not 0 <= process_index < process_count:
+            raise DataError(f"process_index {process_index} is not in [0, {process_count})")
+        if global_batch_size % process_count:
+            raise DataError(f"global_batch_size {global_batch_size} is not divisible by {process_count} processes")
+        local = global_batch_size // process_count
+        return np.arange(process_index * local, (process_index + 1) * local, dtype=np.int64)
 
     # -- reading them -------------------------------------------------------------------------------
 
@@ -227,35 +248,62 @@ class PackedDataset:
             self._arrays[key] = array
         return self._arrays[key]
 
-    def read_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    def read_rows(self, rows: np.ndarray, columns: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """tokens, segment_ids, positions (and, for prompt/completion data, the stored loss_mask, uint8) of the
-        given global rows (in that order), int32 [len(rows), seq_len]. Only these rows are read."""
-        out = {name: np.empty((len(rows), self.seq_len), np.uint8 if name == MASK else np.int32)
+        given global rows (in that order) at `columns` (sorted; default all), int32 [len(rows),
+        len(columns)]. Only these rows and columns are read (`bytes_read` counts them)."""
+        columns = np.arange(self.seq_len) if columns is None else np.asarray(columns, np.int64)
+        runs = _runs(columns)
+        out = {name: np.empty((len(rows), len(columns)), np.uint8 if name == MASK else np.int32)
                for name in self.arrays}
         shard_of = np.searchsorted(self.shard_starts, rows, side="right") - 1
         for shard in np.unique(shard_of):
             mine = np.nonzero(shard_of == shard)[0]
             local = rows[mine] - self.shard_starts[shard]
             for name in self.arrays:
-                out[name][mine] = self._array(int(shard), name)[local]
+                array, at = self._array(int(shard), name), 0
+                for start, stop in runs:  # contiguous column runs: a memory-map or range-read slice each
+                    whole = (start, stop) == (0, self.seq_len)
+                    out[name][mine, at:at + stop - start] = array[local] if whole else array[local, start:stop]
+                    at += stop - start
+        self.bytes_read += sum(a.nbytes for a in out.values())
         return out
 
     def batch(self, step: int, *, global_batch_size: int, process_index: int = 0, process_count: int = 1,
-              seed: int = 0) -> dict[str, np.ndarray]:
-        """This process's slice of the global batch at `step`: int32 [global_batch_size // process_count,
-        seq_len] arrays input_ids, segment_ids, positions, targets, loss_mask."""
-        rows = self.row_ids(step, global_batch_size=global_batch_size, process_index=process_index,
-                            process_count=process_count, seed=seed)
-        data = self.read_rows(rows)
-        tokens, segments = data["tokens"], data["segment_ids"]
-        targets = np.full_like(tokens, self.pad_id)
-        targets[:, :-1] = tokens[:, 1:]
-        loss_mask = np.zeros_like(tokens)
-        loss_mask[:, :-1] = (segments[:, :-1] != 0) & (segments[:, 1:] == segments[:, :-1])
+              seed: int = 0, rows: np.ndarray | None = None, columns: np.ndarray | None = None
+              ) -> dict[str, np.ndarray]:
+        """This process's part of the global batch at `step`: int32 [global_batch_size // process_count,
+        seq_len] arrays input_ids, segment_ids, positions, targets, loss_mask. With `rows` (batch positions)
+        and/or `columns` (sorted sequence columns; training/step.py's `batch_part` says which a process's
+        devices hold) the part is [len(rows), len(columns)], read from those rows and columns plus the one
+        column after each run of them (a token's target is the next token)."""
+        columns = np.arange(self.seq_len) if columns is None else np.asarray(columns, np.int64)
+        if columns.size and (columns.min() < 0 or columns.max() >= self.seq_len or np.any(np.diff(columns) <= 0)):
+            raise DataError(f"columns must be sorted, distinct and in [0, {self.seq_len})")
+        ids = self.row_ids(step, global_batch_size=global_batch_size, process_index=process_index,
+                           process_count=process_count, seed=seed, rows=rows)
+        last = columns == self.seq_len - 1  # no next token in the row: target pad, loss weight 0
+        following = np.minimum(columns + 1, self.seq_len - 1)
+        needed = np.union1d(columns, following)
+        data = self.read_rows(ids, needed)
+        here, after = np.searchsorted(needed, columns), np.searchsorted(needed, following)
+        tokens, segments = data["tokens"][:, here], data["segment_ids"][:, here]
+        targets = np.where(last, self.pad_id, data["tokens"][:, after]).astype(np.int32)
+        next_segments = data["segment_ids"][:, after]
+        learned = (segments != 0) & (next_segments == segments) & ~last
         if self.masked:  # the target at t is token t+1: learned only where that token is
-            loss_mask[:, :-1] &= data[MASK][:, 1:] != 0
-        return {"input_ids": tokens, "segment_ids": segments, "positions": data["positions"],
-                "targets": targets, "loss_mask": loss_mask}
+            learned &= data[MASK][:, after] != 0
+        return {"input_ids": tokens, "segment_ids": segments, "positions": data["positions"][:, here],
+                "targets": targets, "loss_mask": learned.astype(np.int32)}
+
+
+def _runs(columns: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted distinct columns -> their contiguous runs [(start, stop), ...]."""
+    if not columns.size:
+        return []
+    breaks = np.nonzero(np.diff(columns) != 1)[0] + 1
+    starts, stops = columns[np.r_[0, breaks]], columns[np.r_[breaks - 1, len(columns) - 1]] + 1
+    return list(zip(starts.tolist(), stops.tolist()))
 
 
 class _RemoteRows:
@@ -275,17 +323,21 @@ class _RemoteRows:
         self.shape, self.dtype, self.offset = tuple(shape), np.dtype(dtype), stream.tell()
         self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
 
-    def __getitem__(self, rows) -> np.ndarray:
+    def __getitem__(self, key) -> np.ndarray:
+        """`self[rows]` or `self[rows, start:stop]` (a column range: only its bytes of each row are fetched)."""
+        rows, columns = key if isinstance(key, tuple) else (key, slice(None))
+        start, stop, _ = columns.indices(self.shape[1])
         rows = np.atleast_1d(np.asarray(rows, np.int64))
-        starts = self.offset + rows * self.row_bytes
+        width = (stop - start) * self.dtype.itemsize
+        starts = self.offset + rows * self.row_bytes + start * self.dtype.itemsize
         try:
-            blobs = storage.read_ranges(self.path, starts, starts + self.row_bytes)
+            blobs = storage.read_ranges(self.path, starts, starts + width)
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.path}: shard file is missing") from None
         data = b"".join(blobs)
-        if len(data) != len(rows) * self.row_bytes:
+        if len(data) != len(rows) * width:
             raise DataError(f"{self.path}: truncated shard (a row read returned fewer bytes)")
-        return np.frombuffer(data, self.dtype).reshape(len(rows), *self.shape[1:])
+        return np.frombuffer(data, self.dtype).reshape(len(rows), stop - start)
 
 
 class Prefetcher:

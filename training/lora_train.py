@@ -3,7 +3,8 @@
 Inside: `abstract_lora_model(run)`, `split(model)` (graphdef, trainable state, frozen state or None),
 `variable_shardings(state, mesh)`, `abstract_frozen(run, mesh)`, `load_base(run, mesh, frozen_shardings,
 with_adapters)` (the frozen base placed on the mesh, plus the starting adapters), `check_lora(run)` (every
-input checked before any work) and `check_resume(meta, run, where)`.
+input checked before any work), `check_resume(meta, run, where)`, and `export_lora(workdir, out)`
+(`normistral export-lora`: the latest checkpoint's adapters as a PEFT adapter directory).
 
 Design choices:
 - The train state (training/step.py) keeps its shape: `params` holds only the adapters (`jaxmodel.lora.
@@ -17,6 +18,9 @@ Design choices:
   the gradient reaches the activations through the dequantized matmul and the integers never change.
 - Dropout: a fresh key per step and microbatch, derived from the step's key (training/step.py), so a
   resumed run draws the same masks.
+- export-lora reads what the checkpoint itself saved (the `meta` item's lora section and init_from, the model
+  config item) and only its `params` item (the adapters) onto the host's CPU, into an abstract model whose
+  base stays ShapeDtypeStructs: no base weights are read, and no run config is needed.
 """
 
 from __future__ import annotations
@@ -179,3 +183,92 @@ def merged_model(graphdef, params: dict, frozen: dict | None):
     if frozen is None:
         return nnx.merge(graphdef, params)
     return nnx.merge(graphdef, params, frozen)
+
+
+# -- export-lora: a run's latest adapters as a PEFT adapter directory ---------------------------------------
+
+
+def _latest_step(directory: str) -> int | None:
+    """The newest finalized checkpoint step in `directory` (on gs://, one with Orbax's commit marker)."""
+    steps = sorted((int(name) for name in storage.listdir(directory) if name.isdigit()), reverse=True)
+    for step in steps:
+        if not storage.is_remote(directory) or storage.exists(storage.join(directory, str(step), "commit_success.txt")):
+            return step
+    return None
+
+
+def _checkpoint_step(workdir: str) -> str:
+    """The latest checkpoint step directory of a run: WORKDIR/checkpoints/<step>, or WORKDIR/<step> when
+    WORKDIR is the checkpoint directory itself (a run with another `checkpoint.dir`)."""
+    resolved = storage.resolve(workdir)
+    if not storage.isdir(resolved):
+        storage.check_bucket(resolved)
+        what = "is a file" if storage.exists(resolved) else "does not exist"
+        raise ConfigError(f"{workdir}: the workdir {what}; expected a LoRA training run's --workdir")
+    for directory in (storage.join(resolved, "checkpoints"), resolved):
+        step = _latest_step(directory)
+        if step is not None:
+            return storage.join(directory, str(step))
+    raise ConfigError(f"{workdir}: no checkpoint there (neither {storage.join(resolved, 'checkpoints')}/<step> "
+                      "nor <step> directories); train the run first")
+
+
+def _read_meta(step_dir: str) -> dict:
+    """The run's settings saved with a checkpoint (training/checkpoint.py's `meta` item)."""
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    try:
+        return dict(ocp.JsonCheckpointHandler().restore(epath.Path(storage.join(step_dir, "meta"))))
+    except Exception as e:  # noqa: BLE001 (Orbax raises several kinds for a missing or unreadable item)
+        raise ConfigError(f"{step_dir}: cannot read the run's settings saved with this checkpoint "
+                          f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:200]})") from None
+
+
+def _restored_lora_model(step_dir: str, cfg: lora_lib.LoraConfig):
+    """An abstract model (ShapeDtypeStruct base) carrying the checkpoint's adapters as host arrays: all
+    `save_peft_adapter` reads. Only the adapters are read, so an 11B run's export needs no base weights."""
+    import orbax.checkpoint as ocp
+
+    from jaxmodel.config import MistralConfig
+    from jaxmodel.convert import config_source
+
+    model_config = MistralConfig.from_hf(config_source(step_dir))
+    model = nnx.eval_shape(lambda: lora_lib.add_lora(MistralForCausalLM(model_config, rngs=nnx.Rngs(0)), cfg,
+                                                     nnx.Rngs(0)))
+    graphdef, adapters, frozen = split(model)
+    device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                          nnx.to_pure_dict(adapters))
+    try:
+        restored = ocp.StandardCheckpointer().restore(storage.join(step_dir, "params"), target)
+    except Exception as e:  # noqa: BLE001 (TensorStore raises bare Exceptions for truncated chunks)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore details")[0]
+        raise ConfigError(f"{step_dir}: cannot read the adapters of this checkpoint ({first[:200]})") from None
+    nnx.replace_by_pure_dict(adapters, restored)
+    return nnx.merge(graphdef, adapters, frozen)
+
+
+def export_lora(workdir: str, out: str) -> str:
+    """`normistral export-lora WORKDIR OUT`: the adapters of a LoRA run's latest checkpoint written as a PEFT
+    adapter directory (adapter_config.json + adapter_model.safetensors) that `peft.PeftModel.from_pretrained`
+    loads onto transformers' MistralForCausalLM. The run's `lora:` settings, model config and base
+    (`model.init_from`, recorded as base_model_name_or_path) come from what the checkpoint saved. Local or
+    gs:// paths; OUT appears only once complete. Returns a one-line summary; a bad input raises ConfigError
+    (one line) before anything is read or written."""
+    step_dir = _checkpoint_step(workdir)
+    meta = _read_meta(step_dir)
+    section = meta.get("lora")
+    if section is None:
+        raise ConfigError(f"{workdir}: the checkpoints there are of a full fine-tuning run, not LoRA adapters "
+                          f"(export its weights with normistral export-hf {step_dir} OUT)")
+    try:
+        storage.check_output_dir(out)
+    except storage.StorageError as e:
+        raise ConfigError(str(e)) from None
+    cfg = lora_lib.LoraConfig(rank=section["rank"], alpha=section["alpha"], dropout=section.get("dropout", 0.0),
+                              target_modules=tuple(section["target_modules"]), rslora=bool(section.get("rslora")))
+    model = _restored_lora_model(step_dir, cfg)
+    lora_lib.save_peft_adapter(model, cfg, out, base_model_name_or_path=meta.get("init_from"))
+    return (f"export-lora: wrote {storage.resolve(out)} (PEFT LoRA adapter: rank {cfg.rank}, alpha {cfg.alpha:g}, "
+            f"{', '.join(cfg.target_modules)}; step {storage.basename(step_dir)} of {storage.resolve(workdir)})")

@@ -3,7 +3,7 @@
 Inside: `check_cluster()` (before any work), `run_ray(job, todo, work_dir, on_done, run_unit=..., num_cpus=None)`.
 
 Why Ray (and not Apache Beam): the job is a bag of independent units, each a pure function
-`training.prepare.run_unit(job, unit, work_dir)` that writes its own shards and marker; no shuffle, no
+`training.prepare_unit.run_unit(job, unit, work_dir)` that writes its own shards and marker; no shuffle, no
 grouping. Ray runs exactly that (one task per unit, one CPU each, retried by Ray if a node dies) on a
 laptop (`ray.init()` starts a local cluster), a VM, or a cluster on GKE (KubeRay) / VMs (`ray up`), and
 it installs next to this project's pins without changing any (apache-beam 2.77 would downgrade pyarrow

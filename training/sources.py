@@ -30,9 +30,9 @@ refused when prompt/completion fields are asked for); Parquet and Arrow files ha
 `check_records` reads every record of the units once more (prepare-data calls it for prompt/completion
 records before writing anything). While reading, a bad JSON record (one without the field names the
 fields it has), a truncated compressed file (its stream ends before the end marker; zstandard's own reader
-would end quietly there, so `.zst` is decoded here frame by frame) and corrupt data are errors naming the
-file; a unit that fails keeps nothing (corrupt compressed data that decodes to garbage is reported as the
-corruption, not as the garbage).
+would end quietly there, so `.zst` is decoded frame by frame: `training.compressed`) and corrupt data are
+errors naming the file; a unit that fails keeps nothing (corrupt compressed data that decodes to garbage is
+reported as the corruption, not as the garbage).
 
 Work units (the packing order is the unit order, so the output does not depend on the worker count):
 - uncompressed `.jsonl`: line-aligned byte ranges of `unit_bytes`: a unit owns the lines that *start* in
@@ -60,13 +60,11 @@ from collections.abc import Iterator
 
 from jaxmodel import storage
 from jaxmodel.checks import json_problem
+from training.compressed import CODECS, looks_compressed, open_bytes
 from training.documents import DataError, text_blocks
 
-CODECS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".xz": "xz"}
-_EXTENSION = {codec: ext for ext, codec in CODECS.items()}
 _FORMATS = {".jsonl": "jsonl", ".txt": "text", ".parquet": "parquet"}
 SUPPORTED = ".jsonl, .txt (each also .gz, .zst, .bz2, .xz), .parquet; letter case ignored"
-_SIGNATURES = {"gzip": (b"\x1f\x8b",), "zstd": (b"\x28\xb5\x2f\xfd",), "bz2": (b"BZh",), "xz": (b"\xfd7zXZ\x00",)}
 _HIDDEN = (".", "_")  # in a directory: hidden files (.gitattributes, _SUCCESS), passed over
 _DOCUMENTATION = ("readme", "license")  # (and *.md) passed over too, unless of a supported format
 DEFAULT_UNIT_BYTES = 32 << 20  # 32 MiB of input per unit: ~8M tokens, one padded row per unit at most
@@ -103,7 +101,7 @@ def _ignored(name: str) -> bool:
 
 def _stamp(path: str) -> dict:
     """Size and modification stamp of a file (a changed file gets its units redone on resume)."""
-    fs, inner = storage._fs(path)
+    fs, inner = storage.fs_and_path(path)
     info = fs.info(inner)
     stamp = info.get("mtime", info.get("updated", info.get("generation")))
     return {"size": int(info.get("size") or 0), "stamp": str(stamp)}
@@ -314,11 +312,11 @@ def _reading(path: str, *, verify: bool = True):
         if cause is not None:
             raise cause from None
         if isinstance(e, UnicodeDecodeError):
-            raise DataError(f"{path}: not UTF-8 text ({e.reason}){_looks_compressed(path)}") from None
+            raise DataError(f"{path}: not UTF-8 text ({e.reason}){looks_compressed(path)}") from None
         raise
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
-    except EOFError:  # gzip, bz2, xz and _ZstdReader: the input ended inside a compressed stream
+    except EOFError:  # gzip, bz2, xz and zstd (training.compressed): the input ended inside a compressed stream
         raise DataError(f"{path}: cannot be read: truncated (the {codec} stream ends before its end marker)"
                         ) from None
     except (OSError, zlib.error, lzma.LZMAError, *_arrow_errors()) as e:
@@ -347,90 +345,9 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-def _codec_of_bytes(head: bytes) -> str | None:
-    return next((c for c, sigs in _SIGNATURES.items() if head.startswith(sigs)), None)
-
-
-def _looks_compressed(path: str) -> str:
-    """A hint for a file that is not UTF-8: `; it is gzip data: name it NAME.gz` when it is."""
-    with contextlib.suppress(Exception), storage.open(path, "rb") as f:
-        codec = _codec_of_bytes(f.read(8))
-        if codec:
-            return f"; it is {codec}-compressed: name it {storage.basename(path)}{_EXTENSION[codec]}"
-    return ""
-
-
-@contextlib.contextmanager
 def _open_bytes(path: str):
-    """The file's bytes, decompressed by the codec its name gives, after checking the codec's signature."""
-    codec = file_format(path)[1]
-    with storage.open(path, "rb") as raw:
-        if codec is None:
-            yield raw
-            return
-        head = raw.read(8)
-        actual = _codec_of_bytes(head)
-        if actual != codec:
-            what = ("it is empty" if not head else f"it is {actual} data" if actual else
-                    f"it does not start with the {codec} signature (not compressed?)")
-            raise DataError(f"{path}: not {codec} data: the name ends in {_EXTENSION[codec]}, but {what}")
-        raw.seek(0)
-        if codec == "gzip":
-            import gzip
-
-            f = gzip.GzipFile(fileobj=raw, mode="rb")
-        elif codec == "bz2":
-            import bz2
-
-            f = bz2.BZ2File(raw)
-        elif codec == "xz":
-            f = lzma.LZMAFile(raw)
-        else:  # zstandard's stream reader ends quietly at a cut: this one raises EOFError there
-            f = io.BufferedReader(_ZstdReader(raw), 1 << 20)
-        with f:
-            yield f
-
-
-class _ZstdReader(io.RawIOBase):
-    """A .zst file's decompressed bytes, frame after frame (concatenated and skippable frames included);
-    input that ends inside a frame raises EOFError, as gzip, bz2 and lzma do; bad data raises OSError."""
-
-    def __init__(self, raw):
-        import zstandard
-
-        self._raw, self._dctx, self._error = raw, zstandard.ZstdDecompressor(), zstandard.ZstdError
-        self._frame = None  # the decompressor of the current frame
-        self._rest = b""  # input after the current frame's end, not yet decoded
-        self._out, self._at = b"", 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while self._at == len(self._out):
-            if not self._decode_more():
-                return 0
-        n = min(len(buffer), len(self._out) - self._at)
-        buffer[:n] = self._out[self._at:self._at + n]
-        self._at += n
-        return n
-
-    def _decode_more(self) -> bool:
-        """Decodes the next piece of input into `_out`; False at the end of the input."""
-        chunk, self._rest = self._rest or self._raw.read(1 << 17), b""
-        if not chunk:
-            if self._frame is not None and not self._frame.eof:
-                raise EOFError("the zstd stream ends inside a frame")
-            return False
-        if self._frame is None or self._frame.eof:
-            self._frame = self._dctx.decompressobj()
-        try:
-            self._out, self._at = self._frame.decompress(chunk), 0
-        except self._error as e:
-            raise OSError(str(e).split("error: ", 1)[-1]) from None
-        if self._frame.eof:
-            self._rest = self._frame.unused_data
-        return True
+    """The file's bytes, decompressed by the codec its name gives (`training.compressed.open_bytes`)."""
+    return open_bytes(path, file_format(path)[1])
 
 
 def _line_number(path: str, offset: int) -> int:

@@ -4,7 +4,8 @@ Inside:
 - `TrainSetup` (`setup(run, mesh)`): graphdef, optimizer, schedule and every sharding of a run.
 - `abstract_state`, `init_state` (random init, sharded at creation) and `state_from_params`
   (from loaded weights), `put_batch` (host numpy -> global arrays; under a mesh with context > 1 each
-  sequence in jaxmodel.context_parallel's balanced token order).
+  sequence in jaxmodel.context_parallel's balanced token order), `batch_part` / `BatchPart` (the rows and
+  sequence columns of the batch a process's devices hold: all a host reads, training/data.py).
 - `make_train_step` / `make_eval_step`: pure functions of (state, batch), jitted with explicit
   in/out shardings, the state donated.
 
@@ -39,6 +40,7 @@ The step functions trace under the run's mesh (whoever calls them), so the model
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +49,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxmodel.context_parallel import balance, context_size, unbalance
+from jaxmodel.context_parallel import balance, balanced_order, context_size, unbalance
 from jaxmodel.lora import TRAINABLE, set_lora_dropout_key
 from jaxmodel.model import MistralForCausalLM, abstract_model
 from jaxmodel.sharding import auto_mesh, constrain, logical_to_spec, model_shardings
@@ -145,13 +147,67 @@ def init_state(ts: TrainSetup) -> dict:
     return state_from_params(ts, params)
 
 
-def put_batch(ts: TrainSetup, batch: dict) -> dict:
-    """This process's rows (numpy [B / processes, T]) -> global [B, T] arrays sharded over the batch axis
-    (and the length over `context`, in its balanced order). loss_mask becomes float32 (a weight)."""
-    out, context = {}, context_size(ts.mesh)
+@dataclasses.dataclass(frozen=True)
+class BatchPart:
+    """The part of the global [B, T] batch that some devices hold: batch rows `rows` x sequence columns
+    `columns` (both sorted int64; columns in sequence order, whatever order the devices hold them in)."""
+
+    rows: np.ndarray
+    columns: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.rows), len(self.columns)
+
+
+def batch_part(sharding: NamedSharding, shape: tuple[int, int], devices=None) -> BatchPart:
+    """The rows and sequence columns of the global batch (`shape` [B, T], as `put_batch` places it under
+    `sharding`) that `devices` hold (default: this process's). Each device's slice comes from the sharding
+    itself; under a `context` axis a device's columns are its positions in the balanced order, mapped back
+    to the sequence's (two mirrored chunks per context shard). A pure function of the mesh and the devices,
+    so every process can tell what every other reads."""
+    if devices is None:
+        return _local_part(sharding, tuple(shape))
+    devices, order = set(devices), _token_order(shape[1], context_size(sharding.mesh))
+    rows, columns = set(), set()
+    for device, (r, c) in sharding.devices_indices_map(shape).items():
+        if device in devices:
+            rows.update(range(shape[0])[r])
+            columns.update(order[c].tolist())
+    return BatchPart(np.array(sorted(rows), np.int64), np.array(sorted(columns), np.int64))
+
+
+@functools.cache
+def _local_part(sharding: NamedSharding, shape: tuple[int, int]) -> BatchPart:
+    return batch_part(sharding, shape, sharding.addressable_devices)
+
+
+def _token_order(length: int, context: int) -> np.ndarray:
+    """Each position's sequence column, in the order the devices hold the tokens (balanced under context)."""
+    return np.arange(length) if context == 1 else balanced_order(length, context)
+
+
+def put_batch(ts: TrainSetup, batch: dict, part: BatchPart | None = None) -> dict:
+    """This process's part of the batch (numpy [rows, columns] of `part`, default `batch_part` of the batch
+    sharding: with one process, the whole [B, T] batch) -> global [B, T] arrays sharded over the batch axis
+    (and the length over `context`, in its balanced order). Each local device takes its slice of the part,
+    so no process needs rows or columns its devices do not hold. loss_mask becomes float32 (a weight)."""
+    shape = (ts.run.train.global_batch_size, ts.run.train.seq_len)
+    part = batch_part(ts.batch_sharding, shape) if part is None else part
+    order = _token_order(shape[1], context_size(ts.mesh))
+    out = {}
     for key in BATCH_KEYS:
-        value = balance(np.asarray(batch[key], np.float32 if key == "loss_mask" else np.int32), context)
-        out[key] = jax.make_array_from_process_local_data(ts.batch_sharding, value)
+        value = np.asarray(batch[key], np.float32 if key == "loss_mask" else np.int32)
+        if value.shape != part.shape:
+            raise ValueError(f"batch {key}: shape {list(value.shape)}, this process's part of the "
+                             f"{list(shape)} batch is {list(part.shape)}")
+
+        def device_slice(index, value=value):
+            rows = np.searchsorted(part.rows, np.arange(shape[0])[index[0]])
+            columns = np.searchsorted(part.columns, order[index[1]])
+            return value[np.ix_(rows, columns)]
+
+        out[key] = jax.make_array_from_callback(shape, ts.batch_sharding, device_slice)
     return out
 
 

@@ -2,7 +2,8 @@
 
 Inside: `run_training(config_path, workdir, overrides)`, `TrainingError`, `NonFiniteError`,
 `ensure_data(run, workdir)` (builds the bundled corpus's tokenizer and packed data when missing),
-`open_datasets`.
+`open_datasets`. Over ~500 lines because the run's order below is one procedure over one run state (its
+parts already live apart: training/config, validate, step, data, checkpoint, lora_train, metrics).
 
 What a run does, in order:
 0. before any work: a checkpoint past `train.steps` is refused (one line naming both steps); a checkpoint
@@ -201,9 +202,13 @@ def open_datasets(run: RunConfig, workdir: str):
     return train, (PackedDataset.open(eval_dir) if eval_dir else None)
 
 
-def _host_batch(dataset, index: int, run: RunConfig) -> dict:
-    batch = dataset.batch(index, global_batch_size=run.train.global_batch_size,
-                          process_index=jax.process_index(), process_count=jax.process_count(), seed=run.data.seed)
+def _host_batch(dataset, index: int, ts: steps_lib.TrainSetup) -> dict:
+    """This process's part of batch `index`: the rows x sequence columns its devices hold (`batch_part`:
+    whole rows, unless the mesh's `context` axis spans hosts), read from those rows and columns only."""
+    run = ts.run
+    part = steps_lib.batch_part(ts.batch_sharding, (run.train.global_batch_size, run.train.seq_len))
+    batch = dataset.batch(index, global_batch_size=run.train.global_batch_size, rows=part.rows,
+                          columns=part.columns, seed=run.data.seed)
     # The index's recorded largest id was checked when the data was opened; this guards the rows themselves
     # (a shard changed since) for the cost of one max per batch, before the ids reach the embedding lookup.
     check_token_ids(batch["input_ids"], run.model.vocab_size, f"{dataset.directory}: batch {index}")
@@ -213,7 +218,7 @@ def _host_batch(dataset, index: int, run: RunConfig) -> dict:
 # -- state ------------------------------------------------------------------------------------------------------
 
 
-def _initial_state(ts: steps_lib.TrainSetup, run: RunConfig) -> dict:
+def initial_state(ts: steps_lib.TrainSetup, run: RunConfig) -> dict:
     if run.lora is not None:
         return _initial_lora_state(ts, run)
     if run.init_from is None:
@@ -300,7 +305,7 @@ def _evaluate(eval_step, ts, state, dataset, run: RunConfig) -> float:
     total, count = 0.0, 0.0
     frozen = () if "frozen" not in state else (state["frozen"],)
     for i in range(run.train.eval_batches):
-        s, n = eval_step(state["params"], steps_lib.put_batch(ts, _host_batch(dataset, i, run)), *frozen)
+        s, n = eval_step(state["params"], steps_lib.put_batch(ts, _host_batch(dataset, i, ts)), *frozen)
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
 
@@ -489,7 +494,7 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption, eval
         if run.lora is not None:  # checkpoints hold the adapters only: the frozen base is loaded again
             state["frozen"] = lora_train.load_base(run, ts.mesh, ts.state_shardings["frozen"], with_adapters=False)[0]
     else:
-        state = _initial_state(ts, run)
+        state = initial_state(ts, run)
     step = int(jax.device_get(state["step"]))
     metrics_log = MetricsLog(workdir, enabled=jax.process_index() == 0, resume_step=step, log=_log)
     train_step = steps_lib.make_train_step(ts)
@@ -505,6 +510,10 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption, eval
     _log(f"training {trained} on mesh {dict(ts.mesh.shape)} "
          f"({jax.device_count()} x {jax.devices()[0].device_kind}); steps {step} -> {run.train.steps}, "
          f"{run.train.global_batch_size} x {run.train.seq_len} tokens per step")
+    if jax.process_count() > 1:
+        part = steps_lib.batch_part(ts.batch_sharding, (run.train.global_batch_size, run.train.seq_len))
+        _log(f"process 0 of {jax.process_count()} reads {part.shape[0]} rows x {part.shape[1]} sequence columns "
+             "of each batch")
 
     from tqdm.auto import tqdm
 
@@ -512,8 +521,8 @@ def _train(run: RunConfig, workdir: str, datasets, preemption: _Preemption, eval
                disable=jax.process_index() != 0)
     from training.data import Prefetcher
 
-    # This process's rows of the next steps, read on a background thread while the device computes.
-    loader = Prefetcher(lambda index: _host_batch(train_ds, index, run), step)
+    # This process's part of the next steps' batches, read on a background thread while the device computes.
+    loader = Prefetcher(lambda index: _host_batch(train_ds, index, ts), step)
     try:
         with jax.set_mesh(ts.mesh):
             next_batch = _prepared_batch(ts, loader, step, run) if step < run.train.steps else None
@@ -593,7 +602,8 @@ def _exported(path: str) -> bool:
 
 
 def _export(ts, state, path: str, run: RunConfig) -> None:
-    from jaxmodel.convert import copy_tokenizer_files, save_pretrained
+    from jaxmodel.convert import copy_tokenizer_files
+    from jaxmodel.export import save_pretrained
 
     exists = _exported(path)
     if jax.process_count() > 1:  # every process must take the same branch: the export is a collective

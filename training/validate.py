@@ -6,8 +6,9 @@ Inside:
 - `check_run(run, mesh)`: the global batch and each microbatch against `data x fsdp`, and every parameter
   and activation dimension against its mesh axis (`jaxmodel.sharding.check_divisible`; the deliberate
   replications are listed there), and `train.seq_len` against 2 x `context` (context parallelism holds
-  two equal chunks of every sequence per shard; `jaxmodel.context_parallel.check_length`), with each
-  sequence's context shards on one host (`check_hosts`). Needs no data and no weights.
+  two equal chunks of every sequence per shard; `jaxmodel.context_parallel.check_length`); context shards
+  may span hosts (each host reads only its part of each sequence: training/step.py `batch_part`). Needs no
+  data and no weights.
 - `check_dataset(index, run, where, tokenizer_dir=None)`: a prepared data directory's `index.json`
   against the run: its `seq_len` equals `train.seq_len`; its vocabulary and largest token id are below
   the model's `vocab_size`; its bos/eos/pad ids agree with the model config's and with the tokenizer's.
@@ -15,8 +16,7 @@ Inside:
   where)`: the checks made while data is prepared (training/data.py's `prepare_data` calls them).
 - `tokenizer_special_ids(tokenizer_dir)`: bos/eos/pad ids from a Hugging Face tokenizer directory.
 
-Why each matters: a batch the mesh does not divide is replicated (every chip computes all of it, and on
-several hosts `make_array_from_process_local_data` would take different rows per "replica"); data packed at
+Why each matters: a batch the mesh does not divide is replicated (every chip computes all of it); data packed at
 another length retraces the step at that length; a token id >= vocab_size reads past the embedding table,
 which `jnp.take` fills with NaN (every step then "skipped"); a pad/eos id the data and the model disagree on
 trains the model to end documents with a token it will never be asked to stop at.
@@ -29,7 +29,8 @@ import numpy as np
 
 from jaxmodel import storage
 from jaxmodel.config import ConfigError
-from jaxmodel.context_parallel import check_hosts, check_length
+from jaxmodel.context_parallel import check_length
+from jaxmodel.model import abstract_model
 from jaxmodel.sharding import check_divisible
 
 
@@ -44,12 +45,11 @@ def check_run(run, mesh) -> None:
     if t.microbatches > 1:
         batches.append((f"train.global_batch_size / train.microbatches ({t.global_batch_size} / "
                         f"{t.microbatches})", t.global_batch_size // t.microbatches))
-    check_divisible(run.model, mesh, batches=batches)
+    check_divisible(abstract_model(run.model), mesh, batches=batches)
     impl = run.model.attention_impl
     if impl == "auto" and _platform(mesh) == "tpu":
         impl = "splash"  # what attention.resolve_impl picks there
     check_length(t.seq_len, mesh, impl)
-    check_hosts(mesh)
 
 
 def _platform(mesh) -> str | None:

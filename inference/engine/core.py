@@ -67,12 +67,12 @@ from inference.engine.request import (
     EngineFull,
     EngineStopped,
     Request,
-    _one_line,
     check_request,
+    one_line,
     stop_reason,
 )
 from inference.engine.scheduler import PagePool, Scheduler, Seq
-from inference.generate import _mesh_of, _split
+from inference.generate import mesh_of, split_model
 from jaxmodel.kv_cache import init_pages, pages_per_seq
 
 
@@ -96,7 +96,7 @@ class Engine:
         slots / max_num_seqs (the same; max_num_seqs wins): sequences running at once. decode: token ids ->
         text (skipping special tokens); needed for stop strings and `text`. on_fatal: called from the
         engine's thread with the exception that stopped the background loop (see `_die`)."""
-        self.graphdef, self.state = _split(model)
+        self.graphdef, self.state = split_model(model)
         merged = nnx.merge(self.graphdef, self.state)
         self.config = merged.config
         context = self.config.max_position_embeddings
@@ -109,7 +109,7 @@ class Engine:
                 raise EngineError(f"{name}={value} must be positive")
         self.prefill_chunk, self.page_size, self.kv_cache_dtype = prefill_chunk, page_size, kv_cache_dtype
         self.max_queue, self.decode, self.overlap, self.on_fatal = max_queue, decode, overlap, on_fatal
-        self.mesh = _mesh_of(self.state)
+        self.mesh = mesh_of(self.state)
         self.pages_per_row = pages_per_seq(self.max_model_len, page_size)
         self.num_pages = pool_pages(self.config, max_model_len=self.max_model_len, page_size=page_size,
                                     kv_cache_dtype=kv_cache_dtype, slots=self.slots, mesh=self.mesh,
@@ -154,7 +154,7 @@ class Engine:
         request.submitted_at = time.perf_counter()
         with self._lock:
             if self.fatal is not None:
-                raise EngineStopped(f"the engine stopped: {_one_line(self.fatal)}")
+                raise EngineStopped(f"the engine stopped: {one_line(self.fatal)}")
             if not block and len(self.queue) >= self.max_queue:
                 raise EngineFull(f"the queue is full ({self.max_queue} requests waiting)")
             self.queue.append(request)
@@ -233,7 +233,7 @@ class Engine:
             self._seqs.clear()
             self._inflight = None
         for r in victims:
-            self._finish(r, "error", f"the engine stopped: {_one_line(e)}")
+            self._finish(r, "error", f"the engine stopped: {one_line(e)}")
         if self.on_fatal is None:
             raise e
         self.on_fatal(e)
@@ -275,7 +275,7 @@ class Engine:
                 self.check(r)
             except EngineError as e:
                 self.queue.remove(r)
-                self._finish(r, "error", _one_line(e))
+                self._finish(r, "error", one_line(e))
                 continue
             seq = Seq(self._next_id, [int(t) for t in r.prompt], r.max_tokens, reuse_prefix=not r.prompt_logprobs,
                       request=r)
@@ -335,7 +335,7 @@ class Engine:
                     self._accept(seq, int(token[i]), float(lp[i]), top, i, now)
             except Exception as e:  # its decode function or its callback raised: this request fails alone
                 if not r.finished:
-                    self._end(seq, "error", _one_line(e))
+                    self._end(seq, "error", one_line(e))
 
     def _prompt_logprobs(self, r: Request, start: int, span, prompt, want_top: bool) -> None:
         """Records the prompt log-probabilities of positions start.. of this row (each target: the next
@@ -379,7 +379,7 @@ class Engine:
             try:
                 r.text = self.decode(r.tokens)
             except Exception as e:
-                reason, error = "error", error or _one_line(e)
+                reason, error = "error", error or one_line(e)
         r.finish_reason, r.error = reason, error
         r.finished_at = time.perf_counter()
         self.stats.count_finish(reason)

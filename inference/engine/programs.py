@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from inference.engine.request import EngineError
 from inference.engine.steps import StepInputs, engine_step
-from jaxmodel.kv_cache import page_bytes
+from jaxmodel.kv_cache import page_bytes, pool_dtype
 
 MIN_WIDTH = 16
 MEMORY_CAP = 0.9  # the default pool takes at most this share of the free memory
@@ -85,7 +85,13 @@ def abstract_inputs(width: int, rows: int, pages_per_row: int) -> StepInputs:
 
 def empty_inputs(width: int, rows: int, pages_per_row: int) -> StepInputs:
     """Host StepInputs of a step that computes nothing (no sequence: num_seqs 0, every token padding, no
-    token fed, top_p 1), to be filled in."""
+    token fed, top_p 1), to be filled in: fresh copies of one template per shape (a step's arrays may
+    still be read by the device call dispatched before, so they are never reused)."""
+    return jax.tree.map(np.copy, _empty_template(width, rows, pages_per_row))
+
+
+@functools.lru_cache(maxsize=64)
+def _empty_template(width: int, rows: int, pages_per_row: int) -> StepInputs:
     x = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_inputs(width, rows, pages_per_row))
     x.feed[:], x.top_p[:] = -1, 1.0
     return x
@@ -209,7 +215,7 @@ def pool_pages(config, *, max_model_len: int, page_size: int, kv_cache_dtype, sl
     the free memory; refused (EngineError, one line) below one max_model_len sequence. Per device: on a
     mesh the pool is sharded over the KV heads on the tensor axis. free: the free bytes (default: asked
     of the first device)."""
-    per_page = page_bytes(config, page_size, kv_cache_dtype)
+    per_page = page_bytes(config, page_size, kv_cache_dtype, pool_dtype(config, kv_dtype=kv_cache_dtype, mesh=mesh))
     tensor = mesh.shape.get("tensor", 1) if mesh is not None else 1
     per_page //= tensor if config.num_key_value_heads % tensor == 0 else 1
     need = -(-max_model_len // page_size)

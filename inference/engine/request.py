@@ -1,5 +1,5 @@
 """A request to the engine and what it produced: `Request`, the checks that refuse what could never be
-served (`check_request`), the stop checks run on each new token (`stop_reason`), and `_one_line` (an
+served (`check_request`), the stop checks run on each new token (`stop_reason`), and `one_line` (an
 exception as the one line a client or log gets).
 
 The engine's errors live here too (`EngineError`, `EngineFull`, `EngineStopped`): the request's checks
@@ -83,7 +83,7 @@ class Request:
         return text[: max(len(text) - hold, 0)] if hold else text
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     """An exception as one line: its type and the first line of its message."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

@@ -97,11 +97,11 @@ def test_compile_check_decode_for_a_tpu_slice(quantize):
 
 @pytest.mark.parametrize("name", ["v5e-1-int8", "v5e-4", "v6e-1", "gpu-80gb", "v5e-1-int4", "8gb-int4"])
 def test_inference_configs_parse(name):
-    from inference.aot import inference_options
+    from inference.config import inference_config
     from jaxmodel import run_config
 
     tree = run_config.load_run_config(os.path.join(ROOT, "configs", f"normistral-11b-long-infer-{name}.yaml"))
-    config, opts = run_config.model_config(tree), inference_options(tree)
+    config, opts = run_config.model_config(tree), inference_config(tree)
     assert config.num_hidden_layers == 40 and config.param_dtype == "bfloat16"
     assert opts.max_length <= config.max_position_embeddings
     assert opts.quantize == {"v5e-1-int8": "int8", "v5e-1-int4": "int4", "8gb-int4": "int4"}.get(name)

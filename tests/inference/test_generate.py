@@ -9,7 +9,7 @@ import torch
 from flax import nnx
 
 from inference import GenerateError, bucket_batch, bucket_length, decode_step, generate, prefill, static_pages
-from inference.generate import PAGE_SIZE, _generate_jit, _last_logits, prefill_positions
+from inference.generate import PAGE_SIZE, _last_logits, generate_jit, prefill_positions
 from jaxmodel import from_pretrained
 from jaxmodel.kv_cache import Cache, init_pages
 from jaxmodel.sharding import make_mesh
@@ -148,12 +148,12 @@ def test_no_recompilation_for_new_prompts_in_the_same_bucket(tiny_model):
     vocab = tiny_model.config.vocab_size
     first = left_pad(random_prompts(vocab, (5, 9, 12), seed=1))  # batch bucket 4, prompt bucket 16
     generate(tiny_model, *first, max_new_tokens=10)  # width bucket 16
-    size = _generate_jit._cache_size()
+    size = generate_jit._cache_size()
     with count_compiles() as compiles:
         for seed, lengths, new in ((2, (3, 14, 7, 11), 12), (4, (8, 16, 1), 9)):
             generate(tiny_model, *left_pad(random_prompts(vocab, lengths, seed)), max_new_tokens=new,
                      eos_token_ids=[seed])
-    assert _generate_jit._cache_size() == size
+    assert generate_jit._cache_size() == size
     assert compiles == [], f"{len(compiles)} compilations for prompts in an already compiled bucket"
 
 

@@ -111,7 +111,7 @@ def test_export_hf_merge_lora_equals_peft_merge_and_unload(tiny_dir, adapter, pe
     if cli:
         normistral.main(["export-hf", tiny_dir, out, "--merge-lora", adapter])
     else:  # tiny row blocks: each block's delta from the matching rows of A and columns of B
-        from jaxmodel.convert import export_hf
+        from jaxmodel.export import export_hf
 
         export_hf(tiny_dir, out, merge_lora=adapter, progress=False, block_bytes=4096)
     exported = _hf(out)

@@ -6,32 +6,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from inference import Generator, QArray, generate, param_bytes, quantize_model, static_pages
+from inference import Generator, QArray, generate, param_bytes, quantize_model
+from inference.generate import all_logits
 from inference.quantize import QUANTIZED, abstract_quantized_state, quantize_array
 from jaxmodel import MistralConfig, abstract_model, from_pretrained
 from jaxmodel.aot import abstract_state
-from jaxmodel.kv_cache import Cache
 from jaxmodel.sharding import make_mesh
 
 from .conftest import left_pad, random_prompts
 
 
 def _logits(model, ids):
-    """Logits at every position via the cached forward (the path generation uses, QArray-aware): the rows
-    packed in one ragged call over generate's page pool."""
-    graphdef, state = nnx.split(model)
-    batch, length = ids.shape
-
-    @jax.jit
-    def run(state, ids):
-        pages = static_pages(model.config, batch, length)
-        width = pages.num_pages // batch
-        cache = Cache(pages, jnp.arange(batch * width, dtype=jnp.int32).reshape(batch, width),
-                      jnp.full(batch, length, jnp.int32), jnp.arange(batch + 1, dtype=jnp.int32) * length,
-                      jnp.array([batch], jnp.int32))
-        return nnx.merge(graphdef, state)(ids.reshape(1, -1), cache=cache)[0].reshape(batch, length, -1)
-
-    return np.asarray(run(state, ids))
+    return np.asarray(all_logits(model, ids))
 
 
 def _kl(p_logits, q_logits) -> float:
@@ -242,9 +228,9 @@ def test_int4_11b_arithmetic_on_abstract_shapes():
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     _, state = abstract_state(abstract_model(config), mesh)
     int4 = abstract_quantized_state(state, mesh, "int4")
-    from inference.quantize import _nbytes
+    from inference.quantize import stored_bytes
 
-    total = sum(_nbytes(x) for x in jax.tree.leaves(int4))  # int4 counted at half a byte, as XLA stores it
+    total = sum(stored_bytes(x) for x in jax.tree.leaves(int4))  # int4 counted at half a byte, as XLA stores it
     # 10.92e9 layer weights x 0.5 bytes + one float32 scale per 128 of them (0.34 GB) + the embedding and
     # lm_head in int8 (0.52 GB) + norms.
     assert 6.3e9 < total < 6.4e9, total

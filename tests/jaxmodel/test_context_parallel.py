@@ -124,18 +124,12 @@ def test_splash_context_parallel_logits_equal_single_device(shape):
 
 
 def test_context_groups_stay_within_a_host_on_multi_host_slices():
-    """Each host reads whole rows, so make_mesh keeps every context group on one host (a 4x8x8 v5p slice, 64
-    hosts: fsdp 128 x context 2 is no product of whole torus axes either), and check_hosts refuses a mesh
-    whose groups span hosts."""
+    """make_mesh keeps every context group on one host where the sizes allow (a 4x8x8 v5p slice, 64 hosts:
+    fsdp 128 x context 2 is no product of whole torus axes either), so its all-gathers stay on the host."""
     from jaxmodel.aot import tpu_devices
 
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # as compile-check: another process may hold libtpu
     for topology, shape in (("v5p:4x8x8", (1, -1, 1, 2)), ("v5p:4x4x4", (1, -1, 1, 4))):
-        devices = tpu_devices(topology)
-        mesh = make_mesh(shape, devices=devices)
-        cp.check_hosts(mesh)
+        mesh = make_mesh(shape, devices=tpu_devices(topology))
         groups = np.moveaxis(mesh.devices, 2, -1).reshape(-1, shape[3])
         assert all(len({d.process_index for d in g}) == 1 for g in groups)
-    spanning = jax.make_mesh((16, 4), ("fsdp", "context"), devices=tpu_devices("v5p:4x4x4"))
-    with pytest.raises(ShardingError, match=r"context=4: one sequence's context shards would span hosts"):
-        cp.check_hosts(spanning)

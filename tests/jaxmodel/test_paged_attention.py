@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxmodel import MistralConfig, init_model
+from jaxmodel import MistralConfig, init_model, kv_cache
 from jaxmodel.kv_cache import (
     Cache,
     abstract_pages,
@@ -20,6 +20,7 @@ from jaxmodel.kv_cache import (
     paged_attention,
     pages_per_seq,
     pages_shardings,
+    pool_dtype,
     token_rows,
     write_pages,
 )
@@ -116,12 +117,26 @@ def _attend(q, cache, impl="xla", window=None):
         q, kv, scale, dataclasses.replace(cache, pages=None)), np.float64)
 
 
+# The xla path's static choices (jaxmodel.kv_cache constants), each forced in turn: "dense" as shipped (these
+# calls' page tables hold 64 slots, so one gather of every sequence's slots, no loop); "switch": dense up to
+# 32 slots, else the loops (a run-time switch: cases with a sequence over 32 tokens take the loops); the
+# loops alone with cached keys gathered per token, and by query blocks of 32 tokens.
+PATHS = {
+    "dense": {},
+    "switch": {"DENSE_KEYS": (32,)},
+    "per_token": {"DENSE_KEYS": ()},
+    "query_blocks": {"DENSE_KEYS": (), "GATHER_ELEMENTS": 0, "PER_TOKEN_UPTO": 0},
+}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("window", [None, 9])
-def test_xla_paged_attention_matches_float64_reference(case, window):
+@pytest.mark.parametrize("path, window", [("dense", None), ("dense", 9), ("switch", 9), ("per_token", 9),
+                                          ("query_blocks", None), ("query_blocks", 9)])
+def test_xla_paged_attention_matches_float64_reference(case, window, path, monkeypatch):
+    for name, value in PATHS[path].items():
+        monkeypatch.setattr(kv_cache, name, value)
     rng = np.random.default_rng(hash((case, window)) % 2**32)
     q_lens, kv_lens = CASES[case]
-    # Up to 64 tokens the cached keys are gathered per token, above by query blocks: both are checked.
     tokens = 40 if case == "decode_only" else 96
     q, cache, originals = _pool_and_query(rng, q_lens, kv_lens, page=8, heads=8, kv_heads=2, head_dim=32,
                                           dtype=jnp.float32, tokens=tokens)
@@ -161,6 +176,27 @@ def test_bfloat16_and_int8_pools_within_stated_bounds():
     exact = _reference(q, ks, vs, table, lens, cu, cache.num_seqs, None)[:real]
     err_int8 = np.abs(got - exact).max()
     assert 0 < err_int8 <= 5e-2, err_int8
+
+
+def test_a_bfloat16_pool_on_cpu_is_held_in_float32_and_never_converted_whole():
+    """XLA CPU gathers from / scatters into a bfloat16 array by converting all of it to float32 and back
+    (`kv_cache.pool_dtype`): on CPU the pool is held in float32, and a layer's write plus attention compiles
+    with no conversion of the whole pool, its outputs as the bf16 test's bound."""
+    rng = np.random.default_rng(5)
+    q_lens, kv_lens = CASES["mixed"]
+    q, cache, _ = _pool_and_query(rng, q_lens, kv_lens, page=8, heads=8, kv_heads=2, head_dim=32, dtype=jnp.bfloat16)
+    kv, _ = cache.pages.layer(0)
+    assert kv.dtype == jnp.float32
+    assert pool_dtype(MistralConfig.tiny(), dtype=jnp.bfloat16) == jnp.float32
+
+    def write_and_attend(q, pages, c):
+        pages = write_pages(pages, 0, q[:, :2].astype(jnp.bfloat16), q[:, 2:4].astype(jnp.bfloat16), c)
+        return paged_attention(q, pages.kv[0], None, c)
+
+    meta = dataclasses.replace(cache, pages=None)
+    hlo = jax.jit(write_and_attend).lower(q, cache.pages, meta).compile().as_text()
+    whole = "[" + ",".join(map(str, kv.shape)) + "]"
+    assert not [line for line in hlo.splitlines() if "convert(" in line and whole in line]
 
 
 def test_kernel_layout_is_the_xla_paths():

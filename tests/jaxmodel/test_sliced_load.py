@@ -15,7 +15,7 @@ import pytest
 
 from jaxmodel import safetensors_io
 from jaxmodel.config import MistralConfig
-from jaxmodel.convert import _flat_arrays, from_pretrained
+from jaxmodel.convert import flat_arrays, from_pretrained
 from jaxmodel.safetensors_io import WeightFiles
 from jaxmodel.sharding import make_mesh
 from jaxmodel.weights import expected_hf_tensors
@@ -51,9 +51,9 @@ def test_box_reads_match_whole_tensor_reads_for_every_layout(hf_checkpoints):
 @pytest.mark.parametrize("shape", MESHES)
 def test_a_sharded_load_equals_the_single_device_load_and_reads_each_byte_once(hf_checkpoints, shape):
     path = hf_checkpoints["normistral_gqa"]
-    reference = _flat_arrays(from_pretrained(path, progress=False))
+    reference = flat_arrays(from_pretrained(path, progress=False))
     before = safetensors_io.bytes_read()
-    sharded = _flat_arrays(from_pretrained(path, progress=False, mesh=make_mesh(shape)))
+    sharded = flat_arrays(from_pretrained(path, progress=False, mesh=make_mesh(shape)))
     # One process holds every device, so it reads every tensor once, as sliced reads of the regions.
     assert safetensors_io.bytes_read() - before == sum(_tensor_bytes(path).values())
     for key, value in reference.items():
@@ -69,9 +69,9 @@ from jax.experimental import multihost_utils
 from jaxmodel.distributed import DistributedArgs, initialize
 initialize(DistributedArgs(sys.argv[1], 2, int(sys.argv[2])))
 from jaxmodel import safetensors_io
-from jaxmodel.convert import _flat_arrays, from_pretrained
+from jaxmodel.convert import flat_arrays, from_pretrained
 from jaxmodel.sharding import make_mesh
-arrays = _flat_arrays(from_pretrained(sys.argv[3], mesh=make_mesh((1, -1, 1)), progress=False))
+arrays = flat_arrays(from_pretrained(sys.argv[3], mesh=make_mesh((1, -1, 1)), progress=False))
 read = safetensors_io.bytes_read()
 gathered = {".".join(k): np.asarray(multihost_utils.process_allgather(v, tiled=True))
             for k, v in sorted(arrays.items())}
@@ -106,7 +106,7 @@ def test_two_processes_each_read_their_half_and_load_the_same_model(hf_checkpoin
     assert [r["index"] for r in reports] == [0, 1] and all(r["devices"] == 8 for r in reports)
 
     gathered = np.load(out)
-    reference = _flat_arrays(from_pretrained(path, progress=False))
+    reference = flat_arrays(from_pretrained(path, progress=False))
     assert sorted(gathered.files) == sorted(".".join(k) for k in reference)
     for key, value in reference.items():
         assert np.array_equal(gathered[".".join(key)], np.asarray(value)), key

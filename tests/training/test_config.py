@@ -18,7 +18,7 @@ from jaxmodel.sharding import make_mesh
 from tests.hub_cache import make_hub_cache
 from training import config as train_config
 from training import step as steps_lib
-from training.train import _check_init_from, _initial_state
+from training.train import _check_init_from, initial_state
 
 REPO = "test-org/tiny-init"
 CONFIG = MistralConfig.tiny(num_hidden_layers=2, vocab_size=512)
@@ -49,7 +49,7 @@ def _tree(tmp_path, init_from, **model):
 
 def _embedding_and_head(run):
     ts = steps_lib.setup(run, make_mesh((1, 2, 2), devices=jax.devices()[:4]))
-    params = _initial_state(ts, run)["params"]
+    params = initial_state(ts, run)["params"]
     return np.asarray(params["embed_tokens"]), np.asarray(params["lm_head"])
 
 

@@ -45,13 +45,17 @@ class RandomBatches:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
 
-    def batch(self, index, *, global_batch_size, process_index=0, process_count=1, seed=0):
+    def batch(self, index, *, global_batch_size, process_index=0, process_count=1, seed=0, rows=None, columns=None):
+        """As PackedDataset.batch: the rows and columns the trainer asks of this process (all by default)."""
         rng = np.random.default_rng([seed, index])
         ids = rng.integers(16, 48, size=(global_batch_size, SEQ + 1))
-        return {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+        full = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
                 "segment_ids": np.ones((global_batch_size, SEQ), np.int32),
                 "positions": np.broadcast_to(np.arange(SEQ), (global_batch_size, SEQ)),
                 "loss_mask": (rng.random((global_batch_size, SEQ)) < 0.8).astype(np.float32)}
+        rows = slice(None) if rows is None else np.asarray(rows)
+        columns = slice(None) if columns is None else np.asarray(columns)
+        return {k: np.asarray(v)[rows][:, columns] for k, v in full.items()}
 
 
 def _yaml(path, base_dir, lora: dict, **sections) -> str:

@@ -14,7 +14,7 @@ from jaxmodel.sharding import make_mesh
 from jaxmodel.weights import expected_hf_tensors
 from training import config as train_config
 from training import step as steps_lib
-from training.train import _initial_state
+from training.train import initial_state
 
 CONFIG = MistralConfig.tiny(num_hidden_layers=2, vocab_size=512)  # GQA 8:2, head_dim 32 != 128 / 8
 B, T = 4, 64
@@ -69,7 +69,7 @@ def test_loss_and_gradients_match_pytorch(checkpoint):
             "train": {"steps": 1, "global_batch_size": B, "seq_len": T, "loss_chunk": 24}}
     run = train_config.load(tree)
     ts = steps_lib.setup(run, make_mesh((1, 2, 2), devices=jax.devices()[:4]))
-    state = _initial_state(ts, run)
+    state = initial_state(ts, run)
     with jax.set_mesh(ts.mesh):
         loss, count, grads, _ = jax.jit(steps_lib.make_loss_and_grads(ts))(
             state["params"], steps_lib.put_batch(ts, batch), steps_lib.step_key(state))

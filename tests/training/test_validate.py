@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from jaxmodel.model import abstract_model
 from jaxmodel.sharding import ShardingError, check_divisible, make_mesh
 from training.validate import ValidationError, check_run
 
@@ -174,9 +175,9 @@ def test_kv_heads_replication_is_the_listed_exception():
     from jaxmodel.config import MistralConfig
 
     cfg = MistralConfig.tiny()  # 8 query heads, 2 KV heads
-    check_divisible(cfg, make_mesh((1, 1, 8)))  # tensor 8 > 2 KV heads: replicated by design
+    check_divisible(abstract_model(cfg), make_mesh((1, 1, 8)))  # tensor 8 > 2 KV heads: replicated by design
     with pytest.raises(ShardingError, match="o_proj: dimension 1 \\(q_heads, 6\\)"):
-        check_divisible(cfg.replace(num_attention_heads=6, num_key_value_heads=2), make_mesh((1, 2, 4)))
+        check_divisible(abstract_model(cfg.replace(num_attention_heads=6, num_key_value_heads=2)), make_mesh((1, 2, 4)))
 
 
 def test_the_shipped_configs_pass(tmp_path):
