@@ -5,6 +5,13 @@ arithmetic anyway; on TPU it stops bf16 passes inside float32 matmuls).
 """
 
 import os
+import signal
+
+# The tests send SIGINT as a user's Ctrl-C to the commands they start. A suite started in the background by a
+# shell without job control inherits SIGINT *ignored*, and an ignored signal stays ignored across exec: the
+# commands would never see it. Handled here, it is reset to the default in every child (exec resets handlers).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (the [tpu] extra) would otherwise probe for a TPU
 # The commands' persistent compilation cache (on by default, in ~/.cache) stays off in tests, in process and in
