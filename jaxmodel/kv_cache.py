@@ -1,6 +1,7 @@
 """The paged KV cache: one pool of fixed-size pages, page tables, and attention over them. The ONE cache
 module: the model's forward takes a `Cache` (`MistralForCausalLM.__call__(..., cache=...)`), the engine
-and `generate` build pools with the helpers below.
+and `generate` build pools with the helpers below. Over ~500 lines because the pool's layout, its writes
+and both attention paths over it share one set of invariants (below) that must change together.
 
 Inside:
 - `KVPages` (the pool: what persists between calls) and `Cache` (the forward's one cache argument: the pool
@@ -71,8 +72,7 @@ BLOCK_TOKENS = 128  # cached key slots per block of the xla path (whole pages)
 OWN_BLOCK = 32  # query/key block of the xla path's attention over the call's own tokens
 PER_TOKEN_UPTO = 64  # calls of up to this many tokens gather cached keys per token (see `_xla_attention`)
 # A per-token gather's elements at most (`_cached_keys` by token, `_dense_keys`): on XLA CPU a step's time
-# jumps ~10-30x once one gather outgrows a few MB (measured, bench/engine_steps.py: a 256-token step's
-# per-token gather of 128 slots, 4M elements, took 60 ms, its 32-token query blocks 6 ms).
+# jumps by an order of magnitude once one gather outgrows a few MB (bench/engine_steps.py shows it).
 GATHER_ELEMENTS = 1 << 21
 DENSE_KEYS = (32, 64, 128, 256)  # the key slots per token `_dense_keys` may gather (one branch each)
 
@@ -172,8 +172,8 @@ def pool_dtype(config: MistralConfig, *, dtype=None, kv_dtype=None, mesh=None):
     """The dtype a pool is held in: int8, or the compute dtype (`dtype`, default the config's) except on
     CPU, where a 16-bit float pool is held in float32 (the same values: keys are written rounded to the
     compute dtype and read back cast to it). XLA CPU gathers from and scatters into a bfloat16 array by
-    converting ALL of it to float32 and back, every layer of every step (bench/engine_steps.py --dtype
-    bfloat16 --max-model-len 32768, 32,768 pages: 1.66 s a decode step against 2.4 ms held in float32).
+    converting ALL of it to float32 and back, every layer of every step (BENCHMARKS.md, "Cold and warm
+    start").
     The platform: the mesh's, else the default (`sharding.platform`)."""
     store = jnp.dtype(jnp.int8 if kv_dtype == "int8" else dtype or config.compute_dtype)
     where = platform() if mesh is None else mesh.devices.flat[0].platform
