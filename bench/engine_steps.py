@@ -71,7 +71,7 @@ def main() -> None:
     widths = [int(w) for w in args.widths.split(",")]
     model = unstack_layers(from_pretrained(args.model, progress=False, dtype=getattr(jnp, args.dtype)))
     engine = Engine(model, slots=args.slots, max_model_len=args.max_model_len,
-                    prefill_chunk=max(widths) - args.slots)
+                    prefill_chunk=max(1, max(widths) - args.slots))
     print(f"code {CODE}, {args.dtype}, max_model_len {engine.max_model_len}, {engine.num_pages} pages, "
           f"program widths {engine.widths}")
     for width in widths:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxmodel.cli import CommandError
+from jaxmodel.cli import DEFAULT_GROUP_SIZE, QUANTIZE_CHOICES, CommandError
 
-QUANTIZE_MODES = ("int8", "int4")  # inference.quantize.MODES (a test checks they agree)
+QUANTIZE_MODES = QUANTIZE_CHOICES  # inference.quantize.MODES (a test checks they agree)
 KV_CACHE_DTYPES = (None, "int8")  # jaxmodel.kv_cache.KV_DTYPES
 _POSITIVE = ("max_model_len", "prefill_chunk", "group_size", "max_queue", "page_size", "max_new_tokens", "batch_size",
              "max_length", "average_len", "max_num_seqs")
@@ -36,7 +36,7 @@ class InferenceConfig:
     prefill_chunk: int = 256  # prompt tokens per step and row, at most
     kv_cache_dtype: str | None = None  # None (the compute dtype) or "int8"
     quantize: str | None = None  # weights: None, "int8" or "int4"
-    group_size: int = 128  # int4: inputs per scale
+    group_size: int = DEFAULT_GROUP_SIZE  # int4: inputs per scale
     max_queue: int = 256  # serve: waiting requests beyond which it answers 429
     kv_cache_memory: int | float | str | None = None  # the pool: bytes ("3GiB", 123456) or a fraction of free memory
     page_size: int = 16  # tokens per KV cache page

@@ -56,8 +56,10 @@ def _check_flags(args, tree, cfg) -> None:
 
 def _early_flags(args) -> None:
     """The flags whose values no config can make valid, checked before the config is read (as before --config)."""
-    for flag, value, low in (("--max-model-len", args.max_model_len, 2), ("--port", args.port, 0),
-                             ("--max-queue", args.max_queue, 1), ("--prefill-chunk", args.prefill_chunk, 16)):
+    from inference.config import LOWEST
+
+    lowest = [(SERVE_FLAGS[field], getattr(args, field), low) for field, low in LOWEST]
+    for flag, value, low in lowest[:1] + [("--port", args.port, 0)] + lowest[1:]:  # the order they are checked in
         if value is not None and value < low:
             raise CommandError(f"{flag} {value}: must be >= {low}")
 

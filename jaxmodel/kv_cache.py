@@ -375,7 +375,7 @@ def _xla_attention(q, kv, scale, cache: Cache, window):
     def blocked(carry):
         carry = _own_keys(carry, qg, kv, scale, cache, tokens, window, block)
         # Small calls (decode steps: a token per sequence), and any call whose per-token gather of one key
-        # block stays under PER_TOKEN_ELEMENTS (short contexts), gather per token, one loop step per key
+        # block stays under GATHER_ELEMENTS (short contexts), gather per token, one loop step per key
         # block; larger ones by query blocks, so a long prefill chunk gathers its sequence's pages once per
         # block (a block mixing decode tokens of many sequences then takes a loop step per sequence).
         small = padded <= PER_TOKEN_UPTO or padded * _span(kv, cache) * kv.shape[2] * head_dim <= GATHER_ELEMENTS

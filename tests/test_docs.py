@@ -23,13 +23,13 @@ spaces turned into `-`, a repeated heading suffixed `-1`, `-2`, ...
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from tests.inference.conftest import tiny_dir  # noqa: F401 (a session fixture: the tiny model with its tokenizer)
+from tests.multihost import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(REPO, "docs")
@@ -125,12 +125,6 @@ def doc_model(tiny_dir):  # noqa: F811
     return tiny_dir
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_block(text: str, env: dict) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", text], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -154,7 +148,7 @@ RUNNABLE_PAGES = [p for p in PAGES if runnable_blocks(p)]
 @pytest.mark.parametrize("page", RUNNABLE_PAGES, ids=[_rel(p) for p in RUNNABLE_PAGES])
 def test_runnable_blocks_exit_0(page, doc_model, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}  # the CLI sets them
-    env.update(MODEL=doc_model, WORKDIR=str(tmp_path), PORT=str(_free_port()), NORMISTRAL_COMPILE_CACHE="0",
+    env.update(MODEL=doc_model, WORKDIR=str(tmp_path), PORT=str(free_port()), NORMISTRAL_COMPILE_CACHE="0",
                PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
     for number, text in runnable_blocks(page):
         proc = _run_block(text, env)

@@ -43,6 +43,17 @@ from training.config import CheckpointConfig
 ITEMS = ("params", "opt_state", "progress")
 
 
+def latest_finalized_step(directory: str) -> int | None:
+    """The newest finalized checkpoint step in `directory`, from a listing (no Orbax manager, nothing
+    created): a temporary `<step>.orbax-checkpoint-tmp-*` directory is not a step, nor, on gs://, one without
+    Orbax's commit marker. OSError when `directory` cannot be listed."""
+    steps = sorted((int(name) for name in storage.listdir(directory) if name.isdigit()), reverse=True)
+    for step in steps:
+        if not storage.is_remote(directory) or storage.exists(storage.join(directory, str(step), "commit_success.txt")):
+            return step
+    return None
+
+
 def fault(name: str) -> int | None:
     """The step at which the test-only fault `name` fires, from NORMISTRAL_FAULTS="name=step,...".
     Unset in real runs. kill_after_save=N: SIGKILL right after the step-N save was started (the async

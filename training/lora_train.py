@@ -33,6 +33,7 @@ from jaxmodel import quant, storage
 from jaxmodel.config import ConfigError
 from jaxmodel.model import MistralForCausalLM, abstract_model
 from jaxmodel.sharding import model_shardings, param_sharding
+from training.checkpoint import latest_finalized_step
 from training.config import RunConfig
 
 # Folded into a microbatch's key for its adapters' dropout (the masked objective uses the key itself).
@@ -188,15 +189,6 @@ def merged_model(graphdef, params: dict, frozen: dict | None):
 # -- export-lora: a run's latest adapters as a PEFT adapter directory ---------------------------------------
 
 
-def _latest_step(directory: str) -> int | None:
-    """The newest finalized checkpoint step in `directory` (on gs://, one with Orbax's commit marker)."""
-    steps = sorted((int(name) for name in storage.listdir(directory) if name.isdigit()), reverse=True)
-    for step in steps:
-        if not storage.is_remote(directory) or storage.exists(storage.join(directory, str(step), "commit_success.txt")):
-            return step
-    return None
-
-
 def _checkpoint_step(workdir: str) -> str:
     """The latest checkpoint step directory of a run: WORKDIR/checkpoints/<step>, or WORKDIR/<step> when
     WORKDIR is the checkpoint directory itself (a run with another `checkpoint.dir`)."""
@@ -206,7 +198,7 @@ def _checkpoint_step(workdir: str) -> str:
         what = "is a file" if storage.exists(resolved) else "does not exist"
         raise ConfigError(f"{workdir}: the workdir {what}; expected a LoRA training run's --workdir")
     for directory in (storage.join(resolved, "checkpoints"), resolved):
-        step = _latest_step(directory)
+        step = latest_finalized_step(directory)
         if step is not None:
             return storage.join(directory, str(step))
     raise ConfigError(f"{workdir}: no checkpoint there (neither {storage.join(resolved, 'checkpoints')}/<step> "

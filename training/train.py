@@ -73,7 +73,7 @@ from jaxmodel.run_config import load_run_config
 from jaxmodel.sharding import make_mesh
 from training import lora_train
 from training import step as steps_lib
-from training.checkpoint import Checkpointer, fault
+from training.checkpoint import Checkpointer, fault, latest_finalized_step
 from training.config import RunConfig, load
 from training.metrics import MetricsLog, peak_flops, stderr_log, train_flops_per_step
 from training.validate import check_dataset, check_run, check_token_ids
@@ -359,18 +359,11 @@ def _check_export(run: RunConfig, workdir: str) -> None:
 
 
 def _latest_step(run: RunConfig, workdir: str) -> int | None:
-    """The newest finalized checkpoint's step, from a listing (no Orbax manager, nothing created): a
-    temporary `<step>.orbax-checkpoint-tmp-*` directory is not a step, nor, on gs://, one without its
-    commit marker (training/checkpoint.py)."""
-    directory = _resolve(workdir, run.checkpoint.dir)
+    """The newest finalized checkpoint's step (training/checkpoint.py `latest_finalized_step`)."""
     try:
-        steps = sorted((int(name) for name in storage.listdir(directory) if name.isdigit()), reverse=True)
+        return latest_finalized_step(_resolve(workdir, run.checkpoint.dir))
     except OSError:  # no such directory (a new run), or --workdir is a file (reported next)
         return None
-    for step in steps:
-        if not storage.is_remote(directory) or storage.exists(storage.join(directory, str(step), "commit_success.txt")):
-            return step
-    return None
 
 
 def _check_steps(run: RunConfig, latest: int | None, workdir: str) -> None:
