@@ -28,7 +28,7 @@ How generation runs (one `jax.jit`, one compile per bucket):
    stopped or `max_new_tokens` tokens exist; both bounds are traced values, so they cost no
    recompilation. Stop tokens go in as a boolean table over the vocabulary (any number of stop ids).
 The pool is created inside that jit and never leaves it: no copy between steps, and the compiler picks its
-memory layout. Attention over the pages is `jaxmodel.kv_cache.paged_attention` (the TPU kernel or plain
+memory layout. Attention over the pages is `jaxmodel.paged_attention.paged_attention` (the TPU kernel or plain
 XLA, as `paged_impl` picks).
 
 Shape letters: B batch, T tokens of one call, P prompt length, W generated tokens (bucketed), V vocab.

@@ -41,6 +41,7 @@ Design choices:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -118,9 +119,41 @@ class Adapter(nnx.Module):
         if key is not None and self.dropout > 0:  # training: inverted dropout, as torch.nn.Dropout
             keep = jax.random.bernoulli(key[...], 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
-        z = jnp.einsum(a_spec, x, self.a[...].astype(x.dtype))
+        a, b = self.a[...].astype(x.dtype), self.b[...].astype(x.dtype)
+        inputs, out = spec.split("->")
+        x_in, w = inputs.split(",")
+        kept = a_spec.split("->")[1][:-1]
+        if x_in.startswith(kept) and out.startswith(kept):  # x [*kept, *in] -> [*kept, *out]: the flat form
+            flat = x.reshape(-1, math.prod(a.shape[:-1]))
+            y = _low_rank(flat, a.reshape(-1, a.shape[-1]), b.reshape(b.shape[0], -1), self.scale)
+            return y.reshape(x.shape[:len(kept)] + b.shape[1:])
+        z = jnp.einsum(a_spec, x, a)
         # The scale goes on the rank-r activations, the smallest tensor of the three.
-        return jnp.einsum(b_spec, z * jnp.asarray(self.scale, z.dtype), self.b[...].astype(x.dtype))
+        return jnp.einsum(b_spec, z * jnp.asarray(self.scale, z.dtype), b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _low_rank(x, a, b, scale: float):
+    """scale * (x @ a) @ b for x [M, I], a [I, R], b [R, O]. Its own VJP: autodiff's weight gradients
+    contract over M with M the major axis of both operands, and XLA CPU then copies the [M, O]
+    cotangent transposed (fused into its producer, strided: a quarter of a LoRA step in bench/lora.py);
+    here every product contracts a row-major operand's major axis with the transposes on the rank-R sides
+    (x^T dz is taken as (dz^T x)^T)."""
+    return (x @ a * jnp.asarray(scale, x.dtype)) @ b
+
+
+def _low_rank_fwd(x, a, b, scale):
+    z = x @ a * jnp.asarray(scale, x.dtype)
+    return z @ b, (x, a, b, z)
+
+
+def _low_rank_bwd(scale, saved, dy):
+    x, a, b, z = saved
+    dz = dy @ b.T * jnp.asarray(scale, dy.dtype)  # [M, R]
+    return dz @ a.T, (dz.T @ x).T, z.T @ dy
+
+
+_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 def _lora_specs(spec: str) -> tuple[str, str]:
@@ -136,9 +169,23 @@ def _lora_specs(spec: str) -> tuple[str, str]:
 def project(x, module: nnx.Module, name: str, spec: str):
     """x through `module.<name>` (a kernel, possibly quantized: it dequantizes in `astype`) by the einsum
     `spec`, plus the LoRA update when the projection has an adapter."""
-    y = jnp.einsum(spec, x, getattr(module, name)[...].astype(x.dtype))
+    y = _contract(spec, x, getattr(module, name)[...].astype(x.dtype))
     adapter = getattr(module, f"{name}_lora", None)
     return y if adapter is None else y + adapter(x, spec)
+
+
+def _contract(spec: str, x, w):
+    """jnp.einsum(spec, x, w) for a projection (output letters: x's kept ones, then w's) as one
+    dot_general contracting in x's letter order. jnp.einsum orders several contracted letters
+    alphabetically: o_proj's "BTNH,NHD" contracted (H, N), and XLA CPU transposed o_proj's weight and its
+    input at every call to match."""
+    inputs, out = spec.split("->")
+    x_in, w_in = inputs.split(",")
+    contracted = [c for c in x_in if c in w_in]
+    if "".join(c for c in x_in + w_in if c not in contracted) != out:
+        return jnp.einsum(spec, x, w)
+    dims = tuple(x_in.index(c) for c in contracted), tuple(w_in.index(c) for c in contracted)
+    return jax.lax.dot_general(x, w, (dims, ((), ())))
 
 
 # -- attaching, merging ---------------------------------------------------------------------------------

@@ -40,9 +40,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxmodel.config import MistralConfig
 from jaxmodel.context_parallel import attention, sequence_indices
-from jaxmodel.kv_cache import Cache, paged_attention, paged_impl, token_rows, write_pages
+from jaxmodel.kv_cache import Cache, token_rows, write_pages
 from jaxmodel.lora import mirror_adapters, project
 from jaxmodel.masks import AttentionMask
+from jaxmodel.paged_attention import paged_attention, paged_impl
 from jaxmodel.sharding import constrain, under_auto_axes
 
 _INIT = nnx.initializers.normal(stddev=0.02)  # transformers' initializer_range default

@@ -126,7 +126,8 @@ class Engine:
         self._step_fn = jitted_step(self.graphdef, treedef, formats, tokens)
         self._tokens = jax.device_put(np.zeros(self.slots, np.int32), tokens)  # the last call's output tokens
         self.scheduler = Scheduler(PagePool(self.num_pages, page_size, prefix_caching), self.slots,
-                                   self.max_model_len, token_budget=prefill_chunk + self.slots)
+                                   self.max_model_len, token_budget=prefill_chunk + self.slots,
+                                   widths=self.widths)
         self.queue: collections.deque[Request] = collections.deque()  # submitted, not yet running
         self._seqs: dict[int, Seq] = {}  # the scheduler's sequences (waiting or running) by id
         self._next_id = 0
@@ -307,9 +308,9 @@ class Engine:
         self._rows = {e.seq.rid: (r, e.seq.epoch) for r, e in enumerate(plan.entries) if e.samples}
         s = self.stats
         s.steps += 1
-        prefill = [e for e in plan.entries if e.count > 1 or e.start < len(e.seq.tokens) - 1]
+        prefill = plan.entries[plan.num_decodes:]
         s.prefill_calls += bool(prefill)
-        s.decode_steps += len(prefill) < len(plan.entries)
+        s.decode_steps += plan.num_decodes > 0
         s.prefill_tokens += sum(e.count for e in prefill)
         return out, rows, prompt_lp, want_top
 

@@ -3,7 +3,8 @@
 - `Seq`: the scheduler's view of one request (its tokens, page table row, how far it is computed).
 - `Scheduler.schedule() -> Plan`: one device step's work, as `Entry(seq, start, count, samples)` rows in
   call order: every decoding sequence's next token first (oldest first), then prefill chunks of prompts
-  (oldest first), all within `token_budget` tokens. The engine packs them into one ragged call.
+  (oldest first), all within `token_budget` tokens, the last chunk trimmed to fill a program width
+  where that beats padding (`_fit`). The engine packs them into one ragged call.
 - `PagePool` (pages.py): page numbers, refcounts, prefix table, LRU.
 
 Choices that are not obvious:
@@ -27,6 +28,7 @@ Choices that are not obvious:
 """
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -84,6 +86,7 @@ class Entry(NamedTuple):
 @dataclass
 class Plan:
     entries: list[Entry] = field(default_factory=list)  # call order: decodes, then prefill chunks
+    num_decodes: int = 0  # entries[:num_decodes] are decode tokens, the rest prefill chunks
     preempted: list[Seq] = field(default_factory=list)
     admitted: list[Seq] = field(default_factory=list)
     prefix_hit_tokens: int = 0
@@ -97,7 +100,8 @@ class Scheduler:
     """Admission, page growth, chunked prefill, prefix matching and preemption over one PagePool."""
 
     def __init__(self, pool: PagePool, max_num_seqs: int, max_model_len: int, token_budget: int,
-                 decode_reserve: int = 1):
+                 decode_reserve: int = 1, widths: Sequence[int] = ()):
+        """widths: the device's program widths (ascending), for `_fit`; none: plans are never trimmed."""
         for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
                             ("token_budget", token_budget)):
             if int(value) < 1:
@@ -116,6 +120,7 @@ class Scheduler:
         self.max_model_len = int(max_model_len)
         self.token_budget = int(token_budget)
         self.decode_reserve = int(decode_reserve)
+        self.widths = sorted(int(w) for w in widths)
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
         self._arrivals = 0
@@ -174,6 +179,7 @@ class Scheduler:
         plan = Plan()
         for seq in self._grow(plan):
             plan.entries.append(Entry(seq, seq.num_scheduled, 1, True))
+        plan.num_decodes = len(plan.entries)
         budget = self.token_budget - len(plan.entries)
         for seq in self.running:
             if budget == 0:
@@ -182,6 +188,7 @@ class Scheduler:
                 budget -= self._chunk(plan, seq, budget)
         if not plan.preempted:
             self._admit(plan, budget)
+        self._fit(plan)
         for entry in plan.entries:
             entry.seq.num_scheduled = entry.start + entry.count
             if entry.samples:
@@ -228,6 +235,22 @@ class Scheduler:
         plan.entries.append(Entry(seq, seq.num_scheduled, count, end == seq.known))
         self.prefill_tokens_total += count
         return count
+
+    def _fit(self, plan: Plan) -> None:
+        """Trims the plan's last prompt chunk to the program width below its token count when that defers
+        fewer tokens than the padding up to the next width would waste (66 tokens run as 64, not padded
+        to 96), and only when a decoding sequence makes a next step certain (the deferred tokens join it;
+        a lone prompt is never delayed)."""
+        n = plan.num_tokens
+        width = next((w for w in self.widths if w >= n), n)
+        lower = max((w for w in self.widths if w < n), default=0)
+        last = plan.entries[-1] if plan.entries else None
+        excess = n - lower
+        if (lower == 0 or excess >= width - n or last is None or last.seq.decoding or last.count <= excess
+                or not any(e.seq.decoding for e in plan.entries)):
+            return
+        plan.entries[-1] = Entry(last.seq, last.start, last.count - excess, False)
+        self.prefill_tokens_total -= excess
 
     def _admit(self, plan: Plan, budget: int) -> None:
         """FIFO admission while sequences, budget and pages allow; the head is never skipped."""

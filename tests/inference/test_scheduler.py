@@ -42,9 +42,9 @@ print("leaked:", leaked)
 
 
 def make(num_pages=64, page_size=4, max_num_seqs=4, max_model_len=32, token_budget=64, decode_reserve=1,
-         prefix_caching=True) -> Scheduler:
+         prefix_caching=True, widths=()) -> Scheduler:
     return Scheduler(PagePool(num_pages, page_size, prefix_caching), max_num_seqs, max_model_len, token_budget,
-                     decode_reserve)
+                     decode_reserve, widths)
 
 
 def rows(plan):
@@ -133,6 +133,24 @@ def test_chunked_prefill_stays_in_budget_with_decodes_first_and_oldest_first():
         [(0, 11, 1, True), (1, 10, 1, True)],
     ]
     assert sched.prefill_tokens_total == 20
+
+
+def test_the_last_prompt_chunk_is_trimmed_to_a_program_width_only_beside_a_decoding_sequence():
+    """Widths 16/24/32: 26 tokens would pad to 32; with a sequence decoding, the newest prompt's chunk gives
+    up 2 tokens to run as 24 (they join the next step); a lone prompt, or a plan whose trim would defer
+    more than the padding wastes, is never trimmed."""
+    def sched_with_widths():
+        return Scheduler(PagePool(64, 4), 4, 64, token_budget=32, widths=[16, 24, 32])
+
+    sched = sched_with_widths()
+    add(sched, 0, 25)
+    assert rows(sched.schedule()) == [(0, 0, 25, True)]  # alone: 25 tokens padded to 32, not delayed
+    add(sched, 1, 25)
+    assert rows(sched.schedule()) == [(0, 25, 1, True), (1, 0, 23, False)]  # 26 -> 24
+    assert rows(sched.schedule()) == [(0, 26, 1, True), (1, 23, 2, True)]
+    add(sched, 2, 20)  # 2 decoding + 20 = 22: trimming to 16 defers 6, padding to 24 wastes 2: no trim
+    assert rows(sched.schedule()) == [(0, 27, 1, True), (1, 25, 1, True), (2, 0, 20, True)]
+    assert sched.prefill_tokens_total == 25 + 25 + 20
 
 
 def test_decode_grows_one_page_at_each_boundary_and_stops_at_the_limit():
@@ -433,6 +451,9 @@ def random_run(seed: int, *, prefix_caching: bool, pressure: bool):
         prompt = prompt[:max_model_len - 1]
         seq = Seq(rid, prompt, rng.randint(1, max_model_len - len(prompt)), reuse_prefix=rng.random() > 0.1)
         arrivals[rng.randrange(1500)].append(seq)
+    if seed % 2 == 0:  # program widths as the engine's ladder (4, 6, 8, 12, ...): plans get trimmed to them
+        sched.widths = sorted({w for k in range(2, 8) for w in (1 << k, 3 << (k - 1))
+                               if w < sched.token_budget} | {sched.token_budget})
     return sched, run_workload(sched, arrivals, rng=rng, abort_rate=0.01)
 
 

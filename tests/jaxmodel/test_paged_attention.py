@@ -1,4 +1,5 @@
-"""The paged KV cache (jaxmodel/kv_cache.py): `paged_attention` against a float64 NumPy reference on random
+"""The paged KV cache (jaxmodel/kv_cache.py) and attention over it (jaxmodel/paged_attention.py):
+`paged_attention` against a float64 NumPy reference on random
 page tables, and the model's forward with a `Cache` against the same forward without one."""
 
 import dataclasses
@@ -11,13 +12,13 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxmodel import MistralConfig, init_model, kv_cache
+import jaxmodel.paged_attention as attention_module
+from jaxmodel import MistralConfig, init_model
 from jaxmodel.kv_cache import (
     Cache,
     abstract_pages,
     init_pages,
     page_bytes,
-    paged_attention,
     pages_per_seq,
     pages_shardings,
     pool_dtype,
@@ -25,6 +26,7 @@ from jaxmodel.kv_cache import (
     write_pages,
 )
 from jaxmodel.model import unstack_layers
+from jaxmodel.paged_attention import paged_attention
 from jaxmodel.sharding import make_mesh
 
 
@@ -86,6 +88,9 @@ CASES = {
     "one_prefill": ((29,), (29,)),
     # prefills longer than the own-key block (32), straddling block boundaries, around a decode row
     "long_prefills": ((40, 1, 37), (40, 9, 50)),
+    # decode rows then fresh prompts, one straddling the first R (= 8) tokens: the parts after them have
+    # nothing cached (the engine's mixed step), the first part does
+    "decode_then_fresh": ((1, 1, 20, 15), (40, 17, 20, 15)),
 }
 
 
@@ -117,24 +122,29 @@ def _attend(q, cache, impl="xla", window=None):
         q, kv, scale, dataclasses.replace(cache, pages=None)), np.float64)
 
 
-# The xla path's static choices (jaxmodel.kv_cache constants), each forced in turn: "dense" as shipped (these
-# calls' page tables hold 64 slots, so one gather of every sequence's slots, no loop); "switch": dense up to
-# 32 slots, else the loops (a run-time switch: cases with a sequence over 32 tokens take the loops); the
-# loops alone with cached keys gathered per token, and by query blocks of 32 tokens.
+# The xla path's static choices (jaxmodel.paged_attention constants), each forced in turn: "dense" as shipped (these
+# calls' page tables hold 64 slots: per part of the call, the call's own keys for fresh prompts, else one
+# gather of every sequence's slots, no loop); "gather_only": never the own-keys square; "square_only": the
+# square for fresh parts, else the loops; "switch": dense up to 32 slots, else the loops (a run-time
+# switch: cases with a sequence over 32 tokens take the loops); the loops alone with cached keys gathered
+# per token, and by query blocks of 32 tokens.
 PATHS = {
     "dense": {},
+    "gather_only": {"SQUARE_SCORES": 0},
+    "square_only": {"DENSE_KEYS": ()},
     "switch": {"DENSE_KEYS": (32,)},
-    "per_token": {"DENSE_KEYS": ()},
-    "query_blocks": {"DENSE_KEYS": (), "GATHER_ELEMENTS": 0, "PER_TOKEN_UPTO": 0},
+    "per_token": {"DENSE_KEYS": (), "SQUARE_SCORES": 0},
+    "query_blocks": {"DENSE_KEYS": (), "SQUARE_SCORES": 0, "GATHER_ELEMENTS": 0, "PER_TOKEN_UPTO": 0},
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("path, window", [("dense", None), ("dense", 9), ("switch", 9), ("per_token", 9),
+@pytest.mark.parametrize("path, window", [("dense", None), ("dense", 9), ("gather_only", None), ("square_only", 9),
+                                          ("switch", 9), ("per_token", 9),
                                           ("query_blocks", None), ("query_blocks", 9)])
 def test_xla_paged_attention_matches_float64_reference(case, window, path, monkeypatch):
     for name, value in PATHS[path].items():
-        monkeypatch.setattr(kv_cache, name, value)
+        monkeypatch.setattr(attention_module, name, value)
     rng = np.random.default_rng(hash((case, window)) % 2**32)
     q_lens, kv_lens = CASES[case]
     tokens = 40 if case == "decode_only" else 96
