@@ -244,9 +244,10 @@ def token_rows(cache: Cache, length: int):
     return rows, jnp.where(valid, positions, 0), valid
 
 
-def token_slots(cache: Cache, page_size: int, num_pages: int, length: int):
-    """(page [T], offset [T]) of each token's slot; padding tokens get page P (out of range: a write drops)."""
-    rows, positions, valid = token_rows(cache, length)
+def token_slots(cache: Cache, page_size: int, num_pages: int, length: int, tokens=None):
+    """(page [T], offset [T]) of each token's slot; padding tokens get page P (out of range: a write drops).
+    tokens: `token_rows(cache, length)` when the caller has it already."""
+    rows, positions, valid = token_rows(cache, length) if tokens is None else tokens
     page = jnp.take_along_axis(cache.page_table[rows], (positions // page_size)[:, None], axis=1)[:, 0]
     return jnp.where(valid, page, num_pages), positions % page_size
 

@@ -216,7 +216,7 @@ def _call_keys(carry, *, qg, kv, scale, cache: Cache, tokens, window, keys_of):
     rows, positions, valid = tokens
     key_rows, key_positions, key_valid = keys_of
     length, (kv_heads, head_dim) = key_rows.shape[0], qg.shape[1::2]
-    page, offset = token_slots(cache, kv.shape[1], kv.shape[0], length)
+    page, offset = token_slots(cache, kv.shape[1], kv.shape[0], length, keys_of)
     keys = kv.at[page, offset].get(mode="clip").reshape(1, length, kv_heads, 2, head_dim)
     key_scale = None if scale is None else scale.at[page, offset].get(mode="clip").reshape(1, length, kv_heads, 2)
     distance = positions[:, None] - key_positions[None, :]
@@ -280,7 +280,7 @@ def _own_keys(carry, qg, kv, scale, cache: Cache, tokens, window, block: int):
     padded, kv_heads, group, head_dim = qg.shape
     rows, positions, valid = tokens
     num = padded // block
-    page, offset = token_slots(cache, kv.shape[1], kv.shape[0], padded)
+    page, offset = token_slots(cache, kv.shape[1], kv.shape[0], padded, tokens)
     own = kv.at[page, offset].get(mode="clip").reshape(num, block, kv_heads, 2, head_dim)
     own_scale = None if scale is None else scale.at[page, offset].get(mode="clip").reshape(num, block, kv_heads, 2)
     qb = qg.reshape(num, block, kv_heads, group, head_dim)
